@@ -138,6 +138,8 @@ def _finish(table: pd.DataFrame, keys: list[str], columns: list[str],
     hidden = (table["split"] == "test") & (table["well_type"] == TREATMENT) & (not test_labels_for_training)
     table["sirna"] = np.where(hidden, -1, table["sirna_true"]).astype(np.int64)
     table["leaked"] = False
+    for column in ("id_code", "experiment", "cell_type", "well", "well_type", "split"):
+        table[column] = table[column].astype(str)  # one string dtype, whichever reader made the column
     table = table.sort_values(["split", "experiment", "plate", "well"] + keys[4:], kind="stable")
     duplicated = table.duplicated(keys)
     if duplicated.any():
@@ -190,6 +192,14 @@ def load_table(data_dir: Path, test_labels_for_training: bool = False) -> pd.Dat
 def wells_of(table: pd.DataFrame) -> pd.DataFrame:
     """The per-well view of a per-site table (first site of each well)."""
     return table.drop_duplicates("id_code")[WELL_COLUMNS].reset_index(drop=True)
+
+
+def sum_sites(rows: pd.DataFrame, site_values: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    """Sum per-site vectors over the sites of each well: (one row per well, [wells, K] sums)."""
+    codes, first, inverse = np.unique(rows["id_code"].to_numpy(), return_index=True, return_inverse=True)
+    sums = np.zeros((len(codes), site_values.shape[1]), dtype=np.float32)
+    np.add.at(sums, inverse, site_values)
+    return rows.iloc[first].reset_index(drop=True), sums
 
 
 # ----------------------------------------------------------------------------- derived structure

@@ -1,0 +1,119 @@
+"""Parsing of the schedule-like flags: the multi-span learning rate and the pseudo-label size function.
+
+Both are strings from the command line, so both are parsed, never evaluated: the size function
+goes through a small arithmetic evaluator over an AST whitelist, not `eval`.
+"""
+from __future__ import annotations
+
+import ast
+import math
+import operator
+from dataclasses import dataclass
+
+SCHEDULES = ("cosine", "const")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """`schedule,v1,e1,v2,e2,...,vn`: in epochs [0,e1) start at v1, [e1,e2) at v2, ..., [e(n-1), end) at vn.
+
+    Each span runs its own schedule from its start value: `cosine` decays towards 0 at the span's
+    end (the end of the last span is the end of training), `const` stays.
+    """
+    kind: str
+    values: tuple[float, ...]
+    bounds: tuple[float, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "LRSchedule":
+        parts = [p.strip() for p in text.split(",")]
+        kind, numbers = parts[0], parts[1:]
+        if kind not in SCHEDULES:
+            raise ValueError(f"--lr {text!r}: schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
+        if len(numbers) % 2 != 1:
+            raise ValueError(f"--lr {text!r}: expected schedule,v1,e1,v2,e2,...,vn "
+                             "(an odd count of numbers: a value for each span, an epoch between spans)")
+        try:
+            floats = [float(n) for n in numbers]
+        except ValueError:
+            raise ValueError(f"--lr {text!r}: not a number among {numbers}") from None
+        values, bounds = tuple(floats[::2]), tuple(floats[1::2])
+        if any(v < 0 or not math.isfinite(v) for v in values):
+            raise ValueError(f"--lr {text!r}: learning rates must be finite and >= 0")
+        if any(b <= a for a, b in zip((0.0,) + bounds, bounds)):
+            raise ValueError(f"--lr {text!r}: span boundaries must be positive and increasing")
+        return cls(kind, values, bounds)
+
+    def __call__(self, epoch: float, total_epochs: float) -> float:
+        """The learning rate at (fractional) `epoch` of a run of `total_epochs`."""
+        starts = (0.0,) + self.bounds
+        ends = self.bounds + (max(total_epochs, starts[-1]),)
+        for start, end, value in zip(starts, ends, self.values):
+            if start <= epoch < end:
+                if self.kind == "const":
+                    return value
+                return value * (math.cos((epoch - start) / (end - start) * math.pi) + 1) / 2
+        return self.values[-1] if self.kind == "const" else 0.0
+
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.Pow: operator.pow}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_FUNCTIONS = {"min": min, "max": max, "sqrt": math.sqrt, "exp": math.exp, "log": math.log}
+
+
+class SizeFunction:
+    """An arithmetic expression of `x` (e.g. `0.6*x+0.4`), checked once and then evaluated safely.
+
+    Allowed: numbers, `x`, + - * / **, parentheses, and min, max, sqrt, exp, log. Anything else
+    (names, attributes, calls of other functions, strings) is refused with a message.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        try:
+            self.tree = ast.parse(text.strip(), mode="eval").body
+        except SyntaxError:
+            raise ValueError(f"--pl-size-func {text!r}: not an arithmetic expression of x") from None
+        self._check(self.tree)
+        self(0.0), self(1.0)  # fail now, on a bad expression, not at the first pseudo-label epoch
+
+    def _check(self, node: ast.AST) -> None:
+        ok = (
+            (isinstance(node, ast.Constant) and type(node.value) in (int, float))
+            or (isinstance(node, ast.Name) and node.id == "x")
+            or (isinstance(node, ast.BinOp) and type(node.op) in _BINARY)
+            or (isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY)
+            or (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in _FUNCTIONS and not node.keywords)
+        )
+        if not ok:
+            raise ValueError(f"--pl-size-func {self.text!r}: {ast.unparse(node)!r} is not allowed "
+                             "(use numbers, x, + - * / **, min, max, sqrt, exp, log)")
+        children = node.args if isinstance(node, ast.Call) else list(ast.iter_child_nodes(node))
+        for child in children:
+            if not isinstance(child, (ast.operator, ast.unaryop)):
+                self._check(child)
+
+    def _eval(self, node: ast.AST, x: float) -> float:
+        if isinstance(node, ast.Constant):
+            return float(node.value)
+        if isinstance(node, ast.Name):
+            return x
+        if isinstance(node, ast.UnaryOp):
+            return _UNARY[type(node.op)](self._eval(node.operand, x))
+        if isinstance(node, ast.Call):
+            return _FUNCTIONS[node.func.id](*(self._eval(a, x) for a in node.args))
+        left, right = self._eval(node.left, x), self._eval(node.right, x)
+        if isinstance(node.op, ast.Pow) and abs(right) > 64:
+            raise ValueError(f"--pl-size-func {self.text!r}: exponent {right} too large")
+        return _BINARY[type(node.op)](left, right)
+
+    def __call__(self, x: float) -> float:
+        try:
+            value = float(self._eval(self.tree, x))
+        except (ArithmeticError, ValueError, TypeError) as e:
+            raise ValueError(f"--pl-size-func {self.text!r} fails at x={x}: {e}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"--pl-size-func {self.text!r} is not finite at x={x}")
+        return value

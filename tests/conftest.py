@@ -1,0 +1,29 @@
+"""Shared fixtures: small synthetic data sets written once per test session."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from synthetic import SyntheticConfig, generate  # noqa: E402
+
+# Small but complete: 4 cell types, 10 experiments, 4 plates, 8 treatment classes (2 per plate group),
+# 2 positive controls and a negative well per plate, 2 sites, 24 px, a planted layout coincidence.
+TINY = dict(train_experiments=(2, 2, 1, 1), test_experiments=(1, 1, 1, 1), classes=8, positive_controls=2,
+            negative_wells=1, image_size=24, drop_wells=0.0, pixel_stats=True, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_competition(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("tiny_competition")
+    return out, generate(out, SyntheticConfig(layout="competition", **TINY), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("tiny_release")
+    return out, generate(out, SyntheticConfig(layout="release", **TINY), progress=False)

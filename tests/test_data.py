@@ -1,0 +1,292 @@
+"""The data layer on real (synthetic) files: metadata table, structure, folds, subsets, samples, TTA."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import dataset
+import metadata
+from synthetic import SyntheticConfig, generate
+from tests.conftest import TINY
+
+
+def test_both_layouts_load_to_equal_tables(tiny_competition, tiny_release):
+    a = metadata.load_table(tiny_competition[0])
+    b = metadata.load_table(tiny_release[0])
+    assert list(a.columns) == list(b.columns) == metadata.SITE_COLUMNS
+    same = [c for c in a.columns if c not in ("image_prefix", "sirna_true")]
+    pd.testing.assert_frame_equal(a[same], b[same])
+    # only the release layout knows test labels, and only as ground truth, never as a training label
+    test_treat = (a["split"] == "test") & (a["well_type"] == "treatment")
+    assert (a.loc[test_treat, "sirna_true"] == -1).all() and (a.loc[test_treat, "sirna"] == -1).all()
+    labels = tiny_release[1]["test_labels"]
+    assert (b.loc[test_treat, "sirna_true"].to_numpy() == b.loc[test_treat, "id_code"].map(labels).to_numpy()).all()
+    # image prefixes point at real files in both layouts
+    for table in (a, b):
+        assert all(dataset.read_site(p).shape == (6, 24, 24) for p in table["image_prefix"].iloc[::97])
+
+
+def test_table_counts(tiny_competition):
+    table = metadata.load_table(tiny_competition[0])
+    n_exp = sum(TINY["train_experiments"]) + sum(TINY["test_experiments"])
+    wells_per_plate = TINY["classes"] // 4 + TINY["positive_controls"] + TINY["negative_wells"]
+    assert table["experiment"].nunique() == n_exp
+    assert len(table) == n_exp * 4 * wells_per_plate * 2
+    assert set(table["site"]) == {1, 2}
+    assert set(table["cell_type"]) == {"HEPG2", "HUVEC", "RPE", "U2OS"}
+    assert (metadata.load_wells(tiny_competition[0])["id_code"].to_numpy()
+            == metadata.wells_of(table)["id_code"].to_numpy()).all()
+
+
+def test_derived_structure(tiny_competition):
+    path, info = tiny_competition
+    structure = metadata.derive_structure(metadata.load_table(path))
+    assert structure.n_classes == TINY["classes"] + TINY["positive_controls"] + 1
+    assert structure.treatment_classes.tolist() == list(range(TINY["classes"]))
+    assert structure.control_classes.tolist() == [8, 9, 10]
+    assert sorted(map(sorted, info["groups"])) == sorted(g.tolist() for g in structure.groups)
+    masks = structure.group_masks()
+    assert masks.sum() == TINY["classes"] and (masks.sum(0) <= 1).all()
+    for (experiment, plate), group in structure.plate_groups.items():
+        expected = info["groups"][info["plate_groups"][f"{experiment}_{plate}"]]
+        assert structure.groups[group].tolist() == sorted(expected)
+    with pytest.raises(metadata.DataError, match="--classes 5"):
+        metadata.derive_structure(metadata.load_table(path), n_classes=5)
+
+
+def test_folds_never_split_an_experiment_and_cover_each_once(tiny_competition):
+    table = metadata.load_table(tiny_competition[0])
+    train_experiments = set(table.loc[table["split"] == "train", "experiment"])
+    folds = metadata.assign_folds(table, n_folds=6, seed=0)
+    assert set(folds) == train_experiments  # a dict: every experiment exactly one fold
+    assert sorted(folds.values()) == [0, 1, 2, 3, 4, 5]  # 6 experiments, fewer per cell type than folds
+    assert folds == metadata.assign_folds(table, n_folds=6, seed=0)
+    assert any(metadata.assign_folds(table, 6, seed=s) != folds for s in range(1, 5))
+    three = metadata.assign_folds(table, n_folds=3, seed=1)
+    assert sorted(np.bincount(list(three.values()))) == [2, 2, 2]
+    for cv in range(6):
+        val = metadata.split_subsets(table, folds, cv)["val"]
+        assert set(val["experiment"]) == {e for e, f in folds.items() if f == cv}
+
+
+def test_subsets(tiny_competition):
+    table = metadata.load_table(tiny_competition[0])
+    folds = metadata.assign_folds(table, 6, 0)
+    val_exp = {e for e, f in folds.items() if f == 2}
+    s = metadata.split_subsets(table, folds, 2)
+    treat = lambda df: df[df["well_type"] == "treatment"]
+    assert not set(treat(s["train"])["experiment"]) & val_exp
+    assert set(s["val"]["experiment"]) == val_exp and (s["val"]["well_type"] == "treatment").all()
+    assert (s["train"]["sirna"] >= 0).all()
+    test_treat = table[(table["split"] == "test") & (table["well_type"] == "treatment")]
+    assert sorted(s["test"]["id_code"]) == sorted(test_treat["id_code"])
+    controls = s["train"][s["train"]["well_type"] != "treatment"]
+    assert val_exp <= set(controls["experiment"]) and set(table["experiment"]) == set(controls["experiment"])
+    strict = metadata.split_subsets(table, folds, 2, all_controls_train=False)["train"]
+    assert set(strict["split"]) == {"train"} and not set(strict["experiment"]) & val_exp
+    everything = metadata.split_subsets(table, folds, -1)
+    assert everything["val"].empty
+    assert set(treat(everything["train"])["experiment"]) >= {e for e in folds}
+    with pytest.raises(metadata.DataError, match="--cv-number 9"):
+        metadata.split_subsets(table, folds, 9)
+
+
+def test_layout_coincidence_found_and_applied(tiny_competition):
+    path, info = tiny_competition
+    table = metadata.load_table(path)
+    matches = metadata.find_layout_matches(table)
+    leak = info["leak"]
+    assert [(m.test, m.train, m.shift) for m in matches] == [(leak["test_experiment"], leak["train_experiment"], 1)]
+    labelled = metadata.apply_layout_matches(table, matches)
+    rows = labelled[labelled["experiment"] == leak["test_experiment"]]
+    treat = rows[rows["well_type"] == "treatment"]
+    assert treat["leaked"].all()
+    assert (treat["sirna"].to_numpy() == treat["id_code"].map(info["test_labels"]).to_numpy()).all()
+    assert not labelled.loc[labelled["experiment"] != leak["test_experiment"], "leaked"].any()
+    folds = metadata.assign_folds(labelled, 6, 0)
+    train = metadata.split_subsets(labelled, folds, 0)["train"]
+    assert set(treat["id_code"]) <= set(train["id_code"])
+
+
+def test_no_layout_coincidence_without_leak(tmp_path):
+    config = SyntheticConfig(**{**TINY, "leak": False, "image_size": 8, "sites": 1, "pixel_stats": False})
+    generate(tmp_path, config, progress=False)
+    assert metadata.find_layout_matches(metadata.load_wells(tmp_path)) == []
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(metadata.DataError, match="does not exist.*synthetic.py"):
+        metadata.load_table(tmp_path / "nowhere")
+    with pytest.raises(metadata.DataError, match="neither train.csv"):
+        metadata.load_table(tmp_path)
+
+
+def test_csv_missing_a_column_names_file_and_column(tiny_competition, tmp_path):
+    shutil.copytree(tiny_competition[0], tmp_path / "d")
+    csv = tmp_path / "d" / "train.csv"
+    pd.read_csv(csv).drop(columns="sirna").to_csv(csv, index=False)
+    with pytest.raises(metadata.DataError, match=r"train\.csv: missing column\(s\) sirna"):
+        metadata.load_wells(tmp_path / "d")
+    (tmp_path / "d" / "test_controls.csv").unlink()
+    pd.read_csv(tiny_competition[0] / "train.csv").to_csv(csv, index=False)
+    with pytest.raises(metadata.DataError, match="missing file: .*test_controls.csv"):
+        metadata.load_wells(tmp_path / "d")
+
+
+def test_release_bad_values(tiny_release, tmp_path):
+    shutil.copytree(tiny_release[0], tmp_path / "d", ignore=shutil.ignore_patterns("images"))
+    csv = tmp_path / "d" / "metadata.csv"
+    df = pd.read_csv(csv)
+    df.loc[3, "dataset"] = "holdout"
+    df.to_csv(csv, index=False)
+    with pytest.raises(metadata.DataError, match="metadata.csv: unexpected value 'holdout'"):
+        metadata.load_wells(tmp_path / "d")
+
+
+def test_missing_and_corrupt_png_name_the_file(tiny_competition, tmp_path):
+    table = metadata.load_table(tiny_competition[0])
+    prefix = table["image_prefix"].iloc[0]
+    local = tmp_path / "site"
+    for c in range(1, 7):
+        shutil.copy(f"{prefix}_w{c}.png", f"{local}_w{c}.png")
+    assert dataset.read_site(str(local)).dtype == np.uint8
+    (tmp_path / "site_w3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(dataset.ImageError, match=r"corrupt image: .*site_w3\.png"):
+        dataset.read_site(str(local))
+    data = (tmp_path / "site_w2.png").read_bytes()
+    (tmp_path / "site_w3.png").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(dataset.ImageError, match=r"site_w3\.png"):
+        dataset.read_site(str(local))
+    Image.new("RGB", (24, 24)).save(tmp_path / "site_w3.png")
+    with pytest.raises(dataset.ImageError, match="site_w3.png: expected an 8-bit grayscale PNG, got mode RGB"):
+        dataset.read_site(str(local))
+    (tmp_path / "site_w3.png").unlink()
+    with pytest.raises(dataset.ImageError, match=r"missing image: .*site_w3\.png"):
+        dataset.read_site(str(local))
+    rows = table.iloc[:1].assign(image_prefix=str(local))
+    ds = dataset.SiteDataset(rows, ("HEPG2", "HUVEC", "RPE", "U2OS"))
+    with pytest.raises(dataset.ImageError, match="site_w3.png"):
+        ds[0]
+
+
+# ------------------------------------------------------------------------------------- samples
+
+
+def _train_dataset(path, **kw):
+    table = metadata.load_table(path)
+    structure = metadata.derive_structure(table)
+    rows = metadata.split_subsets(table, metadata.assign_folds(table, 6, 0), 0)["train"]
+    augment = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1)
+    return dataset.SiteDataset(rows, structure.cell_types, augment=augment, seed=11, **kw), rows, structure
+
+
+def test_samples_shapes_labels_and_one_hot(tiny_competition):
+    ds, rows, structure = _train_dataset(tiny_competition[0])
+    x, cell, index, label = ds[5]
+    assert x.shape == (6, 24, 24) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert cell.shape == (4,) and cell.sum() == 1 and structure.cell_types[int(cell.argmax())] == rows["cell_type"].iat[5]
+    assert index == 5 and label == rows["sirna"].iat[5]
+    relabelled = dataset.SiteDataset(rows, structure.cell_types, labels=np.full(len(rows), 7))
+    assert relabelled[5][3] == 7
+
+
+def test_augmentations_are_reproducible_and_vary(tiny_competition):
+    ds, _, _ = _train_dataset(tiny_competition[0])
+    ds.set_epoch(1)
+    a = ds[3][0]
+    assert torch.equal(a, ds[3][0])
+    ds.set_epoch(2)
+    assert not torch.equal(a, ds[3][0])
+    plain = dataset.SiteDataset(ds_rows := _train_dataset(tiny_competition[0])[1], ("HEPG2", "HUVEC", "RPE", "U2OS"))
+    assert torch.equal(plain[3][0], plain[3][0]) and len(plain) == len(ds_rows)
+
+
+def test_augmentations_do_not_depend_on_workers(tiny_competition):
+    ds, _, _ = _train_dataset(tiny_competition[0])
+    ds.set_epoch(4)
+    batches = []
+    for workers in (0, 2):
+        loader = DataLoader(ds, batch_size=8, num_workers=workers)
+        batches.append(torch.cat([x for x, *_ in loader]))
+    assert torch.equal(*batches)
+
+
+def test_geometric_augmentations_keep_shape_and_dtype():
+    img = torch.arange(6 * 20 * 20, dtype=torch.int32).reshape(6, 20, 20).to(torch.uint8)
+    rng = np.random.default_rng(0)
+    out = dataset.random_zoom_crop(img, rng, 0.5)
+    assert out.shape == img.shape and out.dtype == torch.uint8
+    assert {dataset.dihedral(img, k).shape for k in range(8)} == {img.shape}
+    assert len({dataset.dihedral(img, k).numpy().tobytes() for k in range(8)}) == 8
+    assert torch.equal(dataset.random_zoom_crop(img, rng, 1.0), img)
+    jittered = dataset.channel_jitter(torch.zeros(2, 6, 4, 4), 0.1, 0.5, torch.Generator().manual_seed(0))
+    assert jittered.shape == (2, 6, 4, 4) and jittered[0, 0].unique().numel() == 1 and jittered.std() > 0
+    with pytest.raises(ValueError, match="zoom scale"):
+        dataset.Augment(min_scale=0)
+
+
+def test_normalisations(tiny_competition):
+    path = tiny_competition[0]
+    table = metadata.load_table(path)
+    x = dataset.normalize(torch.from_numpy(dataset.read_site(table["image_prefix"].iat[0])))
+    assert torch.allclose(x.mean((1, 2)), torch.zeros(6), atol=1e-4)
+    assert torch.allclose(x.std((1, 2)), torch.ones(6), atol=1e-3)
+    given = dataset.load_pixel_stats(path, table, None)
+    computed = dataset.compute_pixel_stats(table)
+    merged = given.merge(computed, on=["id_code", "site", "channel"])
+    assert len(merged) == len(table) * 6
+    assert np.allclose(merged["mean_x"], merged["mean_y"], atol=1e-3)
+    assert np.allclose(merged["std_x"], merged["std_y"], atol=1e-3)
+    for mode in ("experiment", "global"):
+        stats = dataset.normalization_stats(table, mode, given)
+        assert stats.shape == (len(table), 2, 6)
+    # experiment statistics equal the statistics of all the experiment's pixels pooled
+    exp = table["experiment"].iat[0]
+    rows = table[table["experiment"] == exp]
+    pixels = np.stack([dataset.read_site(p) for p in rows["image_prefix"]]).astype(np.float64)
+    stats = dataset.normalization_stats(table, "experiment", given)[0]
+    assert np.allclose(stats[0], pixels.mean((0, 2, 3)), rtol=1e-4)
+    assert np.allclose(stats[1], pixels.std((0, 2, 3)), rtol=1e-4)
+    glob = dataset.normalization_stats(table, "global", given)
+    assert np.allclose(glob[0], glob[-1])
+
+
+def test_pixel_stats_computed_once_and_cached(tiny_release, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_release[0], data, ignore=shutil.ignore_patterns("pixel_stats.csv"))
+    table = metadata.load_table(data)
+    stats = dataset.load_pixel_stats(data, table, tmp_path / "cache")
+    assert (tmp_path / "cache" / "pixel_stats.csv").exists() and len(stats) == len(table) * 6
+
+    def no_second_pass(_):
+        raise AssertionError("pixel statistics computed twice")
+    monkeypatch.setattr(dataset, "compute_pixel_stats", no_second_pass)
+    cached = dataset.load_pixel_stats(data, table, tmp_path / "cache")
+    assert np.allclose(cached["mean"], stats["mean"]) and np.allclose(cached["std"], stats["std"])
+
+
+# ---------------------------------------------------------------------------------------- TTA
+
+
+def test_tta_views_distinct_identity_first():
+    x = torch.rand(2, 6, 16, 16)
+    views = dataset.tta_views(x, 8)
+    assert len(views) == 8 and torch.equal(views[0], x)
+    assert len({v.numpy().tobytes() for v in views}) == 8
+    crops = dataset.tta_views(x, 10, size=0.75)
+    assert len(crops) == 10 and all(v.shape == (2, 6, 12, 12) for v in crops)
+    assert len({v.numpy().tobytes() for v in crops}) == 10
+    assert torch.equal(crops[0], x[..., 2:14, 2:14])
+    with pytest.raises(ValueError, match="--tta 9"):
+        dataset.tta_views(x, 9)
+    with pytest.raises(ValueError, match="--tta-size"):
+        dataset.tta_views(x, 2, size=1.5)
