@@ -1,0 +1,365 @@
+"""Backbones with a 6-channel stem, the embedding neck, the two heads and the losses.
+
+Rebuilds the 1st-place RxRx1 model: CNN features -> adaptive average pool -> (cell-type one-hot)
+-> BN/Linear/ReLU/BN/Linear/BN embedding -> softmax head + ArcFace cosine head, trained with
+(1-c)*CE + c*ArcFace on dense (soft) targets so label smoothing, mixup and cutmix all act on targets.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+_TV_PREFIXES = ("resnet", "resnext", "wide_resnet", "densenet", "efficientnet_")
+# pretrainedmodels' VGG/AlexNet put their fully connected layers inside features(), so they only
+# work at 224 px; every other model there is convolutional up to features().
+_PM_EXCLUDED = re.compile(r"^(vgg|alexnet)")
+# Submodules that only the ImageNet classifier uses; dropped so that every parameter we keep
+# gets a gradient (DDP and the "all params train" test rely on it) and ignored in weight files.
+_CLASSIFIER_NAMES = ("fc", "classifier", "last_linear", "last_conv", "AuxLogits")
+# Old torchvision/pretrainedmodels DenseNet files name keys 'denselayer1.norm.1.weight';
+# current modules expect 'denselayer1.norm1.weight' (same regex torchvision uses).
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
+
+
+class PretrainedUnavailable(RuntimeError):
+    """Requested pretrained weights cannot be had: offline without a cache, or a bad local file."""
+
+
+def _tv_names() -> list[str]:
+    names = torchvision.models.list_models(module=torchvision.models)
+    return sorted(n for n in names if n.startswith(_TV_PREFIXES))
+
+
+def _pm_names() -> list[str]:
+    import pretrainedmodels  # imported lazily: it is slow to import and only needed for pm- names
+
+    return sorted(n for n in pretrainedmodels.model_names if not _PM_EXCLUDED.match(n))
+
+
+def supported_backbones() -> list[str]:
+    """All names `build_backbone` accepts."""
+    tv = _tv_names()
+    mem = ["mem-" + n for n in tv if n.startswith("densenet")]
+    return tv + mem + ["pm-" + n for n in _pm_names()]
+
+
+def _unsupported(name: str) -> ValueError:
+    tv = _tv_names()
+    return ValueError(
+        f"unknown backbone {name!r}; supported: torchvision {', '.join(tv)}; "
+        f"'mem-' + a densenet (memory-efficient); 'pm-' + a pretrainedmodels model "
+        f"({', '.join(_pm_names())}; VGG/AlexNet excluded as they need 224 px)"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _build_imagenet(name: str, url: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """Call `build()` (which fetches `url` through the torch hub cache) with a clear offline error."""
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    try:
+        return build()
+    except Exception as err:  # URLError, HTTPError, a corrupt cache file, a hash mismatch ...
+        raise PretrainedUnavailable(
+            f"ImageNet weights for {name!r} unavailable: tried the torch hub cache {cached} and "
+            f"downloading {url} ({_first_line(err)}); copy the file there (or set TORCH_HOME) "
+            f"or pass a local state-dict file as pretrained=PATH"
+        ) from err
+
+
+def _build_3ch(name: str, pretrained: str) -> tuple[str, nn.Module]:
+    """The full 3-channel ImageNet model (classifier included), with ImageNet weights if asked."""
+    imagenet = pretrained == "imagenet"
+    if name.startswith("pm-"):
+        base = name[3:]
+        if base not in _pm_names():
+            raise _unsupported(name)
+        import pretrainedmodels
+
+        factory = pretrainedmodels.__dict__[base]
+
+        def build(weights: str | None) -> nn.Module:
+            with warnings.catch_warnings():  # pm calls torchvision with the deprecated pretrained=
+                warnings.simplefilter("ignore", UserWarning)
+                warnings.simplefilter("ignore", FutureWarning)  # inceptionv3's init notice
+                return factory(num_classes=1000, pretrained=weights)
+
+        if not imagenet:
+            return "pm", build(None)
+        settings = pretrainedmodels.pretrained_settings[base]
+        if "imagenet" not in settings:
+            raise PretrainedUnavailable(f"pretrainedmodels has no 'imagenet' weights for {base!r}")
+        return "pm", _build_imagenet(name, settings["imagenet"]["url"], lambda: build("imagenet"))
+
+    mem = name.startswith("mem-")
+    base = name[4:] if mem else name
+    if base not in _tv_names() or (mem and not base.startswith("densenet")):
+        raise _unsupported(name)
+    # memory_efficient=True checkpoints each dense layer's bottleneck: recomputed in backward.
+    kwargs = {"memory_efficient": True} if mem else {}
+    if not imagenet:
+        return "tv", torchvision.models.get_model(base, weights=None, **kwargs)
+    weights = torchvision.models.get_model_weights(base).DEFAULT
+    return "tv", _build_imagenet(
+        name, weights.url, lambda: torchvision.models.get_model(base, weights=weights, **kwargs)
+    )
+
+
+def _is_classifier_key(key: str) -> bool:
+    return key.split(".", 1)[0] in _CLASSIFIER_NAMES
+
+
+def _load_local(model: nn.Module, path: str, name: str) -> None:
+    """Load a local 3-channel backbone state dict into `model`, ignoring classifier keys."""
+    if not os.path.isfile(path):
+        raise PretrainedUnavailable(f"pretrained weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise PretrainedUnavailable(
+            f"pretrained weights file {path} is not a loadable state dict ({_first_line(err)})"
+        ) from err
+    for wrapper in ("state_dict", "model"):  # common checkpoint layouts
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
+        raise PretrainedUnavailable(f"pretrained weights file {path} holds no state dict of tensors")
+    state: dict[str, Tensor] = {}
+    for key, value in obj.items():
+        key = key[7:] if key.startswith("module.") else key  # saved from DataParallel/DDP
+        match = _OLD_DENSENET_KEY.match(key)
+        key = match.group(1) + match.group(2) if match else key
+        if isinstance(value, Tensor) and not _is_classifier_key(key):
+            state[key] = value
+    own = {k: v for k, v in model.state_dict().items() if not _is_classifier_key(k)}
+    # Old files lack BatchNorm's num_batches_tracked; BatchNorm fills it in itself.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise PretrainedUnavailable(
+            f"pretrained weights file {path} does not fit backbone {name!r}: {len(missing)} missing "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+            f"{len(shapes)} of another shape {shapes[:3]}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _swap_stem(model: nn.Module, in_channels: int, from_rgb: bool) -> None:
+    """Replace the (only) 3-channel input convolution with an `in_channels` one, in place."""
+    path, old = next(
+        ((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3),
+        (None, None),
+    )
+    if old is None:
+        raise ValueError(f"no 3-channel input convolution found in {type(model).__name__}")
+    new = nn.Conv2d(
+        in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
+        old.groups, old.bias is not None, old.padding_mode,
+    )
+    if from_rgb:
+        # Channel i reuses the RGB kernel i % 3; scaling by 3/in_channels keeps the summed response
+        # (hence the activation scale the pretrained layers expect) the same as for an RGB image.
+        with torch.no_grad():
+            index = torch.arange(in_channels) % 3
+            new.weight.copy_(old.weight[:, index] * (3.0 / in_channels))
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+    # From scratch the stem keeps nn.Conv2d's default init, as the 1st place's replacement did.
+    parent_name, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, new)
+
+
+class _PretrainedModelsFeatures(nn.Module):
+    """A pretrainedmodels network cut at features(); logits() pools a fixed 7x7, we pool adaptively."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.features(x)
+
+
+def build_backbone(name: str, pretrained: str = "none", in_channels: int = 6) -> tuple[nn.Module, int]:
+    """Feature extractor [B,in_channels,H,W] -> [B,F,h,w] for any H, W, and its F.
+
+    `pretrained`: 'none' (random init), 'imagenet' (torch hub cache or download), or a PATH to a
+    local 3-channel state dict. Failures to get or fit weights raise PretrainedUnavailable.
+    """
+    kind, model = _build_3ch(name, pretrained)
+    if pretrained not in ("none", "imagenet"):
+        _load_local(model, pretrained, name)  # before the stem swap, so the stem starts from RGB
+    _swap_stem(model, in_channels, from_rgb=pretrained != "none")
+
+    if kind == "pm":
+        # The classifier is last_linear (a Linear, or a 1x1 conv in DPNs), or last_conv in SqueezeNets.
+        head = getattr(model, "last_linear", None) or model.last_conv
+        n_features = head.in_features if isinstance(head, nn.Linear) else head.in_channels
+        for attr in ("last_linear", "last_conv", "AuxLogits"):
+            if isinstance(getattr(model, attr, None), nn.Module):
+                setattr(model, attr, None)
+        if hasattr(model, "aux_logits"):  # inceptionv3 runs AuxLogits inside features() otherwise
+            model.aux_logits = False
+        return _PretrainedModelsFeatures(model), n_features
+
+    if isinstance(model, torchvision.models.ResNet):
+        # Named like torchvision's so state-dict keys stay recognisable.
+        parts = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        features = nn.Sequential(OrderedDict((p, getattr(model, p)) for p in parts))
+        return features, model.fc.in_features
+    if isinstance(model, torchvision.models.DenseNet):
+        # Ends at norm5 without the ReLU torchvision applies before its classifier: the 1st place
+        # pooled norm5's output directly, and the neck starts with a BatchNorm anyway.
+        return model.features, model.classifier.in_features
+    # EfficientNet (v1 and v2): features ends with a conv+BN+SiLU block.
+    assert isinstance(model, torchvision.models.EfficientNet), type(model)
+    return model.features, model.classifier[-1].in_features
+
+
+def _set_bn_momentum(module: nn.Module, momentum: float) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)):
+            m.momentum = momentum
+
+
+class ArcMarginHead(nn.Module):
+    """Cosines between the L2-normalised embedding and L2-normalised class centres (no margin)."""
+
+    def __init__(self, embedding_size: int, n_classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_classes, embedding_size))
+        bound = 1.0 / math.sqrt(embedding_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, embedding: Tensor) -> Tensor:
+        # float32 outside autocast: the margin acts near cos = 1, where fp16 steps are ~5e-4.
+        with torch.autocast(device_type=embedding.device.type, enabled=False):
+            return F.linear(F.normalize(embedding.float()), F.normalize(self.weight.float()))
+
+
+class CellClassifier(nn.Module):
+    """Backbone -> pooled features (+ cell-type one-hot) -> embedding -> softmax and ArcFace heads."""
+
+    def __init__(
+        self,
+        backbone: str,
+        n_classes: int,
+        n_cell_types: int,
+        embedding_size: int = 1024,
+        head_hidden: list[int] | None = None,
+        concat_cell_type: bool = True,
+        bn_mom: float = 0.05,
+        pretrained: str = "none",
+        in_channels: int = 6,
+    ) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.n_cell_types = n_cell_types
+        self.concat_cell_type = concat_cell_type
+        self.backbone, n_features = build_backbone(backbone, pretrained, in_channels)
+        n_in = n_features + (n_cell_types if concat_cell_type else 0)
+        # Linear layers feeding a BatchNorm need no bias (the BN shift replaces it).
+        self.neck = nn.Sequential(
+            nn.BatchNorm1d(n_in),
+            nn.Linear(n_in, embedding_size, bias=False),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm1d(embedding_size),
+            nn.Linear(embedding_size, embedding_size, bias=False),
+            nn.BatchNorm1d(embedding_size),
+        )
+        layers: list[nn.Module] = []
+        width = embedding_size
+        for hidden in head_hidden or []:
+            layers += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        layers.append(nn.Linear(width, n_classes))
+        self.head = nn.Sequential(*layers)
+        self.arc_head = ArcMarginHead(embedding_size, n_classes)
+        # Like the 1st place, one momentum for every BatchNorm, the backbone's included.
+        _set_bn_momentum(self, bn_mom)
+
+    def embed(self, x: Tensor, cell_onehot: Tensor | None = None) -> Tensor:
+        """The embedding [B, embedding_size]."""
+        feats = torch.flatten(F.adaptive_avg_pool2d(self.backbone(x), 1), 1)  # any image size
+        if self.concat_cell_type:
+            if cell_onehot is None or cell_onehot.shape != (x.shape[0], self.n_cell_types):
+                got = None if cell_onehot is None else tuple(cell_onehot.shape)
+                raise ValueError(f"cell_onehot must be [{x.shape[0]}, {self.n_cell_types}], got {got}")
+            feats = torch.cat([feats, cell_onehot.to(feats.dtype)], dim=1)
+        return self.neck(feats)
+
+    def forward(self, x: Tensor, cell_onehot: Tensor | None = None) -> dict[str, Tensor]:
+        embedding = self.embed(x, cell_onehot)
+        return {"embedding": embedding, "logits": self.head(embedding), "cosine": self.arc_head(embedding)}
+
+    def predict(self, x: Tensor, cell_onehot: Tensor | None = None) -> Tensor:
+        """Inference logits: the softmax head only (the 1st place predicted with it, not ArcFace)."""
+        return self.head(self.embed(x, cell_onehot))
+
+
+def dense_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean over the batch of -(target * log_softmax(logits)).sum(1), in float32 even under autocast."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return -(target.float() * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def arcface_loss(
+    cosine: Tensor, target: Tensor, scale: float = 30.0, margin: float = 0.5, eps: float = 1e-6
+) -> Tensor:
+    """Additive angular margin loss on dense targets.
+
+    Per class j: logit_j = s * (t_j * phi(cos θ_j) + (1 - t_j) * cos θ_j), then dense CE with t.
+    For a one-hot t this is standard ArcFace (s·cos(θ_y + m) for the label, s·cos θ_j elsewhere);
+    soft targets get a margin in proportion to their weight. phi(cos θ) = cos(θ + m) while θ + m <= π;
+    beyond (cos θ <= cos(π - m)) cos(θ + m) would rise again, so phi = cos θ - m·sin(m) there
+    (InsightFace's linear continuation, also used by the 1st place). cos is clamped to
+    [-1+eps, 1-eps] so sin θ = sqrt(1 - cos²) has a finite gradient.
+    """
+    with torch.autocast(device_type=cosine.device.type, enabled=False):
+        cos = cosine.float().clamp(-1.0 + eps, 1.0 - eps)
+        target = target.float()
+        sin = torch.sqrt(1.0 - cos * cos)
+        phi = cos * math.cos(margin) - sin * math.sin(margin)
+        phi = torch.where(cos > math.cos(math.pi - margin), phi, cos - margin * math.sin(margin))
+        return dense_cross_entropy(scale * (target * phi + (1.0 - target) * cos), target)
+
+
+def combined_loss(
+    out: Mapping[str, Tensor],
+    target: Tensor,
+    metric_loss_coeff: float = 0.2,
+    scale: float = 30.0,
+    margin: float = 0.5,
+    arcface_factor: float = 0.5,
+) -> Tensor:
+    """(1-c)·CE(out['logits']) + c·arcface_factor·ArcFace(out['cosine']), c = metric_loss_coeff.
+
+    arcface_factor=0.5 reproduces the 1st place, whose ArcFace loss returned loss / 2;
+    pass 1.0 for the plain weighted sum.
+    """
+    ce = dense_cross_entropy(out["logits"], target)
+    arc = arcface_loss(out["cosine"], target, scale, margin)
+    return (1.0 - metric_loss_coeff) * ce + metric_loss_coeff * arcface_factor * arc
+
+
+def smooth_labels(labels: Tensor, n_classes: int, smoothing: float = 0.0) -> Tensor:
+    """Dense targets [B, n_classes]: 1-smoothing on the label, smoothing/(n_classes-1) elsewhere."""
+    if not 0.0 <= smoothing < 1.0 or n_classes < 2:
+        raise ValueError(f"need 0 <= smoothing < 1 and n_classes >= 2, got {smoothing}, {n_classes}")
+    target = torch.full((labels.shape[0], n_classes), smoothing / (n_classes - 1), device=labels.device)
+    return target.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing)
