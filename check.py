@@ -1,0 +1,101 @@
+"""Validate a data set before a long run: metadata, labels, and every image.
+
+    python main.py --mode check --data DIR      (or: python check.py DIR)
+
+Problems are collected rather than raised one by one, so a user sees all of them (the first
+`max_listed` of each kind) in one pass; the exit code is 1 if there is any.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+import metadata
+from dataset import CHANNELS
+
+
+def _check_png(path: str) -> tuple[str | None, tuple[int, int] | None]:
+    """(problem or None, size or None) of one channel image."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode != "L":
+                return f"{path}: not 8-bit single-channel (mode {img.mode})", img.size
+            return None, img.size
+    except FileNotFoundError:
+        return f"missing image: {path}", None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"corrupt image: {path} ({e})", None
+
+
+def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True) -> dict[str, list[str]]:
+    """Problems found, by kind (empty dict: the data set is sound)."""
+    problems: dict[str, list[str]] = defaultdict(list)
+    try:
+        table = metadata.load_table(data_dir)
+        structure = metadata.derive_structure(table, n_classes)
+    except metadata.DataError as e:
+        return {"metadata": [str(e)]}
+    n = n_classes or structure.n_classes
+    bad_label = table[(table["sirna_true"] >= n) | (table["sirna_true"] < -1)]
+    for row in bad_label.drop_duplicates("id_code").itertuples():
+        problems["labels"].append(f"{row.id_code}: label {row.sirna_true} outside 0..{n - 1}")
+    wrong_code = table["id_code"] != table["experiment"] + "_" + table["plate"].astype(str) + "_" + table["well"]
+    for code in table.loc[wrong_code, "id_code"].unique():
+        problems["metadata"].append(f"{code}: id_code does not match experiment_plate_well")
+    for key, wells in metadata.wells_of(table).groupby(["experiment", "plate"]):
+        treated = wells[(wells["well_type"] == metadata.TREATMENT) & (wells["sirna"] >= 0)]
+        repeated = treated["sirna"][treated["sirna"].duplicated()].unique()
+        if repeated.size:
+            problems["labels"].append(f"{key[0]} plate {key[1]}: siRNA(s) {repeated[:5].tolist()} in several wells")
+    if images:
+        sizes: dict[tuple[int, int], int] = defaultdict(int)
+        first_of_size: dict[tuple[int, int], str] = {}
+        for prefix in tqdm(table["image_prefix"], desc="checking images", unit="site"):
+            for c in range(1, CHANNELS + 1):
+                path = f"{prefix}_w{c}.png"
+                problem, size = _check_png(path)
+                if problem:
+                    problems["images"].append(problem)
+                if size:
+                    sizes[size] += 1
+                    first_of_size.setdefault(size, path)
+        if len(sizes) > 1:
+            common = max(sizes, key=sizes.get)
+            for size, count in sizes.items():
+                if size != common:
+                    problems["images"].append(f"{count} image(s) of size {size[0]}x{size[1]} instead of "
+                                              f"{common[0]}x{common[1]}, e.g. {first_of_size[size]}")
+    return dict(problems)
+
+
+def report(problems: dict[str, list[str]], max_listed: int = 20, out=sys.stdout) -> int:
+    """Print a summary; return the exit code (0 sound, 1 problems)."""
+    if not problems:
+        print("data set OK", file=out)
+        return 0
+    for kind, items in problems.items():
+        print(f"{kind}: {len(items)} problem(s)", file=out)
+        for item in items[:max_listed]:
+            print(f"  {item}", file=out)
+        if len(items) > max_listed:
+            print(f"  ... and {len(items) - max_listed} more", file=out)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", type=Path)
+    p.add_argument("--classes", type=int, default=None)
+    p.add_argument("--max-listed", type=int, default=20)
+    args = p.parse_args(argv)
+    return report(check_data(args.data, args.classes), args.max_listed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
