@@ -1,0 +1,446 @@
+#!/usr/bin/env python3
+"""Build a submission from one or more prediction files (SPEC, "Submission").
+
+    ./make_submission.py -o sub.csv [--data DIR] [-w W1,W2,...] [-t THREADS] FILE [FILE ...]
+
+Per file the sites of a well are summed; the files are ensembled (weighted); then, using the
+plate design of the metadata (plates.py):
+  1. per experiment, which plate group each plate holds (best joint ordering),
+  2. only that group's classes stay candidates,
+  3. per plate, a linear assignment so each class goes to at most one well.
+Validation accuracy (wells of the files' 'val' part, labels from the metadata) is printed after
+every stage, per cell type, and test accuracy too where the metadata knows test labels. The CSV
+(`id_code,sirna`, every test treatment well once) and the same scores as JSON (`<output>.json`)
+are written only once everything has succeeded.
+
+torch is never imported and numpy only after the thread count is set: this is a small,
+fast program (a few seconds on full-size predictions).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # imported in main(), after the BLAS thread variables are set
+    import numpy as np
+    import pandas as pd
+
+    from metadata import Structure
+    from predfile import WellSums
+
+GROUP_METHODS = ("prob", "argmax")
+ASSIGN_SCORES = ("logsoftmax", "logits", "prob")
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                     "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+class SubmissionError(ValueError):
+    """A problem with the command line or the prediction files, named in one line."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Ensemble prediction files and build a plate-consistent submission CSV.")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="prediction files (main.py --mode predict)")
+    parser.add_argument("-o", "--output", required=True, help="submission CSV to write (scores go to <output>.json)")
+    parser.add_argument("--data", default="../data", help="data directory (competition or release layout)")
+    parser.add_argument("-w", "--weights", help="comma-separated ensemble weights, one per file (default: equal)")
+    parser.add_argument("-t", "--threads", type=int, help="numpy/BLAS threads (default: the library's choice)")
+    parser.add_argument("--group-method", choices=GROUP_METHODS, default="prob",
+                        help="plate-group evidence: summed class probabilities (default) or arg-max counts")
+    parser.add_argument("--assign-scores", choices=ASSIGN_SCORES, default="logsoftmax",
+                        help="scores maximised by the per-plate assignment (default: log-softmax)")
+    return parser.parse_args(argv)
+
+
+def parse_weights(text: str | None, n_files: int) -> list[float]:
+    if text is None:
+        return [1.0] * n_files
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise SubmissionError(f"-w/--weights: {text!r} is not a comma-separated list of numbers") from None
+    if len(weights) != n_files:
+        raise SubmissionError(f"-w/--weights gives {len(weights)} weight(s) for {n_files} prediction file(s)")
+    if any(not (w >= 0 and w < float("inf")) for w in weights) or not sum(weights) > 0:
+        raise SubmissionError(f"-w/--weights must be finite, non-negative and not all zero, got {text!r}")
+    return weights
+
+
+# ------------------------------------------------------------------------------- the wells
+
+
+@dataclass
+class Wells:
+    """The treatment wells being predicted: validation rows first, then test rows."""
+    keep: dict                     # part -> positions of the treatment wells among them
+    id_code: np.ndarray            # per row
+    experiment: np.ndarray
+    plate: np.ndarray
+    cell_type: np.ndarray
+    label: np.ndarray              # known class or -1
+    n_val: int
+    ignored_controls: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.id_code)
+
+
+def _example(values: np.ndarray) -> str:
+    return repr(str(values[0])) if len(values) else ""
+
+
+def match_metadata(first: WellSums, wells_table: pd.DataFrame) -> Wells:
+    """Map the first file's wells onto the metadata and check they are the ones a submission needs."""
+    import numpy as np
+    import pandas as pd
+
+    from metadata import TREATMENT
+
+    name = first.path
+    index = pd.Index(wells_table["id_code"])
+    keep, rows = {}, {}
+    ignored = 0
+    for part in ("val", "test"):
+        ids = first.ids[part]
+        pos = index.get_indexer(ids)
+        if (pos < 0).any():
+            unknown = ids[pos < 0]
+            raise SubmissionError(f"{name}: {len(unknown)} {part} well(s) are not in the metadata "
+                                  f"(e.g. {_example(unknown)}): do the predictions belong to this --data?")
+        meta = wells_table.iloc[pos]
+        split = "test" if part == "test" else "train"
+        wrong = meta["split"].to_numpy() != split
+        if wrong.any():
+            raise SubmissionError(f"{name}: its {part} part holds {int(wrong.sum())} well(s) of "
+                                  f"{'train' if split == 'test' else 'test'} experiments "
+                                  f"(e.g. {_example(ids[wrong])})")
+        treatment = (meta["well_type"] == TREATMENT).to_numpy()
+        ignored += int((~treatment).sum())  # controls are never candidates for the submission
+        keep[part] = np.flatnonzero(treatment)
+        rows[part] = meta[treatment]
+    unlabelled = rows["val"]["sirna"].to_numpy() < 0
+    if unlabelled.any():
+        raise SubmissionError(f"{name}: {int(unlabelled.sum())} val well(s) have no label in the metadata "
+                              f"(e.g. {_example(rows['val']['id_code'].to_numpy()[unlabelled])})")
+    needed = wells_table.loc[(wells_table["split"] == "test") & (wells_table["well_type"] == TREATMENT),
+                             "id_code"].to_numpy()
+    missing = needed[~pd.Index(needed).isin(rows["test"]["id_code"])]  # hashing: object arrays
+    if missing.size:
+        raise SubmissionError(f"{name}: {missing.size} test well(s) of the metadata are missing from "
+                              f"the predictions (e.g. {_example(missing)})")
+    both = pd.concat([rows["val"], rows["test"]])
+    label = np.concatenate([rows["val"]["sirna"].to_numpy(), rows["test"]["sirna_true"].to_numpy()])
+    return Wells(keep=keep, id_code=both["id_code"].to_numpy(),
+                 experiment=both["experiment"].to_numpy(), plate=both["plate"].to_numpy(),
+                 cell_type=both["cell_type"].to_numpy(), label=label.astype(np.int64),
+                 n_val=len(rows["val"]), ignored_controls=ignored)
+
+
+def check_same_wells(first: WellSums, other: WellSums) -> None:
+    import numpy as np
+
+    if other.n_classes != first.n_classes:
+        raise SubmissionError(f"{other.path} has {other.n_classes} classes per vector but "
+                              f"{first.path} has {first.n_classes}: files of different models/class sets")
+    for part in ("val", "test"):
+        a, b = first.ids[part], other.ids[part]
+        if not np.array_equal(a, b):
+            only = np.setdiff1d(b, a)
+            only = only if only.size else np.setdiff1d(a, b)
+            raise SubmissionError(f"{other.path} holds different {part} wells than {first.path} "
+                                  f"({len(b)} vs {len(a)} wells; e.g. {_example(only)} is in one only)")
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Scoreboard:
+    """Accuracy per stage, per cell type and overall, on the wells whose label is known."""
+    wells: Wells
+    rows: dict = field(init=False)               # split -> scored row indices
+    scored: np.ndarray = field(init=False)       # val rows, then test rows: the order of `add`
+    stages: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        import numpy as np
+
+        labelled = self.wells.label >= 0
+        val = np.arange(self.wells.n) < self.wells.n_val
+        self.rows = {"val": np.flatnonzero(labelled & val), "test": np.flatnonzero(labelled & ~val)}
+        self.scored = np.concatenate([self.rows["val"], self.rows["test"]])
+
+    def add(self, name: str, predicted: np.ndarray) -> None:
+        """Record a stage from the predicted labels of the scored rows (val rows, then test rows)."""
+        entry: dict = {"stage": name}
+        start = 0
+        for split, idx in self.rows.items():
+            guess, start = predicted[start:start + len(idx)], start + len(idx)
+            if idx.size == 0:
+                entry[split] = None
+                continue
+            correct = guess == self.wells.label[idx]
+            cells = self.wells.cell_type[idx]
+            entry[split] = {c: float(correct[cells == c].mean()) for c in sorted(set(cells.tolist()))}
+            entry[split]["all"] = float(correct.mean())
+        self.stages.append(entry)
+
+    @staticmethod
+    def table_of(stages: list, split: str, title: str) -> str:
+        """The accuracy table of one split, as printed."""
+        entries = [e for e in stages if e.get(split)]
+        if not entries:
+            return f"{title}: no labelled wells to score"
+        columns = list(entries[0][split])
+        width = max(len(e["stage"]) for e in entries) + 2
+        lines = [title, "stage".ljust(width) + "".join(c.rjust(9) for c in columns)]
+        for e in entries:
+            lines.append(e["stage"].ljust(width) + "".join(f"{e[split][c]:9.4f}" for c in columns))
+        return "\n".join(lines)
+
+
+def argmax_over(scores: np.ndarray, rows: np.ndarray, classes: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Best class among `classes` for each of `rows`, in blocks (no full copy of the matrix)."""
+    import numpy as np
+
+    # contiguous classes (the usual layout: treatments first) are a view, not a copy
+    columns = (slice(int(classes[0]), int(classes[-1]) + 1)
+               if len(classes) and classes[-1] - classes[0] + 1 == len(classes) else classes)
+    out = np.empty(len(rows), dtype=np.int64)
+    for start in range(0, len(rows), chunk):
+        block = scores[rows[start:start + chunk]][:, columns]
+        out[start:start + chunk] = classes[np.argmax(block, axis=1)]
+    return out
+
+
+def plate_group_report(wells: Wells, well_groups: np.ndarray, class_group: np.ndarray) -> dict:
+    """Plates whose inferred group matches their labelled wells, per split."""
+    import numpy as np
+
+    import plates
+
+    plate = plates.plate_ids(wells.experiment, wells.plate)
+    labelled = wells.label >= 0
+    wrong = np.zeros(plate.max(initial=-1) + 1, dtype=bool)
+    seen = np.zeros_like(wrong)
+    seen[plate[labelled]] = True
+    wrong[plate[labelled & (class_group[np.maximum(wells.label, 0)] != well_groups)]] = True
+    val_plate = np.zeros_like(wrong)
+    val_plate[plate[: wells.n_val]] = True
+    return {split: {"correct": int((seen & ~wrong & sel).sum()), "total": int((seen & sel).sum())}
+            for split, sel in (("val", val_plate), ("test", ~val_plate))}
+
+
+# ------------------------------------------------------------------------------- the pipeline
+
+
+class Stopwatch:
+    """Wall and CPU seconds per phase, for the JSON report (where the time goes)."""
+
+    def __init__(self) -> None:
+        self.phases: dict = {}
+        self._last = (time.perf_counter(), time.process_time())
+
+    def lap(self, phase: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        wall, cpu = self.phases.get(phase, (0.0, 0.0))
+        self.phases[phase] = (round(wall + now[0] - self._last[0], 3), round(cpu + now[1] - self._last[1], 3))
+        self._last = now
+
+
+@dataclass
+class Ensemble:
+    """The files' weighted mean per treatment well, and what goes with it."""
+    wells: Wells
+    board: Scoreboard
+    scores: np.ndarray        # float32 [wells, classes]
+    masks: np.ndarray         # plate groups over the classes
+    treatment: np.ndarray     # the classes treatment wells may get
+
+
+def ensemble_files(files: list[str], weights: list[float], table: pd.DataFrame, structure: Structure,
+                   clock: Stopwatch) -> Ensemble:
+    """Read the files one at a time into a running weighted sum, scoring each on the way.
+
+    Only one file's scores are in memory at once besides the sum: each is reduced to per-well
+    sums on load (predfile.load_well_sums), scaled in place and added.
+    """
+    import numpy as np
+
+    from predfile import load_well_sums
+
+    first = wells = board = total = average = masks = treatment = None
+    for i, (path, weight) in enumerate(zip(files, weights)):
+        sums = load_well_sums(path)
+        clock.lap("read files")
+        if first is None:
+            if sums.n_classes < structure.n_classes:
+                raise SubmissionError(f"{path} has {sums.n_classes} classes per vector but the metadata "
+                                      f"has {structure.n_classes}")
+            first, wells = sums, match_metadata(sums, table)
+            board = Scoreboard(wells)
+            masks = np.zeros((structure.n_groups, sums.n_classes), dtype=bool)
+            for g, classes in enumerate(structure.groups):
+                masks[g, classes] = True
+            treatment = np.flatnonzero(masks.any(axis=0))
+            if len(set(weights)) > 1:  # the plain average differs: keep it, for the scored rows only
+                average = np.zeros((len(board.scored), sums.n_classes), dtype=np.float32)
+        else:
+            check_same_wells(first, sums)
+        # the file's treatment wells in row order: its own matrix unless it has control wells to drop
+        block = sums.matrix if wells.ignored_controls == 0 else np.concatenate(
+            [sums.sums[part][wells.keep[part]] for part in ("val", "test")])
+        sums.sums, sums.matrix = {}, None  # the first file is kept for its ids only
+        del sums
+        board.add(f"file {i + 1}: {Path(path).name}", argmax_over(block, board.scored, treatment))
+        if average is not None:
+            average += block[board.scored]
+        if weight != 1:
+            block *= np.float32(weight)
+        if total is None:
+            total = block  # adopted, not copied: one full-size matrix less
+        else:
+            total += block
+        del block
+        clock.lap("ensemble")
+    if sum(weights) != 1:  # a mean, not a sum: the softmax temperature of one model
+        total *= np.float32(1 / sum(weights))
+    scored = board.scored
+    board.add("average", argmax_over(average, np.arange(len(scored)), treatment) if average is not None
+              else argmax_over(total, scored, treatment))
+    board.add("ensemble (w=" + ",".join(f"{w:g}" for w in weights) + ")", argmax_over(total, scored, treatment))
+    clock.lap("ensemble")
+    return Ensemble(wells, board, total, masks, treatment)
+
+
+def plate_stages(ens: Ensemble, group_method: str, assign_scores: str, clock: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
+    """Group inference, group restriction and per-plate assignment; returns (groups, labels).
+
+    After the group inference every well competes only for its group's classes, so the later
+    stages run on compact [wells, group size] blocks (plates.split_by_group), not on full-width
+    rows that would be three quarters -inf.
+    """
+    import numpy as np
+
+    import plates
+
+    wells, board = ens.wells, ens.board
+    groups = plates.infer_plate_groups(ens.scores, wells.experiment, wells.plate, ens.masks, group_method)
+    clock.lap("group inference")
+    plate = plates.plate_ids(wells.experiment, wells.plate)
+    best = np.full(wells.n, -1, dtype=np.int64)
+    labels = np.full(wells.n, -1, dtype=np.int64)
+    for rows, classes, block in plates.split_by_group(ens.scores, groups, ens.masks):
+        best[rows] = classes[np.argmax(block, axis=1)]
+        if assign_scores != "logits":
+            plates.log_softmax(block, out=block)
+            if assign_scores == "prob":
+                np.exp(block, out=block)
+        found = plates.assign_plates(block, plate[rows], fill_unassigned=True)
+        labels[rows] = np.where(found >= 0, classes[found], -1)
+    ens.scores = None  # the full matrix is no longer needed
+    if (labels < 0).any():
+        raise SubmissionError(f"{int((labels < 0).sum())} well(s) got no class: their plate group is empty")
+    board.add(f"groups ({group_method})", best[board.scored])
+    board.add(f"assignment ({assign_scores})", labels[board.scored])
+    clock.lap("restriction and assignment")
+    return groups, labels
+
+
+def build(args: argparse.Namespace) -> tuple[str, dict]:
+    """Everything but the writing: the CSV text and the report (as written to the JSON)."""
+    clock = Stopwatch()
+    import numpy as np
+
+    import metadata
+    import plates
+
+    weights = parse_weights(args.weights, len(args.files))
+    for path in args.files:  # fail before the slow part when a file is simply not there
+        if not Path(path).is_file():
+            raise SubmissionError(f"prediction file {path} does not exist")
+    if Path(args.output).is_dir():
+        raise SubmissionError(f"-o/--output {args.output} is a directory")
+    table = metadata.load_wells(Path(args.data))
+    structure = metadata.derive_structure(table)
+    if structure.n_groups == 0:
+        raise SubmissionError(f"{args.data}: the metadata defines no plate groups (no labelled treatment wells)")
+    clock.lap("metadata")
+
+    ens = ensemble_files(args.files, weights, table, structure, clock)
+    groups, labels = plate_stages(ens, args.group_method, args.assign_scores, clock)
+
+    wells, board = ens.wells, ens.board
+    test = np.arange(wells.n_val, wells.n)
+    test = test[np.argsort(wells.id_code[test], kind="stable")]
+    csv = "id_code,sirna\n" + "".join(f"{i},{l}\n" for i, l in zip(wells.id_code[test].tolist(),
+                                                                     labels[test].tolist()))
+    test_groups: dict = {}
+    for e, p, g in sorted(set(zip(wells.experiment[test].tolist(), wells.plate[test].tolist(),
+                                  groups[test].tolist()))):
+        test_groups.setdefault(e, {})[str(p)] = g
+    report = {
+        "files": [str(p) for p in args.files], "weights": weights, "data": str(args.data),
+        "group_method": args.group_method, "assign_scores": args.assign_scores,
+        "wells": {"val": len(board.rows["val"]), "test": wells.n - wells.n_val,
+                  "test_labelled": len(board.rows["test"]), "ignored_controls": wells.ignored_controls},
+        "plate_groups_correct": plate_group_report(wells, groups, plates.class_groups(ens.masks)),
+        "stages": board.stages, "test_plate_groups": test_groups,
+    }
+    clock.lap("outputs")
+    report["timings"] = {phase: {"wall_s": w, "cpu_s": c} for phase, (w, c) in clock.phases.items()}
+    return csv, report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: -t/--threads must be at least 1, got {args.threads}", file=sys.stderr)
+            return 2
+        for variable in _THREAD_VARIABLES:  # read by the BLAS/OpenMP runtimes when numpy loads
+            os.environ[variable] = str(args.threads)
+    started = time.perf_counter()
+    from metadata import DataError
+    from predfile import PredictionFileError
+
+    try:
+        csv, report = build(args)
+    except (SubmissionError, DataError, PredictionFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    val, test = report["wells"]["val"], report["wells"]["test_labelled"]
+    print(f"candidates for treatment wells: treatment classes only; {report['wells']['test']} test wells")
+    print(Scoreboard.table_of(report["stages"], "val", f"validation accuracy ({val} wells)"))
+    if test:
+        print(Scoreboard.table_of(report["stages"], "test", f"test accuracy ({test} labelled wells)"))
+    for split, counts in report["plate_groups_correct"].items():
+        if counts["total"]:
+            print(f"plate groups inferred correctly ({split}): {counts['correct']}/{counts['total']} plates")
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    json_path = f"{args.output}.json"
+    from atomic import write_text
+    written = []
+    try:
+        for path, text in ((json_path, json.dumps(report, indent=1) + "\n"), (args.output, csv)):
+            write_text(path, text)
+            written.append(path)
+    except OSError as e:
+        for path in written:  # all or nothing: no scores without their submission
+            Path(path).unlink(missing_ok=True)
+        print(f"error: cannot write {e.filename or args.output}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output} and {json_path} in {report['seconds']:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

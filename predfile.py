@@ -1,0 +1,269 @@
+"""The prediction file: what `main.py --mode predict` writes and `make_submission.py` reads.
+
+Format (SPEC): a pickle of `{'test': {id_code: [site1_logits, site2_logits, ...]}, 'val': {...}}`,
+one float32 numpy vector of all classes per site. The 'val' part may be missing or empty.
+
+A pickle can run arbitrary code when loaded, and prediction files get passed around, so they
+are read with an unpickler that only rebuilds containers, numbers, strings and numpy arrays;
+anything else is refused before it is called. The structure is checked on load, with errors
+naming the file.
+"""
+from __future__ import annotations
+
+import gc
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from atomic import atomic_write
+
+PARTS = ("test", "val")
+
+
+class PredictionFileError(ValueError):
+    """A prediction file that is missing, unreadable, unsafe or malformed; the message names it."""
+
+
+# --------------------------------------------------------------------------- safe unpickling
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The numpy callables array pickles reference, under every module spelling numpy has used.
+
+    They are taken from the reductions numpy itself produces, so the table follows the installed
+    numpy (`numpy.core` became `numpy._core` in numpy 2; old files still say `numpy.core`).
+    """
+    reconstruct = np.zeros(1).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    scalar = np.float32(0).__reduce__()[0]
+    table: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for package in ("numpy.core", "numpy._core"):
+        table[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        table[(f"{package}.multiarray", "scalar")] = scalar
+        table[(f"{package}.numeric", "_frombuffer")] = frombuffer
+    return table
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    import _codecs
+    from collections import OrderedDict
+
+    table = _numpy_globals()
+    # protocol 2 spells bytes as _codecs.encode(latin-1 text): needed for old array pickles; the
+    # codec registry only looks inside the `encodings` package, so it cannot reach other code
+    table[("_codecs", "encode")] = _codecs.encode
+    table[("collections", "OrderedDict")] = OrderedDict
+    table[("builtins", "bytearray")] = bytearray
+    return table
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """The C unpickler with `find_class` limited to a fixed table: nothing else is imported or called."""
+
+    def __init__(self, file: io.BufferedIOBase, name: str):
+        super().__init__(file)
+        self._name = name
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise PredictionFileError(
+                f"refusing to load {self._name}: it contains {module}.{name}, which could run code "
+                "(a prediction file holds only dicts, lists, numbers, strings and numpy arrays)") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise PredictionFileError(f"refusing to load {self._name}: it references an external object")
+
+
+def _unpickle(path: Path) -> Any:
+    if not path.is_file():
+        raise PredictionFileError(f"prediction file {path} does not exist")
+    gc_was_enabled = gc.isenabled()
+    # tens of thousands of small containers: collection passes during the load only cost time
+    gc.disable()
+    try:
+        with open(path, "rb") as f:
+            return _RestrictedUnpickler(f, str(path)).load()
+    except PredictionFileError:
+        raise
+    except OSError as e:
+        raise PredictionFileError(f"cannot read prediction file {path}: {e.strerror or e}") from None
+    except Exception as e:  # any other failure of a corrupt or foreign file
+        raise PredictionFileError(f"{path} is not a readable prediction file "
+                                  f"({type(e).__name__}: {e})") from None
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+# --------------------------------------------------------------------------- structure checks
+
+
+def _check_top(obj: Any, name: str) -> dict:
+    if not isinstance(obj, dict):
+        raise PredictionFileError(f"{name}: expected a dict with parts {' and '.join(map(repr, PARTS))}, "
+                                  f"found {type(obj).__name__}")
+    unknown = [k for k in obj if k not in PARTS]
+    if unknown:
+        raise PredictionFileError(f"{name}: unexpected part(s) {', '.join(map(repr, unknown))} "
+                                  f"(expected {' and '.join(map(repr, PARTS))})")
+    for part, wells in obj.items():
+        if not isinstance(wells, dict):
+            raise PredictionFileError(f"{name}: part {part!r} must map id_code -> list of site logits, "
+                                      f"found {type(wells).__name__}")
+    seen: set = set()
+    for part in obj:
+        both = seen.intersection(obj[part])
+        if both:
+            raise PredictionFileError(f"{name}: well {next(iter(both))!r} is in more than one part")
+        seen.update(obj[part])
+    return obj
+
+
+def _check_well(name: str, part: str, key: Any, sites: Any, n_classes: int | None) -> int:
+    """Check one well's entry; return its vector length."""
+    if not isinstance(key, str):
+        raise PredictionFileError(f"{name}: part {part!r} has a non-string id {key!r}")
+    if not isinstance(sites, (list, tuple)) or not sites:
+        raise PredictionFileError(f"{name}: {part}[{key!r}] must be a non-empty list of per-site "
+                                  f"logit vectors, found {type(sites).__name__}")
+    for s in sites:
+        if not isinstance(s, np.ndarray) or s.ndim != 1 or s.dtype.kind not in "fiu":
+            what = (f"an array of shape {s.shape} and dtype {s.dtype}" if isinstance(s, np.ndarray)
+                    else type(s).__name__)
+            raise PredictionFileError(f"{name}: {part}[{key!r}] holds {what}; "
+                                      "expected 1-D numeric logit vectors")
+        if n_classes is not None and s.shape[0] != n_classes:
+            raise PredictionFileError(f"{name}: {part}[{key!r}] has {s.shape[0]} classes, "
+                                      f"other wells have {n_classes}")
+        n_classes = s.shape[0]
+    return n_classes
+
+
+def check_predictions(obj: Any, name: str = "predictions") -> int:
+    """Check the structure of a prediction dict; return the number of classes (0 if no wells)."""
+    _check_top(obj, name)
+    n_classes = None
+    for part, wells in obj.items():
+        for key, sites in wells.items():
+            n_classes = _check_well(name, part, key, sites, n_classes)
+    return n_classes or 0
+
+
+# ---------------------------------------------------------------------------------- public API
+
+
+def save_predictions(path: str | os.PathLike, output: Mapping[str, Mapping[str, Sequence[np.ndarray]]]) -> None:
+    """Write a prediction file atomically, as float32 vectors (checked first, so no bad file is left)."""
+    data = {part: {str(k): [np.ascontiguousarray(s, dtype=np.float32) for s in sites]
+                   for k, sites in wells.items()}
+            for part, wells in output.items()}
+    check_predictions(data, str(path))
+    with atomic_write(path, "wb") as f:
+        pickle.dump(data, f, protocol=4)
+
+
+def load_predictions(path: str | os.PathLike) -> dict[str, dict[str, list[np.ndarray]]]:
+    """Read a prediction file through the restricted unpickler and check its structure.
+
+    Parts missing from the file come back as empty dicts.
+    """
+    path = Path(path)
+    obj = _unpickle(path)
+    check_predictions(obj, str(path))
+    return {part: dict(obj.get(part, {})) for part in PARTS}
+
+
+@dataclass
+class WellSums:
+    """A prediction file reduced to one score vector per well: the sum of its sites.
+
+    All rows live in one matrix, the 'val' wells first and then the 'test' wells (the order
+    make_submission works in, so it can adopt the matrix without a copy); `sums` are views.
+    """
+    path: str
+    n_classes: int
+    ids: dict[str, np.ndarray]    # part -> sorted id codes
+    sums: dict[str, np.ndarray]   # part -> float32 [wells, n_classes], rows in the order of ids
+    matrix: np.ndarray            # float32 [val + test wells, n_classes]
+
+
+ROW_ORDER = ("val", "test")
+
+
+def _sorted_ids(name: str, part: str, wells: dict) -> list[str]:
+    for key in wells:
+        if type(key) is not str:
+            _check_well(name, part, key, None, None)  # raises: ids must be strings
+    return sorted(wells)
+
+
+def _sum_into(name: str, part: str, wells: dict, keys: list[str], out: np.ndarray) -> None:
+    """Fill `out` with the float32 site sums of `wells` in the order of `keys`, emptying `wells`.
+
+    One pass, one numpy call per well: wells are popped so their per-site arrays are freed as
+    the sums fill up. A full-size file has ~50,000 site vectors, so the common case (a list of
+    two arrays of the known shape and dtype object, which the pickle shares between all arrays)
+    is tested inline; anything else gets the full check, which raises with a precise message or
+    passes an unusual but valid entry (a tuple, one site, another numeric dtype).
+    """
+    n_classes = out.shape[1]
+    shape = (n_classes,)
+    ndarray, add, known = np.ndarray, np.add, None
+    for i, key in enumerate(keys):
+        sites = wells.pop(key)
+        if type(sites) is list and len(sites) == 2:
+            a, b = sites
+            if (type(a) is ndarray and type(b) is ndarray and a.dtype is known and b.dtype is known
+                    and a.shape == shape and b.shape == shape):
+                add(a, b, out[i])
+                continue
+        _check_well(name, part, key, sites, n_classes)
+        known = sites[0].dtype
+        row = out[i]
+        np.copyto(row, sites[0], casting="same_kind")
+        for site in sites[1:]:
+            add(row, site, out=row)
+
+
+def load_well_sums(path: str | os.PathLike) -> WellSums:
+    """Read a prediction file and reduce it at once to per-well float32 site sums.
+
+    The per-site arrays are dropped as they are summed: a full-size file holds ~50,000 of them,
+    twice the memory of the sums.
+    """
+    path = Path(path)
+    name = str(path)
+    obj = _check_top(_unpickle(path), name)
+    parts = {part: obj.get(part, {}) for part in ROW_ORDER}
+    del obj
+    keys = {part: _sorted_ids(name, part, wells) for part, wells in parts.items()}
+    n_classes = 0
+    for part in ROW_ORDER:  # the first well fixes the class count, checked in full
+        if keys[part]:
+            n_classes = _check_well(name, part, keys[part][0], parts[part][keys[part][0]], None)
+            break
+    matrix = np.empty((sum(map(len, keys.values())), n_classes), dtype=np.float32)
+    sums, start = {}, 0
+    for part in ROW_ORDER:
+        sums[part] = matrix[start:start + len(keys[part])]
+        start += len(keys[part])
+        _sum_into(name, part, parts[part], keys[part], sums[part])
+    ids = {part: np.asarray(keys[part], dtype=str) for part in ROW_ORDER}
+    # one cheap pass: a row with NaN or inf has a non-finite sum (the exact test runs only then;
+    # finite logits big enough to overflow a float32 sum pass it)
+    if not np.isfinite(matrix.sum(axis=1)).all():
+        bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+        if bad.size:
+            part = ROW_ORDER[0] if bad[0] < len(keys[ROW_ORDER[0]]) else ROW_ORDER[1]
+            well = np.concatenate([ids[p] for p in ROW_ORDER])[bad[0]]
+            raise PredictionFileError(f"{path}: {part}[{well!r}] has NaN or infinite logits "
+                                      f"({bad.size} well(s) in all)")
+    return WellSums(name, n_classes, ids, sums, matrix)

@@ -1,0 +1,285 @@
+"""make_submission.py and predfile.py on small fake data sets (benchmarks/fake_predictions.py)."""
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import fake_predictions  # noqa: E402
+import make_submission  # noqa: E402
+from predfile import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
+                      save_predictions)
+
+SMALL = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), group_size=20,
+             positive_controls=3, wells_per_plate=24, dropped_wells=3, folds=3, signal=2.0)
+
+
+def make(tmp: Path, **overrides) -> dict:
+    return fake_predictions.generate(tmp, **{**SMALL, **overrides})
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory) -> dict:
+    return make(tmp_path_factory.mktemp("fake"))
+
+
+def run(capsys, info: dict, out: Path, *extra: str, files=None) -> tuple[int, str, str]:
+    files = info["files"] if files is None else files
+    rc = make_submission.main(["--data", str(info["data"]), "-o", str(out), *extra, *map(str, files)])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def stages(out: Path, split: str = "val") -> dict:
+    report = json.loads(Path(f"{out}.json").read_text())
+    return {s["stage"].split(" (")[0].split(":")[0]: s[split]["all"] for s in report["stages"] if s[split]}
+
+
+def test_tracks_tests_and_wells(fake, tmp_path, capsys):
+    out = tmp_path / "sub.csv"
+    rc, stdout, err = run(capsys, fake, out)
+    assert rc == 0, err
+    sub = pd.read_csv(out)
+    test = pd.read_csv(fake["data"] / "test.csv")
+    assert list(sub.columns) == ["id_code", "sirna"]
+    assert sub["id_code"].is_unique and sorted(sub["id_code"]) == sorted(test["id_code"])
+    assert sub["id_code"].is_monotonic_increasing
+    # treatment classes only, never twice on a plate
+    sub["plate"] = sub["id_code"].str.rsplit("_", n=1).str[0]
+    assert not sub.duplicated(["plate", "sirna"]).any()
+    n_treatment = 4 * SMALL["group_size"]
+    assert sub["sirna"].between(0, n_treatment - 1).all()
+    assert "validation accuracy" in stdout and "assignment" in stdout
+    assert Path(f"{out}.json").is_file()
+
+
+def test_accuracy_rises_stage_by_stage(fake, tmp_path, capsys):
+    out = tmp_path / "sub.csv"
+    assert run(capsys, fake, out)[0] == 0
+    acc = stages(out)
+    assert acc["average"] > max(acc["file 1"], acc["file 2"])
+    assert acc["ensemble"] == acc["average"]  # equal weights
+    assert acc["groups"] > acc["ensemble"]
+    assert acc["assignment"] > acc["groups"]
+    report = json.loads(Path(f"{out}.json").read_text())
+    assert report["plate_groups_correct"]["val"]["correct"] == report["plate_groups_correct"]["val"]["total"] > 0
+
+
+def test_weights(fake, tmp_path, capsys):
+    single, zero, scaled, equal = (tmp_path / f"{n}.csv" for n in ("single", "zero", "scaled", "equal"))
+    assert run(capsys, fake, single, files=fake["files"][:1])[0] == 0
+    assert run(capsys, fake, zero, "-w", "1,0")[0] == 0
+    assert run(capsys, fake, scaled, "-w", "2.5,2.5")[0] == 0
+    assert run(capsys, fake, equal)[0] == 0
+    assert zero.read_text() == single.read_text()       # weight 0 removes the file
+    assert scaled.read_text() == equal.read_text()      # only the ratio matters
+    acc = stages(zero)
+    assert acc["ensemble"] == acc["file 1"] and acc["average"] != acc["ensemble"]
+
+
+def test_method_flags(fake, tmp_path, capsys):
+    outs = {}
+    for method, scores in (("prob", "logsoftmax"), ("prob", "logits"), ("prob", "prob"), ("argmax", "logsoftmax")):
+        outs[method, scores] = tmp_path / f"{method}_{scores}.csv"
+        assert run(capsys, fake, outs[method, scores], "--group-method", method, "--assign-scores", scores)[0] == 0
+    # log-softmax only shifts each row by a constant: the same assignment as the raw logits
+    assert outs["prob", "logsoftmax"].read_text() == outs["prob", "logits"].read_text()
+    report = json.loads(Path(f"{outs['argmax', 'logsoftmax']}.json").read_text())
+    assert report["group_method"] == "argmax" and report["stages"][-2]["stage"] == "groups (argmax)"
+
+
+def test_control_wells_in_the_files_are_ignored(fake, tmp_path, capsys):
+    controls = pd.read_csv(fake["data"] / "test_controls.csv")["id_code"].tolist()[:5]
+
+    def add_controls(d):
+        sites = next(iter(d["test"].values()))
+        d["test"].update({c: [s + 100.0 for s in sites] for c in controls})  # loud, never chosen
+    files = [rewrite(f, tmp_path / f"c{i}.output", add_controls) for i, f in enumerate(fake["files"])]
+    plain, with_controls = tmp_path / "plain.csv", tmp_path / "controls.csv"
+    assert run(capsys, fake, plain)[0] == 0
+    assert run(capsys, fake, with_controls, files=files)[0] == 0
+    assert with_controls.read_text() == plain.read_text()
+    assert json.loads(Path(f"{with_controls}.json").read_text())["wells"]["ignored_controls"] == 5
+
+
+def test_missing_wells_missing_plates_and_no_val(tmp_path, capsys):
+    info = make(tmp_path, dropped_wells=9, dropped_plates=2, val=False, seed=3)
+    out = tmp_path / "sub.csv"
+    rc, stdout, err = run(capsys, info, out)
+    assert rc == 0, err
+    test = pd.read_csv(info["data"] / "test.csv")
+    assert sorted(pd.read_csv(out)["id_code"]) == sorted(test["id_code"])
+    assert "no labelled wells" in stdout
+    # experiments with fewer plates still get distinct groups
+    groups = json.loads(Path(f"{out}.json").read_text())["test_plate_groups"]
+    assert any(len(g) < 4 for g in groups.values())
+    assert all(len(set(g.values())) == len(g) for g in groups.values())
+
+
+def test_release_layout_scores_test_labels(tmp_path, capsys):
+    info = make(tmp_path, layout="release", seed=4)
+    out = tmp_path / "sub.csv"
+    rc, stdout, err = run(capsys, info, out)
+    assert rc == 0, err
+    assert "test accuracy" in stdout
+    acc = stages(out, "test")
+    assert acc["assignment"] > acc["ensemble"]
+    assert json.loads(Path(f"{out}.json").read_text())["wells"]["test_labelled"] == info["test_wells"]
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def expect_error(capsys, info, out, *extra, files=None, match=()) -> str:
+    rc, _, err = run(capsys, info, out, *extra, files=files)
+    assert rc == 2
+    assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
+    for m in match:
+        assert m in err, err
+    assert not out.exists() and not Path(f"{out}.json").exists()  # nothing half-written
+    return err
+
+
+def rewrite(src: Path, dst: Path, change) -> Path:
+    data = load_predictions(src)
+    change(data)
+    save_predictions(dst, data)
+    return dst
+
+
+def test_different_id_sets_fail_naming_the_file(fake, tmp_path, capsys):
+    odd = rewrite(fake["files"][1], tmp_path / "odd.output", lambda d: d["test"].pop(next(iter(d["test"]))))
+    expect_error(capsys, fake, tmp_path / "sub.csv", files=[fake["files"][0], odd],
+                 match=["odd.output", "different test wells"])
+
+
+def test_different_class_counts_fail_naming_the_file(fake, tmp_path, capsys):
+    def widen(d):
+        for part in d.values():
+            for k, sites in part.items():
+                part[k] = [np.append(s, 0.0) for s in sites]
+    wide = rewrite(fake["files"][1], tmp_path / "wide.output", widen)
+    expect_error(capsys, fake, tmp_path / "sub.csv", files=[fake["files"][0], wide],
+                 match=["wide.output", "classes"])
+
+
+def test_unknown_and_missing_ids_fail(fake, tmp_path, capsys):
+    def add_unknown(d):
+        d["test"]["NOPE-01_1_B02"] = d["test"][next(iter(d["test"]))]
+    extra = rewrite(fake["files"][0], tmp_path / "extra.output", add_unknown)
+    expect_error(capsys, fake, tmp_path / "a.csv", files=[extra], match=["extra.output", "NOPE-01_1_B02"])
+    short = rewrite(fake["files"][0], tmp_path / "short.output", lambda d: d["test"].popitem())
+    expect_error(capsys, fake, tmp_path / "b.csv", files=[short], match=["short.output", "missing"])
+
+
+def test_weights_count_missing_and_corrupt_files(fake, tmp_path, capsys):
+    expect_error(capsys, fake, tmp_path / "a.csv", "-w", "1,2,3", match=["3 weight(s) for 2"])
+    expect_error(capsys, fake, tmp_path / "b.csv", "-w", "1,x", match=["-w"])
+    gone = tmp_path / "gone.output"
+    expect_error(capsys, fake, tmp_path / "c.csv", files=[gone], match=["gone.output", "does not exist"])
+    corrupt = tmp_path / "corrupt.output"
+    corrupt.write_bytes(b"this is not a pickle at all\n" * 10)
+    expect_error(capsys, fake, tmp_path / "d.csv", files=[fake["files"][0], corrupt], match=["corrupt.output"])
+    truncated = tmp_path / "truncated.output"
+    truncated.write_bytes(Path(fake["files"][0]).read_bytes()[:5000])
+    expect_error(capsys, fake, tmp_path / "e.csv", files=[truncated], match=["truncated.output"])
+
+
+class _System:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class _Eval:
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return builtins.eval, (self.code,)
+
+
+@pytest.mark.parametrize("payload", ["system", "eval"])
+def test_malicious_pickle_is_refused_without_running(fake, tmp_path, capsys, payload):
+    marker = tmp_path / "marker"
+    evil = (_System(f"touch {marker}") if payload == "system"
+            else _Eval(f"open({str(marker)!r}, 'w').close()"))
+    path = tmp_path / "evil.output"
+    # hidden inside an otherwise well-formed file
+    path.write_bytes(pickle.dumps({"test": {"X_1_B02": [np.zeros(3, np.float32), evil]}, "val": {}}))
+    with pytest.raises(PredictionFileError, match="refusing to load .*evil.output.*which could run code"):
+        load_predictions(path)
+    err = expect_error(capsys, fake, tmp_path / "sub.csv", files=[path], match=["refusing to load"])
+    assert ("system" in err) if payload == "system" else ("builtins.eval" in err)
+    assert not marker.exists()
+    # control: the payload is live, a plain unpickler runs it (a harmless touch in tmp_path)
+    pickle.loads(path.read_bytes())
+    assert marker.exists()
+
+
+# ------------------------------------------------------------------------------- predfile
+
+
+def test_predfile_round_trip_and_structure(tmp_path):
+    a, b = np.arange(4, dtype=np.float32), np.ones(4, dtype=np.float32)
+    path = tmp_path / "p.output"
+    save_predictions(path, {"test": {"E-01_1_B02": [a, b], "E-01_1_B03": (b,)}})
+    loaded = load_predictions(path)
+    assert loaded["val"] == {} and set(loaded["test"]) == {"E-01_1_B02", "E-01_1_B03"}
+    np.testing.assert_array_equal(loaded["test"]["E-01_1_B02"][0], a)
+    sums = load_well_sums(path)
+    assert sums.n_classes == 4 and sums.sums["val"].shape == (0, 4)
+    np.testing.assert_array_equal(sums.sums["test"], [a + b, b])
+    # older protocols (protocol 2 spells bytes through _codecs.encode) still load
+    old = tmp_path / "old.output"
+    old.write_bytes(pickle.dumps({"test": {"E-01_1_B02": [a.astype(np.float64)]}}, protocol=2))
+    np.testing.assert_array_equal(load_well_sums(old).sums["test"][0], a)
+    # files written under numpy 1 name numpy.core, not numpy._core
+    legacy = tmp_path / "legacy.output"
+    legacy.write_bytes(old.read_bytes().replace(b"numpy._core.", b"numpy.core."))
+    assert b"numpy.core.multiarray" in legacy.read_bytes()
+    np.testing.assert_array_equal(load_well_sums(legacy).sums["test"][0], a)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ([1, 2], "expected a dict"),
+    ({"train": {}}, "unexpected part"),
+    ({"test": {"a": np.zeros(3)}}, "non-empty list"),
+    ({"test": {"a": [np.zeros((2, 3))]}}, "1-D"),
+    ({"test": {"a": [np.zeros(3)], "b": [np.zeros(4)]}}, "4 classes"),
+    ({"test": {"a": [np.array(["x"])]}}, "numeric"),
+    ({"test": {"a": [np.zeros(3)]}, "val": {"a": [np.zeros(3)]}}, "more than one part"),
+    ({"test": {"a": [np.array([np.nan, 0.0])]}}, "NaN"),
+])
+def test_malformed_files_are_named(tmp_path, bad, message):
+    path = tmp_path / "bad.output"
+    path.write_bytes(pickle.dumps(bad))
+    with pytest.raises(PredictionFileError, match=message) as caught:
+        load_well_sums(path)
+    assert "bad.output" in str(caught.value)
+
+
+def test_cli_subprocess(fake, tmp_path):
+    out = tmp_path / "sub.csv"
+    script = str(ROOT / "make_submission.py")
+    ok = subprocess.run([sys.executable, script, "--data", str(fake["data"]), "-o", str(out), "-t", "1",
+                         *map(str, fake["files"])], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert out.is_file() and os.access(script, os.X_OK)
+    bad = subprocess.run([sys.executable, script, "--data", str(fake["data"]), "-o", str(tmp_path / "x.csv"),
+                          "-w", "1", *map(str, fake["files"])], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
