@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""The whole pipeline in one command, on a CPU in minutes (what `make demo` runs).
+
+    python demo.py [--data DIR] [--out DIR]
+
+1. data: a synthetic set in the release layout (so test labels are known), unless --data is given
+2. train a small network with pseudo-labelling (main.py)
+3. predict validation and test wells with 8 TTA views (main.py --mode predict)
+4. ensemble, plate-group restriction and per-plate assignment (make_submission.py)
+and print validation and test accuracy after each stage. The stages' scores stay in
+OUT/submission.csv.json; the checkpoints, logs and curves in OUT/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+# The small CPU configuration: a ResNet-18 from scratch at the data's own image size.
+SMALL_CPU = ["--backbone", "resnet18", "--pretrained", "none", "--embedding-size", "128", "-b", "32",
+             "--gradient-accumulation", "1", "--num-data-workers", "0", "--cv-number", "0", "--seed", "0",
+             "--disp-batches", "1000"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=None, help="an existing data set (either layout)")
+    p.add_argument("--out", type=Path, default=Path("demo"), help="where everything is written")
+    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--pl-epoch", type=int, default=8)
+    p.add_argument("--lr", default="cosine,2e-3,8,1e-3")
+    p.add_argument("--tta", type=int, default=8)
+    p.add_argument("--synthetic", default="", help="extra synthetic.py flags, e.g. '--classes 20'")
+    args = p.parse_args(argv)
+    if not 0 <= args.pl_epoch < args.epochs:
+        p.error(f"--pl-epoch must be in [0, --epochs), got {args.pl_epoch}")
+    return args
+
+
+def synthetic_data(out: Path, extra: str) -> Path:
+    """A release-layout synthetic set in OUT/data, generated once and reused."""
+    import synthetic
+
+    data = out / "data"
+    info = data / synthetic.INFO_FILE
+    if info.exists() and json.loads(info.read_text()).get("complete"):
+        print(f"using the synthetic data already in {data}")
+        return data
+    argv = [str(data), "--layout", "release", *extra.split()]
+    if synthetic.main(argv) != 0:
+        raise SystemExit("synthetic data generation failed")
+    return data
+
+
+def stage_table(report: dict) -> str:
+    """Stage | validation | test accuracy, from make_submission's JSON."""
+    lines = [f"{'stage':<34}{'validation':>12}{'test':>10}"]
+    for stage in report["stages"]:
+        cells = []
+        for split in ("val", "test"):
+            acc = stage.get(split, {}).get("overall") if isinstance(stage.get(split), dict) else None
+            cells.append(f"{acc:.4f}" if isinstance(acc, (int, float)) else "-")
+        lines.append(f"{stage['name']:<34}{cells[0]:>12}{cells[1]:>10}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = args.data or synthetic_data(args.out, args.synthetic)
+
+    import main as trainer
+    import make_submission
+
+    save = args.out / "net"
+    common = ["--data", str(data), *SMALL_CPU]
+    rc = trainer.main([*common, "--save", str(save), "-e", str(args.epochs), "--pl-epoch", str(args.pl_epoch),
+                       "--pl-size-func", "0.6*x+0.4", "--lr", args.lr])
+    if rc:
+        return rc
+    checkpoint = f"{save}.{args.epochs - 1}"
+    rc = trainer.main([*common, "--mode", "predict", "--load", checkpoint, "--tta", str(args.tta)])
+    if rc:
+        return rc
+    submission = args.out / "submission.csv"
+    rc = make_submission.main(["--data", str(data), "-o", str(submission), f"{checkpoint}.output"])
+    if rc:
+        return rc
+    report = json.loads(Path(f"{submission}.json").read_text())
+    print(f"\ndemo finished in {time.time() - started:.0f} s; outputs in {args.out}/\n")
+    print(stage_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

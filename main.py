@@ -1,0 +1,521 @@
+#!/usr/bin/env python3
+"""cellpaint-rcic: train, validate and predict siRNA classes on RxRx1 cell-painting images.
+
+    python main.py --save results/dn161_0 [...]                 train (checkpoint per epoch, best, log)
+    python main.py --mode val --load results/dn161_0            validation accuracy of a checkpoint
+    python main.py --mode predict --tta 8 --load CKPT           prediction file CKPT.output<suffix>
+
+Data flows one way: metadata table -> samples -> batches -> logits -> prediction file.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from tqdm import tqdm
+
+import batch
+import check
+import dataset
+import metadata
+import pseudo
+from atomic import atomic_write
+from model import CellClassifier, PretrainedUnavailable, combined_loss, smooth_labels, supported_backbones
+from predfile import save_predictions
+from schedule import LRSchedule, SizeFunction
+from tools.curves import plot_training_curves
+
+log = logging.getLogger("cellpaint")
+CHECKPOINT_FORMAT = "cellpaint-rcic/1"
+ARCHITECTURE = ("backbone", "head_hidden", "concat_cell_type", "embedding_size", "bn_mom")
+
+
+# ------------------------------------------------------------------------------------- arguments
+
+
+def bool_type(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def int_list(text: str) -> list[int] | None:
+    try:
+        return [int(v) for v in text.split(",")] if text else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def float_pair(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got {text!r}") from None
+    return a, b
+
+
+def lr_type(text: str) -> LRSchedule:
+    try:
+        return LRSchedule.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def size_func_type(text: str) -> SizeFunction:
+    try:
+        return SizeFunction(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--mode", default="train", choices=("train", "val", "predict", "check"))
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="mem-densenet161",
+                   help="torchvision resnet*/densenet*/efficientnet* ('mem-' prefix: memory-efficient "
+                        "DenseNet), or 'pm-NAME' for a pretrainedmodels model")
+    g.add_argument("--pretrained", default="imagenet", help="imagenet | none | PATH to a state dict")
+    g.add_argument("--head-hidden", type=int_list, default=None, help="hidden layer sizes of the softmax head")
+    g.add_argument("--concat-cell-type", type=bool_type, default=True)
+    g.add_argument("--metric-loss-coeff", type=float, default=0.2, help="weight c of the ArcFace loss")
+    g.add_argument("--embedding-size", type=int, default=1024)
+    g.add_argument("--bn-mom", type=float, default=0.05)
+    g.add_argument("--classes", type=int, default=None, help="output classes (default: from the metadata)")
+    g = p.add_argument_group("training")
+    g.add_argument("-e", "--epochs", type=int, default=90)
+    g.add_argument("-b", "--batch_size", "--batch-size", dest="batch_size", type=int, default=24)
+    g.add_argument("--gradient-accumulation", type=int, default=2)
+    g.add_argument("-l", "--lr", type=lr_type, default=LRSchedule.parse("cosine,1.5e-4"),
+                   help="schedule,v1,e1,v2,e2,...,vn with schedule cosine or const")
+    g.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-5)
+    g.add_argument("--label-smoothing", "--ls", dest="label_smoothing", type=float, default=0.0)
+    g.add_argument("--mixup", type=float, default=0.0, help="Beta alpha of mixup (0: off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="Beta alpha of cutmix (0: off)")
+    g.add_argument("--pw-aug", type=float_pair, default=(0.1, 0.1), help="per-channel scale std,bias std")
+    g.add_argument("--scale-aug", type=float, default=0.5, help="zoom crop edge drawn from [scale, 1]")
+    g.add_argument("--fp16", type=bool_type, default=True, help="mixed precision on the GPU (see --precision)")
+    g.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                   help="auto: fp16 on CUDA when --fp16, else fp32")
+    g.add_argument("--seed", type=int, default=None, help="global seed (random and logged if not given)")
+    g.add_argument("--start-epoch", type=int, default=0, help="first epoch when fine-tuning from --load")
+    g.add_argument("--resume", default=None, help="checkpoint to continue a run from exactly where it stopped")
+    g.add_argument("--max-bad-steps", type=int, default=50,
+                   help="stop when the loss is not finite for this many steps in a row")
+    g.add_argument("--disp-batches", type=int, default=50, help="log statistics every N batches")
+    g = p.add_argument_group("pseudo-labelling")
+    g.add_argument("--pl-epoch", type=int, default=None, help="first epoch of pseudo-labelling (default: off)")
+    g.add_argument("--pl-size-func", type=size_func_type, default=SizeFunction("x"),
+                   help="fraction of val+test wells labelled by then, as a function of x in [0, 1]")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, default=Path("../data"))
+    g.add_argument("--cv-number", type=int, default=0, help="validation fold, -1: train on everything")
+    g.add_argument("--folds", type=int, default=6)
+    g.add_argument("--data-split-seed", type=int, default=0)
+    g.add_argument("--data-normalization", choices=dataset.NORMALIZATIONS, default="sample")
+    g.add_argument("--all-controls-train", type=bool_type, default=True,
+                   help="train on the control wells of validation and test experiments too")
+    g.add_argument("--use-layout-leak", type=bool_type, default=True,
+                   help="label test experiments whose plate layout repeats a train experiment's")
+    g.add_argument("--cache-dir", type=Path, default=None, help="where computed pixel statistics are cached")
+    g.add_argument("--num-data-workers", type=int, default=min(8, os.cpu_count() or 1))
+    g = p.add_argument_group("prediction and output")
+    g.add_argument("--save", default=None, help="checkpoint path: <save>.<epoch> each epoch, <save> the best")
+    g.add_argument("--load", default=None, help="checkpoint (or bare weights) for val, predict or fine-tuning")
+    g.add_argument("--tta", type=int, default=1, help="test-time views: flips/transposes, then shifted crops")
+    g.add_argument("--tta-size", type=float, default=1.0, help="crop fraction of the TTA views")
+    g.add_argument("--pred-suffix", default="", help="prediction file is <load>.output<suffix>")
+    g.add_argument("--save-embeddings", action="store_true", help="also write <load>.embeddings<suffix>")
+    g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.mode == "train" and not (args.save or args.resume):
+        p.error("training needs --save PATH (or --resume CKPT)")
+    if args.mode in ("val", "predict") and not args.load:
+        p.error(f"--mode {args.mode} needs --load CKPT")
+    if args.resume and not args.save:
+        args.save = re.sub(r"\.\d+$", "", args.resume)
+    for name in ("epochs", "batch_size", "gradient_accumulation", "folds", "disp_batches", "tta", "max_bad_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not -1 <= args.cv_number < args.folds:
+        p.error(f"--cv-number must be -1 or in [0, {args.folds}), got {args.cv_number}")
+    if args.pl_epoch is not None and not 0 <= args.pl_epoch < args.epochs:
+        p.error(f"--pl-epoch must be in [0, {args.epochs}), got {args.pl_epoch}")
+    if not 0 <= args.metric_loss_coeff <= 1 or not 0 <= args.label_smoothing < 1:
+        p.error("--metric-loss-coeff must be in [0, 1] and --label-smoothing in [0, 1)")
+    try:
+        dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0], bias_std=args.pw_aug[1])
+        dataset.tta_views(torch.zeros(1, 1, 8, 8), args.tta, args.tta_size)
+    except ValueError as e:
+        p.error(str(e))
+    if args.backbone not in supported_backbones():
+        p.error(f"--backbone {args.backbone!r} is not supported; choose from: {', '.join(supported_backbones())}")
+    if args.seed is None:
+        args.seed = int.from_bytes(os.urandom(4), "little") % 10 ** 9
+    return args
+
+
+# ------------------------------------------------------------------------------------- the data
+
+
+@dataclass
+class Data:
+    table: pd.DataFrame
+    structure: metadata.Structure
+    subsets: dict[str, pd.DataFrame]
+    pixel_stats: pd.DataFrame | None
+
+
+def load_data(args: argparse.Namespace) -> Data:
+    """Metadata table, derived structure, layout coincidences and the train/val/test subsets."""
+    table = metadata.load_table(args.data)
+    matches = metadata.find_layout_matches(table)
+    for m in matches:
+        log.info("layout coincidence: test %s repeats train %s with plates shifted by %d (%d control wells) "
+                 "-> %s", m.test, m.train, m.shift, m.wells_compared, "used" if args.use_layout_leak else "not used")
+    if args.use_layout_leak and matches:
+        table = metadata.apply_layout_matches(table, matches)
+    structure = metadata.derive_structure(table, args.classes)
+    folds = metadata.assign_folds(table, args.folds, args.data_split_seed)
+    subsets = metadata.split_subsets(table, folds, args.cv_number, args.all_controls_train)
+    log.info("data %s: %d sites, %d classes (%d treatment in %d plate groups), cell types %s; "
+             "sites: train %d, val %d, test %d", args.data, len(table), structure.n_classes,
+             len(structure.treatment_classes), structure.n_groups, ",".join(structure.cell_types),
+             *(len(subsets[k]) for k in ("train", "val", "test")))
+    stats = None
+    if args.data_normalization != "sample":
+        cache = args.cache_dir or Path(args.save or args.load).parent / "cache"
+        stats = dataset.load_pixel_stats(args.data, table, cache)
+    return Data(table, structure, subsets, stats)
+
+
+def make_dataset(args, data: Data, rows: pd.DataFrame, train: bool, labels=None) -> dataset.SiteDataset:
+    augment = dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0],
+                              bias_std=args.pw_aug[1]) if train else None
+    stats = dataset.normalization_stats(rows, args.data_normalization, data.pixel_stats)
+    return dataset.SiteDataset(rows, data.structure.cell_types, args.data_normalization, stats,
+                               augment, labels, seed=args.seed)
+
+
+def make_loader(args, ds: dataset.SiteDataset, epoch: int | None = None) -> DataLoader:
+    """Shuffled (seeded by seed and epoch, so a resumed run draws the same order) when `epoch` is given."""
+    if epoch is None:
+        sampler = SequentialSampler(ds)
+    else:
+        ds.set_epoch(epoch)
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+    return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_data_workers,
+                      drop_last=epoch is not None and len(ds) > args.batch_size,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode PNGs; many threads each would only fight over cores
+
+
+# ---------------------------------------------------------------------------------- model, state
+
+
+def amp_dtype(args, device: torch.device) -> torch.dtype | None:
+    precision = args.precision
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" and args.fp16 else "fp32"
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision]
+
+
+def build_model(args, n_classes: int, n_cell_types: int, pretrained: str) -> CellClassifier:
+    return CellClassifier(args.backbone, n_classes, n_cell_types, embedding_size=args.embedding_size,
+                          head_hidden=args.head_hidden, concat_cell_type=args.concat_cell_type,
+                          bn_mom=args.bn_mom, pretrained=pretrained)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint dict (or bare state dict wrapped as one), loaded without unpickling code."""
+    if not Path(path).is_file():
+        raise metadata.DataError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise metadata.DataError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict):
+        raise metadata.DataError(f"{path} is not a checkpoint (holds a {type(state).__name__})")
+    if state.get("format") == CHECKPOINT_FORMAT:
+        return state
+    weights = state.get("model", state.get("state_dict", state))
+    if not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise metadata.DataError(f"{path} is neither a cellpaint-rcic checkpoint nor a state dict")
+    return {"model": weights}
+
+
+def restore_weights(model: torch.nn.Module, state: dict, path: str) -> None:
+    result = model.load_state_dict(state["model"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise metadata.DataError(
+            f"{path} does not fit this model ({len(result.missing_keys)} missing, "
+            f"{len(result.unexpected_keys)} unexpected weights, e.g. "
+            f"{(result.missing_keys + result.unexpected_keys)[0]}): was it made with another --backbone?")
+
+
+# ------------------------------------------------------------------------------- train and infer
+
+
+def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classes: int,
+                    device: torch.device, dtype: torch.dtype | None, guard: dict) -> dict:
+    model.train()
+    rng = np.random.default_rng((args.seed, epoch, 7))  # cutmix/mixup draws, reproducible on resume
+    steps = len(loader)
+    total_loss = correct = seen = 0.0
+    tic = time.time()
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)
+    for i, (x, cell, _, y) in enumerate(bar):
+        lr = args.lr(epoch + i / steps, args.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        x, cell, y = x.to(device, non_blocking=True), cell.to(device, non_blocking=True), y.to(device)
+        target = smooth_labels(y, n_classes, args.label_smoothing)
+        x, cell, target = batch.mixup(x, cell, target, args.mixup, rng)
+        x, cell, target = batch.cutmix(x, cell, target, args.cutmix, rng)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(x, cell)
+            loss = combined_loss(out, target, args.metric_loss_coeff)
+        if not torch.isfinite(loss):
+            # one bad batch is skipped like the grad scaler skips overflowing steps; a run of them
+            # means the model has diverged, and the last good checkpoint must stay the newest
+            guard["bad_steps"] += 1
+            log.warning("epoch %d batch %d: non-finite loss, step skipped (%d in a row)", epoch, i, guard["bad_steps"])
+            if guard["bad_steps"] >= args.max_bad_steps:
+                raise FloatingPointError(f"the loss was not finite for {guard['bad_steps']} steps in a row "
+                                         f"(epoch {epoch}); stopping, the checkpoints of earlier epochs are kept")
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        guard["bad_steps"] = 0
+        scaler.scale(loss / args.gradient_accumulation).backward()
+        if (i + 1) % args.gradient_accumulation == 0 or i + 1 == steps:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        total_loss += loss.item() * len(x)
+        correct += (out["logits"].argmax(1) == target.argmax(1)).sum().item()
+        seen += len(x)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{lr:.2e}")
+        if (i + 1) % args.disp_batches == 0:
+            log.info("epoch %d batch %d/%d: loss %.4f, acc %.4f, lr %.3g, %.1f samples/s", epoch, i + 1,
+                     steps, total_loss / seen, correct / seen, lr, seen / (time.time() - tic))
+    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr if steps else 0.0}
+
+
+@torch.inference_mode()
+def infer(args, model, ds: dataset.SiteDataset, device, dtype, embeddings: bool = False) -> dict[str, np.ndarray]:
+    """Per-site logits (and embeddings) of a dataset, averaged over `args.tta` views."""
+    model.eval()
+    outputs: dict[str, list] = {"logits": [], "embedding": []}
+    for x, cell, _, _ in tqdm(make_loader(args, ds), desc="infer", leave=False, disable=None):
+        x, cell = x.to(device, non_blocking=True), cell.to(device, non_blocking=True)
+        sums: dict[str, torch.Tensor] = {}
+        for view in dataset.tta_views(x, args.tta, args.tta_size):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model(view, cell)
+            for key in ("logits", "embedding") if embeddings else ("logits",):
+                sums[key] = sums.get(key, 0) + out[key].float()
+        for key, value in sums.items():
+            outputs[key].append((value / args.tta).cpu().numpy())
+    return {k: np.concatenate(v) for k, v in outputs.items() if v}
+
+
+def accuracy_by_cell_type(wells: pd.DataFrame, predicted: np.ndarray) -> dict[str, float]:
+    correct = pd.Series(predicted == wells["sirna_true"].to_numpy()).groupby(wells["cell_type"].to_numpy())
+    result = {f"acc_{k}": float(v) for k, v in correct.mean().items()}
+    result["acc"] = float(np.mean(predicted == wells["sirna_true"].to_numpy())) if len(wells) else float("nan")
+    return result
+
+
+def evaluate(args, model, data: Data, device, dtype) -> dict[str, float]:
+    """Validation accuracy per cell type, scoring treatment wells among treatment classes only."""
+    rows = data.subsets["val"]
+    if rows.empty:
+        return {}
+    site_logits = infer(args, model, make_dataset(args, data, rows, train=False), device, dtype)["logits"]
+    wells, logits = metadata.sum_sites(rows, site_logits)
+    mask = np.full(logits.shape[1], -np.inf, dtype=np.float32)
+    mask[data.structure.treatment_classes] = 0
+    return accuracy_by_cell_type(wells, (logits + mask).argmax(1))
+
+
+# ------------------------------------------------------------------------------------ the modes
+
+
+def train(args) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = amp_dtype(args, device)
+    torch.manual_seed(args.seed)
+    data = load_data(args)
+    resume = load_checkpoint(args.resume) if args.resume else None
+    if resume is not None and "optimizer" not in resume:
+        raise metadata.DataError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
+    fine_tune = load_checkpoint(args.load) if args.load and not resume else None
+    pretrained = "none" if (resume or fine_tune) else args.pretrained
+    model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), pretrained).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr(0, args.epochs), weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state = {"epoch": args.start_epoch - 1, "best_acc": -1.0, "pseudo_labels": {}, "history": []}
+    if resume is not None:
+        restore_weights(model, resume, args.resume)
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        state = {k: resume[k] for k in state}
+        log.info("resumed %s after epoch %d", args.resume, state["epoch"])
+    elif fine_tune is not None:
+        restore_weights(model, fine_tune, args.load)
+    check_classes(args, data, resume or fine_tune)
+
+    guard = {"bad_steps": 0}
+    for epoch in range(state["epoch"] + 1, args.epochs):
+        if args.pl_epoch is not None and epoch >= args.pl_epoch:
+            new = pseudo.pseudo_label_epoch(args, epoch, model, data, state["pseudo_labels"],
+                                            lambda rows: infer(args, model, make_dataset(args, data, rows, False),
+                                                               device, dtype)["logits"])
+            state["pseudo_labels"].update(new)
+        rows, labels = pseudo.training_rows(data.subsets, state["pseudo_labels"])
+        loader = make_loader(args, make_dataset(args, data, rows, train=True, labels=labels), epoch)
+        tic = time.time()
+        metrics = train_one_epoch(args, model, loader, optimizer, scaler, epoch, data.structure.n_classes,
+                                  device, dtype, guard)
+        metrics.update(evaluate(args, model, data, device, dtype))
+        metrics.update(epoch=epoch, seconds=time.time() - tic, pseudo_labels=len(state["pseudo_labels"]))
+        state["epoch"] = epoch
+        state["history"].append(metrics)
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in metrics.items()))
+        checkpoint = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scaler": scaler.state_dict(), "args": checkpoint_args(args),
+                      "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types)}
+        acc = metrics.get("acc", epoch)  # without validation the latest epoch counts as the best
+        is_best = acc > state["best_acc"]
+        state["best_acc"] = max(acc, state["best_acc"])
+        checkpoint.update(state)
+        save_checkpoint(f"{args.save}.{epoch}", checkpoint)
+        if is_best:
+            save_checkpoint(args.save, checkpoint)
+        write_metrics(f"{args.save}.metrics.csv", state["history"])
+    try:  # pictures are a convenience: never fail a finished run over them
+        plot_training_curves(Path(f"{args.save}.metrics.csv"), Path(f"{args.save}.curves.png"))
+    except OSError as e:
+        log.warning("training curves not drawn: %s", e)
+
+
+def check_classes(args, data: Data, state: dict | None) -> None:
+    if state and "n_classes" in state and state["n_classes"] != data.structure.n_classes:
+        raise metadata.DataError(f"the checkpoint predicts {state['n_classes']} classes but the data has "
+                                 f"{data.structure.n_classes} (see --classes)")
+
+
+def checkpoint_args(args) -> dict:
+    """The run's arguments as plain values (a checkpoint must load with weights_only=True)."""
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, (LRSchedule, SizeFunction, Path)):
+            v = getattr(v, "text", None) or str(v)
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def write_metrics(path: str, history: list[dict]) -> None:
+    with atomic_write(path, "w") as f:
+        pd.DataFrame(history).to_csv(f, index=False)
+
+
+def load_for_inference(args) -> tuple[Data, CellClassifier, torch.device, torch.dtype | None]:
+    state = load_checkpoint(args.load)
+    for name in ARCHITECTURE:  # a checkpoint knows its own architecture: take it from there
+        if name in state.get("args", {}):
+            setattr(args, name, state["args"][name])
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = load_data(args)
+    check_classes(args, data, state)
+    model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), "none")
+    restore_weights(model, state, args.load)
+    return data, model.to(device), device, amp_dtype(args, device)
+
+
+def validate(args) -> None:
+    data, model, device, dtype = load_for_inference(args)
+    metrics = evaluate(args, model, data, device, dtype)
+    if not metrics:
+        raise metadata.DataError("no validation experiments: choose a fold with --cv-number (not -1)")
+    log.info("validation: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def predict(args) -> None:
+    data, model, device, dtype = load_for_inference(args)
+    output: dict[str, dict] = {}
+    embeddings: dict[str, dict] = {}
+    for part in ("test", "val"):
+        rows = data.subsets[part]
+        result = infer(args, model, make_dataset(args, data, rows, train=False), device, dtype,
+                       embeddings=args.save_embeddings)
+        for key, target in (("logits", output), ("embedding", embeddings)):
+            values = target.setdefault(part, {})
+            for code, vector in zip(rows["id_code"], result.get(key, [])):
+                values.setdefault(code, []).append(vector.astype(np.float32))
+    path = f"{args.load}.output{args.pred_suffix}"
+    save_predictions(path, output)
+    log.info("wrote %s: %d test and %d val wells", path, len(output["test"]), len(output["val"]))
+    if args.save_embeddings:
+        save_predictions(f"{args.load}.embeddings{args.pred_suffix}", embeddings)
+        log.info("wrote %s.embeddings%s", args.load, args.pred_suffix)
+
+
+def setup_logging(args) -> None:
+    path = {"train": f"{args.save}.log", "predict": f"{args.load}.output.log"}.get(args.mode)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path, mode="a" if args.resume else "w"))
+    logging.basicConfig(level=logging.INFO, format="{asctime} {levelname}: {message}", style="{",
+                        handlers=handlers, force=True)
+    log.info("arguments: %s", checkpoint_args(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.mode == "check":
+        return check.report(check.check_data(args.data, args.classes))
+    setup_logging(args)
+    try:
+        {"train": train, "val": validate, "predict": predict}[args.mode](args)
+    except (metadata.DataError, FloatingPointError, PretrainedUnavailable) as e:
+        if args.debug:
+            raise
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

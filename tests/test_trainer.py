@@ -1,0 +1,222 @@
+"""The trainer end to end on a tiny synthetic set (CPU): schedules, targets, checkpoints, resume,
+pseudo-labelling and the prediction file."""
+from __future__ import annotations
+
+import math
+import pickle
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import batch
+import main
+import metadata
+import pseudo
+from schedule import LRSchedule, SizeFunction
+
+# a network small enough for seconds per epoch on two cores
+SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--embedding-size", "32", "-b", "16",
+         "--num-data-workers", "0", "--seed", "5", "--disp-batches", "5"]
+
+
+def run(*argv: str) -> int:
+    return main.main([*map(str, argv)])
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+
+def test_lr_schedule_matches_the_formula():
+    lr = LRSchedule.parse("cosine,1.5e-4,90,6e-5,150,0")
+    cosine = lambda v, t, start, end: v * (math.cos((t - start) / (end - start) * math.pi) + 1) / 2
+    assert lr(0, 130) == pytest.approx(1.5e-4)
+    assert lr(45, 130) == pytest.approx(cosine(1.5e-4, 45, 0, 90)) == pytest.approx(0.75e-4)
+    assert lr(89.5, 130) == pytest.approx(cosine(1.5e-4, 89.5, 0, 90))
+    assert lr(90, 130) == pytest.approx(6e-5)
+    assert lr(120, 130) == pytest.approx(cosine(6e-5, 120, 90, 150)) == pytest.approx(3e-5)
+    assert lr(129.99, 130) == pytest.approx(cosine(6e-5, 129.99, 90, 150))
+    const = LRSchedule.parse("const,1e-3,2,1e-4")
+    assert (const(1.9, 4), const(2, 4), const(3.9, 4)) == (1e-3, 1e-4, 1e-4)
+    single = LRSchedule.parse("cosine,1e-3")
+    assert single(0, 10) == 1e-3 and single(5, 10) == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cosine,1e-3,5", "odd count"), ("linear,1e-3", "schedule must be"), ("cosine,1e-3,x,1e-4", "not a number"),
+    ("cosine,1e-3,10,1e-4,5,0", "increasing"), ("cosine,-1", ">= 0")])
+def test_lr_schedule_rejects_bad_text(text, message):
+    with pytest.raises(ValueError, match=message):
+        LRSchedule.parse(text)
+
+
+def test_size_function_is_evaluated_safely():
+    f = SizeFunction("0.6*x+0.4")
+    assert f(0) == pytest.approx(0.4) and f(1) == pytest.approx(1.0) and f(0.5) == pytest.approx(0.7)
+    assert SizeFunction("min(1, sqrt(x) + 0.1)")(0.25) == pytest.approx(0.6)
+    for bad in ("__import__('os')", "x.real", "open('f')", "[x]", "x if x else 1", "'a'", "9**9**9", "lambda: 1"):
+        with pytest.raises(ValueError, match="pl-size-func"):
+            SizeFunction(bad)
+
+
+def test_mixed_targets_sum_to_one():
+    rng = np.random.default_rng(0)
+    x = torch.rand(8, 6, 16, 16)
+    cell = torch.eye(4)[torch.randint(0, 4, (8,))]
+    target = torch.eye(10)[torch.randint(0, 10, (8,))] * 0.9 + 0.01
+    for fn in (batch.mixup, batch.cutmix):
+        for _ in range(5):
+            mx, mc, mt = fn(x, cell, target, 1.0, rng)
+            assert mx.shape == x.shape
+            assert torch.allclose(mt.sum(1), torch.ones(8)) and torch.allclose(mc.sum(1), torch.ones(8))
+    # cutmix: the target weight of the partner equals the pasted area
+    mx, _, mt = batch.cutmix(x, cell, torch.eye(8), 1.0, np.random.default_rng(1))
+    pasted = (mx != x).flatten(1).any(0).view(6, 16, 16)[0].float().mean()
+    assert torch.allclose(1 - mt.diagonal(), torch.full((8,), float(pasted)), atol=1e-6) or pasted == 0
+
+
+def test_pl_fraction_runs_from_zero_to_one():
+    f = SizeFunction("0.6*x+0.4")
+    assert pseudo.pl_fraction(f, 90, 90, 130) == pytest.approx(0.4)
+    assert pseudo.pl_fraction(f, 129, 90, 130) == pytest.approx(1.0)
+    assert pseudo.pl_fraction(SizeFunction("2*x"), 129, 90, 130) == 1.0
+
+
+def test_pseudo_label_selection_respects_plates():
+    """Planted: 2 experiments x 2 plates, 2 groups of 3 classes; plate groups must be inferred."""
+    structure = metadata.Structure(7, np.arange(6), np.array([6]), (np.array([0, 2, 4]), np.array([1, 3, 5])),
+                                   {}, ("A",))
+    rng = np.random.default_rng(0)
+    rows, logits = [], []
+    truth = {("E1", 1): [0, 2, 4], ("E1", 2): [1, 3, 5], ("E2", 1): [1, 3, 5], ("E2", 2): [0, 2, 4]}
+    for (exp, plate), classes in truth.items():
+        for k, c in enumerate(classes):
+            rows.append({"id_code": f"{exp}_{plate}_W{k}", "experiment": exp, "plate": plate})
+            v = rng.normal(0, 0.3, 7)
+            v[c] += 3.0 if k else 2.0
+            if k == 0:
+                v[(c + 1) % 6] += 2.5  # a stronger competitor from the other group
+            logits.append(v)
+    wells = pd.DataFrame(rows)
+    logits = np.array(logits, dtype=np.float32)
+    empty = pd.DataFrame({"experiment": [], "plate": []})
+    chosen = pseudo.select(wells, logits, structure, empty, np.zeros(0, np.int64), count=9)
+    assert len(chosen) == 9
+    by_plate = {}
+    for code, label in chosen.items():
+        exp, plate, _ = code.split("_")
+        assert label in truth[(exp, int(plate))]  # group inferred right, other group excluded
+        by_plate.setdefault((exp, plate), []).append(label)
+    assert all(len(v) == len(set(v)) for v in by_plate.values())
+    # classes already labelled on a plate are not given again, and their wells vote for the group
+    labelled = pd.DataFrame({"experiment": ["E1"], "plate": [1]})
+    again = pseudo.select(wells, logits, structure, labelled, np.array([0]), count=12)
+    assert all(label != 0 for code, label in again.items() if code.startswith("E1_1_"))
+    assert len(again) == 11  # 12 wells, class 0 of E1 plate 1 is taken: one well cannot be labelled
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_competition, tmp_path_factory):
+    """A 2-epoch run with pseudo-labelling from epoch 1 (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("run")
+    save = out / "net"
+    rc = run("--data", tiny_competition[0], "--save", save, "-e", 2, "--pl-epoch", 1,
+             "--pl-size-func", "0.5", "--cv-number", 0, *SMALL)
+    assert rc == 0
+    return save
+
+
+def test_training_writes_checkpoints_log_and_metrics(trained):
+    for suffix in (".0", ".1", "", ".log", ".metrics.csv"):
+        assert trained.with_name(trained.name + suffix).exists(), suffix
+    metrics = pd.read_csv(f"{trained}.metrics.csv")
+    assert metrics["epoch"].tolist() == [0, 1]
+    assert {"train_loss", "acc", "lr", "pseudo_labels"} <= set(metrics.columns)
+    log = trained.with_name(trained.name + ".log").read_text()
+    assert "layout coincidence" in log and "pseudo-labels at epoch 1" in log
+    state = torch.load(f"{trained}.1", weights_only=True)
+    assert state["epoch"] == 1 and {"model", "optimizer", "scaler", "args", "pseudo_labels"} <= set(state)
+
+
+def test_pseudo_labels_follow_the_schedule(trained, tiny_competition):
+    state = torch.load(f"{trained}.1", weights_only=True)
+    table = metadata.load_table(tiny_competition[0])
+    table = metadata.apply_layout_matches(table, metadata.find_layout_matches(table))
+    subsets = metadata.split_subsets(table, metadata.assign_folds(table, 6, 0), 0)
+    candidates = pseudo.candidate_sites(subsets)["id_code"].unique()
+    labels = state["pseudo_labels"]
+    assert len(labels) == round(0.5 * len(candidates)) and set(labels) <= set(candidates)
+    wells = metadata.wells_of(table).set_index("id_code")
+    seen = set()
+    for code, label in labels.items():
+        key = (wells.at[code, "experiment"], wells.at[code, "plate"], label)
+        assert key not in seen
+        seen.add(key)
+
+
+def test_resume_reproduces_uninterrupted_weights(trained, tmp_path, tiny_competition):
+    shutil.copy(f"{trained}.0", tmp_path / "again.0")
+    rc = run("--data", tiny_competition[0], "--resume", tmp_path / "again.0", "-e", 2, "--pl-epoch", 1,
+             "--pl-size-func", "0.5", "--cv-number", 0, *SMALL)
+    assert rc == 0
+    a = torch.load(f"{trained}.1", weights_only=True)
+    b = torch.load(tmp_path / "again.1", weights_only=True)
+    assert a["pseudo_labels"] == b["pseudo_labels"]
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+    assert "resumed" in (tmp_path / "again.log").read_text()
+
+
+def test_predict_writes_the_pickle_structure(trained, tiny_competition):
+    rc = run("--mode", "predict", "--data", tiny_competition[0], "--load", f"{trained}.1", "--tta", 3,
+             "--pred-suffix", "_x", "--save-embeddings", "--cv-number", 0, *SMALL)
+    assert rc == 0
+    with open(f"{trained}.1.output_x", "rb") as f:
+        output = pickle.load(f)
+    table = metadata.load_table(tiny_competition[0])
+    subsets = metadata.split_subsets(table, metadata.assign_folds(table, 6, 0), 0)
+    assert set(output) == {"test", "val"}
+    for part in ("test", "val"):
+        assert set(output[part]) == set(subsets[part]["id_code"])
+        for sites in output[part].values():
+            assert isinstance(sites, list) and len(sites) == 2
+            assert all(v.dtype == np.float32 and v.shape == (11,) for v in sites)
+    with open(f"{trained}.1.embeddings_x", "rb") as f:
+        emb = pickle.load(f)
+    assert next(iter(emb["test"].values()))[0].shape == (32,)
+    assert (trained.parent / "net.1.output.log").exists()
+
+
+def test_val_mode_reports_accuracy(trained, tiny_competition, caplog):
+    assert run("--mode", "val", "--data", tiny_competition[0], "--load", trained, *SMALL) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "cosine,1e-3,5"], "odd count"),
+    (["--pl-size-func", "__import__('os')"], "is not allowed"),
+    (["--cv-number", "7"], "--cv-number"),
+    (["-b", "0"], "--batch-size must be >= 1"),
+    (["--tta", "9"], "--tta 9"),
+    (["--concat-cell-type", "maybe"], "expected true/false"),
+])
+def test_bad_flags_fail_with_a_clear_message(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main.parse_args(["--save", str(tmp_path / "x"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained):
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not a checkpoint")
+    assert run("--mode", "predict", "--data", tiny_competition[0], "--load", junk, *SMALL) == 1
+    assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "missing", *SMALL) == 1
+    state = torch.load(f"{trained}.1", weights_only=True)
+    state["args"]["backbone"] = "resnet34"
+    torch.save(state, tmp_path / "other")
+    assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "other", *SMALL) == 1
+    assert not (tmp_path / "other.output").exists()
