@@ -38,10 +38,10 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
     problems: dict[str, list[str]] = defaultdict(list)
     try:
         table = metadata.load_table(data_dir)
-        structure = metadata.derive_structure(table, n_classes)
+        structure = metadata.derive_structure(table)
     except metadata.DataError as e:
         return {"metadata": [str(e)]}
-    n = n_classes or structure.n_classes
+    n = n_classes or structure.n_classes  # derived from the labels themselves unless --classes says
     bad_label = table[(table["sirna_true"] >= n) | (table["sirna_true"] < -1)]
     for row in bad_label.drop_duplicates("id_code").itertuples():
         problems["labels"].append(f"{row.id_code}: label {row.sirna_true} outside 0..{n - 1}")
@@ -74,8 +74,9 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
     return dict(problems)
 
 
-def report(problems: dict[str, list[str]], max_listed: int = 20, out=sys.stdout) -> int:
+def report(problems: dict[str, list[str]], max_listed: int = 20, out=None) -> int:
     """Print a summary; return the exit code (0 sound, 1 problems)."""
+    out = out or sys.stdout
     if not problems:
         print("data set OK", file=out)
         return 0

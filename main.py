@@ -472,14 +472,21 @@ def validate(args) -> None:
 
 
 def predict(args) -> None:
+    """Per-site logits of test and val wells (and, with --save-embeddings, embeddings of the
+    labelled train treatment wells too: the kNN recipe's reference set)."""
     data, model, device, dtype = load_for_inference(args)
     output: dict[str, dict] = {}
     embeddings: dict[str, dict] = {}
-    for part in ("test", "val"):
-        rows = data.subsets[part]
+    train = data.subsets["train"]
+    parts = {"test": data.subsets["test"], "val": data.subsets["val"]}
+    if args.save_embeddings:
+        parts["train"] = train[(train["well_type"] == metadata.TREATMENT) & (train["split"] == "train")]
+    for part, rows in parts.items():
         result = infer(args, model, make_dataset(args, data, rows, train=False), device, dtype,
                        embeddings=args.save_embeddings)
         for key, target in (("logits", output), ("embedding", embeddings)):
+            if key == "logits" and part == "train":
+                continue
             values = target.setdefault(part, {})
             for code, vector in zip(rows["id_code"], result.get(key, [])):
                 values.setdefault(code, []).append(vector.astype(np.float32))
@@ -488,17 +495,29 @@ def predict(args) -> None:
     log.info("wrote %s: %d test and %d val wells", path, len(output["test"]), len(output["val"]))
     if args.save_embeddings:
         save_predictions(f"{args.load}.embeddings{args.pred_suffix}", embeddings)
-        log.info("wrote %s.embeddings%s", args.load, args.pred_suffix)
+        log.info("wrote %s.embeddings%s (train %d, val %d, test %d wells)", args.load, args.pred_suffix,
+                 *(len(embeddings[k]) for k in ("train", "val", "test")))
 
 
 def setup_logging(args) -> None:
+    """Log to stderr and, for train and predict, to a file beside the outputs.
+
+    Handlers go on the project's logger (not the root), replaced on each call, so that several
+    runs in one process (demo.py, tests) each write their own file.
+    """
     path = {"train": f"{args.save}.log", "predict": f"{args.load}.output.log"}.get(args.mode)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(path, mode="a" if args.resume else "w"))
-    logging.basicConfig(level=logging.INFO, format="{asctime} {levelname}: {message}", style="{",
-                        handlers=handlers, force=True)
+    formatter = logging.Formatter("{asctime} {levelname}: {message}", style="{")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
     log.info("arguments: %s", checkpoint_args(args))
 
 

@@ -27,3 +27,24 @@ def tiny_competition(tmp_path_factory) -> tuple[Path, dict]:
 def tiny_release(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("tiny_release")
     return out, generate(out, SyntheticConfig(layout="release", **TINY), progress=False)
+
+
+# a network small enough for seconds per epoch on two cores
+SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--embedding-size", "32", "-b", "16",
+         "--num-data-workers", "0", "--seed", "5", "--disp-batches", "5"]
+
+
+def run(*argv) -> int:
+    """main.py in-process (torch is imported once for the whole session)."""
+    import main
+    return main.main([*map(str, argv)])
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_competition, tmp_path_factory) -> Path:
+    """A 2-epoch run with pseudo-labelling from epoch 1, validation fold 0."""
+    save = tmp_path_factory.mktemp("run") / "net"
+    rc = run("--data", tiny_competition[0], "--save", save, "-e", 2, "--pl-epoch", 1,
+             "--pl-size-func", "0.5", "--cv-number", 0, *SMALL)
+    assert rc == 0
+    return save

@@ -16,15 +16,7 @@ import main
 import metadata
 import pseudo
 from schedule import LRSchedule, SizeFunction
-
-# a network small enough for seconds per epoch on two cores
-SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--embedding-size", "32", "-b", "16",
-         "--num-data-workers", "0", "--seed", "5", "--disp-batches", "5"]
-
-
-def run(*argv: str) -> int:
-    return main.main([*map(str, argv)])
-
+from tests.conftest import SMALL, run
 
 # ------------------------------------------------------------------------------ pure functions
 
@@ -120,17 +112,6 @@ def test_pseudo_label_selection_respects_plates():
 # ------------------------------------------------------------------------------ end to end
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_competition, tmp_path_factory):
-    """A 2-epoch run with pseudo-labelling from epoch 1 (shared by the tests below)."""
-    out = tmp_path_factory.mktemp("run")
-    save = out / "net"
-    rc = run("--data", tiny_competition[0], "--save", save, "-e", 2, "--pl-epoch", 1,
-             "--pl-size-func", "0.5", "--cv-number", 0, *SMALL)
-    assert rc == 0
-    return save
-
-
 def test_training_writes_checkpoints_log_and_metrics(trained):
     for suffix in (".0", ".1", "", ".log", ".metrics.csv"):
         assert trained.with_name(trained.name + suffix).exists(), suffix
@@ -189,6 +170,9 @@ def test_predict_writes_the_pickle_structure(trained, tiny_competition):
     with open(f"{trained}.1.embeddings_x", "rb") as f:
         emb = pickle.load(f)
     assert next(iter(emb["test"].values()))[0].shape == (32,)
+    train = subsets["train"]
+    labelled = train[(train["well_type"] == "treatment") & (train["split"] == "train")]
+    assert set(emb["train"]) == set(labelled["id_code"]) and set(emb["val"]) == set(output["val"])
     assert (trained.parent / "net.1.output.log").exists()
 
 

@@ -1,0 +1,314 @@
+"""knn.py and make_submission.py --knn on planted embeddings (class centres + cell-type and
+experiment offsets + noise) and a small fake data set (benchmarks/fake_predictions.py's wells)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import fake_predictions  # noqa: E402
+import knn  # noqa: E402
+import make_submission  # noqa: E402
+import metadata  # noqa: E402
+from predfile import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
+                      save_embeddings, save_predictions)
+
+CELLS = ("HEPG2", "HUVEC", "RPE", "U2OS")
+
+
+# ------------------------------------------------------------------------------ planted data
+
+
+def fake_embeddings(wells: pd.DataFrame, dim: int = 24, noise: float = 0.5, batch: float = 0.3,
+                    sites: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per-site float32 vectors [wells, sites, dim] of `wells`: class centre + cell-type offset
+    (far larger than the classes' spread, and different per cell type) + experiment offset + noise."""
+    rng = np.random.default_rng(seed)
+    n_classes = int(wells["sirna"].max()) + 1
+    centres = rng.standard_normal((n_classes, dim)) / np.sqrt(dim)
+    cell = {c: 3 * rng.standard_normal(dim) / np.sqrt(dim) for c in sorted(wells["cell_type"].unique())}
+    experiment = {e: batch * rng.standard_normal(dim) / np.sqrt(dim) for e in sorted(wells["experiment"].unique())}
+    base = (centres[wells["sirna"].to_numpy()] + np.stack([cell[c] for c in wells["cell_type"]])
+            + np.stack([experiment[e] for e in wells["experiment"]]))
+    site_noise = noise * rng.standard_normal((len(wells), sites, dim)) / np.sqrt(dim)
+    return (base[:, None, :] + site_noise).astype(np.float32)
+
+
+def fake_knn_set(tmp: Path, layout: str = "competition", noise: float = 0.9, seed: int = 0,
+                 **sizes) -> dict:
+    """Metadata (fake_predictions' plate design) and an embeddings file with train/val/test parts."""
+    rng = np.random.default_rng(seed)
+    shape = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), plates=4, group_size=20,
+                 positive_controls=3, wells_per_plate=24, dropped_wells=3, dropped_plates=0)
+    shape.update(sizes)
+    wells = fake_predictions.make_wells(rng, list(CELLS), list(shape["train_experiments"]),
+                                        list(shape["test_experiments"]), shape["plates"], shape["group_size"],
+                                        shape["positive_controls"], shape["wells_per_plate"],
+                                        shape["dropped_wells"], shape["dropped_plates"])
+    fake_predictions.write_metadata(wells, tmp / "data", layout, 2)
+    vectors = fake_embeddings(wells, noise=noise, seed=seed)
+    folds = metadata.assign_folds(wells, 3, seed)
+    val_experiments = sorted(e for e, f in folds.items() if f == 0)
+    treatment = (wells["well_type"] == "treatment").to_numpy()
+    parts = {"test": treatment & (wells["split"] == "test").to_numpy(),
+             "val": treatment & wells["experiment"].isin(val_experiments).to_numpy()}
+    parts["train"] = treatment & (wells["split"] == "train").to_numpy() & ~parts["val"]
+    data = {part: {code: list(v) for code, v in zip(wells["id_code"][sel], vectors[sel])}
+            for part, sel in parts.items()}
+    path = tmp / "net.embeddings"
+    save_embeddings(path, data)
+    return {"data": tmp / "data", "file": path, "wells": wells, "embeddings": data,
+            "n_val": int(parts["val"].sum()), "n_train": int(parts["train"].sum())}
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory) -> dict:
+    return fake_knn_set(tmp_path_factory.mktemp("knn"))
+
+
+def run(capsys, info: dict, out: Path, *extra: str, files=None) -> tuple[int, str, str]:
+    files = [info["file"]] if files is None else files
+    rc = make_submission.main(["--data", str(info["data"]), "-o", str(out), *extra, *map(str, files)])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def stages(out: Path, split: str = "val") -> dict:
+    report = json.loads(Path(f"{out}.json").read_text())
+    return {s["stage"].split(" (")[0].split(",")[0]: s[split]["all"] for s in report["stages"] if s[split]}
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------- knn.py
+
+
+def test_knn_recovers_planted_labels_per_cell_type():
+    rng = np.random.default_rng(1)
+    n_classes, dim, per_class = 12, 16, 4
+    centres = rng.standard_normal((n_classes, dim))
+    offsets = {c: 4 * rng.standard_normal(dim) for c in CELLS}
+
+    def sample(n_per_class: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels = np.tile(np.repeat(np.arange(n_classes), n_per_class), len(CELLS))
+        cells = np.repeat(CELLS, n_classes * n_per_class)
+        x = centres[labels] + np.stack([offsets[c] for c in cells]) + 0.5 * rng.standard_normal((len(labels), dim))
+        return unit(x), cells, labels
+
+    ref, ref_cells, ref_labels = sample(per_class)
+    query, query_cells, truth = sample(2)
+    candidates = np.arange(n_classes)
+    scores, used = knn.knn_scores(query, query_cells, ref, ref_cells, ref_labels, {c: 3 for c in CELLS},
+                                  n_classes + 2, candidates)
+    assert scores.shape == (len(query), n_classes + 2) and scores.dtype == np.float32
+    assert (np.argmax(scores, axis=1) == truth).mean() > 0.95
+    assert np.isneginf(scores[:, n_classes:]).all()  # non-candidates (controls) never win
+    assert np.isfinite(scores[:, :n_classes]).all()  # unvoted candidates stay possible
+    # softmax of the scores gives back the smoothed vote shares
+    np.testing.assert_allclose(np.exp(scores[:, :n_classes]).sum(axis=1), 1, rtol=1e-4)
+    assert used == {c: 3 for c in CELLS}
+    # K larger than a cell type's reference set is clamped to it
+    _, used = knn.knn_scores(query, query_cells, ref, ref_cells, ref_labels, {c: 1000 for c in CELLS},
+                             n_classes, candidates)
+    assert used == {c: n_classes * per_class for c in CELLS}
+
+
+def test_neighbours_only_from_the_same_cell_type():
+    rng = np.random.default_rng(2)
+    query = unit(rng.standard_normal((1, 8)))
+    near = unit(query + 0.8 * unit(rng.standard_normal((3, 8))))     # same type, class 1, sim ~0.8
+    decoy = query.copy()                                              # other type, class 2, sim 1
+    ref = np.concatenate([near, decoy])
+    cells = np.array(["HEPG2"] * 3 + ["HUVEC"])
+    labels = np.array([1, 1, 1, 2])
+    assert (ref[:3] @ query[0]).max() < ref[3] @ query[0]  # the decoy is the nearest of all
+    scores, _ = knn.knn_scores(query, ["HEPG2"], ref, cells, labels, {"HEPG2": 4, "HUVEC": 4}, 3, np.arange(3))
+    assert np.argmax(scores[0]) == 1
+    assert scores[0, 2] == scores[0, 0] < scores[0, 1]  # the decoy's class got no vote at all
+    with pytest.raises(knn.KnnError, match="no reference wells of cell type RPE"):
+        knn.knn_scores(query, ["RPE"], ref, cells, labels, {"RPE": 4}, 3, np.arange(3))
+
+
+def test_votes_are_similarity_weighted():
+    query = unit(np.array([[1.0, 0.0, 0.0]]))
+    ref = unit(np.array([[1.0, 0.1, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [-1.0, 0.2, 0.0]]))
+    labels = np.array([0, 1, 1, 2])
+    scores, _ = knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3))
+    share = np.exp(scores[0])
+    sim = ref @ query[0]
+    expected = np.array([sim[0], sim[1] + sim[2], 0.0]) / (sim[0] + sim[1] + sim[2])
+    np.testing.assert_allclose(share, expected * (1 - knn.SMOOTHING) + knn.SMOOTHING / 3, rtol=1e-5)
+    assert np.argmax(scores[0]) == 1  # two fair neighbours outvote one close one; the negative one adds nothing
+
+
+def test_concatenate_is_the_weighted_mean_of_cosines():
+    rng = np.random.default_rng(3)
+    a, b = unit(rng.standard_normal((5, 6))), unit(rng.standard_normal((5, 10)))
+    both = knn.concatenate([a, b], [3.0, 1.0])
+    assert both.shape == (5, 16)
+    np.testing.assert_allclose(np.linalg.norm(both, axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(both @ both.T, 0.75 * (a @ a.T) + 0.25 * (b @ b.T), atol=1e-5)
+    np.testing.assert_array_equal(knn.concatenate([a, b], [1.0, 0.0]), a)  # weight 0 drops a file
+    x = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(knn.l2_normalise(x), [[0.6, 0.8], [0.0, 0.0]])
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("7", {"HEPG2": 7, "HUVEC": 7, "RPE": 7, "U2OS": 7}),
+    ("30,100,30,15", {"HEPG2": 30, "HUVEC": 100, "RPE": 30, "U2OS": 15}),
+    ("U2OS=15, HUVEC=100,RPE=30,HEPG2=30", {"HEPG2": 30, "HUVEC": 100, "RPE": 30, "U2OS": 15}),
+])
+def test_parse_k(text, expected):
+    assert knn.parse_k(text, ["U2OS", "HUVEC", "RPE", "HEPG2"]) == expected  # sorted cell-type order
+
+
+@pytest.mark.parametrize("text,message", [
+    ("30,100,30", "3 values for 4 cell types"),
+    ("HEPG2=3,HUVEC=3,RPE=3,U2OS=3,MCF7=3", "unknown cell type 'MCF7'"),
+    ("HEPG2=3,HUVEC=3", "no K for RPE, U2OS"),
+    ("HEPG2=3,HEPG2=4,RPE=1,U2OS=1,HUVEC=1", "given twice"),
+    ("HEPG2=3,4,5,6", "TYPE=K or none"),
+    ("x", "'x' is not an integer"),
+    ("1,0,1,1", "at least 1 for HUVEC"),
+])
+def test_parse_k_errors(text, message):
+    with pytest.raises(knn.KnnError, match=message):
+        knn.parse_k(text, CELLS)
+
+
+def test_use_valid_adds_val_wells_to_the_test_reference():
+    """A test well identical to a val well of class 5, far from every training well (class 3)."""
+    rng = np.random.default_rng(4)
+    far, close = unit(rng.standard_normal((2, 8)))
+    close = unit(far + 0.2 * close)  # ~ the test well; training wells are `far`: sim ~0.98
+    n_ref = 3
+    features = np.stack([far, far, far, close, close]).astype(np.float32)  # refs, then val, test rows
+    wells = make_submission.Wells(keep={}, id_code=np.array(["v", "t"]), experiment=np.array(["A-01", "A-02"]),
+                                  plate=np.array([1, 1]), cell_type=np.array(["A", "A"]),
+                                  label=np.array([5, -1]), n_val=1)
+    ref = make_submission.Reference(keep=np.arange(n_ref), cell_type=np.array(["A"] * n_ref),
+                                    label=np.full(n_ref, 3), ignored_controls=0)
+    for use_valid, expected in ((False, 3), (True, 5)):
+        setup = make_submission.KnnSetup({"A": 1}, n_ref, ref, wells, 8, np.arange(8), use_valid)
+        scores, used = setup.scores(features, np.arange(2))
+        assert np.argmax(scores[0]) == 3               # val wells: training neighbours only, always
+        assert np.argmax(scores[1]) == expected
+        assert used == {"val": {"A": 1}, "test": {"A": 1}}
+
+
+# ----------------------------------------------------------------------------------- predfile
+
+
+def test_embeddings_files_carry_a_train_part_and_logits_files_do_not(tmp_path):
+    sites = [np.ones(4, np.float32)]
+    data = {"train": {"A_1_B02": sites}, "val": {"A_1_B03": sites}, "test": {"B_1_B02": sites}}
+    save_embeddings(tmp_path / "any_name", data)
+    save_predictions(tmp_path / "net.7.embeddings_x", data)  # main.py's name for an embeddings file
+    with pytest.raises(PredictionFileError, match=r"net.7.output.*unexpected part.*'train'"):
+        save_predictions(tmp_path / "net.7.output", data)
+    assert not (tmp_path / "net.7.output").exists()
+    loaded = load_predictions(tmp_path / "any_name", kind="embeddings")
+    assert set(loaded) == {"train", "val", "test"} and set(loaded["train"]) == {"A_1_B02"}
+    sums = load_well_sums(tmp_path / "net.7.embeddings_x", ("train", "val", "test"))
+    assert [len(sums.ids[p]) for p in ("train", "val", "test")] == [1, 1, 1] and sums.matrix.shape == (3, 4)
+    # read as logits, an embeddings file is refused naming the file and what to do instead
+    for read in (load_predictions, load_well_sums):
+        with pytest.raises(PredictionFileError, match=r"any_name.*'train'.*--knn"):
+            read(tmp_path / "any_name")
+    with pytest.raises(PredictionFileError, match="unexpected part.*'extra'"):
+        save_embeddings(tmp_path / "bad", {**data, "extra": {}})
+
+
+# ------------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_knn_end_to_end(fake, tmp_path, capsys):
+    out = tmp_path / "sub.csv"
+    rc, stdout, err = run(capsys, fake, out, "--knn", "3,4,3,2")
+    assert rc == 0, err
+    sub = pd.read_csv(out)
+    test = pd.read_csv(fake["data"] / "test.csv")
+    assert sub["id_code"].is_unique and sorted(sub["id_code"]) == sorted(test["id_code"])
+    sub["plate"] = sub["id_code"].str.rsplit("_", n=1).str[0]
+    assert not sub.duplicated(["plate", "sirna"]).any()
+    assert sub["sirna"].between(0, 4 * 20 - 1).all()  # treatment classes only
+    report = json.loads(Path(f"{out}.json").read_text())
+    assert [s["stage"].split(" (")[0] for s in report["stages"]] == ["knn", "groups", "assignment"]
+    acc = stages(out)
+    assert 0.2 < acc["knn"] < acc["groups"] < acc["assignment"], acc
+    assert report["plate_groups_correct"]["val"]["correct"] == report["plate_groups_correct"]["val"]["total"] > 0
+    assert report["knn"]["k"] == {"HEPG2": 3, "HUVEC": 4, "RPE": 3, "U2OS": 2}
+    assert report["knn"]["reference_wells"] == {"val": fake["n_train"], "test": fake["n_train"]}
+    assert "kNN: K HEPG2=3, HUVEC=4, RPE=3, U2OS=2" in stdout and "validation accuracy" in stdout
+
+
+def test_cli_knn_use_valid_and_test_labels(tmp_path, capsys):
+    info = fake_knn_set(tmp_path, layout="release", seed=5)
+    plain, valid = tmp_path / "plain.csv", tmp_path / "valid.csv"
+    assert run(capsys, info, plain, "--knn", "3")[0] == 0
+    rc, stdout, err = run(capsys, info, valid, "--knn", "HEPG2=3,HUVEC=3,RPE=3,U2OS=3", "--use-valid")
+    assert rc == 0, err
+    report = json.loads(Path(f"{valid}.json").read_text())
+    assert report["knn"]["use_valid"] is True
+    assert report["knn"]["reference_wells"] == {"val": info["n_train"], "test": info["n_train"] + info["n_val"]}
+    assert report["stages"][0]["stage"] == "knn, test refs +val" and "--use-valid" in stdout
+    assert "test accuracy" in stdout
+    # val rows are scored the same way either way; test wells gain neighbours
+    a, b = stages(plain), stages(valid)
+    assert a["knn"] == b["knn"] and a["assignment"] == b["assignment"]
+    assert stages(valid, "test")["knn"] >= stages(plain, "test")["knn"] - 0.02
+
+
+def test_cli_knn_several_files_concatenated(fake, tmp_path, capsys):
+    def noisier(d):
+        rng = np.random.default_rng(9)
+        for part in d.values():
+            for key, sites in part.items():
+                part[key] = [np.concatenate([s, rng.standard_normal(8).astype(np.float32)]) for s in sites]
+    other = tmp_path / "other.embeddings"
+    data = load_predictions(fake["file"], kind="embeddings")
+    noisier(data)
+    save_embeddings(other, data)  # another width: concatenation does not need the same size
+    out = tmp_path / "sub.csv"
+    rc, _, err = run(capsys, fake, out, "--knn", "3", "-w", "2,1", files=[fake["file"], other])
+    assert rc == 0, err
+    names = [s["stage"] for s in json.loads(Path(f"{out}.json").read_text())["stages"]]
+    assert names[:3] == ["file 1: net.embeddings", "file 2: other.embeddings", "knn concat (w=2,1)"]
+
+
+def expect_error(capsys, info, out, *extra, files=None, match=()) -> str:
+    rc, _, err = run(capsys, info, out, *extra, files=files)
+    assert rc == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    for m in match:
+        assert m in err, err
+    assert not out.exists() and not Path(f"{out}.json").exists()
+    return err
+
+
+def test_cli_knn_errors(fake, tmp_path, capsys):
+    data = load_predictions(fake["file"], kind="embeddings")
+    no_train = tmp_path / "no_train.embeddings"
+    save_embeddings(no_train, {"val": data["val"], "test": data["test"]})
+    expect_error(capsys, fake, tmp_path / "a.csv", "--knn", "3", files=[no_train],
+                 match=["no_train.embeddings", "no 'train' part", "--save-embeddings"])
+    expect_error(capsys, fake, tmp_path / "b.csv", "--knn", "3,3", match=["2 values for 4 cell types"])
+    expect_error(capsys, fake, tmp_path / "c.csv", "--knn", "HELA=3", match=["unknown cell type 'HELA'"])
+    # an embeddings file without --knn: named, with the flag to use
+    expect_error(capsys, fake, tmp_path / "d.csv", match=["net.embeddings", "--knn"])
+    odd = tmp_path / "odd.embeddings"
+    save_embeddings(odd, {**data, "train": dict(list(data["train"].items())[1:])})
+    expect_error(capsys, fake, tmp_path / "e.csv", "--knn", "3", files=[fake["file"], odd],
+                 match=["odd.embeddings", "different train wells"])
+    with pytest.raises(SystemExit):
+        make_submission.parse_args(["-o", "x.csv", "--use-valid", "f"])
+    capsys.readouterr()

@@ -1,0 +1,132 @@
+"""Bad input, interruption and untrusted files: every failure is one clear line and loses nothing."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import check
+import main
+from tests.conftest import ROOT, SMALL, run
+
+
+def test_check_mode_accepts_sound_data(tiny_competition, capsys):
+    assert run("--mode", "check", "--data", tiny_competition[0]) == 0
+    assert "data set OK" in capsys.readouterr().out
+
+
+def test_check_mode_lists_every_problem(tiny_competition, tmp_path, capsys):
+    data = tmp_path / "d"
+    shutil.copytree(tiny_competition[0], data)
+    plate = data / "train" / "HEPG2-01" / "Plate1"
+    pngs = sorted(plate.glob("*_w1.png"))
+    pngs[0].unlink()
+    pngs[1].write_bytes(b"garbage")
+    from PIL import Image
+    Image.new("L", (10, 10)).save(pngs[2])
+    Image.new("RGB", (24, 24)).save(pngs[3])
+    train = pd.read_csv(data / "train.csv")
+    train.loc[1, "sirna"] = 99
+    train.loc[2, "sirna"] = train.loc[3, "sirna"] if train.loc[2, "plate"] == train.loc[3, "plate"] else 99
+    train.to_csv(data / "train.csv", index=False)
+    assert run("--mode", "check", "--data", data, "--classes", 11) == 1
+    out = capsys.readouterr().out
+    assert f"missing image: {pngs[0]}" in out
+    assert f"corrupt image: {pngs[1]}" in out
+    assert "of size 10x10 instead of 24x24" in out
+    assert "not 8-bit single-channel (mode RGB)" in out
+    assert "label 99 outside 0..10" in out
+    problems = check.check_data(data, 11, images=False)
+    assert set(problems) == {"labels"} and len(problems["labels"]) == 1 + (train.loc[2, "sirna"] != 99)
+
+
+def test_check_mode_metadata_errors(tmp_path, capsys):
+    assert run("--mode", "check", "--data", tmp_path / "absent") == 1
+    assert "does not exist" in capsys.readouterr().out
+
+
+def test_missing_data_says_where_data_comes_from(tmp_path, caplog):
+    assert run("--data", tmp_path / "absent", "--save", tmp_path / "x", *SMALL) == 1
+    assert "python synthetic.py" in caplog.text and "Traceback" not in caplog.text
+    assert not list(tmp_path.glob("x.*[0-9]"))
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        run("--data", tmp_path / "absent", "--save", tmp_path / "x", "--debug", *SMALL)
+
+
+def test_unreadable_png_during_training_names_the_file(tiny_competition, tmp_path, caplog):
+    data = tmp_path / "d"
+    shutil.copytree(tiny_competition[0], data)
+    bad = sorted((data / "train" / "HEPG2-01" / "Plate1").glob("*_s1_w4.png"))[0]
+    bad.write_bytes(b"not a png")
+    assert run("--data", data, "--save", tmp_path / "x", "-e", 1, "--cv-number", -1, *SMALL) == 1
+    assert f"corrupt image: {bad}" in caplog.text
+
+
+def test_checkpoint_for_another_class_count_is_refused(tiny_competition, tmp_path, caplog):
+    torch.save({"format": main.CHECKPOINT_FORMAT, "model": {}, "n_classes": 7, "args": {}}, tmp_path / "c")
+    assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "c", *SMALL) == 1
+    assert "predicts 7 classes but the data has 11" in caplog.text
+    assert not (tmp_path / "c.output").exists()
+
+
+def test_checkpoint_that_would_run_code_is_refused(tiny_competition, tmp_path, caplog):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save({"model": Evil()}, tmp_path / "evil")
+    assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "evil", *SMALL) == 1
+    assert not marker.exists() and "not a readable checkpoint" in caplog.text
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tiny_competition, tmp_path, monkeypatch, caplog):
+    real = main.combined_loss
+    calls = {"n": 0}
+
+    def poisoned(out, target, coeff):
+        calls["n"] += 1
+        loss = real(out, target, coeff)
+        return loss * float("nan") if calls["n"] > 22 else loss  # epoch 0 (22 batches) is fine, then it diverges
+    monkeypatch.setattr(main, "combined_loss", poisoned)
+    save = tmp_path / "x"
+    rc = run("--data", tiny_competition[0], "--save", save, "-e", 3, "--max-bad-steps", 3, "--cv-number", -1,
+             *SMALL)
+    assert rc == 1 and "not finite for 3 steps in a row" in caplog.text
+    assert (tmp_path / "x.0").exists() and not (tmp_path / "x.1").exists()
+    assert torch.load(tmp_path / "x.0", weights_only=True)["epoch"] == 0
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(trained, tiny_competition, tmp_path):
+    """Kill a run in its second epoch; --resume finishes it with the uninterrupted run's weights."""
+    save = tmp_path / "killed"
+    argv = [sys.executable, str(ROOT / "main.py"), "--data", str(tiny_competition[0]), "--save", str(save),
+            "-e", "2", "--pl-epoch", "1", "--pl-size-func", "0.5", "--cv-number", "0", *SMALL]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not (tmp_path / "killed.0").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # well into epoch 1 (pseudo-labelling, then training)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed.1").exists()
+    state = torch.load(tmp_path / "killed.0", weights_only=True)  # intact
+    assert state["epoch"] == 0
+    assert run("--data", tiny_competition[0], "--resume", tmp_path / "killed.0", "-e", 2, "--pl-epoch", 1,
+               "--pl-size-func", "0.5", "--cv-number", 0, *SMALL) == 0
+    a = torch.load(f"{trained}.1", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed.1", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
