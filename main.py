@@ -32,7 +32,7 @@ import metadata
 import pseudo
 from atomic import atomic_write
 from model import CellClassifier, PretrainedUnavailable, combined_loss, smooth_labels, supported_backbones
-from predfile import save_predictions
+from predfile import save_embeddings, save_predictions
 from schedule import LRSchedule, SizeFunction
 from tools.curves import plot_training_curves
 
@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label test experiments whose plate layout repeats a train experiment's")
     g.add_argument("--cache-dir", type=Path, default=None, help="where computed pixel statistics are cached")
     g.add_argument("--num-data-workers", type=int, default=min(8, os.cpu_count() or 1))
+    g.add_argument("--image-cache", type=Path, default=None,
+                   help="decoded-image cache built by prepare.py, read instead of the PNGs")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="training drops sites whose PNGs are missing or corrupt (a warning each, a count "
+                        "per epoch) instead of stopping with an error naming the file")
     g = p.add_argument_group("prediction and output")
     g.add_argument("--save", default=None, help="checkpoint path: <save>.<epoch> each epoch, <save> the best")
     g.add_argument("--load", default=None, help="checkpoint (or bare weights) for val, predict or fine-tuning")
@@ -141,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pred-suffix", default="", help="prediction file is <load>.output<suffix>")
     g.add_argument("--save-embeddings", action="store_true", help="also write <load>.embeddings<suffix>")
     g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often faster on a busy CPU)")
     return p
 
 
@@ -212,8 +219,14 @@ def make_dataset(args, data: Data, rows: pd.DataFrame, train: bool, labels=None)
     augment = dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0],
                               bias_std=args.pw_aug[1]) if train else None
     stats = dataset.normalization_stats(rows, args.data_normalization, data.pixel_stats)
+    cache = getattr(args, "image_cache", None)
+    if cache is not None:
+        cache = dataset.ImageCache.open(cache, args.data, data.table)
+    # uint8 samples: the loader workers only decode; prepare_batch does the float work per batch on the device.
+    # Unreadable sites are skipped in training only: infer() relies on one output row per dataset row.
     return dataset.SiteDataset(rows, data.structure.cell_types, args.data_normalization, stats,
-                               augment, labels, seed=args.seed)
+                               augment, labels, seed=args.seed, output="uint8", cache=cache,
+                               skip_bad_images=train and getattr(args, "skip_bad_images", False))
 
 
 def make_loader(args, ds: dataset.SiteDataset, epoch: int | None = None) -> DataLoader:
@@ -223,9 +236,11 @@ def make_loader(args, ds: dataset.SiteDataset, epoch: int | None = None) -> Data
     else:
         ds.set_epoch(epoch)
         sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-    return DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_data_workers,
-                      drop_last=epoch is not None and len(ds) > args.batch_size,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init)
+    # batches drop (and count, logging the count per pass) sites whose images are unreadable (--skip-bad-images)
+    return dataset.SkippingLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_data_workers,
+                                  drop_last=epoch is not None and len(ds) > args.batch_size,
+                                  pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
+                                  description="inference" if epoch is None else f"epoch {epoch}")
 
 
 def _worker_init(_: int) -> None:
@@ -297,7 +312,8 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
         lr = args.lr(epoch + i / steps, args.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-        x, cell, y = x.to(device, non_blocking=True), cell.to(device, non_blocking=True), y.to(device)
+        x = dataset.prepare_batch(x, device)  # flips, zoom, normalisation, jitter: on the device, per batch
+        cell, y = cell.to(device, non_blocking=True), y.to(device)
         target = smooth_labels(y, n_classes, args.label_smoothing)
         x, cell, target = batch.mixup(x, cell, target, args.mixup, rng)
         x, cell, target = batch.cutmix(x, cell, target, args.cutmix, rng)
@@ -336,7 +352,7 @@ def infer(args, model, ds: dataset.SiteDataset, device, dtype, embeddings: bool 
     model.eval()
     outputs: dict[str, list] = {"logits": [], "embedding": []}
     for x, cell, _, _ in tqdm(make_loader(args, ds), desc="infer", leave=False, disable=None):
-        x, cell = x.to(device, non_blocking=True), cell.to(device, non_blocking=True)
+        x, cell = dataset.prepare_batch(x, device), cell.to(device, non_blocking=True)
         sums: dict[str, torch.Tensor] = {}
         for view in dataset.tta_views(x, args.tta, args.tta_size):
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -494,7 +510,7 @@ def predict(args) -> None:
     save_predictions(path, output)
     log.info("wrote %s: %d test and %d val wells", path, len(output["test"]), len(output["val"]))
     if args.save_embeddings:
-        save_predictions(f"{args.load}.embeddings{args.pred_suffix}", embeddings)
+        save_embeddings(f"{args.load}.embeddings{args.pred_suffix}", embeddings)
         log.info("wrote %s.embeddings%s (train %d, val %d, test %d wells)", args.load, args.pred_suffix,
                  *(len(embeddings[k]) for k in ("train", "val", "test")))
 
@@ -526,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "check":
         return check.report(check.check_data(args.data, args.classes))
     setup_logging(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         {"train": train, "val": validate, "predict": predict}[args.mode](args)
     except (metadata.DataError, FloatingPointError, PretrainedUnavailable) as e:

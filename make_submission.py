@@ -2,6 +2,7 @@
 """Build a submission from one or more prediction files (SPEC, "Submission").
 
     ./make_submission.py -o sub.csv [--data DIR] [-w W1,W2,...] [-t THREADS] FILE [FILE ...]
+    ./make_submission.py --knn K [--use-valid] -o sub.csv [--data DIR] [-w ...] EMB_FILE [EMB_FILE ...]
 
 Per file the sites of a well are summed; the files are ensembled (weighted); then, using the
 plate design of the metadata (plates.py):
@@ -12,6 +13,10 @@ Validation accuracy (wells of the files' 'val' part, labels from the metadata) i
 every stage, per cell type, and test accuracy too where the metadata knows test labels. The CSV
 (`id_code,sirna`, every test treatment well once) and the same scores as JSON (`<output>.json`)
 are written only once everything has succeeded.
+
+With --knn the files are embeddings files (main.py --mode predict --save-embeddings) and the
+scores come from the 41st-place recipe instead of logits: each val/test well is classified by its
+K nearest labelled training wells of the same cell type (knn.py); the plate stages are the same.
 
 torch is never imported and numpy only after the thread count is set: this is a small,
 fast program (a few seconds on full-size predictions).
@@ -56,7 +61,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="plate-group evidence: summed class probabilities (default) or arg-max counts")
     parser.add_argument("--assign-scores", choices=ASSIGN_SCORES, default="logsoftmax",
                         help="scores maximised by the per-plate assignment (default: log-softmax)")
-    return parser.parse_args(argv)
+    parser.add_argument("--knn", metavar="K",
+                        help="the files are embeddings files: classify each well by its K nearest training "
+                             "wells of its cell type; K for all, K1,K2,... in sorted cell-type order, or "
+                             "TYPE=K,... (e.g. 30,100,30,15 or HEPG2=30,HUVEC=100,RPE=30,U2OS=15)")
+    parser.add_argument("--use-valid", action="store_true",
+                        help="with --knn: test wells also get the labelled val wells as neighbours "
+                             "(val wells are still scored against the training wells only)")
+    args = parser.parse_args(argv)
+    if args.use_valid and args.knn is None:
+        parser.error("--use-valid only applies with --knn")
+    return args
 
 
 def parse_weights(text: str | None, n_files: int) -> list[float]:
@@ -144,13 +159,14 @@ def match_metadata(first: WellSums, wells_table: pd.DataFrame) -> Wells:
                  n_val=len(rows["val"]), ignored_controls=ignored)
 
 
-def check_same_wells(first: WellSums, other: WellSums) -> None:
+def check_same_wells(first: WellSums, other: WellSums, parts: Sequence[str] = ("val", "test"),
+                     same_width: bool = True) -> None:
     import numpy as np
 
-    if other.n_classes != first.n_classes:
+    if same_width and other.n_classes != first.n_classes:
         raise SubmissionError(f"{other.path} has {other.n_classes} classes per vector but "
                               f"{first.path} has {first.n_classes}: files of different models/class sets")
-    for part in ("val", "test"):
+    for part in parts:
         a, b = first.ids[part], other.ids[part]
         if not np.array_equal(a, b):
             only = np.setdiff1d(b, a)
@@ -256,6 +272,16 @@ class Stopwatch:
         self._last = now
 
 
+def class_masks(structure: Structure, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(plate-group masks over `n_classes` columns, the treatment classes): the candidates."""
+    import numpy as np
+
+    masks = np.zeros((structure.n_groups, n_classes), dtype=bool)
+    for g, classes in enumerate(structure.groups):
+        masks[g, classes] = True
+    return masks, np.flatnonzero(masks.any(axis=0))
+
+
 @dataclass
 class Ensemble:
     """The files' weighted mean per treatment well, and what goes with it."""
@@ -264,6 +290,7 @@ class Ensemble:
     scores: np.ndarray        # float32 [wells, classes]
     masks: np.ndarray         # plate groups over the classes
     treatment: np.ndarray     # the classes treatment wells may get
+    extra: dict = field(default_factory=dict)  # what the report adds for this path (kNN settings)
 
 
 def ensemble_files(files: list[str], weights: list[float], table: pd.DataFrame, structure: Structure,
@@ -287,10 +314,7 @@ def ensemble_files(files: list[str], weights: list[float], table: pd.DataFrame, 
                                       f"has {structure.n_classes}")
             first, wells = sums, match_metadata(sums, table)
             board = Scoreboard(wells)
-            masks = np.zeros((structure.n_groups, sums.n_classes), dtype=bool)
-            for g, classes in enumerate(structure.groups):
-                masks[g, classes] = True
-            treatment = np.flatnonzero(masks.any(axis=0))
+            masks, treatment = class_masks(structure, sums.n_classes)
             if len(set(weights)) > 1:  # the plain average differs: keep it, for the scored rows only
                 average = np.zeros((len(board.scored), sums.n_classes), dtype=np.float32)
         else:
@@ -319,6 +343,150 @@ def ensemble_files(files: list[str], weights: list[float], table: pd.DataFrame, 
     board.add("ensemble (w=" + ",".join(f"{w:g}" for w in weights) + ")", argmax_over(total, scored, treatment))
     clock.lap("ensemble")
     return Ensemble(wells, board, total, masks, treatment)
+
+
+# ------------------------------------------------------------------------------- the kNN path
+
+
+@dataclass
+class Reference:
+    """The labelled training wells of an embeddings file's 'train' part: the kNN neighbours."""
+    keep: np.ndarray       # positions of the treatment wells in the part (controls are never candidates)
+    cell_type: np.ndarray  # per kept well
+    label: np.ndarray
+    ignored_controls: int
+
+
+def match_reference(first: WellSums, table: pd.DataFrame, structure: Structure) -> Reference:
+    """Map the 'train' part onto the metadata: labels come from there, never from the file."""
+    import numpy as np
+    import pandas as pd
+
+    from metadata import TREATMENT
+
+    name, ids = first.path, first.ids["train"]
+    pos = pd.Index(table["id_code"]).get_indexer(ids)
+    if (pos < 0).any():
+        unknown = ids[pos < 0]
+        raise SubmissionError(f"{name}: {unknown.size} train well(s) are not in the metadata "
+                              f"(e.g. {_example(unknown)}): do the embeddings belong to this --data?")
+    meta = table.iloc[pos]
+    wrong = meta["split"].to_numpy() != "train"
+    if wrong.any():
+        raise SubmissionError(f"{name}: its train part holds {int(wrong.sum())} well(s) of test "
+                              f"experiments (e.g. {_example(ids[wrong])})")
+    treatment = (meta["well_type"] == TREATMENT).to_numpy()
+    label = meta["sirna"].to_numpy()[treatment]
+    bad = ~np.isin(label, structure.treatment_classes)
+    if bad.any():
+        raise SubmissionError(f"{name}: {int(bad.sum())} train well(s) have no treatment label in the "
+                              f"metadata (e.g. {_example(ids[treatment][bad])})")
+    return Reference(keep=np.flatnonzero(treatment), cell_type=meta["cell_type"].to_numpy()[treatment],
+                     label=label.astype(np.int64), ignored_controls=int((~treatment).sum()))
+
+
+@dataclass
+class KnnSetup:
+    """What every kNN run of one submission shares."""
+    k: dict                 # cell type -> K asked for
+    n_ref: int              # feature rows [0, n_ref) are the reference wells, then the wells' rows
+    ref: Reference
+    wells: Wells
+    n_classes: int
+    treatment: np.ndarray
+    use_valid: bool
+
+    def scores(self, features: np.ndarray, rows: np.ndarray,
+               out: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        """kNN scores of wells `rows` (val rows first, then test rows) and the K used per split.
+
+        Val wells are compared with the training wells only, so their accuracy stays an honest
+        estimate; with --use-valid the test wells also get the labelled val wells, which sit
+        right after the training wells in `features` (a view, no copy).
+        """
+        import numpy as np
+
+        import knn
+
+        if out is None:
+            out = np.empty((len(rows), self.n_classes), dtype=np.float32)
+        wells, n_val = self.wells, self.wells.n_val
+        n_v = int((rows < n_val).sum())
+        used = {}
+        splits = (("val", slice(0, n_v), 0), ("test", slice(n_v, len(rows)), n_val * self.use_valid))
+        for split, sel, extra in splits:  # extra: the val wells that join the reference
+            q = rows[sel]
+            if q.size == 0:
+                continue
+            _, used[split] = knn.knn_scores(
+                features[self.n_ref + q], wells.cell_type[q], features[:self.n_ref + extra],
+                np.concatenate([self.ref.cell_type, wells.cell_type[:extra]]),
+                np.concatenate([self.ref.label, wells.label[:extra]]),
+                self.k, self.n_classes, self.treatment, out=out[sel])
+        return out, used
+
+
+def knn_ensemble(args: argparse.Namespace, weights: list[float], table: pd.DataFrame, structure: Structure,
+                 clock: Stopwatch) -> Ensemble:
+    """The --knn path up to the plate stages: embeddings files -> per-well unit vectors (sites
+    summed, L2-normalised: the sum is the mean up to a factor the normalisation removes; several
+    files concatenated, see knn.concatenate) -> kNN scores.
+
+    Stages: each file alone (when there are several; scored wells only), then the combination.
+    """
+    import numpy as np
+
+    import knn
+    from predfile import EMBEDDING_ROWS, load_well_sums
+
+    k = knn.parse_k(args.knn, structure.cell_types)
+    masks, treatment = class_masks(structure, structure.n_classes)
+    setup = board = first = None
+    blocks = []
+    for i, path in enumerate(args.files):
+        sums = load_well_sums(path, EMBEDDING_ROWS)
+        clock.lap("read files")
+        if sums.ids["train"].size == 0:
+            raise SubmissionError(f"{path} has no 'train' part (the labelled training wells the neighbours "
+                                  "come from): --knn needs embeddings files from main.py --mode predict "
+                                  "--save-embeddings")
+        if first is None:
+            first, wells = sums, match_metadata(sums, table)
+            ref = match_reference(sums, table, structure)
+            board = Scoreboard(wells)
+            setup = KnnSetup(k, len(ref.keep), ref, wells, structure.n_classes, treatment, args.use_valid)
+        else:
+            check_same_wells(first, sums, EMBEDDING_ROWS, same_width=False)
+        # reference rows, then the wells' rows (val, test): the file's own matrix unless controls go
+        if len(ref.keep) == len(sums.ids["train"]) and wells.ignored_controls == 0:
+            block = sums.matrix
+        else:
+            block = np.concatenate([sums.sums["train"][ref.keep], sums.sums["val"][wells.keep["val"]],
+                                    sums.sums["test"][wells.keep["test"]]])
+        sums.sums, sums.matrix = {}, None  # the first file is kept for its ids only
+        blocks.append(knn.l2_normalise(block))
+        clock.lap("normalise")
+        if len(args.files) > 1:
+            scores, _ = setup.scores(block, board.scored)
+            board.add(f"file {i + 1}: {Path(path).name}",
+                      argmax_over(scores, np.arange(len(scores)), treatment))
+            del scores
+            clock.lap("knn")
+    features = blocks[0] if len(blocks) == 1 else knn.concatenate(blocks, weights)
+    del blocks
+    scores, used = setup.scores(features, np.arange(setup.wells.n))
+    del features
+    name = "knn" + (" concat (w=" + ",".join(f"{w:g}" for w in weights) + ")" if len(args.files) > 1 else "")
+    board.add(name + (", test refs +val" if args.use_valid else ""), argmax_over(scores, board.scored, treatment))
+    clock.lap("knn")
+    extra = {"knn": {
+        "k": k, "k_used": used, "use_valid": args.use_valid,
+        "reference_wells": {"val": setup.n_ref, "test": setup.n_ref + setup.wells.n_val * args.use_valid},
+        "ignored_train_controls": ref.ignored_controls,
+        "features": "per file: sites summed, L2-normalised; files concatenated, scaled by sqrt(w/sum w)",
+        "votes": "K nearest of the same cell type by cosine, each voting max(cos, 0); score = summed votes",
+    }}
+    return Ensemble(setup.wells, board, scores, masks, treatment, extra)
 
 
 def plate_stages(ens: Ensemble, group_method: str, assign_scores: str, clock: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
@@ -375,7 +543,10 @@ def build(args: argparse.Namespace) -> tuple[str, dict]:
         raise SubmissionError(f"{args.data}: the metadata defines no plate groups (no labelled treatment wells)")
     clock.lap("metadata")
 
-    ens = ensemble_files(args.files, weights, table, structure, clock)
+    if args.knn is not None:
+        ens = knn_ensemble(args, weights, table, structure, clock)
+    else:
+        ens = ensemble_files(args.files, weights, table, structure, clock)
     groups, labels = plate_stages(ens, args.group_method, args.assign_scores, clock)
 
     wells, board = ens.wells, ens.board
@@ -393,7 +564,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict]:
         "wells": {"val": len(board.rows["val"]), "test": wells.n - wells.n_val,
                   "test_labelled": len(board.rows["test"]), "ignored_controls": wells.ignored_controls},
         "plate_groups_correct": plate_group_report(wells, groups, plates.class_groups(ens.masks)),
-        "stages": board.stages, "test_plate_groups": test_groups,
+        "stages": board.stages, "test_plate_groups": test_groups, **ens.extra,
     }
     clock.lap("outputs")
     report["timings"] = {phase: {"wall_s": w, "cpu_s": c} for phase, (w, c) in clock.phases.items()}
@@ -409,16 +580,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for variable in _THREAD_VARIABLES:  # read by the BLAS/OpenMP runtimes when numpy loads
             os.environ[variable] = str(args.threads)
     started = time.perf_counter()
+    from knn import KnnError
     from metadata import DataError
     from predfile import PredictionFileError
 
     try:
         csv, report = build(args)
-    except (SubmissionError, DataError, PredictionFileError) as e:
+    except (SubmissionError, DataError, PredictionFileError, KnnError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     val, test = report["wells"]["val"], report["wells"]["test_labelled"]
     print(f"candidates for treatment wells: treatment classes only; {report['wells']['test']} test wells")
+    if "knn" in report:
+        info = report["knn"]
+        print("kNN: K " + ", ".join(f"{c}={k}" for c, k in info["k"].items())
+              + f"; neighbours of val wells: {info['reference_wells']['val']} training wells, of test wells: "
+              + (f"those + {info['reference_wells']['test'] - info['reference_wells']['val']} val wells "
+                 "(--use-valid: the val rows below do not include them)" if info["use_valid"]
+                 else "the same"))
     print(Scoreboard.table_of(report["stages"], "val", f"validation accuracy ({val} wells)"))
     if test:
         print(Scoreboard.table_of(report["stages"], "test", f"test accuracy ({test} labelled wells)"))

@@ -51,7 +51,27 @@ def supported_backbones() -> list[str]:
     """All names `build_backbone` accepts."""
     tv = _tv_names()
     mem = ["mem-" + n for n in tv if n.startswith("densenet")]
-    return tv + mem + ["pm-" + n for n in _pm_names()]
+    return [SMALL_CNN] + tv + mem + ["pm-" + n for n in _pm_names()]
+
+
+SMALL_CNN = "smallcnn"
+
+
+def small_cnn(in_channels: int, widths: tuple[int, ...] = (24, 48, 96)) -> tuple[nn.Module, int]:
+    """A plain 3-stage CNN for CPU demos and tests on small synthetic images.
+
+    ImageNet backbones stride by 4 in their stem, which leaves almost nothing of a 48 px image;
+    this one keeps full resolution in its first stage and costs a few MFLOPs per image.
+    """
+    layers: list[nn.Module] = []
+    width_in = in_channels
+    for width in widths:
+        for i in range(2):
+            layers += [nn.Conv2d(width_in if i == 0 else width, width, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers.append(nn.MaxPool2d(2))
+        width_in = width
+    return nn.Sequential(*layers[:-1]), widths[-1]  # the neck pools: no last max-pool
 
 
 def _unsupported(name: str) -> ValueError:
@@ -201,6 +221,10 @@ def build_backbone(name: str, pretrained: str = "none", in_channels: int = 6) ->
     `pretrained`: 'none' (random init), 'imagenet' (torch hub cache or download), or a PATH to a
     local 3-channel state dict. Failures to get or fit weights raise PretrainedUnavailable.
     """
+    if name == SMALL_CNN:
+        if pretrained != "none":
+            raise PretrainedUnavailable(f"{SMALL_CNN} has no pretrained weights: use --pretrained none")
+        return small_cnn(in_channels)
     kind, model = _build_3ch(name, pretrained)
     if pretrained not in ("none", "imagenet"):
         _load_local(model, pretrained, name)  # before the stem swap, so the stem starts from RGB

@@ -3,6 +3,11 @@
 Format (SPEC): a pickle of `{'test': {id_code: [site1_logits, site2_logits, ...]}, 'val': {...}}`,
 one float32 numpy vector of all classes per site. The 'val' part may be missing or empty.
 
+An *embeddings file* (`main.py --mode predict --save-embeddings`, named `<ckpt>.embeddings<suffix>`)
+has the same structure with per-site embedding vectors instead of logits, and may carry a third
+part, 'train': the labelled treatment wells of the training subset, the kNN recipe's reference
+set (`knn.py`). A file of logits may still hold only 'test' and 'val'.
+
 A pickle can run arbitrary code when loaded, and prediction files get passed around, so they
 are read with an unpickler that only rebuilds containers, numbers, strings and numpy arrays;
 anything else is refused before it is called. The structure is checked on load, with errors
@@ -22,7 +27,9 @@ import numpy as np
 
 from atomic import atomic_write
 
-PARTS = ("test", "val")
+PARTS = ("test", "val")                          # a prediction file of logits
+EMBEDDING_PARTS = ("train", "val", "test")       # an embeddings file: the reference wells too
+KINDS = ("logits", "embeddings")
 
 
 class PredictionFileError(ValueError):
@@ -106,14 +113,17 @@ def _unpickle(path: Path) -> Any:
 # --------------------------------------------------------------------------- structure checks
 
 
-def _check_top(obj: Any, name: str) -> dict:
+def _check_top(obj: Any, name: str, parts: Sequence[str] = PARTS) -> dict:
+    expected = ", ".join(map(repr, parts))
     if not isinstance(obj, dict):
-        raise PredictionFileError(f"{name}: expected a dict with parts {' and '.join(map(repr, PARTS))}, "
-                                  f"found {type(obj).__name__}")
-    unknown = [k for k in obj if k not in PARTS]
+        raise PredictionFileError(f"{name}: expected a dict with parts {expected}, found {type(obj).__name__}")
+    unknown = [k for k in obj if k not in parts]
     if unknown:
+        # the likely mix-up: an embeddings file given where logits are read
+        hint = ("; a 'train' part belongs to an embeddings file (main.py --save-embeddings), which "
+                "make_submission.py reads with --knn" if "train" in unknown and "train" not in parts else "")
         raise PredictionFileError(f"{name}: unexpected part(s) {', '.join(map(repr, unknown))} "
-                                  f"(expected {' and '.join(map(repr, PARTS))})")
+                                  f"(expected {expected}){hint}")
     for part, wells in obj.items():
         if not isinstance(wells, dict):
             raise PredictionFileError(f"{name}: part {part!r} must map id_code -> list of site logits, "
@@ -147,9 +157,12 @@ def _check_well(name: str, part: str, key: Any, sites: Any, n_classes: int | Non
     return n_classes
 
 
-def check_predictions(obj: Any, name: str = "predictions") -> int:
-    """Check the structure of a prediction dict; return the number of classes (0 if no wells)."""
-    _check_top(obj, name)
+def check_predictions(obj: Any, name: str = "predictions", parts: Sequence[str] = PARTS) -> int:
+    """Check the structure of a prediction dict; return the vector length (0 if no wells).
+
+    `parts`: the parts allowed (PARTS for logits, EMBEDDING_PARTS for an embeddings file).
+    """
+    _check_top(obj, name, parts)
     n_classes = None
     for part, wells in obj.items():
         for key, sites in wells.items():
@@ -160,42 +173,67 @@ def check_predictions(obj: Any, name: str = "predictions") -> int:
 # ---------------------------------------------------------------------------------- public API
 
 
-def save_predictions(path: str | os.PathLike, output: Mapping[str, Mapping[str, Sequence[np.ndarray]]]) -> None:
-    """Write a prediction file atomically, as float32 vectors (checked first, so no bad file is left)."""
+def _parts_of(kind: str | None, path: str | os.PathLike) -> tuple[str, ...]:
+    """The parts a file may hold. With no `kind`, the name decides: main.py names embeddings
+    files `<ckpt>.embeddings<suffix>` and prediction files `<ckpt>.output<suffix>`."""
+    if kind is None:
+        kind = "embeddings" if ".embeddings" in Path(path).name else "logits"
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+    return EMBEDDING_PARTS if kind == "embeddings" else PARTS
+
+
+def save_predictions(path: str | os.PathLike, output: Mapping[str, Mapping[str, Sequence[np.ndarray]]],
+                     kind: str | None = None) -> None:
+    """Write a prediction (or embeddings) file atomically, as float32 vectors.
+
+    Checked first, so no bad file is left. `kind` 'logits' allows the parts 'test' and 'val',
+    'embeddings' also 'train'; None decides by the file name (see `_parts_of`).
+    """
     data = {part: {str(k): [np.ascontiguousarray(s, dtype=np.float32) for s in sites]
                    for k, sites in wells.items()}
             for part, wells in output.items()}
-    check_predictions(data, str(path))
+    check_predictions(data, str(path), _parts_of(kind, path))
     with atomic_write(path, "wb") as f:
         pickle.dump(data, f, protocol=4)
 
 
-def load_predictions(path: str | os.PathLike) -> dict[str, dict[str, list[np.ndarray]]]:
-    """Read a prediction file through the restricted unpickler and check its structure.
+def save_embeddings(path: str | os.PathLike, output: Mapping[str, Mapping[str, Sequence[np.ndarray]]]) -> None:
+    """Write an embeddings file ('train', 'val' and 'test' parts allowed), whatever its name."""
+    save_predictions(path, output, kind="embeddings")
+
+
+def load_predictions(path: str | os.PathLike, kind: str = "logits") -> dict[str, dict[str, list[np.ndarray]]]:
+    """Read a prediction file (or with kind='embeddings' an embeddings file) through the
+    restricted unpickler and check its structure.
 
     Parts missing from the file come back as empty dicts.
     """
     path = Path(path)
+    parts = _parts_of(kind, path)
     obj = _unpickle(path)
-    check_predictions(obj, str(path))
-    return {part: dict(obj.get(part, {})) for part in PARTS}
+    check_predictions(obj, str(path), parts)
+    return {part: dict(obj.get(part, {})) for part in parts}
 
 
 @dataclass
 class WellSums:
     """A prediction file reduced to one score vector per well: the sum of its sites.
 
-    All rows live in one matrix, the 'val' wells first and then the 'test' wells (the order
-    make_submission works in, so it can adopt the matrix without a copy); `sums` are views.
+    All rows live in one matrix, the parts one after the other in the order they were read
+    (ROW_ORDER: 'val' wells first and then 'test' wells, the order make_submission works in, so
+    it can adopt the matrix without a copy; EMBEDDING_ROWS: 'train' first); `sums` are views.
+    For an embeddings file `n_classes` is the embedding size.
     """
     path: str
     n_classes: int
     ids: dict[str, np.ndarray]    # part -> sorted id codes
     sums: dict[str, np.ndarray]   # part -> float32 [wells, n_classes], rows in the order of ids
-    matrix: np.ndarray            # float32 [val + test wells, n_classes]
+    matrix: np.ndarray            # float32 [wells of all parts, n_classes]
 
 
 ROW_ORDER = ("val", "test")
+EMBEDDING_ROWS = ("train", "val", "test")
 
 
 def _sorted_ids(name: str, part: str, wells: dict) -> list[str]:
@@ -233,37 +271,39 @@ def _sum_into(name: str, part: str, wells: dict, keys: list[str], out: np.ndarra
             add(row, site, out=row)
 
 
-def load_well_sums(path: str | os.PathLike) -> WellSums:
+def load_well_sums(path: str | os.PathLike, rows: Sequence[str] = ROW_ORDER) -> WellSums:
     """Read a prediction file and reduce it at once to per-well float32 site sums.
 
     The per-site arrays are dropped as they are summed: a full-size file holds ~50,000 of them,
-    twice the memory of the sums.
+    twice the memory of the sums. `rows`: the parts allowed and their row order (ROW_ORDER for
+    logits; EMBEDDING_ROWS for an embeddings file, whose 'train' part comes first).
     """
     path = Path(path)
     name = str(path)
-    obj = _check_top(_unpickle(path), name)
-    parts = {part: obj.get(part, {}) for part in ROW_ORDER}
+    obj = _check_top(_unpickle(path), name, rows)
+    parts = {part: obj.get(part, {}) for part in rows}
     del obj
     keys = {part: _sorted_ids(name, part, wells) for part, wells in parts.items()}
     n_classes = 0
-    for part in ROW_ORDER:  # the first well fixes the class count, checked in full
+    for part in rows:  # the first well fixes the class count, checked in full
         if keys[part]:
             n_classes = _check_well(name, part, keys[part][0], parts[part][keys[part][0]], None)
             break
     matrix = np.empty((sum(map(len, keys.values())), n_classes), dtype=np.float32)
     sums, start = {}, 0
-    for part in ROW_ORDER:
+    for part in rows:
         sums[part] = matrix[start:start + len(keys[part])]
         start += len(keys[part])
         _sum_into(name, part, parts[part], keys[part], sums[part])
-    ids = {part: np.asarray(keys[part], dtype=str) for part in ROW_ORDER}
+    ids = {part: np.asarray(keys[part], dtype=str) for part in rows}
     # one cheap pass: a row with NaN or inf has a non-finite sum (the exact test runs only then;
     # finite logits big enough to overflow a float32 sum pass it)
     if not np.isfinite(matrix.sum(axis=1)).all():
         bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
         if bad.size:
-            part = ROW_ORDER[0] if bad[0] < len(keys[ROW_ORDER[0]]) else ROW_ORDER[1]
-            well = np.concatenate([ids[p] for p in ROW_ORDER])[bad[0]]
-            raise PredictionFileError(f"{path}: {part}[{well!r}] has NaN or infinite logits "
+            ends = np.cumsum([len(keys[p]) for p in rows])
+            part = rows[int(np.searchsorted(ends, bad[0], side="right"))]
+            well = str(np.concatenate([ids[p] for p in rows])[bad[0]])  # not np.str_ in the message
+            raise PredictionFileError(f"{path}: {part}[{well!r}] has NaN or infinite values "
                                       f"({bad.size} well(s) in all)")
     return WellSums(name, n_classes, ids, sums, matrix)

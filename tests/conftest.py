@@ -30,7 +30,7 @@ def tiny_release(tmp_path_factory) -> tuple[Path, dict]:
 
 
 # a network small enough for seconds per epoch on two cores
-SMALL = ["--backbone", "resnet18", "--pretrained", "none", "--embedding-size", "32", "-b", "16",
+SMALL = ["--backbone", "smallcnn", "--pretrained", "none", "--embedding-size", "32", "-b", "16",
          "--num-data-workers", "0", "--seed", "5", "--disp-batches", "5"]
 
 

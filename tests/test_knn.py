@@ -27,23 +27,26 @@ CELLS = ("HEPG2", "HUVEC", "RPE", "U2OS")
 # ------------------------------------------------------------------------------ planted data
 
 
-def fake_embeddings(wells: pd.DataFrame, dim: int = 24, noise: float = 0.5, batch: float = 0.3,
-                    sites: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Per-site float32 vectors [wells, sites, dim] of `wells`: class centre + cell-type offset
-    (far larger than the classes' spread, and different per cell type) + experiment offset + noise."""
+def fake_embeddings(wells: pd.DataFrame, n_classes: int, dim: int = 24, noise: float = 0.5,
+                    batch: float = 0.3, sites: int = 2, seed: int = 0) -> np.ndarray:
+    """Per-site float32 vectors [wells, sites, dim] of `wells`: class centre (norm ~1) + cell-type
+    offset (norm ~3, different per cell type) + experiment offset (norm ~`batch`) + per-site noise
+    (norm ~`noise`)."""
     rng = np.random.default_rng(seed)
-    n_classes = int(wells["sirna"].max()) + 1
-    centres = rng.standard_normal((n_classes, dim)) / np.sqrt(dim)
-    cell = {c: 3 * rng.standard_normal(dim) / np.sqrt(dim) for c in sorted(wells["cell_type"].unique())}
-    experiment = {e: batch * rng.standard_normal(dim) / np.sqrt(dim) for e in sorted(wells["experiment"].unique())}
+    scale = np.float32(1 / np.sqrt(dim))
+    centres = rng.standard_normal((n_classes, dim), dtype=np.float32) * scale
+    cell = {c: 3 * scale * rng.standard_normal(dim, dtype=np.float32) for c in sorted(wells["cell_type"].unique())}
+    experiment = {e: batch * scale * rng.standard_normal(dim, dtype=np.float32)
+                  for e in sorted(wells["experiment"].unique())}
     base = (centres[wells["sirna"].to_numpy()] + np.stack([cell[c] for c in wells["cell_type"]])
             + np.stack([experiment[e] for e in wells["experiment"]]))
-    site_noise = noise * rng.standard_normal((len(wells), sites, dim)) / np.sqrt(dim)
-    return (base[:, None, :] + site_noise).astype(np.float32)
+    out = rng.standard_normal((len(wells), sites, dim), dtype=np.float32) * np.float32(noise * scale)
+    out += base[:, None, :]
+    return out
 
 
-def fake_knn_set(tmp: Path, layout: str = "competition", noise: float = 0.9, seed: int = 0,
-                 **sizes) -> dict:
+def fake_knn_set(tmp: Path, layout: str = "competition", noise: float = 0.9, dim: int = 24, folds: int = 3,
+                 seed: int = 0, **sizes) -> dict:
     """Metadata (fake_predictions' plate design) and an embeddings file with train/val/test parts."""
     rng = np.random.default_rng(seed)
     shape = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), plates=4, group_size=20,
@@ -54,14 +57,15 @@ def fake_knn_set(tmp: Path, layout: str = "competition", noise: float = 0.9, see
                                         shape["positive_controls"], shape["wells_per_plate"],
                                         shape["dropped_wells"], shape["dropped_plates"])
     fake_predictions.write_metadata(wells, tmp / "data", layout, 2)
-    vectors = fake_embeddings(wells, noise=noise, seed=seed)
-    folds = metadata.assign_folds(wells, 3, seed)
-    val_experiments = sorted(e for e, f in folds.items() if f == 0)
+    assigned = metadata.assign_folds(wells, folds, seed)
+    val_experiments = sorted(e for e, f in assigned.items() if f == 0)
     treatment = (wells["well_type"] == "treatment").to_numpy()
     parts = {"test": treatment & (wells["split"] == "test").to_numpy(),
              "val": treatment & wells["experiment"].isin(val_experiments).to_numpy()}
     parts["train"] = treatment & (wells["split"] == "train").to_numpy() & ~parts["val"]
-    data = {part: {code: list(v) for code, v in zip(wells["id_code"][sel], vectors[sel])}
+    used = wells[treatment]  # controls get no embedding: main.py writes treatment wells only
+    vectors = fake_embeddings(used, int(wells["sirna"].max()) + 1, dim=dim, noise=noise, seed=seed)
+    data = {part: {code: list(v) for code, v in zip(used["id_code"][sel[treatment]], vectors[sel[treatment]])}
             for part, sel in parts.items()}
     path = tmp / "net.embeddings"
     save_embeddings(path, data)
@@ -113,9 +117,8 @@ def test_knn_recovers_planted_labels_per_cell_type():
     assert scores.shape == (len(query), n_classes + 2) and scores.dtype == np.float32
     assert (np.argmax(scores, axis=1) == truth).mean() > 0.95
     assert np.isneginf(scores[:, n_classes:]).all()  # non-candidates (controls) never win
-    assert np.isfinite(scores[:, :n_classes]).all()  # unvoted candidates stay possible
-    # softmax of the scores gives back the smoothed vote shares
-    np.testing.assert_allclose(np.exp(scores[:, :n_classes]).sum(axis=1), 1, rtol=1e-4)
+    assert np.isfinite(scores[:, :n_classes]).all()  # unvoted candidates stay possible (score 0)
+    assert ((scores[:, :n_classes] > 0).sum(axis=1) <= 3).all() and (scores[:, :n_classes].sum(axis=1) <= 3).all()
     assert used == {c: 3 for c in CELLS}
     # K larger than a cell type's reference set is clamped to it
     _, used = knn.knn_scores(query, query_cells, ref, ref_cells, ref_labels, {c: 1000 for c in CELLS},
@@ -134,7 +137,7 @@ def test_neighbours_only_from_the_same_cell_type():
     assert (ref[:3] @ query[0]).max() < ref[3] @ query[0]  # the decoy is the nearest of all
     scores, _ = knn.knn_scores(query, ["HEPG2"], ref, cells, labels, {"HEPG2": 4, "HUVEC": 4}, 3, np.arange(3))
     assert np.argmax(scores[0]) == 1
-    assert scores[0, 2] == scores[0, 0] < scores[0, 1]  # the decoy's class got no vote at all
+    assert scores[0, 2] == scores[0, 0] == 0 < scores[0, 1]  # the decoy's class got no vote at all
     with pytest.raises(knn.KnnError, match="no reference wells of cell type RPE"):
         knn.knn_scores(query, ["RPE"], ref, cells, labels, {"RPE": 4}, 3, np.arange(3))
 
@@ -144,11 +147,12 @@ def test_votes_are_similarity_weighted():
     ref = unit(np.array([[1.0, 0.1, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [-1.0, 0.2, 0.0]]))
     labels = np.array([0, 1, 1, 2])
     scores, _ = knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3))
-    share = np.exp(scores[0])
     sim = ref @ query[0]
-    expected = np.array([sim[0], sim[1] + sim[2], 0.0]) / (sim[0] + sim[1] + sim[2])
-    np.testing.assert_allclose(share, expected * (1 - knn.SMOOTHING) + knn.SMOOTHING / 3, rtol=1e-5)
+    np.testing.assert_allclose(scores[0], [sim[0], sim[1] + sim[2], 0.0], rtol=1e-6)
     assert np.argmax(scores[0]) == 1  # two fair neighbours outvote one close one; the negative one adds nothing
+    # a well whose neighbours all point away: they vote equally instead of not at all
+    scores, _ = knn.knn_scores(-query, ["A"], ref[:3], ["A"] * 3, labels[:3], {"A": 2}, 3, np.arange(3))
+    assert scores[0].sum() == 2 and scores[0, 2] == 0
 
 
 def test_concatenate_is_the_weighted_mean_of_cosines():
@@ -227,6 +231,10 @@ def test_embeddings_files_carry_a_train_part_and_logits_files_do_not(tmp_path):
             read(tmp_path / "any_name")
     with pytest.raises(PredictionFileError, match="unexpected part.*'extra'"):
         save_embeddings(tmp_path / "bad", {**data, "extra": {}})
+    nan = {**data, "train": {"A_1_B02": [np.array([np.nan, 0, 0, 0], np.float32)]}}
+    save_embeddings(tmp_path / "nan", nan)
+    with pytest.raises(PredictionFileError, match=r"nan: train\['A_1_B02'\] has NaN"):
+        load_well_sums(tmp_path / "nan", ("train", "val", "test"))
 
 
 # ------------------------------------------------------------------------------------- the CLI
@@ -284,6 +292,22 @@ def test_cli_knn_several_files_concatenated(fake, tmp_path, capsys):
     assert rc == 0, err
     names = [s["stage"] for s in json.loads(Path(f"{out}.json").read_text())["stages"]]
     assert names[:3] == ["file 1: net.embeddings", "file 2: other.embeddings", "knn concat (w=2,1)"]
+
+
+def test_cli_knn_control_wells_are_never_neighbours_nor_predicted(fake, tmp_path, capsys):
+    wells, data = fake["wells"], load_predictions(fake["file"], kind="embeddings")
+    controls = wells[wells["well_type"] != "treatment"]
+    lure = next(iter(data["test"].values()))  # the very vector of a test well: the nearest neighbour
+    data["train"].update({c: lure for c in controls.loc[controls["split"] == "train", "id_code"][:5]})
+    data["test"].update({c: lure for c in controls.loc[controls["split"] == "test", "id_code"][:3]})
+    with_controls = tmp_path / "controls.embeddings"
+    save_embeddings(with_controls, data)
+    plain, other = tmp_path / "plain.csv", tmp_path / "other.csv"
+    assert run(capsys, fake, plain, "--knn", "3")[0] == 0
+    assert run(capsys, fake, other, "--knn", "3", files=[with_controls])[0] == 0
+    assert other.read_text() == plain.read_text()
+    report = json.loads(Path(f"{other}.json").read_text())
+    assert report["knn"]["ignored_train_controls"] == 5 and report["wells"]["ignored_controls"] == 3
 
 
 def expect_error(capsys, info, out, *extra, files=None, match=()) -> str:

@@ -249,3 +249,12 @@ def test_channels_last_matches() -> None:
         out = net(x.to(memory_format=torch.channels_last), s)
     for key in ("embedding", "logits", "cosine"):
         assert torch.allclose(out[key], ref[key], atol=1e-4)
+
+
+def test_small_cnn_for_cpu_demos():
+    from model import SMALL_CNN, PretrainedUnavailable, build_backbone, supported_backbones
+    features, width = build_backbone(SMALL_CNN)
+    assert SMALL_CNN in supported_backbones()
+    assert features(torch.zeros(2, 6, 48, 48)).shape == (2, width, 12, 12)
+    with pytest.raises(PretrainedUnavailable, match="--pretrained none"):
+        build_backbone(SMALL_CNN, pretrained="imagenet")
