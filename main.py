@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-accumulation", type=int, default=2)
     g.add_argument("-l", "--lr", type=lr_type, default=LRSchedule.parse("cosine,1.5e-4"),
                    help="schedule,v1,e1,v2,e2,...,vn with schedule cosine or const")
+    g.add_argument("--backbone-lr-mult", type=float, default=1.0,
+                   help="the backbone's learning rate as a multiple of --lr (layer-wise learning rates)")
+    g.add_argument("--finetune-cell-type", default=None,
+                   help="train/validate/predict one cell type only (with --load of a general model)")
     g.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-5)
     g.add_argument("--label-smoothing", "--ls", dest="label_smoothing", type=float, default=0.0)
     g.add_argument("--mixup", type=float, default=0.0, help="Beta alpha of mixup (0: off)")
@@ -167,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--cv-number must be -1 or in [0, {args.folds}), got {args.cv_number}")
     if args.pl_epoch is not None and not 0 <= args.pl_epoch < args.epochs:
         p.error(f"--pl-epoch must be in [0, {args.epochs}), got {args.pl_epoch}")
+    if args.backbone_lr_mult < 0:
+        p.error(f"--backbone-lr-mult must be >= 0, got {args.backbone_lr_mult}")
     if not 0 <= args.metric_loss_coeff <= 1 or not 0 <= args.label_smoothing < 1:
         p.error("--metric-loss-coeff must be in [0, 1] and --label-smoothing in [0, 1)")
     try:
@@ -204,6 +210,13 @@ def load_data(args: argparse.Namespace) -> Data:
     structure = metadata.derive_structure(table, args.classes)
     folds = metadata.assign_folds(table, args.folds, args.data_split_seed)
     subsets = metadata.split_subsets(table, folds, args.cv_number, args.all_controls_train)
+    if args.finetune_cell_type:
+        if args.finetune_cell_type not in structure.cell_types:
+            raise metadata.DataError(f"--finetune-cell-type {args.finetune_cell_type}: not among the cell types "
+                                     f"{', '.join(structure.cell_types)}")
+        # train, validate, pseudo-label and predict this cell type only; the model keeps its
+        # full class and cell-type outputs so a general checkpoint loads unchanged
+        subsets = {k: v[v["cell_type"] == args.finetune_cell_type].reset_index(drop=True) for k, v in subsets.items()}
     log.info("data %s: %d sites, %d classes (%d treatment in %d plate groups), cell types %s; "
              "sites: train %d, val %d, test %d", args.data, len(table), structure.n_classes,
              len(structure.treatment_classes), structure.n_groups, ",".join(structure.cell_types),
@@ -261,6 +274,20 @@ def build_model(args, n_classes: int, n_cell_types: int, pretrained: str) -> Cel
     return CellClassifier(args.backbone, n_classes, n_cell_types, embedding_size=args.embedding_size,
                           head_hidden=args.head_hidden, concat_cell_type=args.concat_cell_type,
                           bn_mom=args.bn_mom, pretrained=pretrained)
+
+
+def make_optimizer(args, model: CellClassifier) -> torch.optim.Optimizer:
+    """Adam with two parameter groups: the backbone at `--backbone-lr-mult` times the schedule's
+    rate (the 41st-place recipe fine-tuned pretrained layers more gently), the rest at 1x."""
+    backbone = list(model.backbone.parameters())
+    in_backbone = {id(p) for p in backbone}
+    head = [p for p in model.parameters() if id(p) not in in_backbone]
+    groups = [{"params": backbone, "lr_mult": args.backbone_lr_mult, "name": "backbone"},
+              {"params": head, "lr_mult": 1.0, "name": "neck and heads"}]
+    lr = args.lr(0, args.epochs)
+    for group in groups:
+        group["lr"] = lr * group["lr_mult"]
+    return torch.optim.Adam(groups, lr=lr, weight_decay=args.wd)
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -397,7 +424,7 @@ def train(args) -> None:
     fine_tune = load_checkpoint(args.load) if args.load and not resume else None
     pretrained = "none" if (resume or fine_tune) else args.pretrained
     model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), pretrained).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr(0, args.epochs), weight_decay=args.wd)
+    optimizer = make_optimizer(args, model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = {"epoch": args.start_epoch - 1, "best_acc": -1.0, "pseudo_labels": {}, "history": []}
     if resume is not None:

@@ -204,3 +204,43 @@ def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained):
     torch.save(state, tmp_path / "other")
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "other", *SMALL) == 1
     assert not (tmp_path / "other.output").exists()
+
+
+def test_layer_wise_learning_rates(tmp_path):
+    args = main.parse_args(["--save", str(tmp_path / "x"), "--backbone-lr-mult", "0.1", "--lr", "const,1e-3"])
+    model = main.build_model(args, 11, 4, "none")
+    optimizer = main.make_optimizer(args, model)
+    backbone, head = optimizer.param_groups
+    assert backbone["lr"] == pytest.approx(1e-4) and head["lr"] == pytest.approx(1e-3)
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
+    assert len(backbone["params"]) + len(head["params"]) == len(list(model.parameters()))
+    with pytest.raises(SystemExit):
+        main.parse_args(["--save", str(tmp_path / "x"), "--backbone-lr-mult", "-1"])
+
+
+def test_finetune_cell_type_keeps_one_cell_type(tiny_competition, tmp_path):
+    args = main.parse_args(["--data", str(tiny_competition[0]), "--save", str(tmp_path / "x"),
+                            "--finetune-cell-type", "HUVEC", *SMALL])
+    data = main.load_data(args)
+    for part, rows in data.subsets.items():
+        assert set(rows["cell_type"]) <= {"HUVEC"}, part
+    assert len(data.subsets["train"]) and len(data.subsets["test"])
+    assert data.structure.cell_types == ("HEPG2", "HUVEC", "RPE", "U2OS")  # the model's inputs are unchanged
+    args.finetune_cell_type = "NOPE"
+    with pytest.raises(metadata.DataError, match="--finetune-cell-type NOPE"):
+        main.load_data(args)
+
+
+def test_merge_per_cell_type_predictions(tmp_path, capsys):
+    from predfile import load_predictions, save_predictions
+    from tools import merge_predictions
+    v = lambda: [np.zeros(5, np.float32), np.ones(5, np.float32)]
+    save_predictions(tmp_path / "a.output", {"test": {"A_1_B02": v()}, "val": {"A_2_B02": v()}})
+    save_predictions(tmp_path / "b.output", {"test": {"B_1_B02": v()}, "val": {}})
+    assert merge_predictions.main(["-o", str(tmp_path / "m.output"), str(tmp_path / "a.output"),
+                                   str(tmp_path / "b.output")]) == 0
+    merged = load_predictions(tmp_path / "m.output")
+    assert set(merged["test"]) == {"A_1_B02", "B_1_B02"} and set(merged["val"]) == {"A_2_B02"}
+    assert merge_predictions.main(["-o", str(tmp_path / "n.output"), str(tmp_path / "a.output"),
+                                   str(tmp_path / "a.output")]) == 2
+    assert "A_1_B02 (test) is also in" in capsys.readouterr().err and not (tmp_path / "n.output").exists()
