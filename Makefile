@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .PHONY: install test demo clean
 
+# make demo [DATA=existing data set] [OUT=output folder]
+OUT ?= demo
+DATA ?=
+
 install: $(STAMP)
 
 $(STAMP): requirements.txt
@@ -15,6 +19,10 @@ $(STAMP): requirements.txt
 
 test: install
 	$(PY) -m pytest -q tests
+
+demo: install
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib || echo "no matplotlib: training curves are skipped"
+	$(PY) demo.py --out $(OUT) $(if $(DATA),--data $(DATA))
 
 clean:
 	rm -rf $(VENV) .pytest_cache
