@@ -1,0 +1,496 @@
+#!/usr/bin/env python3
+"""Synthetic RxRx1-like data sets, so every part of cellpaint-rcic runs on a CPU without the 47 GB data.
+
+The generator reproduces the *structure* of the real data at any scale (experiments, plates, plate groups,
+controls, QC-dropped wells, two sites per well, six 8-bit channels, the HUVEC-18/RPE-03 style layout
+coincidence) and draws images whose content depends on the class (channel profile + morphology), the
+experiment (batch effect) and the well/site (jitter, cell positions, pixel noise), so a model has something
+real to learn and must generalise across experiments.
+
+Both output layouts of SPEC.md "The data" are supported; the same config and seed give the same labels and
+byte-identical images in either. No torch import here on purpose: generating data should start instantly.
+
+    python synthetic.py data/synth --layout release --classes 40 --plates 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+GENERATOR = "cellpaint-rcic synthetic"
+INFO_FILE = "synthetic_info.json"
+CHANNELS = 6
+ROWS = "BCDEFGHIJKLMNO"            # rows B..O of a 384-well plate (A and P are unused in RxRx1)
+COLUMNS = range(2, 24)             # columns 02..23
+MAX_WELLS = len(ROWS) * len(COLUMNS)  # 308, exactly the used wells of a real plate
+# Everything generate() may create; only these are removed when overwriting a previous synthetic data set.
+OUTPUT_NAMES = ("train", "test", "images", "train.csv", "test.csv", "train_controls.csv",
+                "test_controls.csv", "metadata.csv", "pixel_stats.csv", INFO_FILE)
+
+# Base appearance per channel (nuclei, ER, actin, RNA/nucleoli, mitochondria, Golgi/membrane), at 48 px.
+BASE_SIGMA = np.array([1.8, 3.2, 3.6, 2.0, 3.0, 2.6])        # blob radius (px)
+BASE_AMP = np.array([70.0, 38.0, 42.0, 50.0, 38.0, 34.0])     # blob peak intensity (gray levels)
+BASE_BACKGROUND = np.array([8.0, 12.0, 10.0, 6.0, 10.0, 8.0])
+BASE_GRANULARITY = np.array([0.0, 0.2, 0.1, 0.3, 0.5, 0.4])   # share of a channel drawn as small puncta
+PUNCTA_PER_CELL = 4
+WELL_JITTER = 0.08                 # well-to-well phenotype spread (log scale) at noise=1
+
+
+@dataclass
+class SyntheticConfig:
+    """All knobs of a synthetic data set. `signal`, `batch_effect` and `noise` scale built-in strengths (1 = tuned default)."""
+    layout: str = "competition"
+    cell_types: tuple[str, ...] = ("HEPG2", "HUVEC", "RPE", "U2OS")
+    train_experiments: tuple[int, ...] = (3, 3, 3, 3)  # per cell type
+    test_experiments: tuple[int, ...] = (1, 1, 1, 1)   # per cell type, numbered after the train ones
+    classes: int = 40                                  # treatment classes, a multiple of `plates`
+    plates: int = 4
+    positive_controls: int = 3
+    negative_wells: int = 1
+    image_size: int = 48
+    sites: int = 2
+    drop_wells: float = 0.03
+    signal: float = 1.0
+    batch_effect: float = 1.0
+    noise: float = 1.0
+    leak: bool = True
+    pixel_stats: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from a JSON round trip) but store tuples so the config stays hashable and immutable-ish.
+        self.cell_types = tuple(self.cell_types)
+        self.train_experiments = tuple(int(n) for n in self.train_experiments)
+        self.test_experiments = tuple(int(n) for n in self.test_experiments)
+
+    @property
+    def wells_per_plate(self) -> int:
+        return self.classes // max(self.plates, 1) + self.positive_controls + self.negative_wells
+
+    def validate(self) -> None:
+        """Raise ValueError with a message naming the CLI flag when the config cannot describe a data set."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+        need(self.layout in ("competition", "release"), f"--layout must be 'competition' or 'release', not {self.layout!r}")
+        need(len(self.cell_types) > 0, "--cell-types must name at least one cell type")
+        need(len(set(self.cell_types)) == len(self.cell_types), "--cell-types must not repeat a name")
+        for ct in self.cell_types:
+            need(bool(re.fullmatch(r"[A-Za-z0-9]+", ct)), f"--cell-types: {ct!r} must be letters/digits only (no '-' or '_')")
+        for flag, counts in (("--train-experiments", self.train_experiments), ("--test-experiments", self.test_experiments)):
+            need(len(counts) == len(self.cell_types),
+                 f"{flag} needs one count per cell type ({len(self.cell_types)}), got {len(counts)}")
+            need(all(0 <= n for n in counts), f"{flag} counts must be >= 0")
+        need(sum(self.train_experiments) >= 1, "--train-experiments: at least one train experiment is needed")
+        need(self.plates >= 1, "--plates must be >= 1")
+        need(self.classes >= 1, "--classes must be >= 1")
+        need(self.classes % self.plates == 0,
+             f"--classes ({self.classes}) must be a multiple of --plates ({self.plates}): "
+             f"each plate holds one plate group of classes/plates siRNAs")
+        need(self.positive_controls >= 0, "--positive-controls must be >= 0")
+        need(self.negative_wells >= 0, "--negative-wells must be >= 0")
+        need(self.wells_per_plate <= MAX_WELLS,
+             f"{self.wells_per_plate} wells per plate (classes/plates + positive controls + negative wells) "
+             f"exceed the {MAX_WELLS} usable wells of a 384-well plate")
+        need(8 <= self.image_size <= 2048, "--image-size must be in [8, 2048]")
+        need(self.sites >= 1, "--sites must be >= 1")
+        need(0.0 <= self.drop_wells < 1.0, "--drop-wells must be in [0, 1)")
+        for flag, v in (("--signal", self.signal), ("--batch-effect", self.batch_effect), ("--noise", self.noise)):
+            need(v >= 0.0 and np.isfinite(v), f"{flag} must be a finite number >= 0")
+        need(self.seed >= 0, "--seed must be >= 0")
+        if self.leak:
+            need(bool(_leak_candidates(self)),
+                 "--leak needs a test experiment and a train experiment of a different cell type; use --no-leak")
+
+
+class OutputDirError(FileExistsError):
+    """The output directory holds something that is not a previous synthetic data set."""
+
+
+# ----------------------------------------------------------------------------------------------- randomness
+def _rng(seed: int, *parts: str | int) -> np.random.Generator:
+    """A generator keyed by names, so each experiment/plate/well/site draws the same numbers whatever the order."""
+    key = [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
+    return np.random.default_rng(np.random.SeedSequence([seed, *key]))
+
+
+def experiment_names(config: SyntheticConfig) -> dict[str, list[str]]:
+    """{'train': [...], 'test': [...]}: per cell type, train experiments first, test ones continue the numbering."""
+    out: dict[str, list[str]] = {"train": [], "test": []}
+    for ct, n_train, n_test in zip(config.cell_types, config.train_experiments, config.test_experiments):
+        out["train"] += [f"{ct}-{i:02d}" for i in range(1, n_train + 1)]
+        out["test"] += [f"{ct}-{i:02d}" for i in range(n_train + 1, n_train + n_test + 1)]
+    return out
+
+
+def _cell_type(experiment: str) -> str:
+    return experiment.split("-")[0]
+
+
+def _leak_candidates(config: SyntheticConfig) -> list[tuple[str, str]]:
+    names = experiment_names(config)
+    return [(t, r) for t in names["test"] for r in names["train"] if _cell_type(t) != _cell_type(r)]
+
+
+def well_names(n: int) -> list[str]:
+    """The first n wells of a 384-well plate in row-major order: B02, B03, ..., B23, C02, ..."""
+    return [f"{r}{c:02d}" for r in ROWS for c in COLUMNS][:n]
+
+
+# ----------------------------------------------------------------------------------------------- design
+def make_design(config: SyntheticConfig) -> tuple[pd.DataFrame, dict]:
+    """Which class sits in which well of which plate, before any pixel is drawn.
+
+    Returns the well table (experiment, plate, well, sirna, well_type, dataset, cell_type, dropped) and the
+    structural part of the info dict (groups, plate_groups, leak, ...)."""
+    config.validate()
+    T, P, n_plates = config.classes, config.positive_controls, config.plates
+    names = experiment_names(config)
+    # Plate groups: a random partition (never contiguous ranges, so downstream code cannot rely on that).
+    perm = _rng(config.seed, "groups").permutation(T)
+    groups = [sorted(int(c) for c in chunk) for chunk in np.split(perm, n_plates)]
+    controls = list(range(T, T + P)) + [T + P] * config.negative_wells
+    wells = well_names(config.wells_per_plate)
+
+    layouts: dict[str, list[tuple[int, list[int]]]] = {}  # exp -> per plate (group index, class per well)
+    for exp in names["train"] + names["test"]:
+        rng = _rng(config.seed, "layout", exp)
+        order = rng.permutation(n_plates)
+        plates = []
+        for p in range(n_plates):
+            content = np.array(groups[order[p]] + controls)
+            plates.append((int(order[p]), [int(c) for c in content[rng.permutation(len(content))]]))
+        layouts[exp] = plates
+
+    leak = None
+    if config.leak:
+        cands = _leak_candidates(config)
+        t_exp, r_exp = cands[int(_rng(config.seed, "leak").integers(len(cands)))]
+        # Shift 1: plate p of the test experiment holds plate p-1 of the train one; plate 1 takes the last.
+        layouts[t_exp] = [layouts[r_exp][(p - 1) % n_plates] for p in range(n_plates)]
+        leak = {"test_experiment": t_exp, "train_experiment": r_exp, "shift": 1}
+
+    rows = []
+    for dataset in ("train", "test"):
+        for exp in names[dataset]:
+            for p, (_, content) in enumerate(layouts[exp], start=1):
+                for well, c in zip(wells, content):
+                    wtype = "treatment" if c < T else ("positive_control" if c < T + P else "negative_control")
+                    rows.append((f"{exp}_{p}_{well}", exp, p, well, c, wtype, dataset, _cell_type(exp)))
+    df = pd.DataFrame(rows, columns=["id_code", "experiment", "plate", "well", "sirna", "well_type", "dataset", "cell_type"])
+    df = df.sort_values(["experiment", "plate", "well"], kind="stable").reset_index(drop=True)
+    # QC drops: an exact fraction of all treatment wells, chosen at random.
+    treat = np.flatnonzero(df["well_type"].to_numpy() == "treatment")
+    n_drop = int(round(config.drop_wells * len(treat)))
+    df["dropped"] = False
+    df.loc[_rng(config.seed, "drop").choice(treat, n_drop, replace=False), "dropped"] = True
+
+    structure = {
+        "experiments": names,
+        "cell_types": list(config.cell_types),
+        "class_counts": {"treatment": T, "positive_control": P, "negative_control": 1, "total": T + P + 1,
+                         "per_group": T // n_plates},
+        "wells_per_plate": config.wells_per_plate,
+        "groups": groups,
+        "plate_groups": {f"{exp}_{p}": g for exp, plates in sorted(layouts.items())
+                         for p, (g, _) in enumerate(plates, start=1)},
+        "leak": leak,
+        "dropped_wells": sorted(df.loc[df["dropped"], "id_code"].tolist()),
+    }
+    return df, structure
+
+
+# ----------------------------------------------------------------------------------------------- appearance
+def _class_params(config: SyntheticConfig) -> dict[str, np.ndarray]:
+    """Per class: channel profile (log intensity), morphology (size, elongation, density) and texture (granularity).
+
+    Spreads are tuned against the per-well jitter in _well_phenotype: at signal=1 a small CNN learns the classes
+    in minutes, yet wells of different classes overlap enough that single-well accuracy stays clearly below 100%."""
+    K = config.classes + config.positive_controls + 1
+    rng, s = _rng(config.seed, "classes"), config.signal
+    p = {
+        "intensity": rng.normal(0.0, 0.18, (K, CHANNELS)) * s,
+        "size": rng.normal(0.0, 0.09, (K, CHANNELS)) * s,
+        "elongation": np.abs(rng.normal(0.0, 0.21, (K, CHANNELS))) * s,
+        "density": rng.normal(0.0, 0.12, K) * s,
+        "granularity": BASE_GRANULARITY + rng.normal(0.0, 0.12, (K, CHANNELS)) * s,
+    }
+    neg = K - 1  # the negative control is the untreated phenotype: no class effect at all
+    for k in ("intensity", "size", "elongation", "density"):
+        p[k][neg] = 0.0
+    p["granularity"][neg] = BASE_GRANULARITY
+    return p
+
+
+def _well_phenotype(cls: dict[str, np.ndarray], k: int, noise: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Class k's phenotype as seen in one well: biology varies from well to well, so sites of a well share an
+    error that averaging sites cannot remove (this is what keeps single-well accuracy below 100%)."""
+    j = WELL_JITTER * noise
+    return {
+        "intensity": cls["intensity"][k] + rng.normal(0, j, CHANNELS),
+        "size": cls["size"][k] + rng.normal(0, 0.5 * j, CHANNELS),
+        "elongation": np.abs(cls["elongation"][k] + rng.normal(0, j, CHANNELS)),
+        "density": cls["density"][k] + rng.normal(0, j),
+        "granularity": np.clip(cls["granularity"][k] + rng.normal(0, j, CHANNELS), 0.0, 0.9),
+    }
+
+
+def _experiment_params(config: SyntheticConfig, experiment: str) -> dict[str, np.ndarray]:
+    """Batch effect: a per-cell-type baseline (appearance + gain) times a per-experiment gain and offset."""
+    b = config.batch_effect
+    ct = _rng(config.seed, "cell_type", _cell_type(experiment))
+    ct_gain, ct_size, ct_density = ct.normal(0, 0.25, CHANNELS) * b, ct.normal(0, 0.10, CHANNELS) * b, ct.normal(0, 0.2) * b
+    ex = _rng(config.seed, "batch", experiment)
+    return {
+        "gain": np.exp(ct_gain + ex.normal(0, 0.20, CHANNELS) * b),
+        "offset": BASE_BACKGROUND * np.exp(ex.normal(0, 0.30, CHANNELS) * b),
+        "size": ct_size,
+        "density": np.asarray(ct_density),
+    }
+
+
+def _render(size: int, cx: np.ndarray, cy: np.ndarray, theta: np.ndarray,
+            s_major: np.ndarray, s_minor: np.ndarray, amp: np.ndarray) -> np.ndarray:
+    """Sum of rotated elliptical Gaussians, (N,) points x (N, C) sigmas/amplitudes -> (C, size, size).
+
+    Each blob is evaluated only on a patch of +-3 sigma around it and scattered with one bincount, so the cost
+    grows with the number of cells, not with cells x pixels, and there is no Python loop over pixels or cells."""
+    n, c = amp.shape
+    if n == 0:
+        return np.zeros((c, size, size))
+    r = min(int(np.ceil(3.0 * s_major.max())), size)
+    off = np.arange(-r, r + 1)
+    ix = np.floor(cx).astype(np.int64)[:, None] + off                 # (N, W)
+    iy = np.floor(cy).astype(np.int64)[:, None] + off
+    # float32 from here: twice as fast, and far more precise than the uint8 it ends in
+    dx, dy = (ix + 0.5 - cx[:, None]).astype(np.float32), (iy + 0.5 - cy[:, None]).astype(np.float32)
+    cos, sin = np.cos(theta, dtype=np.float32)[:, None, None], np.sin(theta, dtype=np.float32)[:, None, None]
+    s_major, s_minor, amp = (v.astype(np.float32) for v in (s_major, s_minor, amp))
+    a = dx[:, None, :] * cos + dy[:, :, None] * sin                    # (N, W_y, W_x) along the major axis
+    b = dy[:, :, None] * cos - dx[:, None, :] * sin
+    q = (a[:, None] / s_major[:, :, None, None]) ** 2 + (b[:, None] / s_minor[:, :, None, None]) ** 2
+    val = amp[:, :, None, None] * np.exp(-0.5 * q)                     # (N, C, W, W)
+    inside = ((iy >= 0) & (iy < size))[:, :, None] & ((ix >= 0) & (ix < size))[:, None, :]
+    flat = iy[:, :, None] * size + ix[:, None, :]
+    idx = np.arange(c)[None, :, None, None] * size * size + flat[:, None]
+    mask = np.broadcast_to(inside[:, None], idx.shape)
+    return np.bincount(idx[mask], weights=val[mask], minlength=c * size * size).reshape(c, size, size)
+
+
+def render_site(config: SyntheticConfig, pheno: dict[str, np.ndarray], exp: dict[str, np.ndarray],
+                rng: np.random.Generator) -> np.ndarray:
+    """One site: (6, S, S) uint8 from a well's phenotype, its experiment's batch effect and the per-site generator."""
+    S, noise = config.image_size, config.noise
+    scale = np.sqrt(S / 48.0)  # cells grow a little with the image, their number grows with the area
+    n = rng.poisson(9.0 * (S / 48.0) * np.exp(pheno["density"] + exp["density"]))
+    cx, cy = rng.uniform(0, S, n), rng.uniform(0, S, n)
+    theta = rng.uniform(0, np.pi, n)
+    sigma = (BASE_SIGMA * scale * np.exp(pheno["size"] + exp["size"]))[None] * np.exp(rng.normal(0, 0.15, (n, 1)))
+    aspect = np.exp(pheno["elongation"])[None] * np.exp(np.abs(rng.normal(0, 0.1, (n, 1))))
+    cell_amp = np.exp(rng.normal(0, 0.25 * noise, (n, 1))) * BASE_AMP * np.exp(pheno["intensity"])
+    gran = pheno["granularity"]
+    img = _render(S, cx, cy, theta, sigma * np.sqrt(aspect), sigma / np.sqrt(aspect), cell_amp * (1 - gran))
+    # Texture: a few small bright puncta scattered inside each cell carry the granular share of each channel.
+    m = n * PUNCTA_PER_CELL
+    spread = np.repeat(sigma.mean(axis=1), PUNCTA_PER_CELL)
+    px = np.repeat(cx, PUNCTA_PER_CELL) + rng.normal(0, 1, m) * spread
+    py = np.repeat(cy, PUNCTA_PER_CELL) + rng.normal(0, 1, m) * spread
+    ps = np.full((m, CHANNELS), 0.7 * scale)
+    img += _render(S, px, py, np.zeros(m), ps, ps, np.repeat(cell_amp * gran * 1.5, PUNCTA_PER_CELL, axis=0))
+    img = exp["offset"][:, None, None] + exp["gain"][:, None, None] * img
+    img += rng.normal(0, 1, img.shape) * noise * (1.0 + 0.25 * np.sqrt(np.maximum(img, 0)))  # read + shot noise
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Create out_dir, or clear a previous synthetic data set there; never touch anything else."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputDirError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        info = out_dir / INFO_FILE
+        try:
+            ours = json.loads(info.read_text()).get("generator") == GENERATOR
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise OutputDirError(f"{out_dir} is not empty and is not a synthetic data set (no {INFO_FILE}); "
+                                 f"refusing to write there. Choose an empty or new directory.")
+        for name in OUTPUT_NAMES:
+            path = out_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def generate(out_dir: Path, config: SyntheticConfig, progress: bool = True) -> dict:
+    """Write a complete synthetic data set to out_dir in config.layout; return (and save) the info dict."""
+    config.validate()
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir)
+    # Mark the directory as ours before writing, so an interrupted run can be overwritten by the next one.
+    _write_json(out_dir / INFO_FILE, {"generator": GENERATOR, "complete": False})
+
+    design, structure = make_design(config)
+    kept = design[~design["dropped"]].reset_index(drop=True)
+    cls = _class_params(config)
+    stats_rows: list[tuple] = []
+    plates = kept.groupby(["experiment", "plate"], sort=True)
+    for (exp_name, plate), wells in tqdm(plates, total=plates.ngroups, desc="synthetic plates",
+                                         unit="plate", disable=not progress):
+        exp = _experiment_params(config, exp_name)
+        split = wells["dataset"].iat[0]
+        folder = out_dir / ("images" if config.layout == "release" else split) / exp_name / f"Plate{plate}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for row in wells.itertuples(index=False):
+            pheno = _well_phenotype(cls, row.sirna, config.noise, _rng(config.seed, "well", exp_name, plate, row.well))
+            for site in range(1, config.sites + 1):
+                img = render_site(config, pheno, exp, _rng(config.seed, "site", exp_name, plate, row.well, site))
+                for ch in range(CHANNELS):
+                    Image.fromarray(img[ch]).save(folder / f"{row.well}_s{site}_w{ch + 1}.png")
+                    if config.pixel_stats:
+                        x = img[ch]
+                        stats_rows.append((row.id_code, exp_name, plate, row.well, site, ch + 1, float(x.mean()),
+                                           float(x.std()), float(np.median(x)), int(x.min()), int(x.max())))
+
+    _write_tables(out_dir, config, kept)
+    if config.pixel_stats:
+        pd.DataFrame(stats_rows, columns=["id_code", "experiment", "plate", "well", "site", "channel", "mean", "std",
+                                          "median", "min", "max"]).to_csv(out_dir / "pixel_stats.csv", index=False)
+    test_treat = kept[(kept["dataset"] == "test") & (kept["well_type"] == "treatment")]
+    info = {
+        "generator": GENERATOR,
+        "complete": True,
+        "layout": config.layout,
+        "config": asdict(config),
+        **structure,
+        "n_wells": int(len(kept)),
+        "n_sites": int(len(kept) * config.sites),
+        "n_images": int(len(kept) * config.sites * CHANNELS),
+        "test_labels": {i: int(s) for i, s in zip(test_treat["id_code"], test_treat["sirna"])},
+    }
+    _write_json(out_dir / INFO_FILE, info)
+    return info
+
+
+def sirna_name(k: int, config: SyntheticConfig) -> str:
+    """Release-layout siRNA name: s##### for treatments, p##### for positive controls, EMPTY for the negative one."""
+    if k < config.classes:
+        return f"s{k:05d}"
+    return f"p{k - config.classes:05d}" if k < config.classes + config.positive_controls else "EMPTY"
+
+
+def _write_tables(out_dir: Path, config: SyntheticConfig, kept: pd.DataFrame) -> None:
+    if config.layout == "competition":
+        base = ["id_code", "experiment", "plate", "well"]
+        for split in ("train", "test"):
+            part = kept[kept["dataset"] == split]
+            treat = part[part["well_type"] == "treatment"]
+            (treat[base + ["sirna"]] if split == "train" else treat[base]).to_csv(out_dir / f"{split}.csv", index=False)
+            part[part["well_type"] != "treatment"][base + ["sirna", "well_type"]].to_csv(
+                out_dir / f"{split}_controls.csv", index=False)
+        return
+    sites = kept.loc[kept.index.repeat(config.sites)].copy()
+    sites["site"] = np.tile(np.arange(1, config.sites + 1), len(kept))
+    sites["site_id"] = sites["id_code"] + "_" + sites["site"].astype(str)
+    sites["sirna_id"] = sites["sirna"]
+    sites["sirna"] = [sirna_name(k, config) for k in sites["sirna_id"]]
+    sites = sites.rename(columns={"id_code": "well_id"})
+    cols = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site", "well_type", "sirna", "sirna_id"]
+    sites[cols].to_csv(out_dir / "metadata.csv", index=False)
+
+
+def read_info(data_dir: Path) -> dict:
+    """The info dict of a synthetic data set (KeyError-free access to groups, leak, test_labels, ...)."""
+    return json.loads((Path(data_dir) / INFO_FILE).read_text())
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return values
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SyntheticConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out", type=Path, help="output directory (new, empty, or a previous synthetic data set)")
+    p.add_argument("--layout", choices=["competition", "release"], default=d.layout)
+    p.add_argument("--cell-types", type=_str_list, default=",".join(d.cell_types), help="comma-separated cell-type names")
+    p.add_argument("--train-experiments", type=_int_list, default=",".join(map(str, d.train_experiments)),
+                   help="train experiments per cell type (one number, or one per cell type)")
+    p.add_argument("--test-experiments", type=_int_list, default=",".join(map(str, d.test_experiments)),
+                   help="test experiments per cell type (one number, or one per cell type)")
+    p.add_argument("--classes", type=int, default=d.classes, help="treatment classes, a multiple of --plates")
+    p.add_argument("--plates", type=int, default=d.plates, help="plates per experiment = plate groups")
+    p.add_argument("--positive-controls", type=int, default=d.positive_controls)
+    p.add_argument("--negative-wells", type=int, default=d.negative_wells, help="negative-control wells per plate")
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--sites", type=int, default=d.sites)
+    p.add_argument("--drop-wells", type=float, default=d.drop_wells, help="fraction of treatment wells dropped (QC)")
+    p.add_argument("--signal", type=float, default=d.signal, help="class-effect strength multiplier")
+    p.add_argument("--batch-effect", type=float, default=d.batch_effect, help="experiment/cell-type effect multiplier")
+    p.add_argument("--noise", type=float, default=d.noise, help="well/cell/pixel noise multiplier")
+    p.add_argument("--leak", action=argparse.BooleanOptionalAction, default=d.leak,
+                   help="plant one test/train layout coincidence (plates shifted by one)")
+    p.add_argument("--pixel-stats", action=argparse.BooleanOptionalAction, default=d.pixel_stats,
+                   help="also write pixel_stats.csv")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    n_ct = len(args.cell_types)
+    for name in ("train_experiments", "test_experiments"):  # one number means the same for every cell type
+        if len(getattr(args, name)) == 1:
+            setattr(args, name, getattr(args, name) * n_ct)
+    config = SyntheticConfig(**{f.name: getattr(args, f.name) for f in fields(SyntheticConfig)})
+    try:
+        config.validate()
+    except ValueError as e:
+        parser.error(str(e))
+    start = time.perf_counter()
+    try:
+        info = generate(args.out, config, progress=not args.quiet)
+    except OutputDirError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    leak = info["leak"]
+    print(f"wrote {info['n_wells']} wells, {info['n_images']} images "
+          f"({len(info['experiments']['train'])} train / {len(info['experiments']['test'])} test experiments, "
+          f"{info['class_counts']['total']} classes, layout {config.layout}) to {args.out} "
+          f"in {time.perf_counter() - start:.1f}s"
+          + (f"; leak: {leak['test_experiment']} reuses {leak['train_experiment']} shifted by {leak['shift']}" if leak else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
