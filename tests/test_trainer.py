@@ -244,3 +244,10 @@ def test_merge_per_cell_type_predictions(tmp_path, capsys):
     assert merge_predictions.main(["-o", str(tmp_path / "n.output"), str(tmp_path / "a.output"),
                                    str(tmp_path / "a.output")]) == 2
     assert "A_1_B02 (test) is also in" in capsys.readouterr().err and not (tmp_path / "n.output").exists()
+
+
+def test_channels_last_training_runs(tiny_competition, tmp_path):
+    assert run("--data", tiny_competition[0], "--save", tmp_path / "cl", "-e", 1, "--cv-number", -1,
+               "--channels-last", "true", *SMALL) == 0
+    state = torch.load(tmp_path / "cl.0", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in state["model"])
