@@ -77,8 +77,9 @@ def detect_layout(data_dir: Path) -> str:
     """'competition' (train.csv) or 'release' (metadata.csv); a clear error for anything else."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"data directory {data_dir} does not exist. Point --data at the competition "
-                        "data (train.csv, test.csv, ...) or the RxRx1 release (metadata.csv, images/), "
+        raise DataError(f"data directory {data_dir} does not exist. Point --data at the competition data "
+                        "(kaggle competitions download -c recursion-cellular-image-classification: train.csv, "
+                        "test.csv, ...) or the RxRx1 release (https://www.rxrx.ai/rxrx1: metadata.csv, images/), "
                         "or make a synthetic set with: python synthetic.py DIR")
     if (data_dir / "train.csv").exists():
         return "competition"

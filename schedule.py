@@ -44,6 +44,12 @@ class LRSchedule:
             raise ValueError(f"--lr {text!r}: span boundaries must be positive and increasing")
         return cls(kind, values, bounds)
 
+    def __str__(self) -> str:
+        numbers = [self.values[0]]
+        for bound, value in zip(self.bounds, self.values[1:]):
+            numbers += [bound, value]
+        return ",".join([self.kind] + [f"{n:g}" for n in numbers])
+
     def __call__(self, epoch: float, total_epochs: float) -> float:
         """The learning rate at (fractional) `epoch` of a run of `total_epochs`."""
         starts = (0.0,) + self.bounds
@@ -92,7 +98,7 @@ class SizeFunction:
                              "(use numbers, x, + - * / **, min, max, sqrt, exp, log)")
         children = node.args if isinstance(node, ast.Call) else list(ast.iter_child_nodes(node))
         for child in children:
-            if not isinstance(child, (ast.operator, ast.unaryop)):
+            if not isinstance(child, (ast.operator, ast.unaryop, ast.expr_context)):
                 self._check(child)
 
     def _eval(self, node: ast.AST, x: float) -> float:
