@@ -7,8 +7,9 @@ Two ways to turn a site into network input, with the same maths:
 - ``SiteDataset(..., output="uint8")`` (what main.py uses): the loader workers only decode
   (or read the decoded cache, `ImageCache`) and draw the sample's random augmentation; they
   return the uint8 image and those draws. `prepare_batch` then does everything else on whole
-  batches on the accelerator: flips/transposes, the zoom crop (crop, then resize in float),
-  normalisation and the per-channel gain/offset jitter. CPU work per sample is decoding alone.
+  batches on the accelerator: flips/transposes, the zoom crop (crop, then resize in float), the
+  optional rotation and gamma, normalisation, the per-channel gain/offset jitter and the optional
+  brightness/contrast. CPU work per sample is decoding alone.
 - ``output="float"``: the same steps one sample at a time on the CPU (the reference; slow).
 
 Random draws come from a generator seeded by (seed, epoch, index): a sample's augmentation does
@@ -296,19 +297,70 @@ def apply_geometry(x: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
     return torch.stack([zoom(dihedral(img, r[0]), r[1:]) for img, r in zip(x, rows)])
 
 
+def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Each image of a batch [B, C, H, W] rotated about its centre by `degrees` [B], same H x W.
+
+    Bilinear, zero fill (the dark background of fluorescence images). A positive angle turns the
+    image the way ``torch.rot90(x, 1, (-2, -1))`` does. One `grid_sample` for the whole batch.
+    """
+    if not degrees.any():
+        return x
+    h, w = x.shape[-2:]
+    a = torch.deg2rad(degrees.detach().cpu().double())  # a few numbers: on the CPU (MPS has no float64)
+    cos, sin = torch.cos(a), torch.sin(a)
+    # the grid is in coordinates normalised to [-1, 1] per axis: rescale so that non-square images
+    # turn rigidly in pixel space (sample at R·p for output pixel p, both relative to the centre)
+    theta = torch.stack([torch.stack([cos, -sin * h / w, torch.zeros_like(a)], -1),
+                         torch.stack([sin * w / h, cos, torch.zeros_like(a)], -1)], -2).to(x)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def adjust_gamma(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """255·(x/255)^gamma per image of a batch [B, C, H, W] of raw intensities, `gamma` [B]."""
+    if bool((gamma == 1).all()):
+        return x
+    return 255 * (x / 255).clamp(0, 1) ** gamma.to(x)[:, None, None, None]
+
+
+def brightness_contrast(x: torch.Tensor, contrast: torch.Tensor, brightness: torch.Tensor) -> torch.Tensor:
+    """x·contrast + brightness, one value per image of a normalised batch [B, C, H, W] (all channels).
+
+    Applied after normalisation: `sample` normalisation divides out any per-image affine change of
+    the raw intensities, so before it these would do nothing.
+    """
+    if bool((contrast == 1).all() and (brightness == 0).all()):
+        return x
+    return x * contrast.to(x)[:, None, None, None] + brightness.to(x)[:, None, None, None]
+
+
 @dataclass(frozen=True)
 class Augment:
-    """Train-time augmentation settings (SPEC): dihedral flips, zoom crop, per-channel gain/offset."""
+    """Train-time augmentation settings (SPEC): dihedral flips, zoom crop, per-channel gain/offset;
+    optionally (41st-place recipe, off by default) rotation, gamma, brightness and contrast."""
     flips: bool = True
     min_scale: float = 1.0          # --scale-aug: zoom crop edge drawn from [min_scale, 1]
     scale_std: float = 0.0          # --pw-aug first value
     bias_std: float = 0.0           # --pw-aug second value
+    rotate: float = 0.0             # --rotate-aug: angle ~ U(-rotate, rotate) degrees
+    brightness: float = 0.0         # --brightness-aug: offset ~ U(-b, b) on the normalised image
+    contrast: float = 0.0           # --contrast-aug: factor ~ U(1-c, 1+c) on the normalised image
+    gamma: float = 0.0              # --gamma-aug: gamma = exp(U(-log(1+g), log(1+g)))
 
     def __post_init__(self) -> None:
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"zoom scale must be in (0, 1], got {self.min_scale}")
         if self.scale_std < 0 or self.bias_std < 0:
             raise ValueError(f"augmentation std must be >= 0, got {self.scale_std}, {self.bias_std}")
+        # written so that NaN fails too
+        if not 0 <= self.rotate <= 180:
+            raise ValueError(f"--rotate-aug: rotation must be in [0, 180] degrees, got {self.rotate}")
+        if not 0 <= self.contrast < 1:
+            raise ValueError(f"--contrast-aug: contrast must be in [0, 1) (factor in (0, 2)), got {self.contrast}")
+        if not self.brightness >= 0:
+            raise ValueError(f"--brightness-aug: brightness must be >= 0, got {self.brightness}")
+        if not self.gamma >= 0:
+            raise ValueError(f"--gamma-aug: gamma must be >= 0, got {self.gamma}")
 
     @property
     def geometric(self) -> bool:
@@ -317,6 +369,21 @@ class Augment:
     @property
     def jitter(self) -> bool:
         return self.scale_std > 0 or self.bias_std > 0
+
+    @property
+    def photometric(self) -> bool:
+        """Rotation, gamma, brightness or contrast on (they share one set of draws)."""
+        return self.rotate > 0 or self.brightness > 0 or self.contrast > 0 or self.gamma > 0
+
+    def draw_photometric(self, rng: np.random.Generator) -> torch.Tensor:
+        """float32 [4]: (angle in degrees, gamma, contrast, brightness) for one sample.
+
+        Always four draws, whichever are on: switching one on does not change the others' values.
+        """
+        u = rng.uniform(-1, 1, 4)
+        values = [self.rotate * u[0], np.exp(np.log1p(self.gamma) * u[1]), 1 + self.contrast * u[2],
+                  self.brightness * u[3]]
+        return torch.tensor(values, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------- batches
@@ -329,7 +396,8 @@ def prepare_batch(batch: dict | torch.Tensor, device: torch.device | str,
     The batch says what is to be done (the dataset puts in exactly what its settings need):
     ``image`` uint8 [B, C, H, W]; ``geometry`` [B, 5] flips/transposes and zoom crop windows;
     ``stats`` [B, 2, C] mean and std for `experiment`/`global` normalisation (without it each
-    image is normalised by its own statistics); ``jitter`` [B, 2, C] per-channel gains and offsets.
+    image is normalised by its own statistics); ``jitter`` [B, 2, C] per-channel gains and offsets;
+    ``photometric`` [B, 4] (angle, gamma, contrast, brightness), see `Augment.draw_photometric`.
     A float tensor (``output="float"`` samples) is only moved to `device`.
     """
     if isinstance(batch, torch.Tensor):
@@ -337,10 +405,15 @@ def prepare_batch(batch: dict | torch.Tensor, device: torch.device | str,
     x = batch["image"].to(device, non_blocking=non_blocking).float()
     if "geometry" in batch:
         x = apply_geometry(x, batch["geometry"])
+    photo = batch.get("photometric")  # kept on the CPU: the functions test for no-ops without a device sync
+    if photo is not None:
+        x = adjust_gamma(rotate(x, photo[:, 0]), photo[:, 1])
     stats = batch.get("stats")
     x = normalize(x, None if stats is None else stats.to(device, non_blocking=non_blocking))
     if "jitter" in batch:
         x = channel_jitter(x, draws=batch["jitter"].to(device, non_blocking=non_blocking))
+    if photo is not None:
+        x = brightness_contrast(x, photo[:, 2], photo[:, 3])
     return x
 
 
@@ -534,7 +607,8 @@ class SiteDataset(Dataset):
     - ``"float"``: the network input, float32 [C, H, W], made here on the CPU;
     - ``"uint8"``: a dict for `prepare_batch` (after collation): ``image`` uint8 [C, H, W] as decoded,
       and what the settings need: ``geometry`` [5] (flip/transpose k, zoom window), ``jitter``
-      [2, C] (gains, offsets), ``stats`` [2, C] (mean, std of `experiment`/`global` normalisation).
+      [2, C] (gains, offsets), ``photometric`` [4] (rotation, gamma, contrast, brightness),
+      ``stats`` [2, C] (mean, std of `experiment`/`global` normalisation).
 
     Both give the same result for a sample. Random draws come from a generator seeded by (seed,
     epoch, index), so a sample's augmentation does not depend on which loader worker produced it
@@ -604,12 +678,19 @@ class SiteDataset(Dataset):
 
     def _float(self, img: np.ndarray, index: int, rng: np.random.Generator | None) -> torch.Tensor:
         x = torch.from_numpy(img).float()
-        if rng is not None:
+        photo = None
+        if rng is not None:  # draws in the order of _raw: geometry, jitter seed, photometric
             k, box = self._geometry(rng, x.shape)
             x = zoom(dihedral(x, k), box)
+            g = self._jitter_generator(rng)
+            if self.augment.photometric:
+                photo = self.augment.draw_photometric(rng)[None]
+                x = adjust_gamma(rotate(x[None], photo[:, 0]), photo[:, 1])[0]
         x = normalize(x, None if self.stats is None else self.stats[index])
         if rng is not None:
-            x = channel_jitter(x, self.augment.scale_std, self.augment.bias_std, self._jitter_generator(rng))
+            x = channel_jitter(x, self.augment.scale_std, self.augment.bias_std, g)
+        if photo is not None:
+            x = brightness_contrast(x[None], photo[:, 2], photo[:, 3])[0]
         return x.contiguous()
 
     def _raw(self, img: np.ndarray, index: int, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
@@ -621,6 +702,8 @@ class SiteDataset(Dataset):
             g = self._jitter_generator(rng)
             if self.augment.jitter:
                 raw["jitter"] = jitter_draws((self.channels,), self.augment.scale_std, self.augment.bias_std, g)
+            if self.augment.photometric:  # after every earlier draw: runs without it are unchanged
+                raw["photometric"] = self.augment.draw_photometric(rng)
         if self.stats is not None:
             raw["stats"] = self.stats[index]
         return raw

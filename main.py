@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import re
 import sys
@@ -31,14 +30,14 @@ import dataset
 import metadata
 import pseudo
 from atomic import atomic_write
+from checkpoints import (ARCHITECTURE, CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
+                         save_checkpoint)
 from model import CellClassifier, PretrainedUnavailable, combined_loss, smooth_labels, supported_backbones
 from predfile import save_embeddings, save_predictions
 from schedule import LRSchedule, SizeFunction
 from tools.curves import plot_training_curves
 
 log = logging.getLogger("cellpaint")
-CHECKPOINT_FORMAT = "cellpaint-rcic/1"
-ARCHITECTURE = ("backbone", "head_hidden", "concat_cell_type", "embedding_size", "bn_mom")
 
 
 # ------------------------------------------------------------------------------------- arguments
@@ -112,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cutmix", type=float, default=1.0, help="Beta alpha of cutmix (0: off)")
     g.add_argument("--pw-aug", type=float_pair, default=(0.1, 0.1), help="per-channel scale std,bias std")
     g.add_argument("--scale-aug", type=float, default=0.5, help="zoom crop edge drawn from [scale, 1]")
+    g.add_argument("--rotate-aug", type=float, default=0.0, metavar="DEG",
+                   help="random rotation by U(-DEG, DEG) degrees, zero fill (0: off)")
+    g.add_argument("--brightness-aug", type=float, default=0.0, metavar="B",
+                   help="offset U(-B, B) added to the normalised image (0: off)")
+    g.add_argument("--contrast-aug", type=float, default=0.0, metavar="C",
+                   help="normalised image times U(1-C, 1+C), C in [0, 1) (0: off)")
+    g.add_argument("--gamma-aug", type=float, default=0.0, metavar="G",
+                   help="gamma exp(U(-log(1+G), log(1+G))) on raw intensities (0: off)")
     g.add_argument("--fp16", type=bool_type, default=True, help="mixed precision on the GPU (see --precision)")
     g.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                    help="auto: fp16 on CUDA when --fp16, else fp32")
@@ -179,7 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.metric_loss_coeff <= 1 or not 0 <= args.label_smoothing < 1:
         p.error("--metric-loss-coeff must be in [0, 1] and --label-smoothing in [0, 1)")
     try:
-        dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0], bias_std=args.pw_aug[1])
+        dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0], bias_std=args.pw_aug[1],
+                        rotate=args.rotate_aug, brightness=args.brightness_aug, contrast=args.contrast_aug,
+                        gamma=args.gamma_aug)
         dataset.tta_views(torch.zeros(1, 1, 8, 8), args.tta, args.tta_size)
     except ValueError as e:
         p.error(str(e))
@@ -232,8 +241,9 @@ def load_data(args: argparse.Namespace) -> Data:
 
 
 def make_dataset(args, data: Data, rows: pd.DataFrame, train: bool, labels=None) -> dataset.SiteDataset:
-    augment = dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0],
-                              bias_std=args.pw_aug[1]) if train else None
+    augment = dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0], bias_std=args.pw_aug[1],
+                              rotate=args.rotate_aug, brightness=args.brightness_aug,
+                              contrast=args.contrast_aug, gamma=args.gamma_aug) if train else None
     stats = dataset.normalization_stats(rows, args.data_normalization, data.pixel_stats)
     cache = getattr(args, "image_cache", None)
     if cache is not None:
@@ -301,39 +311,6 @@ def prepare_model(args, model: CellClassifier, device: torch.device) -> torch.nn
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     return torch.compile(model) if args.compile else model
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    with atomic_write(path) as f:
-        torch.save(state, f)
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint dict (or bare state dict wrapped as one), loaded without unpickling code."""
-    if not Path(path).is_file():
-        raise metadata.DataError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise metadata.DataError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict):
-        raise metadata.DataError(f"{path} is not a checkpoint (holds a {type(state).__name__})")
-    if state.get("format") == CHECKPOINT_FORMAT:
-        return state
-    weights = state.get("model", state.get("state_dict", state))
-    if not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise metadata.DataError(f"{path} is neither a cellpaint-rcic checkpoint nor a state dict")
-    return {"model": weights}
-
-
-def restore_weights(model: torch.nn.Module, state: dict, path: str) -> None:
-    result = model.load_state_dict(state["model"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise metadata.DataError(
-            f"{path} does not fit this model ({len(result.missing_keys)} missing, "
-            f"{len(result.unexpected_keys)} unexpected weights, e.g. "
-            f"{(result.missing_keys + result.unexpected_keys)[0]}): was it made with another --backbone?")
 
 
 # ------------------------------------------------------------------------------- train and infer
@@ -490,16 +467,6 @@ def check_classes(args, data: Data, state: dict | None) -> None:
     if state and "n_classes" in state and state["n_classes"] != data.structure.n_classes:
         raise metadata.DataError(f"the checkpoint predicts {state['n_classes']} classes but the data has "
                                  f"{data.structure.n_classes} (see --classes)")
-
-
-def checkpoint_args(args) -> dict:
-    """The run's arguments as plain values (a checkpoint must load with weights_only=True)."""
-    out = {}
-    for k, v in vars(args).items():
-        if isinstance(v, (LRSchedule, SizeFunction, Path)):
-            v = getattr(v, "text", None) or str(v)
-        out[k] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def write_metrics(path: str, history: list[dict]) -> None:

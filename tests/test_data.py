@@ -234,6 +234,39 @@ def test_geometric_augmentations_keep_shape_and_dtype():
         dataset.Augment(min_scale=0)
 
 
+def test_rotation():
+    x = torch.rand(3, 2, 16, 16)
+    out = dataset.rotate(x, torch.tensor([90.0, -90.0, 0.0]))
+    inner = (..., slice(1, -1), slice(1, -1))  # bilinear sampling may differ at the border
+    assert torch.allclose(out[0][inner], torch.rot90(x[0], 1, (-2, -1))[inner], atol=1e-5)
+    assert torch.allclose(out[1][inner], torch.rot90(x[1], -1, (-2, -1))[inner], atol=1e-5)
+    assert torch.allclose(out[2], x[2], atol=1e-5)
+    assert dataset.rotate(x, torch.zeros(3)) is x  # no work when no image turns
+    # non-square: rigid in pixel space (a point 5 right, 2 down of the centre goes to 2 right, 5 up)
+    point = torch.zeros(1, 1, 15, 25)
+    point[0, 0, 7 + 2, 12 + 5] = 1
+    turned = dataset.rotate(point, torch.tensor([90.0]))
+    assert turned.shape == point.shape and turned[0, 0, 7 - 5, 12 + 2] > 0.999 and turned.sum() < 1.001
+    corners = dataset.rotate(torch.full((1, 1, 16, 16), 9.0), torch.tensor([45.0]))
+    assert corners[0, 0, 0, 0] == 0 and corners[0, 0, 8, 8] == 9  # zero fill, centre kept
+
+
+def test_gamma_brightness_contrast():
+    x = torch.linspace(0, 255, 6 * 8 * 8).reshape(1, 6, 8, 8)
+    assert torch.equal(dataset.adjust_gamma(x, torch.ones(1)), x)
+    assert torch.equal(dataset.brightness_contrast(x, torch.ones(1), torch.zeros(1)), x)
+    grey = torch.full((2, 1, 4, 4), 128.0)
+    out = dataset.adjust_gamma(grey, torch.tensor([2.0, 0.5]))
+    assert (out[0] < 128).all() and (out[1] > 128).all()  # gamma > 1 darkens mid-grey, < 1 brightens
+    assert dataset.adjust_gamma(x, torch.tensor([3.0])).flatten()[[0, -1]].tolist() == [0, 255]  # ends kept
+    assert torch.allclose(dataset.brightness_contrast(x, torch.tensor([0.5]), torch.tensor([2.0])), x * 0.5 + 2)
+    for bad, match in [(dict(rotate=200), "--rotate-aug"), (dict(contrast=1.0), "--contrast-aug"),
+                       (dict(gamma=-1), "--gamma-aug"), (dict(brightness=float("nan")), "--brightness-aug")]:
+        with pytest.raises(ValueError, match=match):
+            dataset.Augment(**bad)
+    assert dataset.Augment(gamma=0.1).photometric and not dataset.Augment(min_scale=0.5, scale_std=1).photometric
+
+
 def test_normalisations(tiny_competition):
     path = tiny_competition[0]
     table = metadata.load_table(path)

@@ -17,6 +17,8 @@ import prepare
 
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
 AUGMENT = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1)
+PHOTOMETRIC = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1, rotate=30, brightness=0.2,
+                              contrast=0.3, gamma=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def _prepared(ds, **loader_kw):
 # ------------------------------------------------------------------------- uint8 path == float path
 
 
-@pytest.mark.parametrize("augment", [None, AUGMENT], ids=["plain", "augmented"])
+@pytest.mark.parametrize("augment", [None, AUGMENT, PHOTOMETRIC], ids=["plain", "augmented", "photometric"])
 @pytest.mark.parametrize("normalization", dataset.NORMALIZATIONS)
 def test_uint8_path_equals_float_path(tiny_competition, table, normalization, augment):
     floats, uint8 = _datasets(tiny_competition[0], table, normalization, augment)
@@ -61,6 +63,7 @@ def test_uint8_path_equals_float_path(tiny_competition, table, normalization, au
     x, cell, index, label = default_collate(raw)
     assert x["image"].dtype == torch.uint8 and x["image"].shape == (len(raw), 6, 24, 24)
     assert ("stats" in x) == (normalization != "sample") and ("jitter" in x) == (augment is not None)
+    assert ("photometric" in x) == (augment is PHOTOMETRIC)
     got = dataset.prepare_batch(x, "cpu")
     want = torch.stack([e[0] for e in expected])
     assert got.dtype == torch.float32 and got.shape == want.shape
@@ -88,6 +91,59 @@ def test_same_maths_as_the_loader_before_with_zoom_off(tiny_competition, table):
 
     want = torch.stack([before(i) for i in range(len(uint8))])
     assert torch.allclose(_prepared(uint8), want, rtol=0, atol=1e-5)
+
+
+def test_photometric_draws_come_after_the_others(tiny_competition, table):
+    """Off: no "photometric" entry; on: every earlier draw (flips, zoom, jitter) is unchanged."""
+    _, off = _datasets(tiny_competition[0], table, "sample", AUGMENT)
+    _, on = _datasets(tiny_competition[0], table, "sample", PHOTOMETRIC)
+    assert not AUGMENT.photometric and PHOTOMETRIC.photometric
+    for i in range(len(off)):
+        a, b = off[i][0], on[i][0]
+        assert set(a) == {"image", "geometry", "jitter"} and set(b) == set(a) | {"photometric"}
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        angle, gamma, contrast, brightness = b["photometric"].tolist()
+        assert b["photometric"].dtype == torch.float32 and abs(angle) <= 30
+        assert abs(np.log(gamma)) <= np.log(1.5) + 1e-6 and abs(contrast - 1) <= 0.3 + 1e-6 and abs(brightness) <= 0.2
+    # one flag on alone draws the same value as with all of them on
+    _, rotate_only = _datasets(tiny_competition[0], table, "sample", dataset.Augment(min_scale=0.5, rotate=30))
+    assert torch.equal(rotate_only[0][0]["photometric"], torch.tensor([on[0][0]["photometric"][0], 1, 1, 0]))
+
+
+def test_photometric_reproducible_and_varies_by_epoch(tiny_competition, table):
+    floats, uint8 = _datasets(tiny_competition[0], table, "sample", PHOTOMETRIC, rows=slice(None, 4))
+    first = [floats[i][0] for i in range(4)], [uint8[i][0]["photometric"] for i in range(4)]
+    again = [floats[i][0] for i in range(4)], [uint8[i][0]["photometric"] for i in range(4)]
+    assert all(torch.equal(a, b) for part in (0, 1) for a, b in zip(first[part], again[part]))
+    for ds in (floats, uint8):
+        ds.set_epoch(4)
+    assert not any(torch.equal(a, uint8[i][0]["photometric"]) for i, a in enumerate(first[1]))
+    assert not any(torch.equal(a, floats[i][0]) for i, a in enumerate(first[0]))
+
+
+def test_brightness_contrast_set_normalised_mean_and_std(tiny_competition, table):
+    """With `sample` normalisation each channel has mean 0 and std 1 before: brightness, contrast after."""
+    augment = dataset.Augment(flips=False, brightness=0.5, contrast=0.4)
+    floats, uint8 = _datasets(tiny_competition[0], table, "sample", augment, rows=slice(None, 6))
+    for i in range(len(floats)):
+        _, _, contrast, brightness = uint8[i][0]["photometric"].tolist()
+        x = floats[i][0]
+        assert torch.allclose(x.mean(dim=(-2, -1)), torch.full((6,), brightness), atol=1e-5)
+        assert torch.allclose(x.std(dim=(-2, -1)), torch.full((6,), contrast), atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rotate-aug", "200"], "--rotate-aug"),
+    (["--contrast-aug", "1.5"], "--contrast-aug"),
+    (["--gamma-aug", "-1"], "--gamma-aug"),
+    (["--brightness-aug", "-0.1"], "--brightness-aug"),
+])
+def test_bad_photometric_flags_fail_with_a_clear_message(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main.parse_args(["--save", str(tmp_path / "x"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    args = main.parse_args(["--save", str(tmp_path / "x"), "--rotate-aug", "15", "--gamma-aug", "0.2"])
+    assert (args.rotate_aug, args.brightness_aug, args.contrast_aug, args.gamma_aug) == (15, 0, 0, 0.2)
 
 
 def test_reproducible_with_any_worker_count(tiny_competition, table, cache):

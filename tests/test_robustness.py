@@ -111,13 +111,15 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(trained, tiny_compe
     """Kill a run in its second epoch; --resume finishes it with the uninterrupted run's weights."""
     save = tmp_path / "killed"
     argv = [sys.executable, str(ROOT / "main.py"), "--data", str(tiny_competition[0]), "--save", str(save),
-            "-e", "2", "--pl-epoch", "1", "--pl-size-func", "0.5", "--cv-number", "0", *SMALL]
+            "-e", "2", "--pl-epoch", "1", "--pl-size-func", "0.5", "--cv-number", "0", *SMALL, "--disp-batches", "1"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.log"
     try:
         deadline = time.time() + 600
-        while not (tmp_path / "killed.0").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # well into epoch 1 (pseudo-labelling, then training)
+        # kill once the log shows a batch of epoch 1 done: mid-epoch, after pseudo-labelling
+        while proc.poll() is None and time.time() < deadline and not (
+                log.exists() and "epoch 1 batch 2/" in log.read_text()):
+            time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()

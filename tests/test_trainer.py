@@ -194,7 +194,7 @@ def test_bad_flags_fail_with_a_clear_message(argv, message, capsys, tmp_path):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained):
+def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained, caplog):
     junk = tmp_path / "junk"
     junk.write_bytes(b"not a checkpoint")
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", junk, *SMALL) == 1
@@ -204,6 +204,13 @@ def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained):
     torch.save(state, tmp_path / "other")
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "other", *SMALL) == 1
     assert not (tmp_path / "other.output").exists()
+    # a bare weights file for another class count: the same weight names with other shapes
+    torch.save(state["model"], tmp_path / "bare")
+    caplog.clear()
+    assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "bare", "--classes", 13,
+               *SMALL) == 1
+    assert f"{tmp_path / 'bare'} does not fit this model (size mismatch" in caplog.text
+    assert not (tmp_path / "bare.output").exists()
 
 
 def test_layer_wise_learning_rates(tmp_path):
