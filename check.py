@@ -12,25 +12,18 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 import metadata
-from dataset import CHANNELS
+from images import CHANNELS, ImageError, read_png
 
 
 def _check_png(path: str) -> tuple[str | None, tuple[int, int] | None]:
-    """(problem or None, size or None) of one channel image."""
+    """(problem or None, size or None) of one channel image, decoded as training would decode it."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode != "L":
-                return f"{path}: not 8-bit single-channel (mode {img.mode})", img.size
-            return None, img.size
-    except FileNotFoundError:
-        return f"missing image: {path}", None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"corrupt image: {path} ({e})", None
+        return None, read_png(path).shape
+    except ImageError as e:
+        return str(e), None
 
 
 def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True) -> dict[str, list[str]]:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 import batch
 import check
 import dataset
+import images
 import metadata
 import pseudo
 from atomic import atomic_write
@@ -247,7 +248,7 @@ def make_dataset(args, data: Data, rows: pd.DataFrame, train: bool, labels=None)
     stats = dataset.normalization_stats(rows, args.data_normalization, data.pixel_stats)
     cache = getattr(args, "image_cache", None)
     if cache is not None:
-        cache = dataset.ImageCache.open(cache, args.data, data.table)
+        cache = images.ImageCache.open(cache, args.data, data.table)
     # uint8 samples: the loader workers only decode; prepare_batch does the float work per batch on the device.
     # Unreadable sites are skipped in training only: infer() relies on one output row per dataset row.
     return dataset.SiteDataset(rows, data.structure.cell_types, args.data_normalization, stats,

@@ -8,7 +8,7 @@ Decoding the 6 PNGs of a site is nearly all the CPU work of the input pipeline; 
 site back from the page cache or a fast disk is about ten times cheaper. The cache holds, per
 plate, ``{experiment}/Plate{plate}.npy`` [sites, C, H, W] uint8 (1.5 MB a site at 512 px: about
 190 GB for all of RxRx1's 125,510 sites) and, written last, ``manifest.json`` (data directory,
-channels, image size, site count, each plate's file and site keys) that `dataset.ImageCache`
+channels, image size, site count, each plate's file and site keys) that `images.ImageCache`
 checks the data against.
 
 Resumable: each plate is written to a temporary file and renamed into place, then recorded in a
@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-import dataset
+import images
 import metadata
 from atomic import write_text
 
@@ -37,8 +37,8 @@ from atomic import write_text
 def _decode(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
     prefix, channels = job
     try:
-        return dataset.read_site(prefix, channels), None
-    except dataset.ImageError as e:
+        return images.read_site(prefix, channels), None
+    except images.ImageError as e:
         return None, str(e)
 
 
@@ -66,8 +66,8 @@ def _plates(table: pd.DataFrame) -> list[tuple[dict, list[str]]]:
     for (experiment, plate), rows in table.groupby(["experiment", "plate"], sort=False):
         rows = rows.sort_values(["well", "site"], kind="stable")
         entry = {"split": str(rows["split"].iat[0]), "experiment": str(experiment), "plate": int(plate),
-                 "file": dataset.plate_file(str(experiment), int(plate)),
-                 "sites": [dataset.site_key(w, int(s)) for w, s in zip(rows["well"], rows["site"])]}
+                 "file": images.plate_file(str(experiment), int(plate)),
+                 "sites": [images.site_key(w, int(s)) for w, s in zip(rows["well"], rows["site"])]}
         out.append((entry, rows["image_prefix"].tolist()))
     return out
 
@@ -88,7 +88,7 @@ def _write_plate(cache_dir: Path, entry: dict, results, size: tuple[int, int] | 
                          f"images, the others are {size[0]}x{size[1]}")
             if error is not None:
                 if not skip_bad_images:
-                    raise dataset.ImageError(error)
+                    raise images.ImageError(error)
                 tqdm.write(f"warning: skipping site: {error}", file=sys.stderr)
                 bad[key] = error
                 continue
@@ -98,7 +98,7 @@ def _write_plate(cache_dir: Path, entry: dict, results, size: tuple[int, int] | 
                                                   shape=(len(entry["sites"]), channels, *size))
             array[row] = img
         if array is None:
-            raise dataset.ImageError(f"{entry['experiment']} plate {entry['plate']}: no readable site")
+            raise images.ImageError(f"{entry['experiment']} plate {entry['plate']}: no readable site")
         array.flush()
         del array
         with open(tmp, "rb+") as f:
@@ -111,19 +111,19 @@ def _write_plate(cache_dir: Path, entry: dict, results, size: tuple[int, int] | 
 
 
 def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = None, workers: int = 1,
-                skip_bad_images: bool = False, progress: bool = True, channels: int = dataset.CHANNELS) -> dict:
+                skip_bad_images: bool = False, progress: bool = True, channels: int = images.CHANNELS) -> dict:
     """Build (or complete) the image cache of `data_dir` in `cache_dir`; returns a summary."""
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     table = metadata.load_table(data_dir) if table is None else table
     data = str(data_dir.resolve())
-    manifest_path = cache_dir / dataset.CACHE_MANIFEST
+    manifest_path = cache_dir / images.CACHE_MANIFEST
     if manifest_path.is_file():
         try:
             old = json.loads(manifest_path.read_text()).get("data")
         except (ValueError, AttributeError):
             old = None
         if old is not None and old != data:
-            raise dataset.CacheError(f"{cache_dir} holds the image cache of {old}, not of {data}: "
+            raise images.CacheError(f"{cache_dir} holds the image cache of {old}, not of {data}: "
                                      f"choose another --cache directory")
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob("*/.*.tmp"):  # left by an interrupted run
@@ -140,9 +140,9 @@ def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = No
                "sites_decoded": sum(len(plates[i][0]["sites"]) for i in todo), "bad": 0}
     if not todo and manifest_path.is_file():
         try:
-            dataset.ImageCache.open(cache_dir, data_dir, table)
+            images.ImageCache.open(cache_dir, data_dir, table)
             return summary
-        except dataset.CacheError:
+        except images.CacheError:
             pass  # complete plates but a stale manifest: write it again below
     if manifest_path.exists():
         manifest_path.unlink()  # the cache is incomplete until the new manifest is written
@@ -177,7 +177,7 @@ def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = No
         entry["bad"] = record.get("bad", {})
         summary["bad"] += len(entry["bad"])
     height, width = (int(v) for v in size)
-    manifest = {"format": dataset.CACHE_FORMAT, "data": data, "channels": channels, "height": height,
+    manifest = {"format": images.CACHE_FORMAT, "data": data, "channels": channels, "height": height,
                 "width": width, "sites": len(table), "plates": [entry for entry, _ in plates]}
     write_text(manifest_path, json.dumps(manifest))
     summary["seconds"] = time.time() - started

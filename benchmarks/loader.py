@@ -41,6 +41,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import dataset  # noqa: E402
+import images  # noqa: E402
 import metadata  # noqa: E402
 import prepare  # noqa: E402
 import synthetic  # noqa: E402
@@ -153,10 +154,10 @@ def measure_prepare(ds, repeats: int, batch_size: int, batches: int = 4) -> floa
 
 
 def measure_decode(prefixes, repeats: int) -> dict[str, float]:
-    """Decoding alone, samples/s on one core: Pillow (the old loader) and libpng (dataset.read_png)."""
+    """Decoding alone, samples/s on one core: Pillow (the old loader) and libpng (images.read_png)."""
     files = [f"{prefix}_w{c}.png" for prefix in prefixes for c in range(1, 7)]
     out = {}
-    for name, decode in (("Pillow", dataset._read_png_pillow), ("libpng", dataset.read_png)):
+    for name, decode in (("Pillow", images.read_png_pillow), ("libpng", images.read_png)):
         best = float("inf")
         for _ in range(repeats):
             t = time.process_time()
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     table = metadata.load_table(args.data)
     warm([f"{prefix}_w{c}.png" for prefix in table["image_prefix"] for c in range(1, 7)])
     warm(sorted(cache.glob("*/*.npy")))
-    image_cache = dataset.ImageCache.open(cache, args.data, table)
+    image_cache = images.ImageCache.open(cache, args.data, table)
     paths = {
         "(a) old: per-sample float": lambda: OldSiteDataset(table, AUGMENT),
         "(b) uint8 from PNGs": lambda: dataset.SiteDataset(table, CELL_TYPES, augment=AUGMENT, output="uint8"),

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import default_collate
 
 import dataset
+import images
 import main
 import metadata
 import prepare
@@ -81,7 +82,7 @@ def test_same_maths_as_the_loader_before_with_zoom_off(tiny_competition, table):
 
     def before(index):
         rng = np.random.default_rng((uint8.seed, uint8.epoch, index))
-        img = torch.from_numpy(dataset.read_site(uint8.prefixes[index]))
+        img = torch.from_numpy(images.read_site(uint8.prefixes[index]))
         img = dataset.dihedral(img, int(rng.integers(8))).contiguous()
         x = dataset.normalize(img, uint8.stats[index])
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
@@ -149,7 +150,7 @@ def test_bad_photometric_flags_fail_with_a_clear_message(argv, message, capsys, 
 def test_reproducible_with_any_worker_count(tiny_competition, table, cache):
     _, uint8 = _datasets(tiny_competition[0], table, "sample", AUGMENT, rows=slice(None, 48))
     _, cached = _datasets(tiny_competition[0], table, "sample", AUGMENT, rows=slice(None, 48),
-                          cache=dataset.ImageCache.open(cache, tiny_competition[0], table))
+                          cache=images.ImageCache.open(cache, tiny_competition[0], table))
     results = [_prepared(ds, num_workers=workers) for ds in (uint8, cached) for workers in (0, 2)]
     for other in results[1:]:
         assert torch.equal(results[0], other)
@@ -158,31 +159,31 @@ def test_reproducible_with_any_worker_count(tiny_competition, table, cache):
 
 
 def test_fast_png_decoder_equals_pillow(table):
-    assert dataset._decode_png is not None
+    assert images.libpng_decoder() is not None
     for prefix in table["image_prefix"].iloc[::37]:
         for c in range(1, 7):
-            fast = dataset._read_png_fast(f"{prefix}_w{c}.png")
-            assert fast is not None and np.array_equal(fast, dataset._read_png_pillow(f"{prefix}_w{c}.png"))
+            fast = images.read_png_fast(f"{prefix}_w{c}.png")
+            assert fast is not None and np.array_equal(fast, images.read_png_pillow(f"{prefix}_w{c}.png"))
 
 
 # ----------------------------------------------------------------------------------------- cache
 
 
 def test_cache_round_trip_equals_png_decoding(tiny_competition, table, cache):
-    c = dataset.ImageCache.open(cache, tiny_competition[0], table)
+    c = images.ImageCache.open(cache, tiny_competition[0], table)
     files, rows, bad = c.locate(table)
     assert (bad == None).all()  # noqa: E711 - elementwise
     for i, prefix in enumerate(table["image_prefix"]):
         got = c.read(files[i], rows[i])
-        assert got.dtype == np.uint8 and np.array_equal(got, dataset.read_site(prefix))
-    manifest = json.loads((cache / dataset.CACHE_MANIFEST).read_text())
+        assert got.dtype == np.uint8 and np.array_equal(got, images.read_site(prefix))
+    manifest = json.loads((cache / images.CACHE_MANIFEST).read_text())
     assert (manifest["sites"], manifest["height"], manifest["width"]) == (len(table), 24, 24)
     assert not list(cache.glob("*/.*.tmp"))
 
 
 def test_resume_skips_complete_plates(tiny_competition, table, tmp_path, monkeypatch):
     calls = []
-    real = dataset.read_site
+    real = images.read_site
 
     def counting(prefix, channels=6):
         calls.append(prefix)
@@ -190,14 +191,14 @@ def test_resume_skips_complete_plates(tiny_competition, table, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(prefix, channels)
 
-    monkeypatch.setattr(dataset, "read_site", counting)
+    monkeypatch.setattr(images, "read_site", counting)
     data, out = tiny_competition[0], tmp_path / "cache"
     table = table[table["experiment"].isin(table["experiment"].unique()[:3])]  # 12 plates are enough
     per_plate = len(table) // table.groupby(["experiment", "plate"]).ngroups
     stop_after = 2 * per_plate + 3  # interrupted in the third plate
     with pytest.raises(KeyboardInterrupt):
         prepare.build_cache(data, out, table, progress=False)
-    assert not (out / dataset.CACHE_MANIFEST).exists()
+    assert not (out / images.CACHE_MANIFEST).exists()
     assert len(list(out.glob("*/*.npy"))) == 2 and not list(out.glob("*/.*.tmp"))
     calls.clear()
     stop_after = None
@@ -209,15 +210,15 @@ def test_resume_skips_complete_plates(tiny_competition, table, tmp_path, monkeyp
     victim.unlink()
     prepare.build_cache(data, out, table, progress=False)
     assert len(calls) == per_plate and victim.exists()
-    dataset.ImageCache.open(out, data, table)
+    images.ImageCache.open(out, data, table)
 
 
 def test_mismatched_cache_is_refused(tiny_competition, table, cache, tmp_path):
     data = tiny_competition[0]
 
     def refused(match, root=cache, data_dir=data, rows=table):
-        with pytest.raises(dataset.CacheError, match=match) as e:
-            dataset.ImageCache.open(root, data_dir, rows)
+        with pytest.raises(images.CacheError, match=match) as e:
+            images.ImageCache.open(root, data_dir, rows)
         assert "\n" not in str(e.value)
 
     refused("no manifest.json .*prepare.py --data DATA --cache", root=tmp_path)
@@ -230,15 +231,15 @@ def test_mismatched_cache_is_refused(tiny_competition, table, cache, tmp_path):
     refused(r"holds 30x24 images but .*_w1\.png is 24x24", root=copy)
     (copy / "manifest.json").write_text("{not json")
     refused("is not a cellpaint-rcic-image-cache/1 manifest", root=copy)
-    c = dataset.ImageCache.open(cache, data, table)
-    with pytest.raises(dataset.CacheError, match="lacks 2 site.*plate .* well Z99 site 1"):
+    c = images.ImageCache.open(cache, data, table)
+    with pytest.raises(images.CacheError, match="lacks 2 site.*plate .* well Z99 site 1"):
         c.locate(table.iloc[:2].assign(well="Z99", site=1))
-    with pytest.raises(dataset.CacheError, match="holds the image cache of .*choose another --cache"):
+    with pytest.raises(images.CacheError, match="holds the image cache of .*choose another --cache"):
         prepare.build_cache(tmp_path / "other", cache, table, progress=False)
     # through the trainer's flags
     args = main.parse_args(["--save", str(tmp_path / "run"), "--data", str(data), "--image-cache", str(tmp_path / "x")])
     loaded = main.load_data(args)
-    with pytest.raises(dataset.CacheError, match="no manifest.json"):
+    with pytest.raises(images.CacheError, match="no manifest.json"):
         main.make_dataset(args, loaded, loaded.subsets["train"], train=True)
     args.image_cache = cache
     ds = main.make_dataset(args, loaded, loaded.subsets["train"], train=True)
@@ -262,7 +263,7 @@ def test_bad_images_skipped_and_counted(table, tmp_path, caplog):
     (tmp_path / "s1_w3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (tmp_path / "s2_w5.png").unlink()
     strict = dataset.SiteDataset(rows, CELL_TYPES, output="uint8")
-    with pytest.raises(dataset.ImageError, match=r"corrupt image: .*s1_w3\.png"):
+    with pytest.raises(images.ImageError, match=r"corrupt image: .*s1_w3\.png"):
         list(dataset.SkippingLoader(strict, batch_size=4))
     ds = dataset.SiteDataset(rows, CELL_TYPES, output="uint8", augment=AUGMENT, skip_bad_images=True)
     loader = dataset.SkippingLoader(ds, batch_size=4, description="epoch 5")
@@ -284,14 +285,14 @@ def test_bad_images_in_the_cache(table, tmp_path):
     rows = table[(table["experiment"] == table["experiment"].iat[0]) & (table["plate"] == 1)]
     rows = _local_sites(rows, tmp_path, n=len(rows))
     (tmp_path / "s5_w2.png").write_bytes((tmp_path / "s5_w2.png").read_bytes()[:40])  # truncated
-    with pytest.raises(dataset.ImageError, match=r"s5_w2\.png"):
+    with pytest.raises(images.ImageError, match=r"s5_w2\.png"):
         prepare.build_cache(tmp_path, tmp_path / "strict", rows, progress=False)
     summary = prepare.build_cache(tmp_path, tmp_path / "cache", rows, skip_bad_images=True, progress=False)
     assert summary["bad"] == 1
-    c = dataset.ImageCache.open(tmp_path / "cache", tmp_path, rows)
+    c = images.ImageCache.open(tmp_path / "cache", tmp_path, rows)
     ds = dataset.SiteDataset(rows, CELL_TYPES, output="uint8", cache=c, skip_bad_images=True)
     assert ds[5] is None and ds[4] is not None
-    with pytest.raises(dataset.ImageError, match=r"s5_w2\.png"):
+    with pytest.raises(images.ImageError, match=r"s5_w2\.png"):
         dataset.SiteDataset(rows, CELL_TYPES, output="uint8", cache=c)[5]
 
 

@@ -10,7 +10,7 @@ site, or over the whole sheet with --stretch sheet), clipped to [0, 1], tinted, 
 clipped: where every stain is bright the picture turns white.
 
 Pillow and numpy only: no matplotlib, and no torch import (the viewer starts at once; the PNGs are decoded
-here exactly as dataset.read_site decodes them).
+here exactly as images.read_site decodes them).
 """
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
 if __package__ in (None, ""):  # run as a script (python tools/show.py): make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import metadata  # noqa: E402
 from atomic import atomic_write  # noqa: E402
+from images import read_site  # noqa: E402,F401 - show.read_site is part of this tool's API
 from metadata import DataError  # noqa: E402
 
 PROG = "python -m tools.show"
@@ -67,28 +68,6 @@ class ShowError(DataError):
 
 
 # --------------------------------------------------------------------------------------------- pixels
-
-
-def read_site(prefix: str, channels: int = len(STAINS)) -> np.ndarray:
-    """The PNGs `{prefix}_w{c}.png`, c = 1..channels, as a [C, H, W] uint8 array (as dataset.read_site)."""
-    planes = []
-    for c in range(1, channels + 1):
-        path = f"{prefix}_w{c}.png"
-        try:
-            with Image.open(path) as img:
-                img.load()
-                if img.mode != "L":
-                    raise DataError(f"{path}: expected an 8-bit grayscale PNG, got mode {img.mode}")
-                planes.append(np.asarray(img))
-        except FileNotFoundError:
-            raise DataError(f"missing image: {path}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"corrupt image: {path} ({e})") from None
-    if len({p.shape for p in planes}) > 1:
-        raise DataError(f"{prefix}_w*.png: channels differ in size {sorted({p.shape for p in planes})}")
-    return np.stack(planes)
 
 
 def channel_limits(sites: np.ndarray | Sequence[np.ndarray], low: float = LOW_PERCENTILE,
