@@ -61,10 +61,13 @@ def restore_weights(model: torch.nn.Module, state: dict, path: str) -> None:
 
 
 def checkpoint_args(args) -> dict:
-    """The run's arguments as plain values (a checkpoint must load with weights_only=True)."""
+    """The run's arguments as plain values (a checkpoint must load with weights_only=True);
+    run-time objects that are not arguments (the process group's `world`) are left out."""
     out = {}
     for k, v in vars(args).items():
         if isinstance(v, (LRSchedule, SizeFunction, Path)):
             v = getattr(v, "text", None) or str(v)
-        out[k] = list(v) if isinstance(v, tuple) else v
+        v = list(v) if isinstance(v, tuple) else v
+        if v is None or isinstance(v, (str, int, float, bool, list)):
+            out[k] = v
     return out

@@ -10,6 +10,7 @@ Data flows one way: metadata table -> samples -> batches -> logits -> prediction
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -21,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import batch
 import check
 import dataset
+import distributed
 import images
 import metadata
 import pseudo
@@ -197,6 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--backbone {args.backbone!r} is not supported; choose from: {', '.join(supported_backbones())}")
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little") % 10 ** 9
+    args.world = distributed.World()  # main() joins a torchrun process group, if there is one
     return args
 
 
@@ -257,15 +261,14 @@ def make_dataset(args, data: Data, rows: pd.DataFrame, train: bool, labels=None)
 
 
 def make_loader(args, ds: dataset.SiteDataset, epoch: int | None = None) -> DataLoader:
-    """Shuffled (seeded by seed and epoch, so a resumed run draws the same order) when `epoch` is given."""
-    if epoch is None:
-        sampler = SequentialSampler(ds)
-    else:
+    """This process's share of `ds`: shuffled (seeded by seed and epoch, so a resumed run draws the
+    same order) when `epoch` is given, in order otherwise."""
+    if epoch is not None:
         ds.set_epoch(epoch)
-        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+    sampler = distributed.ShardSampler(len(ds), args.world, None if epoch is None else args.seed * 100_003 + epoch)
     # batches drop (and count, logging the count per pass) sites whose images are unreadable (--skip-bad-images)
     return dataset.SkippingLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_data_workers,
-                                  drop_last=epoch is not None and len(ds) > args.batch_size,
+                                  drop_last=epoch is not None and len(sampler) > args.batch_size,
                                   pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
                                   description="inference" if epoch is None else f"epoch {epoch}")
 
@@ -311,7 +314,18 @@ def prepare_model(args, model: CellClassifier, device: torch.device) -> torch.nn
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if args.compile else model
+    runner = torch.compile(model) if args.compile else model
+    if args.world.distributed and args.mode == "train":
+        # a head the loss does not use (c = 0 or 1) gets no gradient: DDP must be told to expect that
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None,
+                                         find_unused_parameters=not 0 < args.metric_loss_coeff < 1)
+    return runner
+
+
+def unwrap(runner: torch.nn.Module) -> torch.nn.Module:
+    """The module for inference: without DDP, whose forward would sync buffers across processes that
+    may run different numbers of inference batches."""
+    return runner.module if isinstance(runner, DistributedDataParallel) else runner
 
 
 # ------------------------------------------------------------------------------- train and infer
@@ -320,12 +334,13 @@ def prepare_model(args, model: CellClassifier, device: torch.device) -> torch.nn
 def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classes: int,
                     device: torch.device, dtype: torch.dtype | None, guard: dict) -> dict:
     model.train()
-    rng = np.random.default_rng((args.seed, epoch, 7))  # cutmix/mixup draws, reproducible on resume
+    # cutmix/mixup draws, reproducible on resume (and different in each process of a distributed run)
+    rng = np.random.default_rng((args.seed, epoch, 7, *([args.world.rank] if args.world.distributed else [])))
     steps = len(loader)
     total_loss = correct = seen = 0.0
     tic = time.time()
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if args.world.main else True)
     for i, (x, cell, _, y) in enumerate(bar):
         lr = args.lr(epoch + i / steps, args.epochs)
         for group in optimizer.param_groups:
@@ -338,7 +353,7 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(x, cell)
             loss = combined_loss(out, target, args.metric_loss_coeff)
-        if not torch.isfinite(loss):
+        if not distributed.all_true(bool(torch.isfinite(loss)), args.world):  # all processes skip, or none
             # one bad batch is skipped like the grad scaler skips overflowing steps; a run of them
             # means the model has diverged, and the last good checkpoint must stay the newest
             guard["bad_steps"] += 1
@@ -349,8 +364,11 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
             optimizer.zero_grad(set_to_none=True)
             continue
         guard["bad_steps"] = 0
-        scaler.scale(loss / args.gradient_accumulation).backward()
-        if (i + 1) % args.gradient_accumulation == 0 or i + 1 == steps:
+        step = (i + 1) % args.gradient_accumulation == 0 or i + 1 == steps
+        # accumulating steps need no gradient all-reduce: only the last one before optimizer.step
+        with contextlib.nullcontext() if step or not isinstance(model, DistributedDataParallel) else model.no_sync():
+            scaler.scale(loss / args.gradient_accumulation).backward()
+        if step:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -361,15 +379,20 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
         if (i + 1) % args.disp_batches == 0:
             log.info("epoch %d batch %d/%d: loss %.4f, acc %.4f, lr %.3g, %.1f samples/s", epoch, i + 1,
                      steps, total_loss / seen, correct / seen, lr, seen / (time.time() - tic))
+    total_loss, correct, seen = distributed.sum_all([total_loss, correct, seen], args.world)
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr if steps else 0.0}
 
 
 @torch.inference_mode()
 def infer(args, model, ds: dataset.SiteDataset, device, dtype, embeddings: bool = False) -> dict[str, np.ndarray]:
-    """Per-site logits (and embeddings) of a dataset, averaged over `args.tta` views."""
+    """Per-site logits (and embeddings) of a dataset, averaged over `args.tta` views.
+
+    Each process of a distributed run infers its shard; all get the whole result."""
+    model = unwrap(model)
     model.eval()
     outputs: dict[str, list] = {"logits": [], "embedding": []}
-    for x, cell, _, _ in tqdm(make_loader(args, ds), desc="infer", leave=False, disable=None):
+    loader = make_loader(args, ds)
+    for x, cell, _, _ in tqdm(loader, desc="infer", leave=False, disable=None if args.world.main else True):
         x, cell = dataset.prepare_batch(x, device), cell.to(device, non_blocking=True)
         sums: dict[str, torch.Tensor] = {}
         for view in dataset.tta_views(x, args.tta, args.tta_size):
@@ -379,7 +402,8 @@ def infer(args, model, ds: dataset.SiteDataset, device, dtype, embeddings: bool 
                 sums[key] = sums.get(key, 0) + out[key].float()
         for key, value in sums.items():
             outputs[key].append((value / args.tta).cpu().numpy())
-    return {k: np.concatenate(v) for k, v in outputs.items() if v}
+    result = {k: np.concatenate(v) for k, v in outputs.items() if v}
+    return distributed.gather_rows(result, loader.sampler.indices(), len(ds), args.world)
 
 
 def accuracy_by_cell_type(wells: pd.DataFrame, predicted: np.ndarray) -> dict[str, float]:
@@ -435,7 +459,7 @@ def train(args) -> None:
             new = pseudo.pseudo_label_epoch(args, epoch, runner, data, state["pseudo_labels"],
                                             lambda rows: infer(args, runner, make_dataset(args, data, rows, False),
                                                                device, dtype)["logits"])
-            state["pseudo_labels"].update(new)
+            state["pseudo_labels"].update(distributed.from_main(new, args.world))  # every process trains on one set
         rows, labels = pseudo.training_rows(data.subsets, state["pseudo_labels"])
         loader = make_loader(args, make_dataset(args, data, rows, train=True, labels=labels), epoch)
         tic = time.time()
@@ -454,10 +478,13 @@ def train(args) -> None:
         is_best = acc > state["best_acc"]
         state["best_acc"] = max(acc, state["best_acc"])
         checkpoint.update(state)
-        save_checkpoint(f"{args.save}.{epoch}", checkpoint)
-        if is_best:
-            save_checkpoint(args.save, checkpoint)
-        write_metrics(f"{args.save}.metrics.csv", state["history"])
+        if args.world.main:
+            save_checkpoint(f"{args.save}.{epoch}", checkpoint)
+            if is_best:
+                save_checkpoint(args.save, checkpoint)
+            write_metrics(f"{args.save}.metrics.csv", state["history"])
+    if not args.world.main:
+        return
     try:  # pictures are a convenience: never fail a finished run over them
         plot_training_curves(Path(f"{args.save}.metrics.csv"), Path(f"{args.save}.curves.png"))
     except OSError as e:
@@ -515,6 +542,8 @@ def predict(args) -> None:
             values = target.setdefault(part, {})
             for code, vector in zip(rows["id_code"], result.get(key, [])):
                 values.setdefault(code, []).append(vector.astype(np.float32))
+    if not args.world.main:
+        return
     path = f"{args.load}.output{args.pred_suffix}"
     save_predictions(path, output)
     log.info("wrote %s: %d test and %d val wells", path, len(output["test"]), len(output["val"]))
@@ -531,6 +560,8 @@ def setup_logging(args) -> None:
     runs in one process (demo.py, tests) each write their own file.
     """
     path = {"train": f"{args.save}.log", "predict": f"{args.load}.output.log"}.get(args.mode)
+    if not args.world.main:
+        path = None  # one log per run: the other processes only report warnings, on stderr
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
@@ -538,11 +569,12 @@ def setup_logging(args) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(path, mode="a" if args.resume else "w"))
-    formatter = logging.Formatter("{asctime} {levelname}: {message}", style="{")
+    rank = f" [rank {args.world.rank}]" if args.world.distributed else ""
+    formatter = logging.Formatter("{asctime} {levelname}" + rank + ": {message}", style="{")
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if args.world.main else logging.WARNING)
     log.info("arguments: %s", checkpoint_args(args))
 
 
@@ -550,9 +582,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.mode == "check":
         return check.report(check.check_data(args.data, args.classes))
-    setup_logging(args)
+    threads = torch.get_num_threads()  # restored at the end: runs in one process (demo, tests) stay independent
     if args.threads:
         torch.set_num_threads(args.threads)
+    # under torchrun each process takes its own GPU (cuda:LOCAL_RANK)
+    args.world, device = distributed.init(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    args.device = str(device)
+    setup_logging(args)
     try:
         {"train": train, "val": validate, "predict": predict}[args.mode](args)
     except (metadata.DataError, FloatingPointError, PretrainedUnavailable) as e:
@@ -560,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         log.error("%s", e)
         return 1
+    finally:
+        distributed.shutdown()
+        torch.set_num_threads(threads)
     return 0
 
 

@@ -1,0 +1,126 @@
+"""Several processes: `torchrun --nproc_per_node N main.py ...` (NCCL on GPUs, gloo on CPUs).
+
+Each process trains on its shard of every epoch's shuffled order with DistributedDataParallel;
+`-b` is the batch per process, so the global batch is N times it (as in torchvision's references).
+Inference is sharded too and gathered, so every process holds all predictions: validation
+accuracy and pseudo-labelling see the whole val/test set. Only rank 0 writes files and logs.
+
+Without torchrun (WORLD_SIZE unset) everything here is a no-op and the order of samples is
+exactly that of a single-process run.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of a run."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes in the environment; the device this process uses."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), device
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    # a long timeout: rank 0 may spend many minutes on pseudo-labelling or writing predictions
+    # while the others wait at the next collective
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    return world, device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ShardSampler(Sampler[int]):
+    """This process's share of the data set: indices rank, rank + N, rank + 2N, ...
+
+    With `seed` the indices are those of a seeded permutation, padded (by repeating its start) to
+    a multiple of N so every process runs the same number of steps; consecutive batches of the N
+    processes then together hold exactly the samples of a single-process batch N times as large.
+    Without `seed` (inference) the order is the data set's and nothing is padded.
+    """
+
+    def __init__(self, n: int, world: World, seed: int | None = None) -> None:
+        self.n, self.world, self.seed = n, world, seed
+
+    def indices(self) -> list[int]:
+        if self.seed is None:
+            return list(range(self.world.rank, self.n, self.world.size))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        pad = -len(order) % self.world.size
+        order += (order * (pad // max(len(order), 1) + 1))[:pad]
+        return order[self.world.rank::self.world.size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        if self.seed is None:
+            return len(range(self.world.rank, self.n, self.world.size))
+        return -(-self.n // self.world.size)
+
+
+def gather_rows(parts: dict[str, np.ndarray], indices: list[int], n: int, world: World) -> dict[str, np.ndarray]:
+    """Arrays of `n` rows from every process's rows `indices` (each process calls this)."""
+    if not world.distributed:
+        return parts
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, (indices, parts))
+    out = {}
+    for rows, arrays in gathered:  # a process with no rows (n < N) sent no arrays
+        for key, values in arrays.items():
+            if key not in out:
+                out[key] = np.empty((n, *values.shape[1:]), dtype=values.dtype)
+            out[key][rows] = values
+    return out
+
+
+def sum_all(values: list[float], world: World) -> list[float]:
+    """Element-wise sums over the processes (e.g. loss totals and sample counts)."""
+    if not world.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_true(flag: bool, world: World) -> bool:
+    """Whether `flag` holds in every process: steps must be skipped by all or none."""
+    return sum_all([float(not flag)], world)[0] == 0
+
+
+def from_main(obj, world: World):
+    """Rank 0's `obj` in every process: decisions made once and shared (e.g. pseudo-labels)."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

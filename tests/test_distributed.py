@@ -1,0 +1,109 @@
+"""Several processes (torchrun, gloo on the CPU): sharding, one set of outputs, resume, and the
+same results as one process with the same global batch."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import RandomSampler
+
+import distributed
+from predfile import load_predictions
+from synthetic import SyntheticConfig, generate
+from tests.conftest import ROOT, run
+
+# A data set on which the small CNN generalises within a dozen epochs, with 64 validation wells
+# (2 of the 8 train experiments per cell type, fold 0 of 2), so accuracies can be compared.
+LEARNABLE = SyntheticConfig(layout="competition", cell_types=("HEPG2", "HUVEC"), train_experiments=(4, 4),
+                            test_experiments=(1, 1), classes=8, positive_controls=2, negative_wells=1,
+                            image_size=32, drop_wells=0.0, signal=3.0, batch_effect=0.3, noise=0.5, leak=False,
+                            seed=4)
+EPOCHS = 12
+ARGS = ["--backbone", "smallcnn", "--pretrained", "none", "--embedding-size", "32", "--num-data-workers", "0",
+        "--seed", "5", "--threads", "1", "--folds", "2", "--cv-number", "0", "--cutmix", "0", "-e", str(EPOCHS),
+        "--lr", "cosine,3e-3", "--pl-epoch", "10", "--pl-size-func", "0.5", "--disp-batches", "1000"]
+PROCESSES = 2
+TOLERANCE = 0.15  # |accuracy difference|, mean of the last 3 epochs' validation accuracy (measured: 0.07)
+
+
+def torchrun(*argv) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES),
+           str(ROOT / "main.py"), *map(str, argv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same training, once with 2 processes of batch 8 and once with 1 process of batch 16."""
+    root = tmp_path_factory.mktemp("distributed")
+    generate(root / "data", LEARNABLE, progress=False)
+    torchrun("--data", root / "data", "--save", root / "ddp" / "net", "-b", 8, *ARGS)
+    assert run("--data", root / "data", "--save", root / "one" / "net", "-b", 16, *ARGS) == 0
+    return root
+
+
+def test_shards_make_up_the_single_process_batches():
+    n, batch = 103, 4
+    single = list(RandomSampler(range(n), generator=torch.Generator().manual_seed(42)))
+    one = distributed.ShardSampler(n, distributed.World(), seed=42)
+    assert list(one) == single and len(one) == n  # one process: the order of a plain shuffled loader
+    shards = [list(distributed.ShardSampler(n, distributed.World(r, 3), seed=42)) for r in range(3)]
+    assert {len(s) for s in shards} == {35}  # padded to equal length: every process runs as many steps
+    for step in range(35 // batch):
+        together = {i for s in shards for i in s[step * batch:(step + 1) * batch]}
+        assert together == set(single[step * 3 * batch:(step + 1) * 3 * batch])
+    inference = [list(distributed.ShardSampler(n, distributed.World(r, 3))) for r in range(3)]
+    assert sorted(i for s in inference for i in s) == list(range(n))  # inference: each row once, no padding
+
+
+def test_outputs_are_written_once(runs):
+    files = sorted(p.name for p in (runs / "ddp").iterdir())
+    assert files == sorted(p.name for p in (runs / "one").iterdir())
+    assert {"net", "net.0", f"net.{EPOCHS - 1}", "net.log", "net.metrics.csv"} <= set(files)
+    log = (runs / "ddp" / "net.log").read_text()
+    assert log.count("epoch 0: train_loss") == 1 and "[rank 1]" not in log  # one log, by rank 0
+    assert log.count("pseudo-labels at epoch 10:") == 1
+    state = torch.load(runs / "ddp" / f"net.{EPOCHS - 1}", weights_only=True)
+    assert len(state["pseudo_labels"]) == len(torch.load(runs / "one" / f"net.{EPOCHS - 1}",
+                                                          weights_only=True)["pseudo_labels"]) > 0
+
+
+def test_validation_accuracy_matches_one_process(runs):
+    ddp = pd.read_csv(runs / "ddp" / "net.metrics.csv")
+    one = pd.read_csv(runs / "one" / "net.metrics.csv")
+    chance = 1 / LEARNABLE.classes
+    a, b = ddp["acc"].tail(3).mean(), one["acc"].tail(3).mean()
+    assert a > 2.5 * chance and b > 2.5 * chance, (a, b)  # both learn
+    assert abs(a - b) <= TOLERANCE, (a, b)
+    # the processes' training losses are summed over all samples, not rank 0's alone
+    assert ddp["train_loss"].iloc[-1] < 0.6 * ddp["train_loss"].iloc[0]
+
+
+def test_resume_continues_the_distributed_run(runs, tmp_path):
+    shutil.copy(runs / "ddp" / f"net.{EPOCHS - 2}", tmp_path / f"net.{EPOCHS - 2}")
+    torchrun("--data", runs / "data", "--resume", tmp_path / f"net.{EPOCHS - 2}", "-b", 8, *ARGS)
+    a = torch.load(runs / "ddp" / f"net.{EPOCHS - 1}", weights_only=True)["model"]
+    b = torch.load(tmp_path / f"net.{EPOCHS - 1}", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def test_distributed_prediction_equals_one_process(runs, tmp_path):
+    shutil.copy(runs / "ddp" / "net", tmp_path / "net")
+    torchrun("--mode", "predict", "--data", runs / "data", "--load", runs / "ddp" / "net", "--tta", 3, *ARGS)
+    assert run("--mode", "predict", "--data", runs / "data", "--load", tmp_path / "net", "--tta", 3, *ARGS) == 0
+    ddp = load_predictions(runs / "ddp" / "net.output")
+    one = load_predictions(tmp_path / "net.output")
+    for part in ("val", "test"):
+        assert ddp[part].keys() == one[part].keys() and len(one[part]) > 0
+        for code, sites in one[part].items():
+            assert len(ddp[part][code]) == len(sites)
+            assert np.allclose(np.stack(ddp[part][code]), np.stack(sites), atol=1e-4)
