@@ -21,29 +21,35 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 
+class LaunchError(RuntimeError):
+    """A torchrun launch that cannot work as asked (more processes than GPUs on a node)."""
+
+
 @dataclass(frozen=True)
 class World:
-    """This process's place among the processes of a run."""
+    """This process's place among the processes of a run; `distributed` when started by torchrun
+    (also with one process: then the collectives run, trivially, e.g. to check NCCL on one GPU)."""
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    distributed: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
 
 def init(device: torch.device) -> tuple[World, torch.device]:
     """Join the process group torchrun describes in the environment; the device this process uses."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return World(), device
-    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
+                  distributed=True)
     if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise LaunchError(f"process {world.local_rank} of this node has no GPU of its own: "
+                               f"{torch.cuda.device_count()} visible; use --nproc_per_node "
+                               f"{torch.cuda.device_count()} (or --device cpu to run on the CPU with gloo)")
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     # a long timeout: rank 0 may spend many minutes on pseudo-labelling or writing predictions

@@ -36,7 +36,8 @@ import pseudo
 from atomic import atomic_write
 from checkpoints import (ARCHITECTURE, CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
                          save_checkpoint)
-from model import CellClassifier, PretrainedUnavailable, combined_loss, smooth_labels, supported_backbones
+from model import (CellClassifier, PretrainedUnavailable, combined_loss, is_supported_backbone, smooth_labels,
+                   supported_backbones)
 from predfile import save_embeddings, save_predictions
 from schedule import LRSchedule, SizeFunction
 from tools.curves import plot_training_curves
@@ -196,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dataset.tta_views(torch.zeros(1, 1, 8, 8), args.tta, args.tta_size)
     except ValueError as e:
         p.error(str(e))
-    if args.backbone not in supported_backbones():
+    if not is_supported_backbone(args.backbone):
         p.error(f"--backbone {args.backbone!r} is not supported; choose from: {', '.join(supported_backbones())}")
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little") % 10 ** 9
@@ -586,7 +587,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     # under torchrun each process takes its own GPU (cuda:LOCAL_RANK)
-    args.world, device = distributed.init(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    try:
+        args.world, device = distributed.init(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    except distributed.LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args.device = str(device)
     setup_logging(args)
     try:

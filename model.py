@@ -54,6 +54,14 @@ def supported_backbones() -> list[str]:
     return [SMALL_CNN] + tv + mem + ["pm-" + n for n in _pm_names()]
 
 
+def is_supported_backbone(name: str) -> bool:
+    """Whether `build_backbone` accepts `name`; imports pretrainedmodels only for a 'pm-' name."""
+    if name.startswith("pm-"):
+        return name[3:] in _pm_names()
+    tv = _tv_names()
+    return name == SMALL_CNN or name in tv or (name.startswith("mem-densenet") and name[4:] in tv)
+
+
 SMALL_CNN = "smallcnn"
 
 

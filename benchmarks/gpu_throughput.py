@@ -11,6 +11,7 @@ and for inference with 8 TTA views, plus peak device memory of each configuratio
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precisions", default="fp16,bf16,fp32")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows (and the machine) as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -92,13 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"{args.backbone}, {args.size} px, batch {args.batch}, {args.classes} classes on {name}, torch {torch.__version__}")
     print(f"{'precision':<10}{'channels_last':>14}{'train img/s':>13}{'TTA-8 img/s':>13}{'peak GiB':>10}")
+    rows = []
     for precision in args.precisions.split(","):
         if device.type == "cpu" and precision == "fp16":
             continue  # fp16 autocast is a GPU feature; on the CPU it would only measure emulation
         for channels_last in (False, True):
             r = measure(args, device, precision, channels_last)
+            rows.append(r)
             print(f"{precision:<10}{str(channels_last):>14}{r['train_img_s']:>13.1f}{r['infer_tta8_img_s']:>13.1f}"
-                  f"{r['peak_mem_gib']:>10.2f}")
+                  f"{r['peak_mem_gib']:>10.2f}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next configuration's peak starts from nothing
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "backbone": args.backbone,
+                                         "size": args.size, "batch": args.batch, "rows": rows}, indent=1))
     return 0
 
 

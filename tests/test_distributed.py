@@ -25,7 +25,7 @@ LEARNABLE = SyntheticConfig(layout="competition", cell_types=("HEPG2", "HUVEC"),
                             image_size=32, drop_wells=0.0, signal=3.0, batch_effect=0.3, noise=0.5, leak=False,
                             seed=4)
 EPOCHS = 12
-ARGS = ["--backbone", "smallcnn", "--pretrained", "none", "--embedding-size", "32", "--num-data-workers", "0",
+ARGS = ["--device", "cpu", "--backbone", "smallcnn", "--pretrained", "none", "--embedding-size", "32", "--num-data-workers", "0",
         "--seed", "5", "--threads", "1", "--folds", "2", "--cv-number", "0", "--cutmix", "0", "-e", str(EPOCHS),
         "--lr", "cosine,3e-3", "--pl-epoch", "10", "--pl-size-func", "0.5", "--disp-batches", "1000"]
 PROCESSES = 2
@@ -56,12 +56,12 @@ def test_shards_make_up_the_single_process_batches():
     single = list(RandomSampler(range(n), generator=torch.Generator().manual_seed(42)))
     one = distributed.ShardSampler(n, distributed.World(), seed=42)
     assert list(one) == single and len(one) == n  # one process: the order of a plain shuffled loader
-    shards = [list(distributed.ShardSampler(n, distributed.World(r, 3), seed=42)) for r in range(3)]
+    shards = [list(distributed.ShardSampler(n, distributed.World(r, 3, distributed=True), seed=42)) for r in range(3)]
     assert {len(s) for s in shards} == {35}  # padded to equal length: every process runs as many steps
     for step in range(35 // batch):
         together = {i for s in shards for i in s[step * batch:(step + 1) * batch]}
         assert together == set(single[step * 3 * batch:(step + 1) * 3 * batch])
-    inference = [list(distributed.ShardSampler(n, distributed.World(r, 3))) for r in range(3)]
+    inference = [list(distributed.ShardSampler(n, distributed.World(r, 3, distributed=True))) for r in range(3)]
     assert sorted(i for s in inference for i in s) == list(range(n))  # inference: each row once, no padding
 
 

@@ -83,6 +83,9 @@ def test_unknown_backbone_lists_supported() -> None:
     with pytest.raises(ValueError):
         M.build_backbone("pm-vgg16")
     assert "mem-densenet161" in M.supported_backbones() and "pm-se_resnext50_32x4d" in M.supported_backbones()
+    for name in M.supported_backbones():
+        assert M.is_supported_backbone(name), name
+    assert not any(M.is_supported_backbone(n) for n in ("mem-resnet50", "pm-nope", "densenet", "resnet0"))
 
 
 def test_concat_cell_type_and_head_hidden() -> None:
