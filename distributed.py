@@ -92,17 +92,21 @@ class ShardSampler(Sampler[int]):
         return -(-self.n // self.world.size)
 
 
-def gather_rows(parts: dict[str, np.ndarray], indices: list[int], n: int, world: World) -> dict[str, np.ndarray]:
-    """Arrays of `n` rows from every process's rows `indices` (each process calls this)."""
-    if not world.distributed:
+def gather_rows(parts: dict[str, np.ndarray], indices: np.ndarray, n: int, world: World) -> dict[str, np.ndarray]:
+    """Arrays of `n` rows from every process's rows `indices` (each process calls this); rows that no
+    process produced (sites skipped as unreadable) are NaN."""
+    if not world.distributed and np.array_equal(indices, np.arange(n)):
         return parts
     gathered: list = [None] * world.size
-    dist.all_gather_object(gathered, (indices, parts))
+    if world.distributed:
+        dist.all_gather_object(gathered, (indices, parts))
+    else:
+        gathered = [(indices, parts)]
     out = {}
     for rows, arrays in gathered:  # a process with no rows (n < N) sent no arrays
         for key, values in arrays.items():
             if key not in out:
-                out[key] = np.empty((n, *values.shape[1:]), dtype=values.dtype)
+                out[key] = np.full((n, *values.shape[1:]), np.nan, dtype=values.dtype)
             out[key][rows] = values
     return out
 

@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-cache", type=Path, default=None,
                    help="decoded-image cache built by prepare.py, read instead of the PNGs")
     g.add_argument("--skip-bad-images", action="store_true",
-                   help="training drops sites whose PNGs are missing or corrupt (a warning each, a count "
-                        "per epoch) instead of stopping with an error naming the file")
+                   help="leave out sites whose PNGs are missing or corrupt (a warning each, a count per pass) "
+                        "instead of stopping with an error naming the file; in prediction a well with no "
+                        "readable site gets an all-zero vector")
     g = p.add_argument_group("prediction and output")
     g.add_argument("--save", default=None, help="checkpoint path: <save>.<epoch> each epoch, <save> the best")
     g.add_argument("--load", default=None, help="checkpoint (or bare weights) for val, predict or fine-tuning")
@@ -255,10 +256,9 @@ def make_dataset(args, data: Data, rows: pd.DataFrame, train: bool, labels=None)
     if cache is not None:
         cache = images.ImageCache.open(cache, args.data, data.table)
     # uint8 samples: the loader workers only decode; prepare_batch does the float work per batch on the device.
-    # Unreadable sites are skipped in training only: infer() relies on one output row per dataset row.
     return dataset.SiteDataset(rows, data.structure.cell_types, args.data_normalization, stats,
                                augment, labels, seed=args.seed, output="uint8", cache=cache,
-                               skip_bad_images=train and getattr(args, "skip_bad_images", False))
+                               skip_bad_images=getattr(args, "skip_bad_images", False))
 
 
 def make_loader(args, ds: dataset.SiteDataset, epoch: int | None = None) -> DataLoader:
@@ -388,12 +388,15 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
 def infer(args, model, ds: dataset.SiteDataset, device, dtype, embeddings: bool = False) -> dict[str, np.ndarray]:
     """Per-site logits (and embeddings) of a dataset, averaged over `args.tta` views.
 
-    Each process of a distributed run infers its shard; all get the whole result."""
+    Each process of a distributed run infers its shard; all get the whole result. Sites skipped as
+    unreadable (--skip-bad-images) get NaN rows, which `metadata.sum_sites` leaves out."""
     model = unwrap(model)
     model.eval()
     outputs: dict[str, list] = {"logits": [], "embedding": []}
+    done: list[np.ndarray] = []  # dataset rows inferred (all, unless --skip-bad-images dropped some)
     loader = make_loader(args, ds)
-    for x, cell, _, _ in tqdm(loader, desc="infer", leave=False, disable=None if args.world.main else True):
+    for x, cell, index, _ in tqdm(loader, desc="infer", leave=False, disable=None if args.world.main else True):
+        done.append(index.numpy())
         x, cell = dataset.prepare_batch(x, device), cell.to(device, non_blocking=True)
         sums: dict[str, torch.Tensor] = {}
         for view in dataset.tta_views(x, args.tta, args.tta_size):
@@ -404,7 +407,8 @@ def infer(args, model, ds: dataset.SiteDataset, device, dtype, embeddings: bool 
         for key, value in sums.items():
             outputs[key].append((value / args.tta).cpu().numpy())
     result = {k: np.concatenate(v) for k, v in outputs.items() if v}
-    return distributed.gather_rows(result, loader.sampler.indices(), len(ds), args.world)
+    rows = np.concatenate(done) if done else np.zeros(0, dtype=np.int64)
+    return distributed.gather_rows(result, rows, len(ds), args.world)
 
 
 def accuracy_by_cell_type(wells: pd.DataFrame, predicted: np.ndarray) -> dict[str, float]:
@@ -540,9 +544,23 @@ def predict(args) -> None:
         for key, target in (("logits", output), ("embedding", embeddings)):
             if key == "logits" and part == "train":
                 continue
+            if key == "embedding" and not args.save_embeddings:
+                continue
             values = target.setdefault(part, {})
-            for code, vector in zip(rows["id_code"], result.get(key, [])):
-                values.setdefault(code, []).append(vector.astype(np.float32))
+            vectors = result.get(key)
+            if vectors is None:
+                if len(rows):
+                    raise metadata.DataError(f"no readable image among the {len(rows)} {part} sites")
+                continue
+            for code, vector in zip(rows["id_code"], vectors):
+                if np.isfinite(vector).all():  # NaN: a site skipped as unreadable (--skip-bad-images)
+                    values.setdefault(code, []).append(vector.astype(np.float32))
+            unread = [code for code in dict.fromkeys(rows["id_code"]) if code not in values]
+            if unread and part != "train":  # every val/test well must be in the file: give it a neutral vector
+                for code in unread:
+                    values[code] = [np.zeros(vectors.shape[1], dtype=np.float32)]
+                log.warning("%s: %d %s well(s) without a readable image get an all-zero %s vector (e.g. %s)",
+                            args.load, len(unread), part, key, unread[0])
     if not args.world.main:
         return
     path = f"{args.load}.output{args.pred_suffix}"

@@ -196,7 +196,13 @@ def wells_of(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def sum_sites(rows: pd.DataFrame, site_values: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
-    """Sum per-site vectors over the sites of each well: (one row per well, [wells, K] sums)."""
+    """Sum per-site vectors over the sites of each well: (one row per well, [wells, K] sums).
+
+    Sites whose vector is not finite (NaN: an unreadable image skipped) are left out, and so is a
+    well with no site left."""
+    finite = np.isfinite(site_values).all(axis=1) if len(site_values) else np.ones(0, dtype=bool)
+    if not finite.all():
+        rows, site_values = rows[finite], site_values[finite]
     codes, first, inverse = np.unique(rows["id_code"].to_numpy(), return_index=True, return_inverse=True)
     sums = np.zeros((len(codes), site_values.shape[1]), dtype=np.float32)
     np.add.at(sums, inverse, site_values)

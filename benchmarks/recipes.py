@@ -5,7 +5,7 @@
 
 1st place: softmax + ArcFace, pseudo-labelling, logits -> plate groups -> assignment.
 41st place: cross-entropy only, a head with a hidden layer, a slower backbone learning rate,
-no pseudo-labels; TTA-averaged embeddings -> kNN per cell type -> plate groups -> assignment.
+rotation/brightness/contrast/gamma augmentation, no pseudo-labels; TTA-averaged embeddings -> kNN per cell type -> plate groups -> assignment.
 The small CPU configuration (demo.py's) stands in for DenseNet161/201 at 512 px.
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                            ["--tta", "8"], [], args.epochs, "output")
     second, t2 = run_recipe("second", data, args.out,
                             ["--metric-loss-coeff", "0", "--head-hidden", "256", "--backbone-lr-mult", "0.5",
-                             "--lr", "cosine,3e-3"],
+                             "--lr", "cosine,3e-3", "--rotate-aug", "15", "--brightness-aug", "0.1",
+                             "--contrast-aug", "0.1", "--gamma-aug", "0.1"],
                             ["--tta", "10", "--tta-size", "0.9", "--save-embeddings"], ["--knn", "5"],
                             args.epochs, "embeddings")
     print(f"\nrecipes on {data} ({args.epochs} epochs each; val = fold 0 experiments, test = test experiments)")

@@ -324,3 +324,16 @@ def test_tta_views_distinct_identity_first():
         dataset.tta_views(x, 9)
     with pytest.raises(ValueError, match="--tta-size"):
         dataset.tta_views(x, 2, size=1.5)
+
+
+def test_extra_csv_columns_are_ignored(tiny_competition, tmp_path):
+    """Extra columns (notes, a user's own fold column, even names the table uses internally) change nothing."""
+    shutil.copytree(tiny_competition[0], tmp_path / "d")
+    for name in ("train.csv", "test.csv", "train_controls.csv"):
+        csv = tmp_path / "d" / name
+        df = pd.read_csv(csv)
+        df.assign(note="x", split="holdout", leaked=True, image_prefix="/nowhere").to_csv(csv, index=False)
+    original = metadata.load_table(tiny_competition[0])
+    extra = metadata.load_table(tmp_path / "d")
+    original["image_prefix"] = original["image_prefix"].str.replace(str(tiny_competition[0]), str(tmp_path / "d"))
+    pd.testing.assert_frame_equal(original, extra)

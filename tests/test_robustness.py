@@ -132,3 +132,38 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(trained, tiny_compe
     a = torch.load(f"{trained}.1", weights_only=True)["model"]
     b = torch.load(tmp_path / "killed.1", weights_only=True)["model"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_skip_bad_images_covers_validation_pseudo_labels_and_prediction(tiny_competition, tmp_path, caplog):
+    """With --skip-bad-images an unreadable val/test site is left out of validation, pseudo-labelling and
+    prediction instead of stopping a long run; a test well with no readable site still gets a row."""
+    import make_submission
+    from predfile import load_predictions
+
+    data = tmp_path / "d"
+    shutil.copytree(tiny_competition[0], data)
+    args = main.parse_args(["--data", str(data), "--save", str(tmp_path / "x"), *SMALL])
+    subsets = main.load_data(args).subsets
+    val_site = subsets["val"]["image_prefix"].iat[0]
+    test_well = subsets["test"]["id_code"].iat[0]
+    test_sites = subsets["test"].loc[subsets["test"]["id_code"] == test_well, "image_prefix"]
+    for prefix in [val_site, *test_sites]:
+        with open(f"{prefix}_w2.png", "r+b") as f:
+            f.truncate(40)  # a corrupt PNG
+    save = tmp_path / "net"
+    argv = ["--data", data, *SMALL, "--skip-bad-images"]
+    # without the flag the run stops at the first inference, naming the file
+    assert run(*argv[:-1], "--save", tmp_path / "stops", "-e", 1) == 1
+    assert "corrupt image:" in caplog.text
+    caplog.clear()
+    assert run(*argv, "--save", save, "-e", 2, "--pl-epoch", 1, "--pl-size-func", "0.5") == 0
+    assert f"skipping site {val_site}" in caplog.text and "site(s) with unreadable images skipped" in caplog.text
+    assert run(*argv, "--mode", "predict", "--load", f"{save}.1") == 0
+    assert f"1 test well(s) without a readable image get an all-zero logits vector (e.g. {test_well})" in caplog.text
+    pred = load_predictions(f"{save}.1.output")
+    assert set(pred["test"]) == set(subsets["test"]["id_code"])
+    assert len(pred["test"][test_well]) == 1 and not pred["test"][test_well][0].any()
+    val_well = subsets["val"]["id_code"].iat[0]
+    assert len(pred["val"][val_well]) == len(subsets["val"].query("id_code == @val_well")) - 1
+    assert make_submission.main(["--data", str(data), "-o", str(tmp_path / "sub.csv"), f"{save}.1.output"]) == 0
+    assert len(pd.read_csv(tmp_path / "sub.csv")) == subsets["test"]["id_code"].nunique()
