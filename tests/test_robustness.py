@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import check
+import engine
 import main
 from tests.conftest import ROOT, SMALL, run
 
@@ -91,14 +92,14 @@ def test_checkpoint_that_would_run_code_is_refused(tiny_competition, tmp_path, c
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_competition, tmp_path, monkeypatch, caplog):
-    real = main.combined_loss
+    real = engine.combined_loss
     calls = {"n": 0}
 
     def poisoned(out, target, coeff):
         calls["n"] += 1
         loss = real(out, target, coeff)
         return loss * float("nan") if calls["n"] > 22 else loss  # epoch 0 (22 batches) is fine, then it diverges
-    monkeypatch.setattr(main, "combined_loss", poisoned)
+    monkeypatch.setattr(engine, "combined_loss", poisoned)
     save = tmp_path / "x"
     rc = run("--data", tiny_competition[0], "--save", save, "-e", 3, "--max-bad-steps", 3, "--cv-number", -1,
              *SMALL)
