@@ -141,6 +141,13 @@ def prepare_model(args, model: CellClassifier, device: torch.device) -> torch.nn
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if getattr(args, "sync_bn", False) and args.mode == "train" and args.world.distributed:
+        if device.type != "cuda":
+            raise metadata.DataError("--sync-bn needs GPUs (torchrun with NCCL): PyTorch's SyncBatchNorm "
+                                     "does not run on the CPU")
+        # batch statistics over all processes' samples: matters when -b per GPU is small. The
+        # layers are swapped inside `model`, so checkpoints keep the same weight names.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     runner = torch.compile(model) if args.compile else model
     if args.world.distributed and args.mode == "train":
         # a head the loss does not use (c = 0 or 1) gets no gradient: DDP must be told to expect that

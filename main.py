@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", type=bool_type, default=False,
                    help="channels-last memory format (faster convolutions with AMP on recent GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="with torchrun on GPUs: batch-norm statistics over all processes (SyncBatchNorm)")
     g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often faster on a busy CPU)")
