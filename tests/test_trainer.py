@@ -211,6 +211,10 @@ def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained, caplog
                *SMALL) == 1
     assert f"{tmp_path / 'bare'} does not fit this model (size mismatch" in caplog.text
     assert not (tmp_path / "bare.output").exists()
+    caplog.clear()  # weights alone cannot continue a run: there is no optimizer state or epoch in them
+    assert run("--data", tiny_competition[0], "--resume", tmp_path / "bare", "-e", 2, *SMALL) == 1
+    assert "a bare weights file cannot resume a run (use --load)" in caplog.text
+    assert not (tmp_path / "bare.0").exists()
 
 
 def test_layer_wise_learning_rates(tmp_path):
