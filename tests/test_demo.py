@@ -27,3 +27,16 @@ def test_short_demo_runs_the_whole_pipeline(tmp_path, capsys):
         assert (out / name).exists(), name
     # a second run reuses the generated data
     assert demo.synthetic_data(out, small) == out / "data"
+
+
+def test_demo_on_an_existing_competition_layout_data_set(tiny_competition, tmp_path, capsys):
+    """`make demo DATA=DIR OUT=DIR`: no data is generated; without test labels only validation is scored."""
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out), "--data", str(tiny_competition[0]), "--epochs", "2", "--pl-epoch", "1",
+                      "--tta", "2", "--lr", "cosine,3e-3"]) == 0
+    assert not (out / "data").exists()
+    report = json.loads((out / "submission.csv.json").read_text())
+    assert report["stages"][-1]["stage"].startswith("assignment")
+    assert all("val" in s and not s.get("test") for s in report["stages"])
+    test_wells = pd.read_csv(tiny_competition[0] / "test.csv")["id_code"]
+    assert sorted(pd.read_csv(out / "submission.csv")["id_code"]) == sorted(test_wells)
