@@ -8,6 +8,10 @@ Problems are collected rather than raised one by one, so a user sees all of them
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
+import multiprocessing
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,8 +30,15 @@ def _check_png(path: str) -> tuple[str | None, tuple[int, int] | None]:
         return str(e), None
 
 
-def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True) -> dict[str, list[str]]:
-    """Problems found, by kind (empty dict: the data set is sound)."""
+def _check_site(prefix: str) -> list[tuple[str, str | None, tuple[int, int] | None]]:
+    """(path, problem or None, size or None) of each channel image of a site."""
+    return [(path, *_check_png(path)) for path in (f"{prefix}_w{c}.png" for c in range(1, CHANNELS + 1))]
+
+
+def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True,
+               workers: int = 0) -> dict[str, list[str]]:
+    """Problems found, by kind (empty dict: the data set is sound). `workers` > 1 decodes the images
+    in that many processes (RxRx1 has 750,000 PNGs); the problems come out in the same order."""
     problems: dict[str, list[str]] = defaultdict(list)
     try:
         table = metadata.load_table(data_dir)
@@ -49,10 +60,14 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
     if images:
         sizes: dict[tuple[int, int], int] = defaultdict(int)
         first_of_size: dict[tuple[int, int], str] = {}
-        for prefix in tqdm(table["image_prefix"], desc="checking images", unit="site"):
-            for c in range(1, CHANNELS + 1):
-                path = f"{prefix}_w{c}.png"
-                problem, size = _check_png(path)
+        prefixes = table["image_prefix"].tolist()
+        with contextlib.ExitStack() as stack:
+            sites = map(_check_site, prefixes)
+            if workers > 1:
+                pool = stack.enter_context(multiprocessing.Pool(workers))
+                sites = pool.imap(_check_site, prefixes, chunksize=32)  # in order: a stable report
+            for path, problem, size in itertools.chain.from_iterable(
+                    tqdm(sites, total=len(prefixes), desc="checking images", unit="site")):
                 if problem:
                     problems["images"].append(problem)
                 if size:
@@ -87,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("data", type=Path)
     p.add_argument("--classes", type=int, default=None)
     p.add_argument("--max-listed", type=int, default=20)
+    p.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
     args = p.parse_args(argv)
-    return report(check_data(args.data, args.classes), args.max_listed)
+    return report(check_data(args.data, args.classes, workers=args.workers), args.max_listed)
 
 
 if __name__ == "__main__":

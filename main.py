@@ -375,7 +375,7 @@ def setup_logging(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.mode == "check":
-        return check.report(check.check_data(args.data, args.classes))
+        return check.report(check.check_data(args.data, args.classes, workers=args.num_data_workers))
     threads = torch.get_num_threads()  # restored at the end: runs in one process (demo, tests) stay independent
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -46,6 +46,9 @@ def test_check_mode_lists_every_problem(tiny_competition, tmp_path, capsys):
     assert "label 99 outside 0..10" in out
     problems = check.check_data(data, 11, images=False)
     assert set(problems) == {"labels"} and len(problems["labels"]) == 1 + (train.loc[2, "sirna"] != 99)
+    # several decoding processes find the same problems, in the same order
+    one = check.check_data(data, 11, workers=0)
+    assert check.check_data(data, 11, workers=2) == one and len(one["images"]) == 4
 
 
 def test_check_mode_metadata_errors(tmp_path, capsys):
