@@ -97,11 +97,10 @@ def gather_rows(parts: dict[str, np.ndarray], indices: np.ndarray, n: int, world
     process produced (sites skipped as unreadable) are NaN."""
     if not world.distributed and np.array_equal(indices, np.arange(n)):
         return parts
-    gathered: list = [None] * world.size
+    gathered: list = [(indices, parts)]
     if world.distributed:
+        gathered = [None] * world.size
         dist.all_gather_object(gathered, (indices, parts))
-    else:
-        gathered = [(indices, parts)]
     out = {}
     for rows, arrays in gathered:  # a process with no rows (n < N) sent no arrays
         for key, values in arrays.items():

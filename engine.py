@@ -41,6 +41,7 @@ class Data:
     structure: metadata.Structure
     subsets: dict[str, pd.DataFrame]
     pixel_stats: pd.DataFrame | None
+    image_cache: images.ImageCache | None = None  # --image-cache, opened and checked once per run
 
 
 def load_data(args: argparse.Namespace) -> Data:
@@ -70,21 +71,24 @@ def load_data(args: argparse.Namespace) -> Data:
     if args.data_normalization != "sample":
         cache = args.cache_dir or Path(args.save or args.load).parent / "cache"
         stats = dataset.load_pixel_stats(args.data, table, cache)
-    return Data(table, structure, subsets, stats)
+    image_cache = images.ImageCache.open(args.image_cache, args.data, table) if args.image_cache else None
+    return Data(table, structure, subsets, stats, image_cache)
+
+
+def augment_from_args(args: argparse.Namespace) -> dataset.Augment:
+    """The train augmentation flags as settings (a ValueError names a flag with a bad value)."""
+    return dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0], bias_std=args.pw_aug[1],
+                           rotate=args.rotate_aug, brightness=args.brightness_aug, contrast=args.contrast_aug,
+                           gamma=args.gamma_aug)
 
 
 def make_dataset(args, data: Data, rows: pd.DataFrame, train: bool, labels=None) -> dataset.SiteDataset:
-    augment = dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0], bias_std=args.pw_aug[1],
-                              rotate=args.rotate_aug, brightness=args.brightness_aug,
-                              contrast=args.contrast_aug, gamma=args.gamma_aug) if train else None
+    augment = augment_from_args(args) if train else None
     stats = dataset.normalization_stats(rows, args.data_normalization, data.pixel_stats)
-    cache = getattr(args, "image_cache", None)
-    if cache is not None:
-        cache = images.ImageCache.open(cache, args.data, data.table)
     # uint8 samples: the loader workers only decode; prepare_batch does the float work per batch on the device.
     return dataset.SiteDataset(rows, data.structure.cell_types, args.data_normalization, stats,
-                               augment, labels, seed=args.seed, output="uint8", cache=cache,
-                               skip_bad_images=getattr(args, "skip_bad_images", False))
+                               augment, labels, seed=args.seed, output="uint8", cache=data.image_cache,
+                               skip_bad_images=args.skip_bad_images)
 
 
 def make_loader(args, ds: dataset.SiteDataset, epoch: int | None = None) -> DataLoader:
@@ -141,7 +145,7 @@ def prepare_model(args, model: CellClassifier, device: torch.device) -> torch.nn
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if getattr(args, "sync_bn", False) and args.mode == "train" and args.world.distributed:
+    if args.sync_bn and args.mode == "train" and args.world.distributed:
         if device.type != "cuda":
             raise metadata.DataError("--sync-bn needs GPUs (torchrun with NCCL): PyTorch's SyncBatchNorm "
                                      "does not run on the CPU")

@@ -32,8 +32,8 @@ import pseudo
 from atomic import atomic_write
 from checkpoints import (ARCHITECTURE, CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
                          save_checkpoint)
-from engine import (Data, amp_dtype, build_model, evaluate, infer, load_data, make_dataset, make_loader,
-                    make_optimizer, prepare_model, train_one_epoch)
+from engine import (Data, amp_dtype, augment_from_args, build_model, evaluate, infer, load_data, make_dataset,
+                    make_loader, make_optimizer, prepare_model, train_one_epoch)
 from model import CellClassifier, PretrainedUnavailable, is_supported_backbone, supported_backbones
 from predfile import save_embeddings, save_predictions
 from schedule import LRSchedule, SizeFunction
@@ -191,9 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.metric_loss_coeff <= 1 or not 0 <= args.label_smoothing < 1:
         p.error("--metric-loss-coeff must be in [0, 1] and --label-smoothing in [0, 1)")
     try:
-        dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0], bias_std=args.pw_aug[1],
-                        rotate=args.rotate_aug, brightness=args.brightness_aug, contrast=args.contrast_aug,
-                        gamma=args.gamma_aug)
+        augment_from_args(args)
         dataset.tta_views(torch.zeros(1, 1, 8, 8), args.tta, args.tta_size)
     except ValueError as e:
         p.error(str(e))
@@ -209,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train(args) -> None:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device)  # resolved by main(): cuda:LOCAL_RANK under torchrun
     dtype = amp_dtype(args, device)
     torch.manual_seed(args.seed)
     data = load_data(args)
@@ -287,7 +285,7 @@ def load_for_inference(args) -> tuple[Data, CellClassifier, torch.device, torch.
     for name in ARCHITECTURE:  # a checkpoint knows its own architecture: take it from there
         if name in state.get("args", {}):
             setattr(args, name, state["args"][name])
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device)  # resolved by main(): cuda:LOCAL_RANK under torchrun
     data = load_data(args)
     check_classes(args, data, state)
     model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), "none")

@@ -236,14 +236,14 @@ def test_mismatched_cache_is_refused(tiny_competition, table, cache, tmp_path):
         c.locate(table.iloc[:2].assign(well="Z99", site=1))
     with pytest.raises(images.CacheError, match="holds the image cache of .*choose another --cache"):
         prepare.build_cache(tmp_path / "other", cache, table, progress=False)
-    # through the trainer's flags
+    # through the trainer's flags: checked once, when the run loads its data
     args = main.parse_args(["--save", str(tmp_path / "run"), "--data", str(data), "--image-cache", str(tmp_path / "x")])
-    loaded = main.load_data(args)
     with pytest.raises(images.CacheError, match="no manifest.json"):
-        main.make_dataset(args, loaded, loaded.subsets["train"], train=True)
+        main.load_data(args)
     args.image_cache = cache
+    loaded = main.load_data(args)
     ds = main.make_dataset(args, loaded, loaded.subsets["train"], train=True)
-    assert ds.cache is not None and ds.output == "uint8"
+    assert ds.cache is loaded.image_cache and ds.cache is not None and ds.output == "uint8"
 
 
 # ------------------------------------------------------------------------------- unreadable images
