@@ -54,8 +54,11 @@ def load_data(args: argparse.Namespace) -> Data:
     if args.use_layout_leak and matches:
         table = metadata.apply_layout_matches(table, matches)
     structure = metadata.derive_structure(table, args.classes)
-    folds = metadata.assign_folds(table, args.folds, args.data_split_seed)
-    subsets = metadata.split_subsets(table, folds, args.cv_number, args.all_controls_train)
+    if args.val_experiments:
+        folds, cv_number = metadata.named_folds(table, args.val_experiments), 0
+    else:
+        folds, cv_number = metadata.assign_folds(table, args.folds, args.data_split_seed), args.cv_number
+    subsets = metadata.split_subsets(table, folds, cv_number, args.all_controls_train)
     if args.finetune_cell_type:
         if args.finetune_cell_type not in structure.cell_types:
             raise metadata.DataError(f"--finetune-cell-type {args.finetune_cell_type}: not among the cell types "
@@ -79,12 +82,12 @@ def augment_from_args(args: argparse.Namespace) -> dataset.Augment:
     """The train augmentation flags as settings (a ValueError names a flag with a bad value)."""
     return dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0], bias_std=args.pw_aug[1],
                            rotate=args.rotate_aug, brightness=args.brightness_aug, contrast=args.contrast_aug,
-                           gamma=args.gamma_aug)
+                           gamma=args.gamma_aug, zoom_mode=args.zoom_interpolation)
 
 
 def make_dataset(args, data: Data, rows: pd.DataFrame, train: bool, labels=None) -> dataset.SiteDataset:
     augment = augment_from_args(args) if train else None
-    stats = dataset.normalization_stats(rows, args.data_normalization, data.pixel_stats)
+    stats = dataset.normalization_stats(rows, args.data_normalization, data.pixel_stats, data.table)
     # uint8 samples: the loader workers only decode; prepare_batch does the float work per batch on the device.
     return dataset.SiteDataset(rows, data.structure.cell_types, args.data_normalization, stats,
                                augment, labels, seed=args.seed, output="uint8", cache=data.image_cache,
@@ -121,7 +124,7 @@ def amp_dtype(args, device: torch.device) -> torch.dtype | None:
 def build_model(args, n_classes: int, n_cell_types: int, pretrained: str) -> CellClassifier:
     return CellClassifier(args.backbone, n_classes, n_cell_types, embedding_size=args.embedding_size,
                           head_hidden=args.head_hidden, concat_cell_type=args.concat_cell_type,
-                          bn_mom=args.bn_mom, pretrained=pretrained)
+                          bn_mom=args.bn_mom, pretrained=pretrained, stem_init=args.stem_init)
 
 
 def make_optimizer(args, model: CellClassifier) -> torch.optim.Optimizer:
@@ -183,11 +186,11 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
         lr = args.lr(epoch + i / steps, args.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-        x = dataset.prepare_batch(x, device)  # flips, zoom, normalisation, jitter: on the device, per batch
+        # flips, zoom, normalisation, jitter: on the device, per batch
+        x = dataset.prepare_batch(x, device, zoom_mode=args.zoom_interpolation)
         cell, y = cell.to(device, non_blocking=True), y.to(device)
         target = smooth_labels(y, n_classes, args.label_smoothing)
-        x, cell, target = batch.mixup(x, cell, target, args.mixup, rng)
-        x, cell, target = batch.cutmix(x, cell, target, args.cutmix, rng)
+        x, cell, target = batch.mix_batch(x, cell, target, args.mixup, args.cutmix, rng, args.mix_partners)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(x, cell)
             loss = combined_loss(out, target, args.metric_loss_coeff)
@@ -202,10 +205,15 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
             optimizer.zero_grad(set_to_none=True)
             continue
         guard["bad_steps"] = 0
-        step = (i + 1) % args.gradient_accumulation == 0 or i + 1 == steps
+        step = (i + 1) % args.gradient_accumulation == 0 or (args.accumulation == "mean" and i + 1 == steps)
+        # "sum" (the 1st place): each batch's gradient is added at full weight, so an update sees
+        # the summed gradient of its batches and Adam's coupled weight decay keeps its weight; a
+        # trailing partial group is dropped (zeroed below) as the original did. "mean" divides
+        # the loss by the group size and steps on the trailing group too.
+        scale = 1.0 if args.accumulation == "sum" else 1.0 / args.gradient_accumulation
         # accumulating steps need no gradient all-reduce: only the last one before optimizer.step
         with contextlib.nullcontext() if step or not isinstance(model, DistributedDataParallel) else model.no_sync():
-            scaler.scale(loss / args.gradient_accumulation).backward()
+            scaler.scale(loss * scale if scale != 1 else loss).backward()
         if step:
             scaler.step(optimizer)
             scaler.update()
@@ -217,6 +225,7 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
         if (i + 1) % args.disp_batches == 0:
             log.info("epoch %d batch %d/%d: loss %.4f, acc %.4f, lr %.3g, %.1f samples/s", epoch, i + 1,
                      steps, total_loss / seen, correct / seen, lr, seen / (time.time() - tic))
+    optimizer.zero_grad(set_to_none=True)  # a trailing partial group ("sum") never steps
     total_loss, correct, seen = distributed.sum_all([total_loss, correct, seen], args.world)
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr if steps else 0.0}
 

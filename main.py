@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import batch
 import check
 import dataset
 import distributed
@@ -34,7 +35,7 @@ from checkpoints import (ARCHITECTURE, CHECKPOINT_FORMAT, checkpoint_args, load_
                          save_checkpoint)
 from engine import (Data, amp_dtype, augment_from_args, build_model, evaluate, infer, load_data, make_dataset,
                     make_loader, make_optimizer, prepare_model, train_one_epoch)
-from model import CellClassifier, PretrainedUnavailable, is_supported_backbone, supported_backbones
+from model import STEM_INITS, CellClassifier, PretrainedUnavailable, is_supported_backbone, supported_backbones
 from predfile import save_embeddings, save_predictions
 from schedule import LRSchedule, SizeFunction
 from tools.curves import plot_training_curves
@@ -75,6 +76,13 @@ def lr_type(text: str) -> LRSchedule:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def name_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def size_func_type(text: str) -> SizeFunction:
     try:
         return SizeFunction(text)
@@ -97,10 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embedding-size", type=int, default=1024)
     g.add_argument("--bn-mom", type=float, default=0.05)
     g.add_argument("--classes", type=int, default=None, help="output classes (default: from the metadata)")
+    g.add_argument("--stem-init", choices=STEM_INITS, default="random",
+                   help="the 6-channel input conv when ImageNet weights load: random (a fresh conv, as the "
+                        "1st place) or rgb-copy (channel i starts from RGB kernel i mod 3, scaled by 3/6)")
     g = p.add_argument_group("training")
     g.add_argument("-e", "--epochs", type=int, default=90)
     g.add_argument("-b", "--batch_size", "--batch-size", dest="batch_size", type=int, default=24)
     g.add_argument("--gradient-accumulation", type=int, default=2)
+    g.add_argument("--accumulation-mode", dest="accumulation", choices=("sum", "mean"),
+                   default="sum", help="sum: each batch's gradient at full weight, a trailing partial group "
+                                       "dropped (the 1st place); mean: the loss divided by the group size, "
+                                       "the trailing group stepped too")
     g.add_argument("-l", "--lr", type=lr_type, default=LRSchedule.parse("cosine,1.5e-4"),
                    help="schedule,v1,e1,v2,e2,...,vn with schedule cosine or const")
     g.add_argument("--backbone-lr-mult", type=float, default=1.0,
@@ -111,8 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", "--ls", dest="label_smoothing", type=float, default=0.0)
     g.add_argument("--mixup", type=float, default=0.0, help="Beta alpha of mixup (0: off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="Beta alpha of cutmix (0: off)")
+    g.add_argument("--mix-partners", choices=batch.PARTNER_RULES, default="shared",
+                   help="with mixup and cutmix both on: one partner permutation for both (shared, the 1st "
+                        "place) or one each (separate)")
     g.add_argument("--pw-aug", type=float_pair, default=(0.1, 0.1), help="per-channel scale std,bias std")
     g.add_argument("--scale-aug", type=float, default=0.5, help="zoom crop edge drawn from [scale, 1]")
+    g.add_argument("--zoom-interpolation", choices=dataset.ZOOM_MODES, default="nearest",
+                   help="how the zoom crop is resized back: nearest (pixels copied, the 1st place) or "
+                        "bilinear (antialiased, smoother)")
     g.add_argument("--rotate-aug", type=float, default=0.0, metavar="DEG",
                    help="random rotation by U(-DEG, DEG) degrees, zero fill (0: off)")
     g.add_argument("--brightness-aug", type=float, default=0.0, metavar="B",
@@ -133,11 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("pseudo-labelling")
     g.add_argument("--pl-epoch", type=int, default=None, help="first epoch of pseudo-labelling (default: off)")
     g.add_argument("--pl-size-func", type=size_func_type, default=SizeFunction("x"),
-                   help="fraction of val+test wells labelled by then, as a function of x in [0, 1]")
+                   help="fraction of val+test wells labelled by then, as a function of "
+                        "x = (epoch - pl_epoch + 1) / (epochs - pl_epoch + 1)")
+    g.add_argument("--pl-duplicates", choices=pseudo.DUPLICATE_RULES, default="drop",
+                   help="a chosen well whose class a more confident well of its plate got this epoch: dropped "
+                        "(fewer wells added, the 1st place) or replaced by the next-ranked well (refill)")
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, default=Path("../data"))
     g.add_argument("--cv-number", type=int, default=0, help="validation fold, -1: train on everything")
     g.add_argument("--folds", type=int, default=6)
+    g.add_argument("--val-experiments", type=name_list, default=None, metavar="A,B,...",
+                   help="validate on these train experiments (by name) instead of fold --cv-number")
     g.add_argument("--data-split-seed", type=int, default=0)
     g.add_argument("--data-normalization", choices=dataset.NORMALIZATIONS, default="sample")
     g.add_argument("--all-controls-train", type=bool_type, default=True,
@@ -182,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "gradient_accumulation", "folds", "disp_batches", "tta", "max_bad_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.val_experiments and args.cv_number == -1:
+        p.error("--val-experiments names validation experiments; --cv-number -1 trains on all of them")
     if not -1 <= args.cv_number < args.folds:
         p.error(f"--cv-number must be -1 or in [0, {args.folds}), got {args.cv_number}")
     if args.pl_epoch is not None and not 0 <= args.pl_epoch < args.epochs:

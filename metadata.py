@@ -314,6 +314,20 @@ def assign_folds(table: pd.DataFrame, n_folds: int = 6, seed: int = 0) -> dict[s
     return folds
 
 
+def named_folds(table: pd.DataFrame, validation: list[str]) -> dict[str, int]:
+    """Folds that put exactly the named train experiments in fold 0 (validation) and every other
+    train experiment in fold 1: `--val-experiments`, for a split chosen by name (e.g. the 1st
+    place's per-fold table) instead of dealt."""
+    train = sorted(table.loc[table["split"] == "train", "experiment"].astype(str).unique())
+    unknown = [e for e in validation if e not in train]
+    if unknown:
+        raise DataError(f"--val-experiments: {', '.join(unknown)} is not a train experiment of the data set "
+                        f"(train experiments: {', '.join(train)})")
+    if len(set(validation)) != len(validation):
+        raise DataError(f"--val-experiments: an experiment is named twice in {','.join(validation)}")
+    return {e: 0 if e in validation else 1 for e in train}
+
+
 # --------------------------------------------------------------------------- layout coincidences
 
 

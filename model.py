@@ -187,8 +187,14 @@ def _load_local(model: nn.Module, path: str, name: str) -> None:
     model.load_state_dict(state, strict=False)
 
 
+STEM_INITS = ("random", "rgb-copy")
+
+
 def _swap_stem(model: nn.Module, in_channels: int, from_rgb: bool) -> None:
-    """Replace the (only) 3-channel input convolution with an `in_channels` one, in place."""
+    """Replace the (only) 3-channel input convolution with an `in_channels` one, in place.
+
+    `from_rgb` False: a freshly initialised conv (nn.Conv2d's default), as the 1st place did even
+    with ImageNet weights; True: started from the RGB kernels (below)."""
     path, old = next(
         ((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3),
         (None, None),
@@ -207,7 +213,6 @@ def _swap_stem(model: nn.Module, in_channels: int, from_rgb: bool) -> None:
             new.weight.copy_(old.weight[:, index] * (3.0 / in_channels))
             if old.bias is not None:
                 new.bias.copy_(old.bias)
-    # From scratch the stem keeps nn.Conv2d's default init, as the 1st place's replacement did.
     parent_name, _, attr = path.rpartition(".")
     setattr(model.get_submodule(parent_name), attr, new)
 
@@ -223,20 +228,25 @@ class _PretrainedModelsFeatures(nn.Module):
         return self.model.features(x)
 
 
-def build_backbone(name: str, pretrained: str = "none", in_channels: int = 6) -> tuple[nn.Module, int]:
+def build_backbone(name: str, pretrained: str = "none", in_channels: int = 6,
+                   stem_init: str = "random") -> tuple[nn.Module, int]:
     """Feature extractor [B,in_channels,H,W] -> [B,F,h,w] for any H, W, and its F.
 
     `pretrained`: 'none' (random init), 'imagenet' (torch hub cache or download), or a PATH to a
     local 3-channel state dict. Failures to get or fit weights raise PretrainedUnavailable.
+    `stem_init`: the new `in_channels` input conv with pretrained weights: 'random' (the 1st
+    place) or 'rgb-copy' (from the RGB kernels); without pretrained weights it is always random.
     """
+    if stem_init not in STEM_INITS:
+        raise ValueError(f"unknown stem initialisation {stem_init!r} (choose from {', '.join(STEM_INITS)})")
     if name == SMALL_CNN:
         if pretrained != "none":
             raise PretrainedUnavailable(f"{SMALL_CNN} has no pretrained weights: use --pretrained none")
         return small_cnn(in_channels)
     kind, model = _build_3ch(name, pretrained)
     if pretrained not in ("none", "imagenet"):
-        _load_local(model, pretrained, name)  # before the stem swap, so the stem starts from RGB
-    _swap_stem(model, in_channels, from_rgb=pretrained != "none")
+        _load_local(model, pretrained, name)  # before the stem swap, so rgb-copy starts from its RGB stem
+    _swap_stem(model, in_channels, from_rgb=pretrained != "none" and stem_init == "rgb-copy")
 
     if kind == "pm":
         # The classifier is last_linear (a Linear, or a 1x1 conv in DPNs), or last_conv in SqueezeNets.
@@ -298,12 +308,13 @@ class CellClassifier(nn.Module):
         bn_mom: float = 0.05,
         pretrained: str = "none",
         in_channels: int = 6,
+        stem_init: str = "random",
     ) -> None:
         super().__init__()
         self.n_classes = n_classes
         self.n_cell_types = n_cell_types
         self.concat_cell_type = concat_cell_type
-        self.backbone, n_features = build_backbone(backbone, pretrained, in_channels)
+        self.backbone, n_features = build_backbone(backbone, pretrained, in_channels, stem_init)
         n_in = n_features + (n_cell_types if concat_cell_type else 0)
         # Linear layers feeding a BatchNorm need no bias (the BN shift replaces it).
         self.neck = nn.Sequential(

@@ -3,9 +3,11 @@
 Once per epoch from `--pl-epoch`: predict the wells not yet labelled (sites summed), infer each
 val/test plate's group from the predictions of its experiment, keep only that group's classes,
 drop the classes the plate already has in training, rank wells by the margin between the best
-and the second class, and add the most confident so that a fraction f(x) of all those wells is
-in training by then (x from 0 at --pl-epoch to 1 at the last epoch). A class is never given to
-two wells of one plate. The plate logic is plates.py's, shared with make_submission.py.
+and the second class, and take the most confident so that a fraction f(x) of all those wells is
+in training by then, x = (epoch - pl + 1) / (epochs - pl + 1) as in the 1st place's code. A class
+is never given to two wells of one plate: like the original, a taken well whose class went to a
+more confident well of its plate this epoch is dropped, not replaced (`refill` replaces it). The
+plate logic is plates.py's, shared with make_submission.py.
 """
 from __future__ import annotations
 
@@ -21,10 +23,17 @@ from metadata import Structure, sum_sites
 log = logging.getLogger("cellpaint")
 
 
+DUPLICATE_RULES = ("drop", "refill")
+
+
 def pl_fraction(size_func: Callable[[float], float], epoch: int, pl_epoch: int, epochs: int) -> float:
-    """f(x), clipped to [0, 1], with x = 0 at `pl_epoch` and 1 at the last epoch."""
-    span = epochs - 1 - pl_epoch
-    x = 1.0 if span <= 0 else (epoch - pl_epoch) / span
+    """f(x), clipped to [0, 1], with x = (epoch - pl_epoch + 1) / (epochs - pl_epoch + 1).
+
+    The 1st place's schedule: x is already above 0 in the first pseudo-labelling epoch (so
+    `--pl-size-func x` adds wells at once) and stays below 1 in the last, which leaves the least
+    confident wells out (41.5% -> 98.5% for 0.6*x+0.4 over epochs 90..129 of 130).
+    """
+    x = (epoch - pl_epoch + 1) / max(epochs - pl_epoch + 1, 1)
     return min(max(size_func(x), 0.0), 1.0)
 
 
@@ -53,12 +62,17 @@ def taken_classes(wells: pd.DataFrame, labels: np.ndarray) -> dict[tuple[str, in
 
 
 def select(wells: pd.DataFrame, logits: np.ndarray, structure: Structure, labelled: pd.DataFrame,
-           labelled_classes: np.ndarray, count: int) -> dict[str, int]:
+           labelled_classes: np.ndarray, count: int, duplicates: str = "drop") -> dict[str, int]:
     """Choose up to `count` wells and their labels, most confident first, unique per plate.
 
     `labelled`/`labelled_classes`: the val/test wells already in training, whose labels also
     vote for their plate's group (one-hot) and are excluded from their plate's candidates.
+    `duplicates`: "drop" (the 1st place) takes the `count` most confident wells and drops each
+    whose class a more confident well of its plate got, so fewer may be added; "refill" skips
+    such a well and goes on down the ranking until `count` are chosen.
     """
+    if duplicates not in DUPLICATE_RULES:
+        raise ValueError(f"unknown duplicate rule {duplicates!r} (choose from {', '.join(DUPLICATE_RULES)})")
     if count <= 0 or len(wells) == 0:
         return {}
     masks = structure.group_masks()
@@ -75,9 +89,12 @@ def select(wells: pd.DataFrame, logits: np.ndarray, structure: Structure, labell
     scores = plates.exclude_classes(scores, codes, {f"{e}\0{p}": c for (e, p), c in taken.items()}, inplace=True)
     best = scores.argmax(1)
     margin = plates.margins(scores)
+    ranked = [i for i in np.argsort(-margin, kind="stable") if np.isfinite(scores[i, best[i]])]
+    if duplicates == "drop":
+        ranked = ranked[:count]
     chosen: dict[str, int] = {}
-    for i in np.argsort(-margin, kind="stable"):
-        if len(chosen) == count or not np.isfinite(scores[i, best[i]]):
+    for i in ranked:
+        if len(chosen) == count:
             break
         key = plate_keys[i]
         if int(best[i]) in taken.setdefault(key, set()):
@@ -101,10 +118,10 @@ def pseudo_label_epoch(args, epoch: int, model, data, pseudo_labels: dict[str, i
     wells, logits = sum_sites(remaining, infer_sites(remaining))
     labelled = sites[done].drop_duplicates("id_code")
     new = select(wells, logits, data.structure, labelled,
-                 labelled["id_code"].map(pseudo_labels).to_numpy(dtype=np.int64), count)
+                 labelled["id_code"].map(pseudo_labels).to_numpy(dtype=np.int64), count, args.pl_duplicates)
     truth = wells.set_index("id_code")
     val_new = [c for c in new if truth.at[c, "split"] == "train"]
     wrong = sum(new[c] != truth.at[c, "sirna_true"] for c in val_new)
-    log.info("pseudo-labels at epoch %d: %d added (%d val, %d of them wrong), %d of %d wells labelled",
-             epoch, len(new), len(val_new), wrong, len(pseudo_labels) + len(new), total)
+    log.info("pseudo-labels at epoch %d: %d added of %d asked (%d val, %d of them wrong), %d of %d wells "
+             "labelled", epoch, len(new), count, len(val_new), wrong, len(pseudo_labels) + len(new), total)
     return new

@@ -121,7 +121,7 @@ def _save_resnet18(path: str, wrap: str | None = None) -> dict[str, torch.Tensor
 def test_stem_from_rgb_weights_of_local_file(tmp_path, name: str) -> None:
     path = str(tmp_path / "r18.pth")
     sd = _save_resnet18(path)
-    feats, _ = M.build_backbone(name, pretrained=path)
+    feats, _ = M.build_backbone(name, pretrained=path, stem_init="rgb-copy")
     own = feats.state_dict()
     prefix = "model." if name.startswith("pm-") else ""
     expected = sd["conv1.weight"][:, [0, 1, 2, 0, 1, 2]] * 0.5
@@ -134,7 +134,7 @@ def test_stem_from_rgb_weights_of_local_file(tmp_path, name: str) -> None:
 def test_local_file_wrapped_and_old_densenet_keys(tmp_path) -> None:
     path = str(tmp_path / "wrapped.pth")
     sd = _save_resnet18(path, wrap="state_dict")
-    net = M.CellClassifier("resnet18", N_CLASSES, N_CELLS, pretrained=path, in_channels=4)
+    net = M.CellClassifier("resnet18", N_CLASSES, N_CELLS, pretrained=path, in_channels=4, stem_init="rgb-copy")
     w = net.backbone.conv1.weight
     assert torch.equal(w, sd["conv1.weight"][:, [0, 1, 2, 0]] * 0.75)
     assert torch.equal(net.backbone.layer4[1].bn2.running_var, sd["layer4.1.bn2.running_var"])
@@ -177,8 +177,30 @@ def test_imagenet_from_hub_cache() -> None:
     os.makedirs(ckpt_dir)
     sd = torchvision.models.resnet18().state_dict()
     torch.save(sd, os.path.join(ckpt_dir, os.path.basename(url)))
-    feats, _ = M.build_backbone("resnet18", pretrained="imagenet")
+    feats, _ = M.build_backbone("resnet18", pretrained="imagenet", stem_init="rgb-copy")
     assert torch.equal(feats.conv1.weight, sd["conv1.weight"][:, [0, 1, 2, 0, 1, 2]] * 0.5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "pm-resnet18"])
+def test_stem_is_fresh_by_default_when_weights_load(tmp_path, name: str) -> None:
+    """The 1st place replaced the stem with a new nn.Conv2d after loading ImageNet weights: the
+    default stem is randomly initialised (kaiming-uniform bound 1/sqrt(fan_in)), the rest loaded."""
+    path = str(tmp_path / "r18.pth")
+    sd = _save_resnet18(path)
+    torch.manual_seed(0)
+    own = M.build_backbone(name, pretrained=path)[0].state_dict()
+    prefix = "model." if name.startswith("pm-") else ""
+    stem = own[prefix + "conv1.weight"]
+    assert stem.shape == (64, 6, 7, 7)
+    assert not torch.equal(stem, sd["conv1.weight"][:, [0, 1, 2, 0, 1, 2]] * 0.5)
+    bound = 1 / math.sqrt(6 * 7 * 7)
+    assert stem.abs().max() <= bound and stem.abs().max() > 0.9 * bound  # uniform(-bound, bound)
+    assert abs(float(stem.std()) - bound / math.sqrt(3)) < 0.05 * bound
+    assert all(torch.equal(own[prefix + k], sd[k]) for k in sd if not k.startswith(("conv1.", "fc.")))
+    torch.manual_seed(0)
+    assert torch.equal(M.build_backbone(name, pretrained=path)[0].state_dict()[prefix + "conv1.weight"], stem)
+    with pytest.raises(ValueError, match="stem initialisation 'copy'"):
+        M.build_backbone(name, pretrained=path, stem_init="copy")
 
 
 def test_dense_cross_entropy_matches_cross_entropy() -> None:

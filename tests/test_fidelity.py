@@ -1,0 +1,277 @@
+"""The 1st-place recipe behaviour for behaviour: each default against a number worked out from the
+original code's formulas (maciej-sypetkowski/kaggle-rcic-1st), never by importing it.
+
+Our alternatives stay selectable (`--pl-duplicates refill`, `--zoom-interpolation bilinear`,
+`--accumulation-mode mean`, `--stem-init rgb-copy`, `--mix-partners separate`,
+`--data-normalization global-pooled`); each is checked to differ where it should.
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import batch
+import dataset
+import engine
+import main
+import metadata
+import pseudo
+from model import CellClassifier, combined_loss
+from tests.conftest import SMALL, run
+
+
+# ------------------------------------------------------------------- pseudo-label duplicates
+
+
+def _one_plate(logits: list[list[float]]) -> tuple[pd.DataFrame, np.ndarray, metadata.Structure]:
+    structure = metadata.Structure(4, np.arange(4), np.zeros(0, np.int64), (np.arange(4),), {}, ("A",))
+    wells = pd.DataFrame({"id_code": [f"E_1_W{i}" for i in range(len(logits))], "experiment": "E", "plate": 1})
+    return wells, np.array(logits, dtype=np.float32), structure
+
+
+def test_duplicate_class_on_a_plate_is_dropped_not_refilled():
+    """Wells ranked by margin: W0 (class 0, margin 9), W1 (class 0, margin 8), W2 (class 1, 7).
+    Asked for 2, the original takes W0 and W1, drops W1 (class 0 is taken) and adds only 1."""
+    wells, logits, structure = _one_plate([[10, 1, 0, 0], [9, 1, 0, 0], [0, 8, 1, 0]])
+    none = pd.DataFrame({"experiment": [], "plate": []})
+    drop = pseudo.select(wells, logits, structure, none, np.zeros(0, np.int64), count=2)
+    assert drop == {"E_1_W0": 0}
+    refill = pseudo.select(wells, logits, structure, none, np.zeros(0, np.int64), count=2, duplicates="refill")
+    assert refill == {"E_1_W0": 0, "E_1_W2": 1}
+    assert pseudo.select(wells, logits, structure, none, np.zeros(0, np.int64), count=3) == {"E_1_W0": 0, "E_1_W2": 1}
+    with pytest.raises(ValueError, match="duplicate rule 'keep'"):
+        pseudo.select(wells, logits, structure, none, np.zeros(0, np.int64), count=2, duplicates="keep")
+
+
+def test_training_run_labels_by_the_original_schedule(tiny_competition, tmp_path):
+    """Every epoch's labelled count <= round(f((e - pl + 1) / (E - pl + 1)) * N), and with
+    --pl-size-func x the first pseudo-labelling epoch already adds wells."""
+    save = tmp_path / "pl"
+    assert run("--data", tiny_competition[0], "--save", save, "-e", 3, "--pl-epoch", 1, "--pl-size-func", "x",
+               "--cv-number", 0, *SMALL) == 0
+    log = (tmp_path / "pl.log").read_text()
+    found = re.findall(r"pseudo-labels at epoch (\d+): (\d+) added of (\d+) asked .*?, (\d+) of (\d+) wells", log)
+    assert [int(f[0]) for f in found] == [1, 2]
+    for epoch, added, asked, labelled, total in (map(int, f) for f in found):
+        assert labelled <= round((epoch - 1 + 1) / (3 - 1 + 1) * total)
+        assert added <= asked
+    assert int(found[0][1]) > 0
+    metrics = pd.read_csv(tmp_path / "pl.metrics.csv")
+    assert metrics["pseudo_labels"].tolist()[1:] == [int(found[0][3]), int(found[1][3])]
+
+
+# --------------------------------------------------------------------------------- zoom crop
+
+
+def test_zoom_is_nearest_neighbour_indexing():
+    """cv2.resize(INTER_NEAREST) of the crop: output pixel i takes crop pixel floor(i * crop / size)."""
+    img = torch.randint(0, 256, (6, 48, 48), dtype=torch.uint8)
+    for box in [(5, 7, 30, 30), (0, 0, 24, 24), (17, 1, 31, 31), (0, 12, 48, 36)]:
+        top, left, ch, cw = box
+        out = dataset.zoom(img.float(), box)
+        expected = torch.empty(6, 48, 48)
+        for i in range(48):
+            for j in range(48):
+                expected[:, i, j] = img[:, top + (i * ch) // 48, left + (j * cw) // 48].float()
+        assert torch.equal(out, expected), box
+        assert torch.equal(dataset.zoom(img, box), expected.to(torch.uint8))  # the same on uint8
+    smooth = dataset.zoom(img.float(), (5, 7, 30, 30), "bilinear")
+    assert not torch.equal(smooth, dataset.zoom(img.float(), (5, 7, 30, 30)))
+    assert not set(smooth.unique().tolist()) <= set(img.float().unique().tolist())  # blended values
+
+
+def test_zoom_box_edge_is_a_uniform_whole_number():
+    """random.randint(round(512 * s), 512) in the original: every edge in [24, 48] for 48 px, s=0.5."""
+    rng = np.random.default_rng(0)
+    boxes = [dataset.draw_zoom_box(rng, 48, 48, 0.5) for _ in range(4000)]
+    edges = np.array([b[2] for b in boxes])
+    assert all(b[2] == b[3] for b in boxes)
+    assert set(edges.tolist()) == set(range(24, 49))
+    assert abs(edges.mean() - 36) < 0.3
+    assert all(0 <= b[0] <= 48 - b[2] and 0 <= b[1] <= 48 - b[3] for b in boxes)
+
+
+def test_training_batches_use_the_chosen_zoom(tiny_competition):
+    data_dir = tiny_competition[0]
+    table = metadata.load_table(data_dir)
+    rows = table.head(8)
+    for mode in dataset.ZOOM_MODES:
+        aug = dataset.Augment(flips=False, min_scale=0.5, zoom_mode=mode)
+        ds = dataset.SiteDataset(rows, ("HEPG2", "HUVEC", "RPE", "U2OS"), "sample", None, aug,
+                                 rows["sirna"].to_numpy(), seed=1, output="uint8")
+        raw = torch.utils.data.default_collate([ds[i][0] for i in range(len(ds))])
+        x = dataset.apply_geometry(raw["image"].float(), raw["geometry"], mode)
+        allowed = [set(raw["image"][i].unique().tolist()) for i in range(len(ds))]
+        copied = all(set(x[i].unique().tolist()) <= allowed[i] for i in range(len(ds)))
+        assert copied == (mode == "nearest")
+
+
+# -------------------------------------------------------------------- gradient accumulation
+
+
+def _args(*extra: str):
+    return main.parse_args(["--save", "unused", "-l", "const,1e-3", "--wd", "1e-2", "--cutmix", "0",
+                            "--metric-loss-coeff", "0.2", *SMALL, *extra])
+
+
+def _net() -> CellClassifier:
+    torch.manual_seed(0)
+    return CellClassifier("smallcnn", 5, 2, embedding_size=16)
+
+
+def _batches(n: int) -> list:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 6, 16, 16, generator=g), torch.eye(2)[torch.tensor([0, 1, 0, 1])],
+             torch.arange(4), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
+
+
+def _epoch(args, loader):
+    net = _net()
+    opt = engine.make_optimizer(args, net)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    engine.train_one_epoch(args, net, loader, opt, scaler, 0, 5, torch.device("cpu"), None, {"bad_steps": 0})
+    return net
+
+
+def _by_hand(loader, divide: int, step_after: set[int]):
+    """Adam (coupled weight decay 1e-2, lr 1e-3): backward on every batch's loss / `divide`, a step
+    after the listed batches (every batch runs forward, as in training: BatchNorm statistics)."""
+    net = _net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-2)
+    net.train()
+    opt.zero_grad()
+    for i, (x, cell, _, y) in enumerate(loader):
+        out = net(x, cell)
+        (combined_loss(out, torch.nn.functional.one_hot(y, 5).float(), 0.2) / divide).backward()
+        if i in step_after:
+            opt.step()
+            opt.zero_grad()
+    return net
+
+
+def _same(a, b) -> bool:
+    return all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_accumulation_sums_gradients_and_drops_a_trailing_group():
+    """The original called backward() on every batch's full loss and stepped every 2nd batch; the
+    partial group left at the end of an epoch was zeroed before it stepped."""
+    loader = _batches(5)
+    summed = _epoch(_args("--gradient-accumulation", "2"), loader)
+    assert _same(summed, _by_hand(loader, 1, {1, 3}))
+    assert not _same(summed, _by_hand(loader, 2, {1, 3}))  # the mean is another update
+    # ours: the loss divided by the group, the trailing group stepped too
+    mean = _epoch(_args("--gradient-accumulation", "2", "--accumulation-mode", "mean"), loader)
+    assert _same(mean, _by_hand(loader, 2, {1, 3, 4}))
+
+
+# ---------------------------------------------------------------------------- mixup + cutmix
+
+
+def test_mixup_and_cutmix_share_one_partner():
+    """The original's draws: perm first, then mixup's per-sample λ, then cutmix's λ, column, row;
+    targets t' = λ t + (1-λ) t[perm], then t'' = k t' + (1-k) t'[perm] with the same perm."""
+    x = torch.randn(8, 6, 16, 16)
+    cell, target = torch.eye(8), torch.eye(8)
+    mixed_x, mixed_cell, mixed = batch.mix_batch(x, cell, target, 0.4, 1.0, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    perm = rng.permutation(8)
+    lam = torch.tensor(rng.beta(0.4, 0.4, 8), dtype=torch.float32)[:, None]
+    cut = rng.beta(1.0, 1.0)
+    cy, cx = rng.uniform(0, 16), rng.uniform(0, 16)
+    side = np.sqrt(1 - cut) * 16
+    r1, r2 = round(max(0, cy - side / 2)), round(min(16, cy + side / 2))
+    c1, c2 = round(max(0, cx - side / 2)), round(min(16, cx + side / 2))
+    assert r1 < r2 and c1 < c2
+    kept = 1 - (r2 - r1) * (c2 - c1) / 256
+    once = lam * target + (1 - lam) * target[perm]
+    assert torch.allclose(mixed, kept * once + (1 - kept) * once[perm], atol=1e-6)
+    assert torch.equal(mixed, mixed_cell)
+    blended = lam[:, :, None, None] * x + (1 - lam[:, :, None, None]) * x[perm]
+    assert torch.allclose(mixed_x[..., r1:r2, c1:c2], blended[perm][..., r1:r2, c1:c2], atol=1e-6)
+    # each sample's classes: itself, its partner and its partner's partner, never more
+    for i in range(8):
+        assert set(np.flatnonzero(mixed[i].numpy() > 1e-7)) <= {i, perm[i], perm[perm[i]]}
+    separate = batch.mix_batch(x, cell, target, 0.4, 1.0, np.random.default_rng(3), "separate")[2]
+    assert not torch.allclose(separate, mixed)
+    with pytest.raises(ValueError, match="partner rule"):
+        batch.mix_batch(x, cell, target, 0.4, 1.0, np.random.default_rng(3), "one")
+
+
+# ------------------------------------------------------------------------ global statistics
+
+
+def test_global_statistics_are_means_over_experiments():
+    """Experiment A (3 images): mean 10, std 2; B (1 image): mean 30, std 6. The original's global:
+    mean of the experiment means 20 and of the stds 4; pooled over all pixels: mean 15 and
+    std sqrt(mean(std² + mean²) - 15²) = sqrt((3·104 + 936)/4 - 225) = sqrt(87) per channel."""
+    ids = ["A_1_a", "A_1_b", "A_1_c", "B_1_a"]
+    table = pd.DataFrame({"id_code": ids, "site": 1, "experiment": ["A", "A", "A", "B"]})
+    stats = pd.DataFrame([(i, 1, c, 10.0 if i[0] == "A" else 30.0, 2.0 if i[0] == "A" else 6.0)
+                          for i in ids for c in range(1, 7)], columns=["id_code", "site", "channel", "mean", "std"])
+    glob = dataset.normalization_stats(table, "global", stats)
+    assert glob.shape == (4, 2, 6)
+    assert np.allclose(glob[:, 0], 20) and np.allclose(glob[:, 1], 4)
+    pooled = dataset.normalization_stats(table, "global-pooled", stats)
+    assert np.allclose(pooled[:, 0], 15) and np.allclose(pooled[:, 1], np.sqrt(87))
+    per_exp = dataset.normalization_stats(table, "experiment", stats)
+    assert np.allclose(per_exp[:3, 0], 10) and np.allclose(per_exp[3, 1], 6)
+    # a subset (e.g. the test experiments) gets the whole data set's global statistics
+    subset = dataset.normalization_stats(table.tail(1), "global", stats, whole=table)
+    assert np.allclose(subset, glob[:1])
+
+
+# ------------------------------------------------------------------------------- TTA views
+
+
+def test_tta_views_in_the_original_order():
+    """View k: flip W if k&1, flip H if k&2, then transpose if k&4 (dataset.tta in the original)."""
+    x = torch.randn(2, 6, 8, 8)
+
+    def original(k):
+        v = x
+        if k & 1:
+            v = v.flip(3)
+        if k & 2:
+            v = v.flip(2)
+        if k & 4:
+            v = v.transpose(2, 3)
+        return v
+    for n in range(1, 9):
+        views = dataset.tta_views(x, n)
+        assert len(views) == n and all(torch.equal(v, original(k)) for k, v in enumerate(views)), n
+
+
+# -------------------------------------------------------------------- validation by name
+
+
+def test_val_experiments_by_name(tiny_competition):
+    table = metadata.load_table(tiny_competition[0])
+    train = sorted(table.loc[table["split"] == "train", "experiment"].unique())
+    folds = metadata.named_folds(table, [train[0], train[-1]])
+    subsets = metadata.split_subsets(table, folds, 0)
+    assert set(subsets["val"]["experiment"]) == {train[0], train[-1]}
+    treated = subsets["train"][subsets["train"]["well_type"] == "treatment"]
+    assert not set(treated["experiment"]) & {train[0], train[-1]}  # their controls may train
+    with pytest.raises(metadata.DataError, match="--val-experiments: NOPE-01 is not a train experiment"):
+        metadata.named_folds(table, ["NOPE-01"])
+
+
+def test_val_experiments_flag_runs_and_refuses_unknown_names(tiny_competition, tmp_path, capsys):
+    table = metadata.load_table(tiny_competition[0])
+    first = sorted(table.loc[table["split"] == "train", "experiment"].unique())[0]
+    save = tmp_path / "named"
+    assert run("--data", tiny_competition[0], "--save", save, "-e", 1, "--val-experiments", first, *SMALL) == 0
+    assert f"val {len(table[(table['experiment'] == first) & (table['well_type'] == 'treatment')])}" \
+        in (tmp_path / "named.log").read_text()
+    capsys.readouterr()
+    assert run("--data", tiny_competition[0], "--save", tmp_path / "bad", "-e", 1, "--val-experiments", "NOPE-9",
+               *SMALL) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "--val-experiments: NOPE-9 is not a train experiment" in errors[0]
+    assert not (tmp_path / "bad.0").exists()
