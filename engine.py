@@ -265,12 +265,17 @@ def accuracy_by_cell_type(wells: pd.DataFrame, predicted: np.ndarray) -> dict[st
 
 
 def evaluate(args, model, data: Data, device, dtype) -> dict[str, float]:
-    """Validation accuracy per cell type, scoring treatment wells among treatment classes only."""
+    """Validation accuracy per cell type among treatment classes only: of each site alone
+    (`--val-unit site`, the 1st place's score) or of wells, their sites' logits summed."""
     rows = data.subsets["val"]
     if rows.empty:
         return {}
     site_logits = infer(args, model, make_dataset(args, data, rows, train=False), device, dtype)["logits"]
-    wells, logits = metadata.sum_sites(rows, site_logits)
+    if args.val_unit == "site":
+        read = ~np.isnan(site_logits).any(1)  # sites skipped as unreadable (--skip-bad-images) are not scored
+        wells, logits = rows[read], site_logits[read]
+    else:
+        wells, logits = metadata.sum_sites(rows, site_logits)
     mask = np.full(logits.shape[1], -np.inf, dtype=np.float32)
     mask[data.structure.treatment_classes] = 0
     return accuracy_by_cell_type(wells, (logits + mask).argmax(1))

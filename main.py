@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", type=Path, default=Path("../data"))
     g.add_argument("--cv-number", type=int, default=0, help="validation fold, -1: train on everything")
     g.add_argument("--folds", type=int, default=6)
+    g.add_argument("--val-unit", choices=("site", "well"), default="site",
+                   help="validation accuracy (and the best checkpoint) over sites, each alone (the 1st place), "
+                        "or over wells with their sites' logits summed (as the submission predicts)")
     g.add_argument("--val-experiments", type=name_list, default=None, metavar="A,B,...",
                    help="validate on these train experiments (by name) instead of fold --cv-number")
     g.add_argument("--data-split-seed", type=int, default=0)
@@ -282,7 +285,7 @@ def train(args) -> None:
                       "scaler": scaler.state_dict(), "args": checkpoint_args(args),
                       "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types)}
         acc = metrics.get("acc", epoch)  # without validation the latest epoch counts as the best
-        is_best = acc > state["best_acc"]
+        is_best = acc >= state["best_acc"]  # a tie goes to the later epoch, as in the 1st place's code
         state["best_acc"] = max(acc, state["best_acc"])
         checkpoint.update(state)
         if args.world.main:

@@ -275,3 +275,22 @@ def test_val_experiments_flag_runs_and_refuses_unknown_names(tiny_competition, t
     errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "--val-experiments: NOPE-9 is not a train experiment" in errors[0]
     assert not (tmp_path / "bad.0").exists()
+
+
+def test_validation_scores_sites_by_default(tiny_competition, monkeypatch):
+    """The original scored each validation site alone; `--val-unit well` sums a well's sites first.
+    Planted: site 1 right with margin 2, site 2 wrong with margin 1 -> sites 0.5, wells 1.0."""
+    args = main.parse_args(["--data", str(tiny_competition[0]), "--save", "unused", *SMALL])
+    data = engine.load_data(args)
+    rows = data.subsets["val"]
+    n = data.structure.n_classes
+    logits = np.zeros((len(rows), n), dtype=np.float32)
+    for i, (site, label) in enumerate(zip(rows["site"], rows["sirna_true"])):
+        logits[i, label] = 2.0 if site == 1 else 0.0
+        if site != 1:
+            logits[i, (label + 1) % len(data.structure.treatment_classes)] = 1.0
+    monkeypatch.setattr(engine, "infer", lambda *a, **k: {"logits": logits})
+    assert set(rows["site"]) == {1, 2}
+    assert engine.evaluate(args, None, data, "cpu", None)["acc"] == pytest.approx(0.5)
+    args.val_unit = "well"
+    assert engine.evaluate(args, None, data, "cpu", None)["acc"] == pytest.approx(1.0)
