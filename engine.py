@@ -213,7 +213,7 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
         scale = 1.0 if args.accumulation == "sum" else 1.0 / args.gradient_accumulation
         # accumulating steps need no gradient all-reduce: only the last one before optimizer.step
         with contextlib.nullcontext() if step or not isinstance(model, DistributedDataParallel) else model.no_sync():
-            scaler.scale(loss * scale if scale != 1 else loss).backward()
+            scaler.scale(loss * scale).backward()
         if step:
             scaler.step(optimizer)
             scaler.update()
