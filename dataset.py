@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from augment import (  # noqa: F401 (re-exported: dataset.X keeps working)
     ZOOM_MODES, Augment, adjust_gamma, apply_geometry, brightness_contrast, channel_jitter, dihedral,
-    draw_zoom_box, jitter_draws, random_zoom_crop, rotate, zoom)
+    draw_zoom_box, jitter_draws, normalised_photometric, random_zoom_crop, raw_photometric, rotate, zoom)
 from images import CHANNELS, CacheError, ImageCache, ImageError, read_site
 from metadata import DataError
 
@@ -133,30 +133,33 @@ def normalize(x: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tenso
 
 
 def prepare_batch(batch: dict | torch.Tensor, device: torch.device | str,
-                  non_blocking: bool = True, zoom_mode: str = "nearest") -> torch.Tensor:
+                  non_blocking: bool = True, zoom_mode: str = "nearest",
+                  settings: Augment | None = None) -> torch.Tensor:
     """Network input on `device`: float [B, C, H, W] from a collated batch of ``output="uint8"`` samples.
 
     The batch says what is to be done (the dataset puts in exactly what its settings need):
     ``image`` uint8 [B, C, H, W]; ``geometry`` [B, 5] flips/transposes and zoom crop windows;
     ``stats`` [B, 2, C] mean and std for `experiment`/`global` normalisation (without it each
     image is normalised by its own statistics); ``jitter`` [B, 2, C] per-channel gains and offsets;
-    ``photometric`` [B, 4] (angle, gamma, contrast, brightness), see `Augment.draw_photometric`.
+    ``photometric`` [B, 4 or 5] (angle, gamma, contrast, brightness[, rescale]), see
+    `Augment.draw_photometric`. `settings` (the dataset's `Augment`) says how the draws are applied
+    (zoom interpolation, rotation border, brightness/contrast space); without it, the defaults.
     A float tensor (``output="float"`` samples) is only moved to `device`.
     """
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking).float()
     x = batch["image"].to(device, non_blocking=non_blocking).float()
     if "geometry" in batch:
-        x = apply_geometry(x, batch["geometry"], zoom_mode)
+        x = apply_geometry(x, batch["geometry"], settings.zoom_mode if settings else zoom_mode)
     photo = batch.get("photometric")  # kept on the CPU: the functions test for no-ops without a device sync
     if photo is not None:
-        x = adjust_gamma(rotate(x, photo[:, 0]), photo[:, 1])
+        x = raw_photometric(x, photo, settings)
     stats = batch.get("stats")
     x = normalize(x, None if stats is None else stats.to(device, non_blocking=non_blocking))
     if "jitter" in batch:
         x = channel_jitter(x, draws=batch["jitter"].to(device, non_blocking=non_blocking))
     if photo is not None:
-        x = brightness_contrast(x, photo[:, 2], photo[:, 3])
+        x = normalised_photometric(x, photo, settings)
     return x
 
 
@@ -206,7 +209,7 @@ class SiteDataset(Dataset):
     - ``"float"``: the network input, float32 [C, H, W], made here on the CPU;
     - ``"uint8"``: a dict for `prepare_batch` (after collation): ``image`` uint8 [C, H, W] as decoded,
       and what the settings need: ``geometry`` [5] (flip/transpose k, zoom window), ``jitter``
-      [2, C] (gains, offsets), ``photometric`` [4] (rotation, gamma, contrast, brightness),
+      [2, C] (gains, offsets), ``photometric`` [4 or 5] (rotation, gamma, contrast, brightness[, rescale]),
       ``stats`` [2, C] (mean, std of `experiment`/`global` normalisation).
 
     Both give the same result for a sample. Random draws come from a generator seeded by (seed,
@@ -268,7 +271,8 @@ class SiteDataset(Dataset):
         return self.cache.read(file_id, row)
 
     def _geometry(self, rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[int, tuple[int, int, int, int]]:
-        k = int(rng.integers(8)) if self.augment.flips else 0
+        # 8 dihedral transforms, or (no transposes) the 4 of bits 0-1: a fair coin per axis flip
+        k = int(rng.integers(8 if self.augment.transposes else 4)) if self.augment.flips else 0
         h, w = shape[-2:] if not k & 4 else shape[-2:][::-1]
         return k, draw_zoom_box(rng, h, w, self.augment.min_scale)
 
@@ -284,12 +288,12 @@ class SiteDataset(Dataset):
             g = self._jitter_generator(rng)
             if self.augment.photometric:
                 photo = self.augment.draw_photometric(rng)[None]
-                x = adjust_gamma(rotate(x[None], photo[:, 0]), photo[:, 1])[0]
+                x = raw_photometric(x[None], photo, self.augment)[0]
         x = normalize(x, None if self.stats is None else self.stats[index])
         if rng is not None:
             x = channel_jitter(x, self.augment.scale_std, self.augment.bias_std, g)
         if photo is not None:
-            x = brightness_contrast(x[None], photo[:, 2], photo[:, 3])[0]
+            x = normalised_photometric(x[None], photo, self.augment)[0]
         return x.contiguous()
 
     def _raw(self, img: np.ndarray, index: int, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
