@@ -13,11 +13,11 @@ import torch
 
 from atomic import atomic_write
 from metadata import DataError
-from schedule import LRSchedule, SizeFunction
+from schedule import LRGroups, LRSchedule, SizeFunction
 
 CHECKPOINT_FORMAT = "cellpaint-rcic/1"
 # what a checkpoint's saved arguments decide about the network: predict/val rebuild it from them
-ARCHITECTURE = ("backbone", "head_hidden", "concat_cell_type", "embedding_size", "bn_mom")
+ARCHITECTURE = ("backbone", "head_hidden", "concat_cell_type", "embedding_size", "bn_mom", "head")
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -65,7 +65,7 @@ def checkpoint_args(args) -> dict:
     run-time objects that are not arguments (the process group's `world`) are left out."""
     out = {}
     for k, v in vars(args).items():
-        if isinstance(v, (LRSchedule, SizeFunction, Path)):
+        if isinstance(v, (LRGroups, LRSchedule, SizeFunction, Path)):
             v = getattr(v, "text", None) or str(v)
         v = list(v) if isinstance(v, tuple) else v
         if v is None or isinstance(v, (str, int, float, bool, list)):

@@ -1,4 +1,4 @@
-"""Samples: site images, normalisation, train augmentations, test-time augmentation views.
+"""Samples: site images, normalisation, batches, test-time augmentation views (augmentations: augment.py).
 
 A *sample* is one site: the 6 channel PNGs of a well's site stacked into a [6, H, W] array.
 
@@ -18,16 +18,17 @@ not depend on which worker produced it, in what order, or which of the two outpu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+from augment import (  # noqa: F401 (re-exported: dataset.X keeps working)
+    ZOOM_MODES, Augment, adjust_gamma, apply_geometry, brightness_contrast, channel_jitter, dihedral,
+    draw_zoom_box, jitter_draws, normalised_photometric, random_zoom_crop, raw_photometric, rotate, zoom)
 from images import CHANNELS, CacheError, ImageCache, ImageError, read_site
 from metadata import DataError
 
@@ -128,227 +129,37 @@ def normalize(x: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tenso
     return (x - mean) / std
 
 
-def jitter_draws(shape: tuple[int, ...], scale_std: float, bias_std: float,
-                 generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """Per-channel gains N(1, scale_std) and offsets N(0, bias_std) as [..., 2, C] (`shape` = (..., C))."""
-    scale = 1 + scale_std * torch.randn(shape, generator=generator, device=device)
-    bias = bias_std * torch.randn(shape, generator=generator, device=device)
-    return torch.stack([scale, bias], dim=-2)
-
-
-def channel_jitter(x: torch.Tensor, scale_std: float = 0.0, bias_std: float = 0.0,
-                   generator: torch.Generator | None = None, draws: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-channel random gain N(1, scale_std) and offset N(0, bias_std) on normalised images.
-
-    `draws` [..., 2, C] (from `jitter_draws`) gives the gains and offsets instead of drawing them.
-    """
-    if draws is None:
-        if scale_std == 0 and bias_std == 0:
-            return x
-        draws = jitter_draws(x.shape[:-2], scale_std, bias_std, generator, x.device)
-    draws = draws.to(x)
-    return x * draws[..., 0, :, None, None] + draws[..., 1, :, None, None]
-
-
-# -------------------------------------------------------------------------------------- geometry
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th of the 8 flips/transposes of the last two dims (k = 0 is the identity).
-
-    Bit 0 flips the width, bit 1 the height, bit 2 then transposes: the 1st place's order, so
-    the first n TTA views (n < 8) are the same views as the original's.
-    """
-    if k & 1:
-        x = x.flip(-1)
-    if k & 2:
-        x = x.flip(-2)
-    if k & 4:
-        x = x.transpose(-2, -1)
-    return x
-
-
-ZOOM_MODES = ("nearest", "bilinear")
-
-
-def draw_zoom_box(rng: np.random.Generator, h: int, w: int, min_scale: float) -> tuple[int, int, int, int]:
-    """A random window (top, left, height, width) whose edge is a whole number of pixels drawn
-    uniformly from [round(min_scale * edge), edge], placed uniformly: the 1st place's draw.
-
-    On non-square images the width follows the height's scale. Draws nothing (and returns the
-    whole image) when `min_scale` >= 1.
-    """
-    if min_scale >= 1:
-        return 0, 0, h, w
-    ch = int(rng.integers(max(1, round(h * min_scale)), h + 1))
-    cw = w if ch == h else max(1, min(w, round(w * ch / h)))
-    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    return int(top), int(left), ch, cw
-
-
-def zoom(img: torch.Tensor, box: tuple[int, int, int, int], mode: str = "nearest") -> torch.Tensor:
-    """The window `box` of `img` [..., H, W] resized back to H x W.
-
-    "nearest" (the 1st place's cv2 INTER_NEAREST on uint8): output pixel i takes crop pixel
-    floor(i * crop / H), by integer indexing, so values are copied, never blended, and zoomed
-    training images stay as sharp as the (never zoomed) test images. "bilinear": antialiased
-    bilinear in float, smoother.
-    """
-    h, w = img.shape[-2:]
-    top, left, ch, cw = box
-    crop = img[..., top:top + ch, left:left + cw]
-    if (ch, cw) == (h, w):
-        return crop
-    if mode == "nearest":
-        rows = torch.arange(h, device=img.device) * ch // h
-        cols = torch.arange(w, device=img.device) * cw // w
-        return crop[..., rows[:, None], cols]
-    if mode == "bilinear":
-        return TF.resize(crop, [h, w], antialias=True)
-    raise ValueError(f"unknown zoom interpolation {mode!r} (choose from {', '.join(ZOOM_MODES)})")
-
-
-def random_zoom_crop(img: torch.Tensor, rng: np.random.Generator, min_scale: float) -> torch.Tensor:
-    """Crop a random square-ish window whose edge is U(min_scale, 1) of the image's, resized back."""
-    if min_scale >= 1:
-        return img
-    return zoom(img, draw_zoom_box(rng, *img.shape[-2:], min_scale))
-
-
-def apply_geometry(x: torch.Tensor, geometry: torch.Tensor, zoom_mode: str = "nearest") -> torch.Tensor:
-    """Per-sample flips/transposes and zoom crops of a batch [B, C, H, W].
-
-    `geometry` [B, 5] holds (k, top, left, height, width) per sample: the dihedral transform k,
-    then the window of the transformed image that is resized back to full size. Transposes of
-    non-square images change their shape, so a batch of those cannot be stacked (as before).
-    """
-    rows = geometry.tolist()
-    h, w = x.shape[-2:]
-    if all(r == [0, 0, 0, h, w] for r in rows):
-        return x
-    return torch.stack([zoom(dihedral(img, r[0]), r[1:], zoom_mode) for img, r in zip(x, rows)])
-
-
-def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
-    """Each image of a batch [B, C, H, W] rotated about its centre by `degrees` [B], same H x W.
-
-    Bilinear, zero fill (the dark background of fluorescence images). A positive angle turns the
-    image the way ``torch.rot90(x, 1, (-2, -1))`` does. One `grid_sample` for the whole batch.
-    """
-    if not degrees.any():
-        return x
-    h, w = x.shape[-2:]
-    a = torch.deg2rad(degrees.detach().cpu().double())  # a few numbers: on the CPU (MPS has no float64)
-    cos, sin = torch.cos(a), torch.sin(a)
-    # the grid is in coordinates normalised to [-1, 1] per axis: rescale so that non-square images
-    # turn rigidly in pixel space (sample at R·p for output pixel p, both relative to the centre)
-    theta = torch.stack([torch.stack([cos, -sin * h / w, torch.zeros_like(a)], -1),
-                         torch.stack([sin * w / h, cos, torch.zeros_like(a)], -1)], -2).to(x)
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def adjust_gamma(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """255·(x/255)^gamma per image of a batch [B, C, H, W] of raw intensities, `gamma` [B]."""
-    if bool((gamma == 1).all()):
-        return x
-    return 255 * (x / 255).clamp(0, 1) ** gamma.to(x)[:, None, None, None]
-
-
-def brightness_contrast(x: torch.Tensor, contrast: torch.Tensor, brightness: torch.Tensor) -> torch.Tensor:
-    """x·contrast + brightness, one value per image of a normalised batch [B, C, H, W] (all channels).
-
-    Applied after normalisation: `sample` normalisation divides out any per-image affine change of
-    the raw intensities, so before it these would do nothing.
-    """
-    if bool((contrast == 1).all() and (brightness == 0).all()):
-        return x
-    return x * contrast.to(x)[:, None, None, None] + brightness.to(x)[:, None, None, None]
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Train-time augmentation settings (SPEC): dihedral flips, zoom crop, per-channel gain/offset;
-    optionally (41st-place recipe, off by default) rotation, gamma, brightness and contrast."""
-    flips: bool = True
-    min_scale: float = 1.0          # --scale-aug: zoom crop edge drawn from [min_scale, 1]
-    scale_std: float = 0.0          # --pw-aug first value
-    bias_std: float = 0.0           # --pw-aug second value
-    rotate: float = 0.0             # --rotate-aug: angle ~ U(-rotate, rotate) degrees
-    brightness: float = 0.0         # --brightness-aug: offset ~ U(-b, b) on the normalised image
-    contrast: float = 0.0           # --contrast-aug: factor ~ U(1-c, 1+c) on the normalised image
-    gamma: float = 0.0              # --gamma-aug: gamma = exp(U(-log(1+g), log(1+g)))
-    zoom_mode: str = "nearest"      # --zoom-interpolation: how the zoom crop is resized back
-
-    def __post_init__(self) -> None:
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"zoom scale must be in (0, 1], got {self.min_scale}")
-        if self.scale_std < 0 or self.bias_std < 0:
-            raise ValueError(f"augmentation std must be >= 0, got {self.scale_std}, {self.bias_std}")
-        # written so that NaN fails too
-        if not 0 <= self.rotate <= 180:
-            raise ValueError(f"--rotate-aug: rotation must be in [0, 180] degrees, got {self.rotate}")
-        if not 0 <= self.contrast < 1:
-            raise ValueError(f"--contrast-aug: contrast must be in [0, 1) (factor in (0, 2)), got {self.contrast}")
-        if not self.brightness >= 0:
-            raise ValueError(f"--brightness-aug: brightness must be >= 0, got {self.brightness}")
-        if not self.gamma >= 0:
-            raise ValueError(f"--gamma-aug: gamma must be >= 0, got {self.gamma}")
-        if self.zoom_mode not in ZOOM_MODES:
-            raise ValueError(f"--zoom-interpolation: {self.zoom_mode!r} is not one of {', '.join(ZOOM_MODES)}")
-
-    @property
-    def geometric(self) -> bool:
-        return self.flips or self.min_scale < 1
-
-    @property
-    def jitter(self) -> bool:
-        return self.scale_std > 0 or self.bias_std > 0
-
-    @property
-    def photometric(self) -> bool:
-        """Rotation, gamma, brightness or contrast on (they share one set of draws)."""
-        return self.rotate > 0 or self.brightness > 0 or self.contrast > 0 or self.gamma > 0
-
-    def draw_photometric(self, rng: np.random.Generator) -> torch.Tensor:
-        """float32 [4]: (angle in degrees, gamma, contrast, brightness) for one sample.
-
-        Always four draws, whichever are on: switching one on does not change the others' values.
-        """
-        u = rng.uniform(-1, 1, 4)
-        values = [self.rotate * u[0], np.exp(np.log1p(self.gamma) * u[1]), 1 + self.contrast * u[2],
-                  self.brightness * u[3]]
-        return torch.tensor(values, dtype=torch.float32)
-
-
 # ---------------------------------------------------------------------------------- batches
 
 
 def prepare_batch(batch: dict | torch.Tensor, device: torch.device | str,
-                  non_blocking: bool = True, zoom_mode: str = "nearest") -> torch.Tensor:
+                  non_blocking: bool = True, zoom_mode: str = "nearest",
+                  settings: Augment | None = None) -> torch.Tensor:
     """Network input on `device`: float [B, C, H, W] from a collated batch of ``output="uint8"`` samples.
 
     The batch says what is to be done (the dataset puts in exactly what its settings need):
     ``image`` uint8 [B, C, H, W]; ``geometry`` [B, 5] flips/transposes and zoom crop windows;
     ``stats`` [B, 2, C] mean and std for `experiment`/`global` normalisation (without it each
     image is normalised by its own statistics); ``jitter`` [B, 2, C] per-channel gains and offsets;
-    ``photometric`` [B, 4] (angle, gamma, contrast, brightness), see `Augment.draw_photometric`.
+    ``photometric`` [B, 4 or 5] (angle, gamma, contrast, brightness[, rescale]), see
+    `Augment.draw_photometric`. `settings` (the dataset's `Augment`) says how the draws are applied
+    (zoom interpolation, rotation border, brightness/contrast space); without it, the defaults.
     A float tensor (``output="float"`` samples) is only moved to `device`.
     """
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking).float()
     x = batch["image"].to(device, non_blocking=non_blocking).float()
     if "geometry" in batch:
-        x = apply_geometry(x, batch["geometry"], zoom_mode)
+        x = apply_geometry(x, batch["geometry"], settings.zoom_mode if settings else zoom_mode)
     photo = batch.get("photometric")  # kept on the CPU: the functions test for no-ops without a device sync
     if photo is not None:
-        x = adjust_gamma(rotate(x, photo[:, 0]), photo[:, 1])
+        x = raw_photometric(x, photo, settings)
     stats = batch.get("stats")
     x = normalize(x, None if stats is None else stats.to(device, non_blocking=non_blocking))
     if "jitter" in batch:
         x = channel_jitter(x, draws=batch["jitter"].to(device, non_blocking=non_blocking))
     if photo is not None:
-        x = brightness_contrast(x, photo[:, 2], photo[:, 3])
+        x = normalised_photometric(x, photo, settings)
     return x
 
 
@@ -398,7 +209,7 @@ class SiteDataset(Dataset):
     - ``"float"``: the network input, float32 [C, H, W], made here on the CPU;
     - ``"uint8"``: a dict for `prepare_batch` (after collation): ``image`` uint8 [C, H, W] as decoded,
       and what the settings need: ``geometry`` [5] (flip/transpose k, zoom window), ``jitter``
-      [2, C] (gains, offsets), ``photometric`` [4] (rotation, gamma, contrast, brightness),
+      [2, C] (gains, offsets), ``photometric`` [4 or 5] (rotation, gamma, contrast, brightness[, rescale]),
       ``stats`` [2, C] (mean, std of `experiment`/`global` normalisation).
 
     Both give the same result for a sample. Random draws come from a generator seeded by (seed,
@@ -460,7 +271,8 @@ class SiteDataset(Dataset):
         return self.cache.read(file_id, row)
 
     def _geometry(self, rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[int, tuple[int, int, int, int]]:
-        k = int(rng.integers(8)) if self.augment.flips else 0
+        # 8 dihedral transforms, or (no transposes) the 4 of bits 0-1: a fair coin per axis flip
+        k = int(rng.integers(8 if self.augment.transposes else 4)) if self.augment.flips else 0
         h, w = shape[-2:] if not k & 4 else shape[-2:][::-1]
         return k, draw_zoom_box(rng, h, w, self.augment.min_scale)
 
@@ -476,12 +288,12 @@ class SiteDataset(Dataset):
             g = self._jitter_generator(rng)
             if self.augment.photometric:
                 photo = self.augment.draw_photometric(rng)[None]
-                x = adjust_gamma(rotate(x[None], photo[:, 0]), photo[:, 1])[0]
+                x = raw_photometric(x[None], photo, self.augment)[0]
         x = normalize(x, None if self.stats is None else self.stats[index])
         if rng is not None:
             x = channel_jitter(x, self.augment.scale_std, self.augment.bias_std, g)
         if photo is not None:
-            x = brightness_contrast(x[None], photo[:, 2], photo[:, 3])[0]
+            x = normalised_photometric(x[None], photo, self.augment)[0]
         return x.contiguous()
 
     def _raw(self, img: np.ndarray, index: int, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:

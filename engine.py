@@ -27,7 +27,7 @@ import dataset
 import distributed
 import images
 import metadata
-from model import CellClassifier, combined_loss, smooth_labels
+from model import CellClassifier, smooth_labels, training_loss
 
 log = logging.getLogger("cellpaint")
 
@@ -54,11 +54,16 @@ def load_data(args: argparse.Namespace) -> Data:
     if args.use_layout_leak and matches:
         table = metadata.apply_layout_matches(table, matches)
     structure = metadata.derive_structure(table, args.classes)
-    if args.val_experiments:
+    if args.val_last_experiment:  # the 41st place's split: each cell type's last train experiment
+        folds, cv_number = metadata.named_folds(table, metadata.last_experiments(table)), 0
+    elif args.val_experiments:
         folds, cv_number = metadata.named_folds(table, args.val_experiments), 0
     else:
         folds, cv_number = metadata.assign_folds(table, args.folds, args.data_split_seed), args.cv_number
     subsets = metadata.split_subsets(table, folds, cv_number, args.all_controls_train)
+    if not args.train_controls:  # treatment wells only (the 41st place trained on train.csv alone)
+        train = subsets["train"]
+        subsets["train"] = train[train["well_type"] == metadata.TREATMENT].reset_index(drop=True)
     if args.finetune_cell_type:
         if args.finetune_cell_type not in structure.cell_types:
             raise metadata.DataError(f"--finetune-cell-type {args.finetune_cell_type}: not among the cell types "
@@ -82,7 +87,10 @@ def augment_from_args(args: argparse.Namespace) -> dataset.Augment:
     """The train augmentation flags as settings (a ValueError names a flag with a bad value)."""
     return dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0], bias_std=args.pw_aug[1],
                            rotate=args.rotate_aug, brightness=args.brightness_aug, contrast=args.contrast_aug,
-                           gamma=args.gamma_aug, zoom_mode=args.zoom_interpolation)
+                           gamma=args.gamma_aug, zoom_mode=args.zoom_interpolation,
+                           flips=args.flips != "none", transposes=args.flips == "dihedral", prob=args.aug_prob,
+                           rescale=args.rescale_aug, rotate_border=args.rotate_border,
+                           bc_space=args.brightness_contrast_space, gamma_range=args.gamma_range)
 
 
 def make_dataset(args, data: Data, rows: pd.DataFrame, train: bool, labels=None) -> dataset.SiteDataset:
@@ -124,17 +132,46 @@ def amp_dtype(args, device: torch.device) -> torch.dtype | None:
 def build_model(args, n_classes: int, n_cell_types: int, pretrained: str) -> CellClassifier:
     return CellClassifier(args.backbone, n_classes, n_cell_types, embedding_size=args.embedding_size,
                           head_hidden=args.head_hidden, concat_cell_type=args.concat_cell_type,
-                          bn_mom=args.bn_mom, pretrained=pretrained, stem_init=args.stem_init)
+                          bn_mom=args.bn_mom, pretrained=pretrained, stem_init=args.stem_init, head=args.head)
+
+
+def loss_classes(args, data: Data) -> torch.Tensor | None:
+    """The classes the loss is taken over: all (None), or the treatment classes (`--loss-classes
+    treatment`: the 41st place's outputs, which had no control classes)."""
+    if args.loss_classes == "all":
+        return None
+    return torch.as_tensor(data.structure.treatment_classes, dtype=torch.long)
+
+
+def lr_param_groups(args, model: CellClassifier) -> list[dict]:
+    """Parameter groups with their `lr_mult`: the backbone's parameters named by `--lr-groups`
+    prefixes at those multipliers (the 41st place: stem 1/3, dense blocks 1/2), the rest of the
+    backbone at `--backbone-lr-mult`, neck and heads at 1x. A prefix matching no parameter name
+    is an error (a typo would otherwise silently train at the wrong rate)."""
+    named = list(model.backbone.named_parameters())
+    spec = args.lr_groups.groups if args.lr_groups else ()
+    for prefixes, _ in spec:
+        for prefix in prefixes:
+            if not any(name.startswith(prefix) for name, _ in named):
+                tops = sorted({name.split(".")[0] for name, _ in named})
+                raise metadata.DataError(f"--lr-groups: no backbone parameter name starts with {prefix!r} "
+                                         f"(top-level names: {', '.join(tops[:12])})")
+    buckets: list[list] = [[] for _ in spec]
+    rest = []
+    for name, param in named:
+        index = args.lr_groups.group_of(name) if spec else None
+        (rest if index is None else buckets[index]).append(param)
+    groups = [{"params": b, "lr_mult": mult, "name": ",".join(prefixes)} for b, (prefixes, mult) in zip(buckets, spec)]
+    if rest:
+        groups.append({"params": rest, "lr_mult": args.backbone_lr_mult, "name": "backbone"})
+    in_backbone = {id(p) for _, p in named}
+    head = [p for p in model.parameters() if id(p) not in in_backbone]
+    return groups + [{"params": head, "lr_mult": 1.0, "name": "neck and heads"}]
 
 
 def make_optimizer(args, model: CellClassifier) -> torch.optim.Optimizer:
-    """Adam with two parameter groups: the backbone at `--backbone-lr-mult` times the schedule's
-    rate (the 41st-place recipe fine-tuned pretrained layers more gently), the rest at 1x."""
-    backbone = list(model.backbone.parameters())
-    in_backbone = {id(p) for p in backbone}
-    head = [p for p in model.parameters() if id(p) not in in_backbone]
-    groups = [{"params": backbone, "lr_mult": args.backbone_lr_mult, "name": "backbone"},
-              {"params": head, "lr_mult": 1.0, "name": "neck and heads"}]
+    """Adam over `lr_param_groups`, each at its multiple of the schedule's rate."""
+    groups = lr_param_groups(args, model)
     lr = args.lr(0, args.epochs)
     for group in groups:
         group["lr"] = lr * group["lr_mult"]
@@ -173,7 +210,8 @@ def unwrap(runner: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classes: int,
-                    device: torch.device, dtype: torch.dtype | None, guard: dict) -> dict:
+                    device: torch.device, dtype: torch.dtype | None, guard: dict,
+                    classes: torch.Tensor | None = None) -> dict:
     model.train()
     # cutmix/mixup draws, reproducible on resume (and different in each process of a distributed run)
     rng = np.random.default_rng((args.seed, epoch, 7, *([args.world.rank] if args.world.distributed else [])))
@@ -182,18 +220,20 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
     tic = time.time()
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if args.world.main else True)
+    settings = augment_from_args(args)
+    classes = None if classes is None else classes.to(device)
     for i, (x, cell, _, y) in enumerate(bar):
         lr = args.lr(epoch + i / steps, args.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         # flips, zoom, normalisation, jitter: on the device, per batch
-        x = dataset.prepare_batch(x, device, zoom_mode=args.zoom_interpolation)
+        x = dataset.prepare_batch(x, device, settings=settings)
         cell, y = cell.to(device, non_blocking=True), y.to(device)
         target = smooth_labels(y, n_classes, args.label_smoothing)
         x, cell, target = batch.mix_batch(x, cell, target, args.mixup, args.cutmix, rng, args.mix_partners)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(x, cell)
-            loss = combined_loss(out, target, args.metric_loss_coeff)
+            loss = training_loss(out, target, args.loss, args.metric_loss_coeff, classes)
         if not distributed.all_true(bool(torch.isfinite(loss)), args.world):  # all processes skip, or none
             # one bad batch is skipped like the grad scaler skips overflowing steps; a run of them
             # means the model has diverged, and the last good checkpoint must stay the newest
@@ -230,12 +270,32 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr if steps else 0.0}
 
 
-@torch.inference_mode()
 def infer(args, model, ds: dataset.SiteDataset, device, dtype, embeddings: bool = False) -> dict[str, np.ndarray]:
-    """Per-site logits (and embeddings) of a dataset, averaged over `args.tta` views.
+    """Per-site logits (and embeddings) of a dataset, averaged over `args.tta` views, or with
+    `--tta-random N` over N passes of the training augmentation (pass p draws what epoch p of
+    training would, so a run is reproducible). Sites skipped as unreadable (--skip-bad-images)
+    get NaN rows, which `metadata.sum_sites` leaves out."""
+    if not args.tta_random:
+        return infer_pass(args, model, ds, device, dtype, embeddings)
+    saved = ds.augment, ds.epoch
+    ds.augment = augment_from_args(args)
+    total: dict[str, np.ndarray] = {}
+    try:
+        for p in range(args.tta_random):
+            ds.set_epoch(p)
+            for key, value in infer_pass(args, model, ds, device, dtype, embeddings, ds.augment).items():
+                total[key] = total[key] + value if key in total else value
+    finally:
+        ds.augment, ds.epoch = saved
+    return {key: value / args.tta_random for key, value in total.items()}
 
-    Each process of a distributed run infers its shard; all get the whole result. Sites skipped as
-    unreadable (--skip-bad-images) get NaN rows, which `metadata.sum_sites` leaves out."""
+
+@torch.inference_mode()
+def infer_pass(args, model, ds: dataset.SiteDataset, device, dtype, embeddings: bool = False,
+               settings: dataset.Augment | None = None) -> dict[str, np.ndarray]:
+    """One pass of `infer` over `ds` (augmented by its draws, applied as `settings` say), each batch
+    averaged over `args.tta` views. Each process of a distributed run infers its shard; all get
+    the whole result."""
     model = unwrap(model)
     model.eval()
     outputs: dict[str, list] = {"logits": [], "embedding": []}
@@ -243,7 +303,7 @@ def infer(args, model, ds: dataset.SiteDataset, device, dtype, embeddings: bool 
     loader = make_loader(args, ds)
     for x, cell, index, _ in tqdm(loader, desc="infer", leave=False, disable=None if args.world.main else True):
         done.append(index.numpy())
-        x, cell = dataset.prepare_batch(x, device), cell.to(device, non_blocking=True)
+        x, cell = dataset.prepare_batch(x, device, settings=settings), cell.to(device, non_blocking=True)
         sums: dict[str, torch.Tensor] = {}
         for view in dataset.tta_views(x, args.tta, args.tta_size):
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

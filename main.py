@@ -33,11 +33,13 @@ import pseudo
 from atomic import atomic_write
 from checkpoints import (ARCHITECTURE, CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
                          save_checkpoint)
-from engine import (Data, amp_dtype, augment_from_args, build_model, evaluate, infer, load_data, make_dataset,
-                    make_loader, make_optimizer, prepare_model, train_one_epoch)
-from model import STEM_INITS, CellClassifier, PretrainedUnavailable, is_supported_backbone, supported_backbones
+from augment import BC_SPACES, FLIP_SETS, ROTATE_BORDERS
+from engine import (Data, amp_dtype, augment_from_args, build_model, evaluate, infer, load_data, loss_classes,
+                    make_dataset, make_loader, make_optimizer, prepare_model, train_one_epoch)
+from model import (HEADS, LOSSES, STEM_INITS, CellClassifier, PretrainedUnavailable, is_supported_backbone,
+                   supported_backbones)
 from predfile import save_embeddings, save_predictions
-from schedule import LRSchedule, SizeFunction
+from schedule import LRGroups, LRSchedule, SizeFunction
 from tools.curves import plot_training_curves
 
 log = logging.getLogger("cellpaint")
@@ -83,6 +85,19 @@ def name_list(text: str) -> list[str]:
     return names
 
 
+def lr_groups_type(text: str) -> LRGroups:
+    try:
+        return LRGroups.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def args_file_line(line: str) -> list[str]:
+    """One argument per line of an @file (e.g. `--lr=const,1e-3`); blank and #-comment lines skipped."""
+    line = line.strip()
+    return [] if not line or line.startswith("#") else [line]
+
+
 def size_func_type(text: str) -> SizeFunction:
     try:
         return SizeFunction(text)
@@ -91,7 +106,9 @@ def size_func_type(text: str) -> SizeFunction:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                fromfile_prefix_chars="@")  # recipes/*.args: one argument per line
+    p.convert_arg_line_to_args = args_file_line
     p.add_argument("-m", "--mode", default="train", choices=("train", "val", "predict", "check"))
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     g = p.add_argument_group("model")
@@ -100,14 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "DenseNet), or 'pm-NAME' for a pretrainedmodels model")
     g.add_argument("--pretrained", default="imagenet", help="imagenet | none | PATH to a state dict")
     g.add_argument("--head-hidden", type=int_list, default=None, help="hidden layer sizes of the softmax head")
-    g.add_argument("--concat-cell-type", type=bool_type, default=True)
-    g.add_argument("--metric-loss-coeff", type=float, default=0.2, help="weight c of the ArcFace loss")
+    g.add_argument("--head", choices=HEADS, default="neck",
+                   help="neck: BN/Linear/ReLU/BN/Linear/BN embedding + softmax and ArcFace heads (the 1st place); "
+                        "plain: ReLU, pool, Linear(F, E) (the embedding), BN, ReLU, Linear(E, classes) (the 41st)")
+    g.add_argument("--concat-cell-type", type=bool_type, default=None, help="default: true with --head neck")
+    g.add_argument("--metric-loss-coeff", type=float, default=None,
+                   help="weight c of the ArcFace loss (default: 0.2 with --head neck, 0 with plain)")
+    g.add_argument("--loss", choices=LOSSES, default="ce",
+                   help="ce: softmax cross-entropy on dense targets; bce: BCE with logits on them (the 41st place)")
+    g.add_argument("--loss-classes", choices=("all", "treatment"), default="all",
+                   help="classes the loss is taken over; treatment (the 41st place's outputs) needs "
+                        "--train-controls false")
     g.add_argument("--embedding-size", type=int, default=1024)
     g.add_argument("--bn-mom", type=float, default=0.05)
     g.add_argument("--classes", type=int, default=None, help="output classes (default: from the metadata)")
     g.add_argument("--stem-init", choices=STEM_INITS, default="random",
                    help="the 6-channel input conv when ImageNet weights load: random (a fresh conv, as the "
-                        "1st place) or rgb-copy (channel i starts from RGB kernel i mod 3, scaled by 3/6)")
+                        "1st place), rgb-copy (channel i starts from RGB kernel i mod 3, scaled by 3/6) or "
+                        "rgb-tile (the same unscaled, as the 41st place)")
     g = p.add_argument_group("training")
     g.add_argument("-e", "--epochs", type=int, default=90)
     g.add_argument("-b", "--batch_size", "--batch-size", dest="batch_size", type=int, default=24)
@@ -120,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="schedule,v1,e1,v2,e2,...,vn with schedule cosine or const")
     g.add_argument("--backbone-lr-mult", type=float, default=1.0,
                    help="the backbone's learning rate as a multiple of --lr (layer-wise learning rates)")
+    g.add_argument("--lr-groups", type=lr_groups_type, default=None, metavar="P,Q=M,...",
+                   help="backbone parameters whose names start with P or Q at M times --lr (M may be a "
+                        "fraction p/q); the rest of the backbone at --backbone-lr-mult")
     g.add_argument("--finetune-cell-type", default=None,
                    help="train/validate/predict one cell type only (with --load of a general model)")
     g.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-5)
@@ -142,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="normalised image times U(1-C, 1+C), C in [0, 1) (0: off)")
     g.add_argument("--gamma-aug", type=float, default=0.0, metavar="G",
                    help="gamma exp(U(-log(1+G), log(1+G))) on raw intensities (0: off)")
+    g.add_argument("--flips", choices=FLIP_SETS, default="dihedral",
+                   help="dihedral: the 8 flips/transposes (the 1st place); hv: horizontal and vertical flips, "
+                        "a fair coin each (the 41st); none")
+    g.add_argument("--aug-prob", type=float, default=1.0, metavar="P",
+                   help="apply each of rescale, rotation, brightness/contrast (together) and gamma with "
+                        "probability P (the 41st place: 0.5)")
+    g.add_argument("--rescale-aug", type=float, default=0.0, metavar="R",
+                   help="resize by U(1-R, 1+R) (bilinear) and back (bicubic): resolution jitter, no zoom (0: off)")
+    g.add_argument("--rotate-border", choices=ROTATE_BORDERS, default="zeros",
+                   help="what fills the corners of --rotate-aug: zeros, or the image mirrored at its edges "
+                        "(reflect-101: about the edge pixels, the 41st place's cv2 default)")
+    g.add_argument("--brightness-contrast-space", choices=BC_SPACES, default="normalised",
+                   help="normalised: x*a + b after normalisation; raw: clip(x*a + b*mean(x), 0, 255) on raw "
+                        "intensities before gamma (the 41st place; needs a fixed --data-normalization)")
+    g.add_argument("--gamma-range", type=float_pair, default=None, metavar="LO,HI",
+                   help="gamma 255*(x/255)^(1/g), g ~ U(LO, HI) (the 41st place: 0.8,1.2); instead of --gamma-aug")
     g.add_argument("--fp16", type=bool_type, default=True, help="mixed precision on the GPU (see --precision)")
     g.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                    help="auto: fp16 on CUDA when --fp16, else fp32")
@@ -168,10 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "or over wells with their sites' logits summed (as the submission predicts)")
     g.add_argument("--val-experiments", type=name_list, default=None, metavar="A,B,...",
                    help="validate on these train experiments (by name) instead of fold --cv-number")
+    g.add_argument("--val-last-experiment", action="store_true",
+                   help="validate on the last train experiment (in name order) of each cell type (the 41st place)")
     g.add_argument("--data-split-seed", type=int, default=0)
     g.add_argument("--data-normalization", choices=dataset.NORMALIZATIONS, default="sample")
     g.add_argument("--all-controls-train", type=bool_type, default=True,
                    help="train on the control wells of validation and test experiments too")
+    g.add_argument("--train-controls", type=bool_type, default=True,
+                   help="train on control wells (false: treatment wells only, as the 41st place)")
     g.add_argument("--use-layout-leak", type=bool_type, default=True,
                    help="label test experiments whose plate layout repeats a train experiment's")
     g.add_argument("--cache-dir", type=Path, default=None, help="where computed pixel statistics are cached")
@@ -187,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, help="checkpoint (or bare weights) for val, predict or fine-tuning")
     g.add_argument("--tta", type=int, default=1, help="test-time views: flips/transposes, then shifted crops")
     g.add_argument("--tta-size", type=float, default=1.0, help="crop fraction of the TTA views")
+    g.add_argument("--tta-random", type=int, default=0, metavar="N",
+                   help="instead of --tta: average N passes of the training augmentation (the 41st place: 10)")
     g.add_argument("--pred-suffix", default="", help="prediction file is <load>.output<suffix>")
     g.add_argument("--save-embeddings", action="store_true", help="also write <load>.embeddings<suffix>")
     g.add_argument("--channels-last", type=bool_type, default=False,
@@ -198,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often faster on a busy CPU)")
     return p
+
+
+def check_recipe_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the head-dependent defaults and refuse flags that contradict each other (one line each)."""
+    if args.head == "plain":
+        given = [flag for flag, on in (("--concat-cell-type true", args.concat_cell_type),
+                                       ("--metric-loss-coeff > 0", (args.metric_loss_coeff or 0) > 0),
+                                       ("--head-hidden", args.head_hidden)) if on]
+        if given:
+            p.error(f"--head plain has no cell-type one-hot, ArcFace head or hidden layers: drop {', '.join(given)}")
+    plain = args.head == "plain"
+    args.concat_cell_type = not plain if args.concat_cell_type is None else args.concat_cell_type
+    args.metric_loss_coeff = (0.0 if plain else 0.2) if args.metric_loss_coeff is None else args.metric_loss_coeff
+    if args.loss_classes == "treatment" and args.train_controls:
+        p.error("--loss-classes treatment leaves the control classes out of the loss: add --train-controls false")
+    if args.val_last_experiment and (args.val_experiments or args.cv_number == -1):
+        p.error("--val-last-experiment chooses the validation experiments: drop --val-experiments / --cv-number -1")
+    if args.tta_random < 0 or (args.tta_random and args.tta > 1):
+        p.error("--tta-random N (N >= 0) replaces --tta: give one of them")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,6 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.val_experiments and args.cv_number == -1:
         p.error("--val-experiments names validation experiments; --cv-number -1 trains on all of them")
+    check_recipe_flags(p, args)
     if not -1 <= args.cv_number < args.folds:
         p.error(f"--cv-number must be -1 or in [0, {args.folds}), got {args.cv_number}")
     if args.pl_epoch is not None and not 0 <= args.pl_epoch < args.epochs:
@@ -274,7 +346,7 @@ def train(args) -> None:
         loader = make_loader(args, make_dataset(args, data, rows, train=True, labels=labels), epoch)
         tic = time.time()
         metrics = train_one_epoch(args, runner, loader, optimizer, scaler, epoch, data.structure.n_classes,
-                                  device, dtype, guard)
+                                  device, dtype, guard, loss_classes(args, data))
         metrics.update(evaluate(args, runner, data, device, dtype))
         metrics.update(epoch=epoch, seconds=time.time() - tic, pseudo_labels=len(state["pseudo_labels"]))
         state["epoch"] = epoch

@@ -314,6 +314,13 @@ def assign_folds(table: pd.DataFrame, n_folds: int = 6, seed: int = 0) -> dict[s
     return folds
 
 
+def last_experiments(table: pd.DataFrame) -> list[str]:
+    """The last train experiment of each cell type, in name order (HEPG2-07, HUVEC-16, RPE-07,
+    U2OS-03 in the competition data): the 41st place's validation split."""
+    train = table.loc[table["split"] == "train", ["cell_type", "experiment"]].astype(str).drop_duplicates()
+    return sorted(train.sort_values("experiment").groupby("cell_type")["experiment"].last())
+
+
 def named_folds(table: pd.DataFrame, validation: list[str]) -> dict[str, int]:
     """Folds that put exactly the named train experiments in fold 0 (validation) and every other
     train experiment in fold 1: `--val-experiments`, for a split chosen by name (e.g. the 1st

@@ -187,14 +187,15 @@ def _load_local(model: nn.Module, path: str, name: str) -> None:
     model.load_state_dict(state, strict=False)
 
 
-STEM_INITS = ("random", "rgb-copy")
+STEM_INITS = ("random", "rgb-copy", "rgb-tile")
 
 
-def _swap_stem(model: nn.Module, in_channels: int, from_rgb: bool) -> None:
+def _swap_stem(model: nn.Module, in_channels: int, from_rgb: bool, tile: bool = False) -> None:
     """Replace the (only) 3-channel input convolution with an `in_channels` one, in place.
 
     `from_rgb` False: a freshly initialised conv (nn.Conv2d's default), as the 1st place did even
-    with ImageNet weights; True: started from the RGB kernels (below)."""
+    with ImageNet weights; True: started from the RGB kernels (below), scaled by 3/in_channels,
+    or unscaled with `tile` (the 41st place's concatenation of the RGB kernels, cat((w, w)))."""
     path, old = next(
         ((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3),
         (None, None),
@@ -210,7 +211,7 @@ def _swap_stem(model: nn.Module, in_channels: int, from_rgb: bool) -> None:
         # (hence the activation scale the pretrained layers expect) the same as for an RGB image.
         with torch.no_grad():
             index = torch.arange(in_channels) % 3
-            new.weight.copy_(old.weight[:, index] * (3.0 / in_channels))
+            new.weight.copy_(old.weight[:, index] * (1.0 if tile else 3.0 / in_channels))
             if old.bias is not None:
                 new.bias.copy_(old.bias)
     parent_name, _, attr = path.rpartition(".")
@@ -235,7 +236,8 @@ def build_backbone(name: str, pretrained: str = "none", in_channels: int = 6,
     `pretrained`: 'none' (random init), 'imagenet' (torch hub cache or download), or a PATH to a
     local 3-channel state dict. Failures to get or fit weights raise PretrainedUnavailable.
     `stem_init`: the new `in_channels` input conv with pretrained weights: 'random' (the 1st
-    place) or 'rgb-copy' (from the RGB kernels); without pretrained weights it is always random.
+    place), 'rgb-copy' (from the RGB kernels, scaled) or 'rgb-tile' (the RGB kernels repeated,
+    unscaled: the 41st place); without pretrained weights it is always random.
     """
     if stem_init not in STEM_INITS:
         raise ValueError(f"unknown stem initialisation {stem_init!r} (choose from {', '.join(STEM_INITS)})")
@@ -246,7 +248,8 @@ def build_backbone(name: str, pretrained: str = "none", in_channels: int = 6,
     kind, model = _build_3ch(name, pretrained)
     if pretrained not in ("none", "imagenet"):
         _load_local(model, pretrained, name)  # before the stem swap, so rgb-copy starts from its RGB stem
-    _swap_stem(model, in_channels, from_rgb=pretrained != "none" and stem_init == "rgb-copy")
+    _swap_stem(model, in_channels, from_rgb=pretrained != "none" and stem_init != "random",
+               tile=stem_init == "rgb-tile")
 
     if kind == "pm":
         # The classifier is last_linear (a Linear, or a 1x1 conv in DPNs), or last_conv in SqueezeNets.
@@ -294,8 +297,16 @@ class ArcMarginHead(nn.Module):
             return F.linear(F.normalize(embedding.float()), F.normalize(self.weight.float()))
 
 
+HEADS = ("neck", "plain")
+
+
 class CellClassifier(nn.Module):
-    """Backbone -> pooled features (+ cell-type one-hot) -> embedding -> softmax and ArcFace heads."""
+    """Backbone -> pooled features (+ cell-type one-hot) -> embedding -> softmax and ArcFace heads.
+
+    `head="plain"` (the 41st place) instead: backbone -> ReLU -> average pool -> Linear(F, E) ->
+    BN -> ReLU -> Linear(E, classes); the embedding is the first Linear's output (before its
+    BN); no cell-type one-hot, no hidden layers, no ArcFace head (forward has no "cosine").
+    """
 
     def __init__(
         self,
@@ -309,12 +320,22 @@ class CellClassifier(nn.Module):
         pretrained: str = "none",
         in_channels: int = 6,
         stem_init: str = "random",
+        head: str = "neck",
     ) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r} (choose from {', '.join(HEADS)})")
+        if head == "plain" and (concat_cell_type or head_hidden):
+            raise ValueError("the plain head takes no cell-type one-hot and no hidden layers")
+        self.head_kind = head
         self.n_classes = n_classes
         self.n_cell_types = n_cell_types
         self.concat_cell_type = concat_cell_type
         self.backbone, n_features = build_backbone(backbone, pretrained, in_channels, stem_init)
+        if head == "plain":
+            self._build_plain(n_features, embedding_size, n_classes)
+            _set_bn_momentum(self, bn_mom)
+            return
         n_in = n_features + (n_cell_types if concat_cell_type else 0)
         # Linear layers feeding a BatchNorm need no bias (the BN shift replaces it).
         self.neck = nn.Sequential(
@@ -336,9 +357,19 @@ class CellClassifier(nn.Module):
         # Like the 1st place, one momentum for every BatchNorm, the backbone's included.
         _set_bn_momentum(self, bn_mom)
 
+    def _build_plain(self, n_features: int, embedding_size: int, n_classes: int) -> None:
+        # the embedding layer apart from the rest, so that embed() can stop at its output
+        self.neck = nn.Linear(n_features, embedding_size)
+        self.head = nn.Sequential(nn.BatchNorm1d(embedding_size), nn.ReLU(inplace=True),
+                                  nn.Linear(embedding_size, n_classes))
+        self.arc_head = None
+
     def embed(self, x: Tensor, cell_onehot: Tensor | None = None) -> Tensor:
         """The embedding [B, embedding_size]."""
-        feats = torch.flatten(F.adaptive_avg_pool2d(self.backbone(x), 1), 1)  # any image size
+        features = self.backbone(x)
+        if self.head_kind == "plain":  # torchvision DenseNets end at norm5: the ReLU their classifier had
+            features = F.relu(features)
+        feats = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)  # any image size
         if self.concat_cell_type:
             if cell_onehot is None or cell_onehot.shape != (x.shape[0], self.n_cell_types):
                 got = None if cell_onehot is None else tuple(cell_onehot.shape)
@@ -348,7 +379,10 @@ class CellClassifier(nn.Module):
 
     def forward(self, x: Tensor, cell_onehot: Tensor | None = None) -> dict[str, Tensor]:
         embedding = self.embed(x, cell_onehot)
-        return {"embedding": embedding, "logits": self.head(embedding), "cosine": self.arc_head(embedding)}
+        out = {"embedding": embedding, "logits": self.head(embedding)}
+        if self.arc_head is not None:
+            out["cosine"] = self.arc_head(embedding)
+        return out
 
     def predict(self, x: Tensor, cell_onehot: Tensor | None = None) -> Tensor:
         """Inference logits: the softmax head only (the 1st place predicted with it, not ArcFace)."""
@@ -398,6 +432,35 @@ def combined_loss(
     ce = dense_cross_entropy(out["logits"], target)
     arc = arcface_loss(out["cosine"], target, scale, margin)
     return (1.0 - metric_loss_coeff) * ce + metric_loss_coeff * arcface_factor * arc
+
+
+def bce_with_logits(logits: Tensor, target: Tensor) -> Tensor:
+    """Binary cross-entropy with logits, mean over batch and classes, in float32 under autocast:
+    the 41st place's loss (torch's BCEWithLogitsLoss on one-hot targets)."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+LOSSES = ("ce", "bce")
+
+
+def training_loss(out: Mapping[str, Tensor], target: Tensor, loss: str = "ce", metric_loss_coeff: float = 0.2,
+                  classes: Tensor | None = None) -> Tensor:
+    """The training objective: `combined_loss` ("ce", (1-c)·CE + c·ArcFace) or (1-c)·BCE + c·ArcFace
+    ("bce"; c must be 0 without an ArcFace head). `classes` (indices) restricts logits, cosines and
+    targets to those classes, e.g. the treatment classes as the 41st place's 1,108 outputs."""
+    if classes is not None:
+        out = {k: v[:, classes] if k in ("logits", "cosine") else v for k, v in out.items()}
+        target = target[:, classes]
+    if loss == "ce":  # without ArcFace (c = 0) the same value, and no cosines needed
+        return combined_loss(out, target, metric_loss_coeff) if metric_loss_coeff else dense_cross_entropy(
+            out["logits"], target)
+    if loss != "bce":
+        raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
+    main = bce_with_logits(out["logits"], target)
+    if metric_loss_coeff == 0:
+        return main
+    return (1.0 - metric_loss_coeff) * main + metric_loss_coeff * 0.5 * arcface_loss(out["cosine"], target)
 
 
 def smooth_labels(labels: Tensor, n_classes: int, smoothing: float = 0.0) -> Tensor:

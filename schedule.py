@@ -123,3 +123,43 @@ class SizeFunction:
         if not math.isfinite(value):
             raise ValueError(f"--pl-size-func {self.text!r} is not finite at x={x}")
         return value
+
+
+def _multiplier(text: str) -> float:
+    """A non-negative number or a fraction `p/q` (so 1/3 is exact where 0.333 is not)."""
+    num, _, den = text.partition("/")
+    try:
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"--lr-groups: {text!r} is not a number or a fraction p/q") from None
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"--lr-groups: multiplier {text!r} must be a finite number >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class LRGroups:
+    """`--lr-groups "conv0,norm0=1/3,denseblock,transition,norm5=1/2"`: name prefixes (of the
+    backbone's parameters) gathered up to each `=MULT`, which sets their learning rate to MULT
+    times the schedule's. A parameter takes the first group whose prefix it starts with."""
+    groups: tuple[tuple[tuple[str, ...], float], ...]
+    text: str = ""  # as given: what a checkpoint records
+
+    @classmethod
+    def parse(cls, text: str) -> "LRGroups":
+        groups, prefixes = [], []
+        for token in (t.strip() for t in text.split(",")):
+            name, eq, mult = token.partition("=")
+            if not name.strip():
+                raise ValueError(f"--lr-groups: an empty name in {text!r}")
+            prefixes.append(name.strip())
+            if eq:
+                groups.append((tuple(prefixes), _multiplier(mult.strip())))
+                prefixes = []
+        if prefixes or not groups:
+            raise ValueError(f"--lr-groups: {','.join(prefixes) or text!r} has no '=MULT' after it")
+        return cls(tuple(groups), text)
+
+    def group_of(self, name: str) -> int | None:
+        """Index of the first group with a prefix of `name`, None if none has."""
+        return next((i for i, (prefixes, _) in enumerate(self.groups) if name.startswith(prefixes)), None)
