@@ -2,6 +2,11 @@
 and what a run records of them."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +16,7 @@ import main
 from tests.conftest import SMALL, run
 
 GIB = 2 ** 30
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_takes_the_plain_densenet():
@@ -86,3 +92,16 @@ def test_a_run_records_the_resolved_choice(monkeypatch, tiny_competition, tmp_pa
     torch.save(state["model"], tmp_path / "bare.pth")
     assert run("--data", tiny_competition[0], "--mode", "predict", "--load", tmp_path / "bare.pth", *argv) == 0
     assert "backbone auto -> smallcnn: inference" in (tmp_path / "bare.pth.output.log").read_text()
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "benchmarks/gpu_throughput.py"],
+                                     ["bash", "benchmarks/gpu_check.sh", "OUT"]])
+def test_gpu_benchmarks_refuse_without_cuda(tmp_path, command):
+    """Without a GPU they say so in one line and exit 2, instead of measuring the CPU as if it were one."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PY": sys.executable, "WORK": str(tmp_path / "work")}
+    out = subprocess.run([c.replace("OUT", str(tmp_path / "out")) for c in command], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no CUDA device visible") and "nothing was run" in lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
