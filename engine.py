@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import autoselect
 import batch
 import dataset
 import distributed
@@ -129,6 +130,59 @@ def amp_dtype(args, device: torch.device) -> torch.dtype | None:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision]
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'fp16', 'bf16' or 'fp32': the autocast dtype of `amp_dtype` as the name the measured figures use."""
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", None: "fp32"}[dtype]
+
+
+def site_image_size(data: Data) -> tuple[int, int] | None:
+    """(height, width) of the run's images: the cache's, or the first training site's PNG header."""
+    if data.image_cache is not None:
+        return data.image_cache.size
+    rows = next((r for r in (data.subsets["train"], data.table) if len(r)), None)
+    return None if rows is None else images.png_size(f"{rows['image_prefix'].iloc[0]}_w1.png")
+
+
+def _least_free_gpu_memory(device: torch.device, world) -> int:
+    """Free memory of this process's GPU, the least over the processes of a torchrun: every process
+    must build the same network, and it has to fit on the fullest card."""
+    free = torch.cuda.mem_get_info(device)[0]
+    if not world.distributed:
+        return free
+    values = [0.0] * world.size
+    values[world.rank] = float(free)
+    return int(min(distributed.sum_all(values, world)))
+
+
+def resolve_backbone(args, data: Data, device: torch.device, dtype: torch.dtype | None,
+                     state: dict | None = None, training: bool = True) -> None:
+    """Replace `--backbone auto` by a real name in `args` (so checkpoints record it), logging why.
+
+    A checkpoint being resumed or fine-tuned keeps its own backbone; between densenet161 and
+    mem-densenet161 (one set of weights) the choice is made again for this device. Inference always
+    takes densenet161: the memory-efficient variant saves memory only when gradients are kept."""
+    if args.backbone != autoselect.AUTO:
+        return
+    made_with = (state or {}).get("args", {}).get("backbone")
+    if made_with and not autoselect.is_densenet161_pair(made_with):
+        args.backbone = made_with
+        log.info("backbone auto -> %s: the backbone the checkpoint was made with", made_with)
+        return
+    if not training:
+        args.backbone = autoselect.FAST
+        log.info("backbone auto -> %s: inference keeps no activations for the backward pass, so the "
+                 "memory-efficient variant would save nothing", args.backbone)
+        return
+    size = site_image_size(data)
+    if size is None:
+        size = (512, 512)
+        log.warning("image size unknown (first training image unreadable): the backbone choice assumes 512x512")
+    free = _least_free_gpu_memory(device, args.world) if device.type == "cuda" else None
+    choice = autoselect.choose_backbone(device.type, precision_name(dtype), args.batch_size, size, free)
+    args.backbone = choice.backbone
+    log.info("backbone auto -> %s: %s", choice.backbone, choice.reason)
+
+
 def build_model(args, n_classes: int, n_cell_types: int, pretrained: str) -> CellClassifier:
     return CellClassifier(args.backbone, n_classes, n_cell_types, embedding_size=args.embedding_size,
                           head_hidden=args.head_hidden, concat_cell_type=args.concat_cell_type,
@@ -183,7 +237,7 @@ def prepare_model(args, model: CellClassifier, device: torch.device) -> torch.nn
     saving the plain `model` (a compiled wrapper would prefix every weight's name)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-    if args.channels_last:
+    if args.channels_last is True:  # main() has resolved 'auto' by now; a leftover string must not count
         model.to(memory_format=torch.channels_last)
     if args.sync_bn and args.mode == "train" and args.world.distributed:
         if device.type != "cuda":

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import autoselect
 import batch
 import check
 import dataset
@@ -35,7 +36,8 @@ from checkpoints import (ARCHITECTURE, CHECKPOINT_FORMAT, checkpoint_args, load_
                          save_checkpoint)
 from augment import BC_SPACES, FLIP_SETS, ROTATE_BORDERS
 from engine import (Data, amp_dtype, augment_from_args, build_model, evaluate, infer, load_data, loss_classes,
-                    make_dataset, make_loader, make_optimizer, prepare_model, train_one_epoch)
+                    make_dataset, make_loader, make_optimizer, precision_name, prepare_model, resolve_backbone,
+                    train_one_epoch)
 from model import (HEADS, LOSSES, STEM_INITS, CellClassifier, PretrainedUnavailable, is_supported_backbone,
                    supported_backbones)
 from predfile import save_embeddings, save_predictions
@@ -54,6 +56,10 @@ def bool_type(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def bool_or_auto(text: str) -> bool | str:
+    return autoselect.AUTO if text.lower() == autoselect.AUTO else bool_type(text)
 
 
 def int_list(text: str) -> list[int] | None:
@@ -112,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--mode", default="train", choices=("train", "val", "predict", "check"))
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="mem-densenet161",
-                   help="torchvision resnet*/densenet*/efficientnet* ('mem-' prefix: memory-efficient "
-                        "DenseNet), or 'pm-NAME' for a pretrainedmodels model")
+    g.add_argument("--backbone", default=autoselect.AUTO,
+                   help="auto (densenet161, or mem-densenet161 when GPU memory is short; logged), torchvision "
+                        "resnet*/densenet*/efficientnet* ('mem-' prefix: memory-efficient DenseNet), "
+                        "'pm-NAME' for a pretrainedmodels model, 'timm-NAME' for any timm model")
     g.add_argument("--pretrained", default="imagenet", help="imagenet | none | PATH to a state dict")
     g.add_argument("--head-hidden", type=int_list, default=None, help="hidden layer sizes of the softmax head")
     g.add_argument("--head", choices=HEADS, default="neck",
@@ -241,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of --tta: average N passes of the training augmentation (the 41st place: 10)")
     g.add_argument("--pred-suffix", default="", help="prediction file is <load>.output<suffix>")
     g.add_argument("--save-embeddings", action="store_true", help="also write <load>.embeddings<suffix>")
-    g.add_argument("--channels-last", type=bool_type, default=False,
-                   help="channels-last memory format (faster convolutions with AMP on recent GPUs)")
+    g.add_argument("--channels-last", type=bool_or_auto, default=autoselect.AUTO,
+                   help="channels-last memory format; auto: on with mixed precision on CUDA (measured faster), "
+                        "off otherwise")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true",
                    help="with torchrun on GPUs: batch-norm statistics over all processes (SyncBatchNorm)")
@@ -299,8 +307,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dataset.tta_views(torch.zeros(1, 1, 8, 8), args.tta, args.tta_size)
     except ValueError as e:
         p.error(str(e))
-    if not is_supported_backbone(args.backbone):
-        p.error(f"--backbone {args.backbone!r} is not supported; choose from: {', '.join(supported_backbones())}")
+    if args.backbone != autoselect.AUTO and not is_supported_backbone(args.backbone):
+        p.error(f"--backbone {args.backbone!r} is not supported; choose from: auto, {', '.join(supported_backbones())}, "
+                f"or timm-NAME for any NAME of timm.list_models()")
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little") % 10 ** 9
     args.world = distributed.World()  # main() joins a torchrun process group, if there is one
@@ -319,6 +328,7 @@ def train(args) -> None:
     if resume is not None and "optimizer" not in resume:
         raise metadata.DataError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
     fine_tune = load_checkpoint(args.load) if args.load and not resume else None
+    resolve_backbone(args, data, device, dtype, resume or fine_tune)  # before checkpoints record args
     pretrained = "none" if (resume or fine_tune) else args.pretrained
     model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), pretrained).to(device)
     optimizer = make_optimizer(args, model)
@@ -392,6 +402,7 @@ def load_for_inference(args) -> tuple[Data, CellClassifier, torch.device, torch.
     device = torch.device(args.device)  # resolved by main(): cuda:LOCAL_RANK under torchrun
     data = load_data(args)
     check_classes(args, data, state)
+    resolve_backbone(args, data, device, amp_dtype(args, device), training=False)  # a bare weights file
     model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), "none")
     restore_weights(model, state, args.load)
     return data, prepare_model(args, model.to(device), device), device, amp_dtype(args, device)
@@ -488,7 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.device = str(device)
+    auto_channels_last = args.channels_last == autoselect.AUTO
+    if auto_channels_last:
+        precision = precision_name(amp_dtype(args, device))
+        args.channels_last = autoselect.choose_channels_last(device.type, precision)
     setup_logging(args)
+    if auto_channels_last:
+        log.info("channels-last auto -> %s (%s, %s)", "on" if args.channels_last else "off", device.type, precision)
     try:
         {"train": train, "val": validate, "predict": predict}[args.mode](args)
     except (metadata.DataError, FloatingPointError, PretrainedUnavailable) as e:

@@ -48,14 +48,18 @@ def _pm_names() -> list[str]:
 
 
 def supported_backbones() -> list[str]:
-    """All names `build_backbone` accepts."""
+    """All names `build_backbone` accepts, but for timm's: `timm-NAME` for any NAME in timm.list_models()
+    (over a thousand, so they are checked by `is_supported_backbone` rather than listed)."""
     tv = _tv_names()
     mem = ["mem-" + n for n in tv if n.startswith("densenet")]
     return [SMALL_CNN] + tv + mem + ["pm-" + n for n in _pm_names()]
 
 
 def is_supported_backbone(name: str) -> bool:
-    """Whether `build_backbone` accepts `name`; imports pretrainedmodels only for a 'pm-' name."""
+    """Whether `build_backbone` accepts `name`; imports pretrainedmodels only for a 'pm-' name, timm only
+    for a 'timm-' one."""
+    if name.startswith(TIMM_PREFIX):
+        return _timm_known(name[len(TIMM_PREFIX):])
     if name.startswith("pm-"):
         return name[3:] in _pm_names()
     tv = _tv_names()
@@ -87,7 +91,8 @@ def _unsupported(name: str) -> ValueError:
     return ValueError(
         f"unknown backbone {name!r}; supported: torchvision {', '.join(tv)}; "
         f"'mem-' + a densenet (memory-efficient); 'pm-' + a pretrainedmodels model "
-        f"({', '.join(_pm_names())}; VGG/AlexNet excluded as they need 224 px)"
+        f"({', '.join(_pm_names())}; VGG/AlexNet excluded as they need 224 px); "
+        f"'{TIMM_PREFIX}' + any timm model (timm.list_models())"
     )
 
 
@@ -241,6 +246,8 @@ def build_backbone(name: str, pretrained: str = "none", in_channels: int = 6,
     """
     if stem_init not in STEM_INITS:
         raise ValueError(f"unknown stem initialisation {stem_init!r} (choose from {', '.join(STEM_INITS)})")
+    if name.startswith(TIMM_PREFIX):
+        return build_timm_backbone(name[len(TIMM_PREFIX):], pretrained, in_channels, stem_init)
     if name == SMALL_CNN:
         if pretrained != "none":
             raise PretrainedUnavailable(f"{SMALL_CNN} has no pretrained weights: use --pretrained none")
@@ -274,6 +281,111 @@ def build_backbone(name: str, pretrained: str = "none", in_channels: int = 6,
     # EfficientNet (v1 and v2): features ends with a conv+BN+SiLU block.
     assert isinstance(model, torchvision.models.EfficientNet), type(model)
     return model.features, model.classifier[-1].in_features
+
+
+# ----------------------------------------------------------------------------------------- timm
+
+TIMM_PREFIX = "timm-"
+
+
+def _timm_known(name: str) -> bool:
+    import timm  # imported lazily: a second or more to import, and only needed for timm- names
+
+    return bool(name) and timm.is_model(name)  # accepts a pretrained tag too: 'convnext_atto.d2_in1k'
+
+
+class _TimmFeatures(nn.Module):
+    """A timm model built with num_classes=0: its forward is its own pooled pre-logits features [B, F].
+
+    Returned as [B, F, 1, 1] so that the neck's adaptive average pool (an identity here) serves it like
+    any other backbone. The model's own pooling is kept, not forward_features + our pool: for CNNs it is
+    the same global average, but it is also what is right for models whose features are not an NCHW
+    map (ViT tokens pooled by the class token, Swin's NHWC maps) and it runs the layers timm puts after
+    the pool (ConvNeXt's head norm, MobileNetV3's conv head), so every parameter gets a gradient.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.model(x)
+        return feats.reshape(feats.shape[0], -1, 1, 1)
+
+
+def _timm_weights_hint(name: str) -> str:
+    """Where timm looks for `name`'s ImageNet weights (Hugging Face hub id and its cache folder)."""
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        folder = os.path.join(constants.HF_HUB_CACHE, "models--" + hub_id.split("@")[0].replace("/", "--"))
+        return f"the Hugging Face cache {folder} and downloading {hub_id}"
+    url = getattr(cfg, "url", None)
+    return f"downloading {url}" if url else "timm's weight sources"
+
+
+def build_timm_backbone(name: str, pretrained: str = "none", in_channels: int = 6,
+                        stem_init: str = "random") -> tuple[nn.Module, int]:
+    """Any timm model with an `in_channels` stem, as [B,in_channels,H,W] -> [B,F,1,1], and its F.
+
+    `pretrained`: 'none', 'imagenet' (timm's own weights, through the Hugging Face cache or a download)
+    or a PATH to a 3-channel state dict (.safetensors, or a torch file loaded with weights_only). With
+    weights, timm adapts the stem (the RGB kernels repeated over the channels and scaled by
+    3/in_channels: our 'rgb-copy') and drops the classifier; `stem_init` 'random' then re-draws the
+    stem (the module timm's pretrained_cfg names as first_conv) and 'rgb-tile' undoes the scaling.
+    """
+    if not _timm_known(name):
+        raise _unsupported(TIMM_PREFIX + name)
+    import timm
+
+    kwargs: dict = {"in_chans": in_channels, "num_classes": 0}
+    if pretrained == "imagenet":
+        if not timm.is_model_pretrained(name):
+            raise PretrainedUnavailable(f"timm has no pretrained weights for {name!r}: use --pretrained none")
+        kwargs["pretrained"] = True
+    elif pretrained != "none":
+        if not os.path.isfile(pretrained):
+            raise PretrainedUnavailable(f"pretrained weights file not found: {pretrained}")
+        # timm loads the file (weights_only; EMA/'state_dict'/'model' wrappers and 'module.' prefixes
+        # unwrapped), runs the model's own key filter, adapts the stem and drops the classifier
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(pretrained)})
+
+    # Transformers with position embeddings (ViT, DeiT, ...) are built for one image size: these
+    # options let them take any (48 px tests, 512 px data, 0.9 crops for TTA) by resizing the embeddings
+    # and padding to whole patches. Models that do not know an option refuse it with a TypeError naming
+    # it; the next set is tried then (CNNs take any size anyway).
+    options = ({"dynamic_img_size": True, "dynamic_img_pad": True}, {"dynamic_img_size": True}, {})
+    for extra in options:
+        try:
+            model = timm.create_model(name, **kwargs, **extra)
+            break
+        except Exception as err:  # offline, a missing cache entry, a file of another model ...
+            if isinstance(err, TypeError) and any(option in str(err) for option in extra):
+                continue
+            if pretrained == "none":
+                raise  # nothing to fetch or fit: a bug, shown as one
+            raise PretrainedUnavailable(_timm_load_error(name, pretrained, err)) from err
+    if pretrained != "none" and stem_init != "rgb-copy":
+        stem = model.get_submodule(model.pretrained_cfg["first_conv"])
+        if stem_init == "random":
+            stem.reset_parameters()
+        else:
+            with torch.no_grad():
+                stem.weight.mul_(in_channels / 3)
+    n_features = getattr(model, "head_hidden_size", None) or model.num_features
+    return _TimmFeatures(model), int(n_features)
+
+
+def _timm_load_error(name: str, pretrained: str, err: BaseException) -> str:
+    if pretrained == "imagenet":
+        return (f"ImageNet weights for '{TIMM_PREFIX}{name}' unavailable: tried {_timm_weights_hint(name)} "
+                f"({_first_line(err)}); pass a local state-dict file as --pretrained PATH "
+                f"(or HF_HUB_CACHE to a copied cache), or --pretrained none")
+    return (f"pretrained weights file {pretrained} does not fit timm backbone {name!r} "
+            f"({_first_line(err)})")
 
 
 def _set_bn_momentum(module: nn.Module, momentum: float) -> None:

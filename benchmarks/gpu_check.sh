@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA paths, checked on a GPU machine in one go (a few minutes on one H100):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (PY=python3 by default: a Python with torch + CUDA)
-# Throughput of DenseNet161 at 512 px (fp16/bf16/fp32 x channels-last), then the pipeline on
+# The original's settings beside ours at 512 px (benchmarks/gpu_throughput.py: model throughput, compile,
+# two timm backbones, whole pipeline epochs from PNGs and from the cache), then the pipeline on
 # synthetic 48 px data with a DenseNet121: fp16 AMP + channels-last training with pseudo-labels,
 # --resume, TTA prediction with embeddings, both submission recipes, bf16 + torch.compile, torchrun
 # with NCCL (one process per GPU), and finally the test suite on the GPU. Each step's log is in
@@ -10,7 +11,11 @@ set -u
 OUT=${1:-gpu_check}
 PY=${PY:-python3}
 WORK=${WORK:-/tmp/cellpaint-gpu-check}
-GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+GPUS=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null) || { echo "error: $PY cannot import torch" >&2; exit 2; }
+if [ "$GPUS" -lt 1 ]; then  # every step below is about CUDA: on the CPU it would only mislead
+  echo "error: no CUDA device visible to $PY: gpu_check.sh checks the CUDA paths; nothing was run" >&2
+  exit 2
+fi
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
 : > "$OUT/summary.txt"
@@ -28,8 +33,7 @@ step() {  # step NAME SECONDS COMMAND...
 nvidia-smi -L | tee "$OUT/machine.txt"
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/machine.txt"
 
-step throughput 200 $PY benchmarks/gpu_throughput.py --json "$OUT/throughput.json"
-step throughput_mem 90 $PY benchmarks/gpu_throughput.py --backbone mem-densenet161 --precisions fp16 --json "$OUT/throughput_mem.json"
+step throughput 600 $PY benchmarks/gpu_throughput.py --also timm-convnext_small,timm-efficientnetv2_rw_s --json "$OUT/throughput.json"
 
 D=$WORK/data
 step synthetic 60 $PY synthetic.py "$D" -q
@@ -46,6 +50,7 @@ print('max |weight difference| resumed vs uninterrupted (GPU kernels are not bit
 step predict_tta8 120 $PY main.py "${COMMON[@]}" --mode predict --load "$WORK/run/dn" --tta 8 --save-embeddings
 step submission 60 $PY make_submission.py --data "$D" -o "$WORK/run/sub.csv" "$WORK/run/dn.output"
 step submission_knn 60 $PY make_submission.py --data "$D" --knn 10 --use-valid -o "$WORK/run/knn.csv" "$WORK/run/dn.embeddings"
+step train_timm 150 $PY main.py "${COMMON[@]}" --backbone timm-convnext_atto -b 32 --lr cosine,1e-3 -e 2 --save "$WORK/timm/net"
 step bf16_compile 240 $PY main.py "${COMMON[@]}" --backbone smallcnn -b 64 --lr cosine,3e-3 -e 2 --precision bf16 --compile --save "$WORK/compiled/net"
 step torchrun_nccl 150 $PY -m torch.distributed.run --standalone --nproc_per_node "$GPUS" main.py "${TRAIN[@]}" --save "$WORK/ddp/dn"
 step torchrun_nccl_predict 90 $PY -m torch.distributed.run --standalone --nproc_per_node "$GPUS" main.py "${COMMON[@]}" --mode predict --load "$WORK/ddp/dn" --tta 4

@@ -1,30 +1,74 @@
 #!/usr/bin/env python3
-"""Training and TTA-inference throughput of the model, per precision and memory format, one table.
+"""The 1st place's settings beside ours, on one CUDA card, in one run:
 
-    python benchmarks/gpu_throughput.py                                   # DenseNet161, 512 px, CUDA
-    python benchmarks/gpu_throughput.py --device cpu --size 64 --batch 4 --backbone densenet121 --steps 2
+    python benchmarks/gpu_throughput.py [--also timm-convnext_small,...] [--json OUT.json]
 
-Random data on the device (the input pipeline is benchmarks/loader.py's business), so the numbers
-are the model's ceiling: images/s for a training step (forward, both losses, backward, Adam step)
-and for inference with 8 TTA views, plus peak device memory of each configuration.
+1. Model throughput on random data on the device (the model's ceiling): images/s of a training step
+   (forward, both losses, backward, Adam step) and of inference with the 8 TTA views, and peak memory,
+   for
+     - the original's settings: mem-densenet161, fp16 autocast, no channels-last (the 1st place's
+       code; our model computes the same function, so this is its speed on this card);
+     - ours: what `--backbone auto --channels-last auto` resolve to on this card (logged with why);
+     - ours + torch.compile, timed after its warm-up (the warm-up, compilation included, apart), so
+       that `--compile` can be made the default if it wins;
+     - any --also backbones with our settings.
+2. A whole training epoch of the pipeline (engine.train_one_epoch: loader, augmentation on the
+   device, cutmix, AMP, optimizer) with our settings, reading the PNGs with all cores as loader
+   workers, then reading the decoded cache (prepare.py), with how busy the GPU was (utilisation
+   sampled every 0.2 s). The data: a 512 px synthetic set written once to --data (and its cache to
+   --cache); its sites are repeated to make --epoch-samples samples.
+
+Without CUDA it refuses in one line (exit 2): CPU figures are not what it is for.
+`--smoke-test-on-cpu` runs every part tiny on the CPU to check the script itself (figures meaningless).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+import autoselect  # noqa: E402
 import dataset  # noqa: E402
+import engine  # noqa: E402
+import main as trainer  # noqa: E402
+import prepare  # noqa: E402
+import synthetic  # noqa: E402
 from model import CellClassifier, combined_loss, smooth_labels  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the model table."""
+    label: str
+    backbone: str
+    precision: str
+    channels_last: bool
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class Sizes:
+    size: int
+    batch: int
+    classes: int
+    steps: int
+    warmup: int
 
 
 def sync(device: torch.device) -> None:
@@ -32,22 +76,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(args, device: torch.device, precision: str, channels_last: bool) -> dict:
-    dtype = DTYPES[precision]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = CellClassifier(args.backbone, args.classes, 4, pretrained="none").to(device, memory_format=fmt)
+def measure(setting: Setting, sizes: Sizes, device: torch.device) -> dict:
+    """Train and TTA-8 images/s after warm-up, peak memory, and the warm-up's seconds (compilation)."""
+    dtype = DTYPES[setting.precision]
+    fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    model = CellClassifier(setting.backbone, sizes.classes, 4, pretrained="none").to(device, memory_format=fmt)
+    runner = torch.compile(model) if setting.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    x = torch.randn(args.batch, 6, args.size, args.size, device=device).to(memory_format=fmt)
-    cell = torch.eye(4, device=device)[torch.randint(0, 4, (args.batch,), device=device)]
-    target = smooth_labels(torch.randint(0, args.classes, (args.batch,), device=device), args.classes)
+    x = torch.randn(sizes.batch, 6, sizes.size, sizes.size, device=device).to(memory_format=fmt)
+    cell = torch.eye(4, device=device)[torch.randint(0, 4, (sizes.batch,), device=device)]
+    target = smooth_labels(torch.randint(0, sizes.classes, (sizes.batch,), device=device), sizes.classes)
     autocast = lambda: torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
     def train_step() -> None:
         with autocast():
-            loss = combined_loss(model(x, cell), target)
+            loss = combined_loss(runner(x, cell), target)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -57,57 +105,193 @@ def measure(args, device: torch.device, precision: str, channels_last: bool) -> 
     def infer_step() -> None:
         for view in dataset.tta_views(x, 8):
             with autocast():
-                model(view.contiguous(memory_format=fmt), cell)
+                runner(view.contiguous(memory_format=fmt), cell)
 
-    result = {"precision": precision, "channels_last": channels_last}
+    result = {**asdict(setting)}
     for name, step in (("train", train_step), ("infer_tta8", infer_step)):
         model.train(name == "train")
-        for _ in range(args.warmup):
-            step()
-        sync(device)
         tic = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(sizes.warmup):
             step()
         sync(device)
-        result[f"{name}_img_s"] = args.batch * args.steps / (time.perf_counter() - tic)
-    result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+        result[f"{name}_warmup_s"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        for _ in range(sizes.steps):
+            step()
+        sync(device)
+        result[f"{name}_img_s"] = sizes.batch * sizes.steps / (time.perf_counter() - tic)
+    result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    del model, runner, optimizer
+    if setting.compile:
+        torch._dynamo.reset()  # the next row must not reuse (or be slowed by) this one's graphs
     return result
+
+
+class GpuBusy:
+    """Mean GPU utilisation (%) over a `with` block, sampled every 0.2 s through NVML (torch's
+    wrapper, or nvidia-smi when pynvml is missing); None where neither can be read."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.samples, self._stop = device, [], threading.Event()
+
+    def read(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        try:
+            return float(torch.cuda.utilization(self.device))
+        except Exception:  # noqa: BLE001 - pynvml not installed: ask nvidia-smi
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                      "-i", str(index)], capture_output=True, text=True, timeout=5)
+                return float(out.stdout.strip().splitlines()[0])
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            value = self.read()
+            if value is not None:
+                self.samples.append(value)
+
+    def __enter__(self) -> "GpuBusy":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def ensure_data(data: Path, cache: Path, size: int, workers: int) -> None:
+    """A synthetic set at `size` px (written once, then reused) and its decoded cache."""
+    info = data / synthetic.INFO_FILE
+    if not (info.exists() and json.loads(info.read_text()).get("complete")):
+        print(f"writing a {size} px synthetic set to {data} (once)", file=sys.stderr, flush=True)
+        argv = [str(data), "--image-size", str(size), "--classes", "24", "--train-experiments", "1,1,1,1",
+                "--test-experiments", "0,0,0,0", "--no-leak", "--seed", "0", "-q"]
+        if synthetic.main(argv) != 0:
+            raise SystemExit("error: synthetic data generation failed")
+    prepare.build_cache(data, cache, workers=workers, progress=False)
+
+
+def epoch(data: Path, cache: Path | None, setting: Setting, batch: int, workers: int, samples: int,
+          device: torch.device, work: Path) -> dict:
+    """One training epoch of `samples` sites through the real pipeline (engine), timed, GPU busy %."""
+    argv = ["--data", str(data), "--save", str(work / "net"), "--backbone", setting.backbone, "--pretrained", "none",
+            "--precision", setting.precision, "--channels-last", str(setting.channels_last).lower(),
+            "-b", str(batch), "--num-data-workers", str(workers), "--cv-number", "-1", "--seed", "0",
+            "--disp-batches", "1000000", "--device", str(device)]
+    args = trainer.parse_args(argv + (["--image-cache", str(cache)] if cache else []))
+    data_ = engine.load_data(args)
+    rows = data_.subsets["train"]
+    rows = rows.iloc[[i % len(rows) for i in range(samples)]].reset_index(drop=True)  # sites repeated
+    model = engine.build_model(args, data_.structure.n_classes, len(data_.structure.cell_types), "none").to(device)
+    optimizer = engine.make_optimizer(args, model)
+    dtype = DTYPES[setting.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    runner = engine.prepare_model(args, model, device)
+    loader = engine.make_loader(args, engine.make_dataset(args, data_, rows, train=True), epoch=0)
+    sync(device)
+    tic = time.perf_counter()
+    with GpuBusy(device) as busy:
+        engine.train_one_epoch(args, runner, loader, optimizer, scaler, 0, data_.structure.n_classes, device,
+                               dtype, {"bad_steps": 0})
+        sync(device)
+    seconds = time.perf_counter() - tic
+    n = len(loader) * batch  # the loader drops the last partial batch in training
+    return {"input": "decoded cache" if cache else f"PNGs, {workers} workers", "samples": n, "seconds": seconds,
+            "img_s": n / seconds, "gpu_busy_pct": busy.mean}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="densenet161")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--classes", type=int, default=1139)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precisions", default="fp16,bf16,fp32")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per setting")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, compilation)")
+    p.add_argument("--also", default="", help="comma-separated backbones measured with our settings too")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
+    p.add_argument("--no-epoch", action="store_true", help="leave out the pipeline epochs")
+    p.add_argument("--epoch-samples", type=int, default=3000, help="samples in each pipeline epoch")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader workers of the PNG epoch")
+    p.add_argument("--data", type=Path, default=None,
+                   help="synthetic set for the epochs, written once (default: TMP/cellpaint-bench-SIZE)")
+    p.add_argument("--cache", type=Path, default=None, help="decoded cache of --data (default: DATA-cache)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows (and the machine) as JSON here")
+    p.add_argument("--smoke-test-on-cpu", action="store_true",
+                   help="run every part tiny on the CPU to check this script (figures meaningless)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    smoke = args.smoke_test_on_cpu
+    if not smoke and not torch.cuda.is_available():
+        print(f"error: no CUDA device visible (torch {torch.__version__}, CUDA build {torch.version.cuda}): "
+              f"this benchmark measures a GPU; nothing was run", file=sys.stderr)
+        return 2
+    if smoke:  # tiny and on the CPU: every code path, no meaningful figure
+        args.size, args.batch, args.steps, args.warmup, args.classes = 32, 2, 1, 1, 10
+        args.no_compile, args.epoch_samples, args.workers = True, 4, 1
+    device = torch.device("cpu" if smoke else "cuda")
+    args.data = args.data or Path(tempfile.gettempdir()) / f"cellpaint-bench-{args.size}"
+    sizes = Sizes(args.size, args.batch, args.classes, args.steps, args.warmup)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        name = torch.cuda.get_device_name(device)
+        free, total = torch.cuda.mem_get_info(device)
+        card = f"{torch.cuda.get_device_name(device)}, {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB free"
     else:
-        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"{args.backbone}, {args.size} px, batch {args.batch}, {args.classes} classes on {name}, torch {torch.__version__}")
-    print(f"{'precision':<10}{'channels_last':>14}{'train img/s':>13}{'TTA-8 img/s':>13}{'peak GiB':>10}")
+        free, card = None, f"CPU ({platform.processor() or platform.machine()}) - smoke test, figures meaningless"
+    choice = autoselect.choose_backbone(device.type, "fp16", args.batch, (args.size, args.size), free)
+    channels_last = autoselect.choose_channels_last(device.type, "fp16")
+    print(f"{card}; torch {torch.__version__}; {args.size} px, batch {args.batch}, {args.classes} classes")
+    print(f"auto on this card: {choice.backbone}, channels-last {'on' if channels_last else 'off'} ({choice.reason})")
+
+    precision = "fp16" if device.type == "cuda" else "fp32"  # CPU autocast only emulates: slow, and beside the point
+    settings = [Setting("original (1st place)", autoselect.LEAN, precision, False),
+                Setting("ours (auto)", choice.backbone, precision, channels_last)]
+    if not args.no_compile:
+        settings.append(Setting("ours + compile", choice.backbone, precision, channels_last, compile=True))
+    settings += [Setting("ours, --also", name, precision, channels_last) for name in filter(None, args.also.split(","))]
+
+    header = (f"| settings | backbone | precision | channels-last | compile | train img/s | TTA-8 img/s | "
+              f"peak GiB | warm-up s (train) |")
+    print("\n" + header)
+    print("|" + "---|" * (header.count("|") - 1))
     rows = []
-    for precision in args.precisions.split(","):
-        if device.type == "cpu" and precision == "fp16":
-            continue  # fp16 autocast is a GPU feature; on the CPU it would only measure emulation
-        for channels_last in (False, True):
-            r = measure(args, device, precision, channels_last)
-            rows.append(r)
-            print(f"{precision:<10}{str(channels_last):>14}{r['train_img_s']:>13.1f}{r['infer_tta8_img_s']:>13.1f}"
-                  f"{r['peak_mem_gib']:>10.2f}", flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()  # the next configuration's peak starts from nothing
+    for s in settings:
+        r = measure(s, sizes, device)
+        rows.append(r)
+        peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        print(f"| {s.label} | {s.backbone} | {s.precision} | {'yes' if s.channels_last else 'no'} | "
+              f"{'yes' if s.compile else 'no'} | {r['train_img_s']:.1f} | {r['infer_tta8_img_s']:.1f} | {peak} | "
+              f"{r['train_warmup_s']:.1f} |", flush=True)
+
+    epochs = []
+    if not args.no_epoch:
+        cache = args.cache or args.data.with_name(args.data.name + "-cache")
+        ensure_data(args.data, cache, args.size, args.workers)
+        ours = settings[1]
+        print(f"\nwhole training epoch, {ours.backbone}, {ours.precision}, channels-last "
+              f"{'on' if ours.channels_last else 'off'}, batch {args.batch}, {args.epoch_samples} samples "
+              f"({args.size} px sites repeated); {os.cpu_count()} cores")
+        print("| input | samples | seconds | img/s | GPU busy % |\n|---|---|---|---|---|")
+        work = Path(tempfile.mkdtemp(prefix="cellpaint-epoch-"))
+        try:
+            for source in (None, cache):
+                e = epoch(args.data, source, ours, args.batch, args.workers, args.epoch_samples, device, work)
+                epochs.append(e)
+                busy = "-" if e["gpu_busy_pct"] is None else f"{e['gpu_busy_pct']:.0f}"
+                print(f"| {e['input']} | {e['samples']} | {e['seconds']:.1f} | {e['img_s']:.1f} | {busy} |", flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "backbone": args.backbone,
-                                         "size": args.size, "batch": args.batch, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"device": card, "torch": torch.__version__, "size": args.size,
+                                         "batch": args.batch, "auto": asdict(choice), "rows": rows,
+                                         "epochs": epochs}, indent=1))
     return 0
 
 

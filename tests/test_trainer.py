@@ -229,7 +229,9 @@ def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained, caplog
 
 
 def test_layer_wise_learning_rates(tmp_path):
-    args = main.parse_args(["--save", str(tmp_path / "x"), "--backbone-lr-mult", "0.1", "--lr", "const,1e-3"])
+    # built straight from the arguments: a real name, as main's modes resolve --backbone auto first
+    args = main.parse_args(["--save", str(tmp_path / "x"), "--backbone-lr-mult", "0.1", "--lr", "const,1e-3",
+                            "--backbone", "mem-densenet161"])
     model = main.build_model(args, 11, 4, "none")
     optimizer = main.make_optimizer(args, model)
     backbone, head = optimizer.param_groups
