@@ -242,7 +242,7 @@ def test_first_place_args_file(monkeypatch):
     assert (args.epochs, args.pl_epoch, args.lr, args.pl_size_func.text, args.cv_number) == (
         130, 90, LRSchedule.parse("cosine,1.5e-4,90,6e-5,150,0"), "0.6*x+0.4", -1)
     assert (args.backbone, args.head, args.loss, args.batch_size, args.gradient_accumulation) == (
-        "mem-densenet161", "neck", "ce", 24, 2)
+        "auto", "neck", "ce", 24, 2)  # auto: densenet161 or its memory-efficient twin, same weights
 
 
 def test_41st_place_args_files(monkeypatch):
