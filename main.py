@@ -29,8 +29,9 @@ import dataset
 import distributed
 import metadata
 import pseudo
+import runconfig
 from atomic import atomic_write
-from checkpoints import (ARCHITECTURE, CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
+from checkpoints import (CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
                          save_checkpoint)
 from engine import (Data, amp_dtype, augment_from_args, build_model, evaluate, infer, load_data, make_dataset,
                     make_loader, make_optimizer, prepare_model, train_one_epoch)
@@ -126,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: fp16 on CUDA when --fp16, else fp32")
     g.add_argument("--seed", type=int, default=None, help="global seed (random and logged if not given)")
     g.add_argument("--start-epoch", type=int, default=0, help="first epoch when fine-tuning from --load")
-    g.add_argument("--resume", default=None, help="checkpoint to continue a run from exactly where it stopped")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue a run from exactly where it stopped, with its saved settings; "
+                        "only these flags may differ from the checkpoint's: "
+                        + ", ".join(map(runconfig.flag_name, runconfig.MAY_CHANGE)))
     g.add_argument("--max-bad-steps", type=int, default=50,
                    help="stop when the loss is not finite for this many steps in a row")
     g.add_argument("--disp-batches", type=int, default=50, help="log statistics every N batches")
@@ -171,12 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with what a checkpoint carries: `--resume` restores the run's saved
+    settings and `--load` its architecture (runconfig.py). A DataError (a missing or unreadable
+    checkpoint, a flag that contradicts it) is main()'s to report in one line."""
     p = build_parser()
     args = p.parse_args(argv)
+    args.given = runconfig.given_dests(build_parser(), argv)
     if args.mode == "train" and not (args.save or args.resume):
         p.error("training needs --save PATH (or --resume CKPT)")
     if args.mode in ("val", "predict") and not args.load:
         p.error(f"--mode {args.mode} needs --load CKPT")
+    if args.resume and args.mode == "train":
+        args.resume_state = load_checkpoint(args.resume)
+        if "optimizer" not in args.resume_state:
+            raise metadata.DataError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
+        runconfig.restore_run(p, args, args.resume_state, args.resume)
+    elif args.load:
+        args.load_state = load_checkpoint(args.load)
+        runconfig.take_architecture(p, args, args.load_state, args.load)
     if args.resume and not args.save:
         args.save = re.sub(r"\.\d+$", "", args.resume)
     for name in ("epochs", "batch_size", "gradient_accumulation", "folds", "disp_batches", "tta", "max_bad_steps"):
@@ -211,10 +227,9 @@ def train(args) -> None:
     dtype = amp_dtype(args, device)
     torch.manual_seed(args.seed)
     data = load_data(args)
-    resume = load_checkpoint(args.resume) if args.resume else None
-    if resume is not None and "optimizer" not in resume:
-        raise metadata.DataError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
-    fine_tune = load_checkpoint(args.load) if args.load and not resume else None
+    # loaded and checked by parse_args; dropped from args so the optimizer state is not kept twice
+    resume = vars(args).pop("resume_state", None)
+    fine_tune = vars(args).pop("load_state", None) if not resume else None
     pretrained = "none" if (resume or fine_tune) else args.pretrained
     model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), pretrained).to(device)
     optimizer = make_optimizer(args, model)
@@ -229,6 +244,7 @@ def train(args) -> None:
     elif fine_tune is not None:
         restore_weights(model, fine_tune, args.load)
     check_classes(args, data, resume or fine_tune)
+    fingerprint = check_data_set(args, data, resume or fine_tune)
     runner = prepare_model(args, model, device)
 
     guard = {"bad_steps": 0}
@@ -251,7 +267,8 @@ def train(args) -> None:
                                                  for k, v in metrics.items()))
         checkpoint = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scaler": scaler.state_dict(), "args": checkpoint_args(args),
-                      "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types)}
+                      "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types),
+                      "data_fingerprint": fingerprint}
         acc = metrics.get("acc", epoch)  # without validation the latest epoch counts as the best
         is_best = acc > state["best_acc"]
         state["best_acc"] = max(acc, state["best_acc"])
@@ -275,19 +292,34 @@ def check_classes(args, data: Data, state: dict | None) -> None:
                                  f"{data.structure.n_classes} (see --classes)")
 
 
+def check_data_set(args, data: Data, state: dict | None) -> str:
+    """The data set's fingerprint; a checkpoint made on another data set is refused on --resume (its
+    pseudo-labels and history name wells of that one) and named on --load (fine-tuning or
+    predicting elsewhere is legitimate, but should not pass unnoticed)."""
+    fingerprint = metadata.fingerprint(data.table)
+    made_on = (state or {}).get("data_fingerprint")
+    if made_on and made_on != fingerprint:
+        where = (state.get("args") or {}).get("data", "?")
+        if args.resume:
+            raise metadata.DataError(f"--resume {args.resume} was trained on another data set ({where}, fingerprint "
+                                     f"{made_on}) than --data {args.data} (fingerprint {fingerprint}); its "
+                                     "pseudo-labels and history belong to that one: start a new run with --load")
+        log.warning("--load %s was trained on another data set (%s, fingerprint %s) than --data %s (fingerprint %s)",
+                    args.load, where, made_on, args.data, fingerprint)
+    return fingerprint
+
+
 def write_metrics(path: str, history: list[dict]) -> None:
     with atomic_write(path, "w") as f:
         pd.DataFrame(history).to_csv(f, index=False)
 
 
 def load_for_inference(args) -> tuple[Data, CellClassifier, torch.device, torch.dtype | None]:
-    state = load_checkpoint(args.load)
-    for name in ARCHITECTURE:  # a checkpoint knows its own architecture: take it from there
-        if name in state.get("args", {}):
-            setattr(args, name, state["args"][name])
+    state = vars(args).pop("load_state", None) or load_checkpoint(args.load)  # its architecture is in args already
     device = torch.device(args.device)  # resolved by main(): cuda:LOCAL_RANK under torchrun
     data = load_data(args)
     check_classes(args, data, state)
+    check_data_set(args, data, state)
     model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), "none")
     restore_weights(model, state, args.load)
     return data, prepare_model(args, model.to(device), device), device, amp_dtype(args, device)
@@ -371,7 +403,13 @@ def setup_logging(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except metadata.DataError as e:  # the checkpoint of --resume/--load: missing, unreadable, or contradicted
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, runconfig.FlagError) else 1
     if args.mode == "check":
         return check.report(check.check_data(args.data, args.classes, workers=args.num_data_workers))
     threads = torch.get_num_threads()  # restored at the end: runs in one process (demo, tests) stay independent

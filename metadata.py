@@ -16,6 +16,7 @@ The table has one row per site (or per well, from `load_wells`), with the column
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -193,6 +194,16 @@ def load_table(data_dir: Path, test_labels_for_training: bool = False) -> pd.Dat
 def wells_of(table: pd.DataFrame) -> pd.DataFrame:
     """The per-well view of a per-site table (first site of each well)."""
     return table.drop_duplicates("id_code")[WELL_COLUMNS].reset_index(drop=True)
+
+
+def fingerprint(table: pd.DataFrame) -> str:
+    """A short hash of what identifies a data set: its wells, their splits, types and labels (not
+    its path, which may move, nor its images). Checkpoints carry it so that a run is not continued
+    on another data set by mistake."""
+    wells = wells_of(table) if "site" in table else table
+    key = wells.sort_values("id_code")[["id_code", "split", "well_type", "sirna_true"]]
+    text = key.to_csv(index=False).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
 
 
 def sum_sites(rows: pd.DataFrame, site_values: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
