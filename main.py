@@ -386,20 +386,23 @@ def setup_logging(args) -> None:
     path = {"train": f"{args.save}.log", "predict": f"{args.load}.output.log"}.get(args.mode)
     if not args.world.main:
         path = None  # one log per run: the other processes only report warnings, on stderr
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(path, mode="a" if args.resume else "w"))
-    rank = f" [rank {args.world.rank}]" if args.world.distributed else ""
+    set_log_handlers(handlers, f" [rank {args.world.rank}]" if args.world.distributed else "")
+    log.setLevel(logging.INFO if args.world.main else logging.WARNING)
+    log.info("arguments: %s", checkpoint_args(args))
+
+
+def set_log_handlers(handlers: list[logging.Handler], rank: str = "") -> None:
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
     formatter = logging.Formatter("{asctime} {levelname}" + rank + ": {message}", style="{")
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
-    log.setLevel(logging.INFO if args.world.main else logging.WARNING)
-    log.info("arguments: %s", checkpoint_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     except metadata.DataError as e:  # the checkpoint of --resume/--load: missing, unreadable, or contradicted
         if "--debug" in (sys.argv[1:] if argv is None else argv):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        set_log_handlers([logging.StreamHandler(sys.stderr)])  # not a previous run's log file (demo, tests)
+        log.error("%s", e)
         return 2 if isinstance(e, runconfig.FlagError) else 1
     if args.mode == "check":
         return check.report(check.check_data(args.data, args.classes, workers=args.num_data_workers))

@@ -65,12 +65,18 @@ def read_csv(path: Path, required: list[str]) -> pd.DataFrame:
 
 
 def _as_int(series: pd.Series, path: Path, column: str, fill: int | None = None) -> pd.Series:
+    """A column of integers, strictly: 3.7 is refused, not cut to 3 (a decimal plate or label would
+    silently change the plate-group structure). The error names the file, line and column."""
     values = pd.to_numeric(series, errors="coerce")
     if fill is not None:
         values = values.fillna(fill)
-    if values.isna().any():
-        bad = series[values.isna()].iloc[0]
-        raise DataError(f"{path}: column {column} has a non-integer value {bad!r}")
+    with np.errstate(invalid="ignore"):
+        bad = values.isna() | ~np.isfinite(values) | (values != np.round(values))
+    if bad.any():
+        i = bad.to_numpy().argmax()
+        # line numbers as an editor shows them: the header is line 1 (the index is the file's row order)
+        shown = "an empty value" if pd.isna(series.iloc[i]) else repr(str(series.iloc[i]))
+        raise DataError(f"{path} line {int(series.index[i]) + 2}, column {column}: {shown} is not an integer")
     return values.astype(np.int64)
 
 
@@ -269,6 +275,16 @@ def _plate_components(plates: list[np.ndarray], n: int) -> np.ndarray:
     return np.array([find(i) for i in range(n)])
 
 
+def _spans(values: np.ndarray, limit: int = 3) -> str:
+    """Sorted integers as ranges: '24..998', '5, 9..11'."""
+    spans, start = [], values[0]
+    for a, b in zip(values, list(values[1:]) + [None]):
+        if b is None or b != a + 1:
+            spans.append(f"{start}..{a}" if a != start else f"{a}")
+            start = b
+    return ", ".join(spans[:limit]) + (", ..." if len(spans) > limit else "")
+
+
 def derive_structure(table: pd.DataFrame, n_classes: int | None = None) -> Structure:
     """Class count, treatment/control classes and plate groups, from the labels training may use."""
     wells = wells_of(table) if "site" in table else table
@@ -278,6 +294,19 @@ def derive_structure(table: pd.DataFrame, n_classes: int | None = None) -> Struc
     derived = int(max(wells["sirna"].max(), wells["sirna_true"].max())) + 1
     if n_classes is not None and n_classes < derived:
         raise DataError(f"--classes {n_classes} is smaller than the {derived} classes in the metadata")
+    if n_classes is None:
+        # the class count is derived as the largest label + 1, so a typo (999 among 24 classes) would
+        # make classes no well has: in the real data every class, treatment or control, is in some well
+        labels = pd.concat([wells.loc[wells["sirna"] >= 0, ["id_code", "split", "sirna"]],
+                            wells.loc[wells["sirna_true"] >= 0, ["id_code", "split", "sirna_true"]]
+                            .rename(columns={"sirna_true": "sirna"})])
+        empty = np.setdiff1d(np.arange(derived), labels["sirna"].unique())
+        if empty.size:
+            above = labels[labels["sirna"] > empty[0]].sort_values("sirna", ascending=False)
+            top = above.iloc[0]
+            raise DataError(f"labels leave {empty.size} class(es) without any well ({_spans(empty)}): is label "
+                            f"{top.sirna} of {top.split} well {top.id_code} a typo? ({above['id_code'].nunique()} "
+                            f"well(s) above the gap; --classes N allows classes that no well has)")
     treat = known[known["well_type"] == TREATMENT]
     treatment_classes = np.sort(treat["sirna"].unique())
     control_classes = np.sort(known.loc[known["well_type"] != TREATMENT, "sirna"].unique())

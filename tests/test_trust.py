@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import main
+from check import check_data
 import runconfig
 from synthetic import SyntheticConfig, generate
 from tests.conftest import TINY, run
@@ -77,7 +78,7 @@ def test_fine_tune_command_works_without_the_architecture_flags(trained, tiny_co
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", f"{save}.0", "--backbone", "resnet18",
                *WHERE) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line == (f"error: --backbone resnet18 contradicts --load {save}.0, which was made with --backbone "
+    assert line.endswith(f"ERROR: --backbone resnet18 contradicts --load {save}.0, which was made with --backbone "
                     "smallcnn; leave the flag out: --load takes the architecture from the checkpoint")
     assert not (tmp_path / "ft.0.output").exists()
 
@@ -94,3 +95,50 @@ def test_resume_on_another_data_set_is_refused_and_load_names_it(trained, other_
     caplog.clear()
     assert run("--mode", "val", "--data", other_data, "--load", f"{trained}.0", *WHERE) == 0
     assert f"--load {trained}.0 was trained on another data set" in caplog.text
+
+
+# ------------------------------------------------------------------- 1. strict integers, derived structure
+
+
+def copy_data(tiny_competition, tmp_path):
+    data = tmp_path / "d"
+    shutil.copytree(tiny_competition[0], data)
+    return data
+
+
+@pytest.mark.parametrize("name, column, value", [("train.csv", "sirna", 3.7), ("train.csv", "plate", 1.9),
+                                                 ("test_controls.csv", "sirna", "x")])
+def test_a_decimal_label_or_plate_is_refused_with_its_line(tiny_competition, tmp_path, capsys, caplog,
+                                                           name, column, value):
+    data = copy_data(tiny_competition, tmp_path)
+    lines = (data / name).read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[3].split(",")
+    row[header.index(column)] = str(value)
+    lines[3] = ",".join(row)
+    (data / name).write_text("\n".join(lines) + "\n")
+    bad_png = sorted((data / "train" / "HEPG2-01" / "Plate1").glob("*_w2.png"))[0]
+    bad_png.write_bytes(b"")
+    assert run("--mode", "check", "--data", data, "--num-data-workers", 0) == 1
+    out = capsys.readouterr().out
+    message = f"{data / name} line 4, column {column}: '{value}' is not an integer"
+    assert message in out and "data set OK" not in out
+    assert f"corrupt image: {bad_png}" in out  # the images are checked after a metadata problem too
+    assert run("--data", data, "--save", tmp_path / "x", "-e", 1, *WHERE) == 1
+    assert message in caplog.text and not list(tmp_path.glob("x.*[0-9]"))
+
+
+def test_a_label_far_beyond_the_others_is_refused(tiny_competition, tmp_path, capsys, caplog):
+    data = copy_data(tiny_competition, tmp_path)
+    train = (data / "train.csv").read_text().splitlines()
+    row = train[5].split(",")
+    row[-1] = "999"
+    train[5] = ",".join(row)
+    (data / "train.csv").write_text("\n".join(train) + "\n")
+    assert run("--mode", "check", "--data", data, "--num-data-workers", 0) == 1
+    message = f"labels leave 988 class(es) without any well (11..998): is label 999 of train well {row[0]} a typo?"
+    assert message in capsys.readouterr().out
+    assert run("--data", data, "--save", tmp_path / "x", "-e", 1, *WHERE) == 1
+    assert message in caplog.text and not list(tmp_path.glob("x.*[0-9]"))
+    # a user who means it says so
+    assert "labels leave" not in str(check_data(data, 1000, images=False))
