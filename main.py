@@ -13,6 +13,7 @@ is the command line and the modes; engine.py holds the data, model and loop mach
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -30,6 +31,7 @@ import distributed
 import metadata
 import pseudo
 import runconfig
+import runlock
 from atomic import atomic_write
 from checkpoints import (CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
                          save_checkpoint)
@@ -195,6 +197,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         runconfig.take_architecture(p, args, args.load_state, args.load)
     if args.resume and not args.save:
         args.save = re.sub(r"\.\d+$", "", args.resume)
+    if args.mode == "train" and (args.save.endswith(os.sep) or Path(args.save).is_dir()):
+        # outputs are <save>.<epoch>, <save>.log, ...: a directory would hide them as DIR/.0 or fail to hold <save>
+        raise runconfig.FlagError(f"--save {args.save} names a directory; give a path prefix in it, "
+                                  f"e.g. --save {os.path.join(args.save, 'net')}")
+    if args.num_data_workers < 0 or (args.threads is not None and args.threads < 1):
+        p.error(f"--num-data-workers must be >= 0 and --threads >= 1, got {args.num_data_workers} and {args.threads}")
     for name in ("epochs", "batch_size", "gradient_accumulation", "folds", "disp_batches", "tta", "max_bad_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -249,6 +257,7 @@ def train(args) -> None:
 
     guard = {"bad_steps": 0}
     for epoch in range(state["epoch"] + 1, args.epochs):
+        args.epoch_now = epoch  # for the message of an interruption
         if args.pl_epoch is not None and epoch >= args.pl_epoch:
             new = pseudo.pseudo_label_epoch(args, epoch, runner, data, state["pseudo_labels"],
                                             lambda rows: infer(args, runner, make_dataset(args, data, rows, False),
@@ -383,7 +392,8 @@ def setup_logging(args) -> None:
     Handlers go on the project's logger (not the root), replaced on each call, so that several
     runs in one process (demo.py, tests) each write their own file.
     """
-    path = {"train": f"{args.save}.log", "predict": f"{args.load}.output.log"}.get(args.mode)
+    # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
+    path = {"train": f"{args.save}.log", "predict": f"{args.load}.output{args.pred_suffix}.log"}.get(args.mode)
     if not args.world.main:
         path = None  # one log per run: the other processes only report warnings, on stderr
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -426,18 +436,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.device = str(device)
-    setup_logging(args)
     try:
-        {"train": train, "val": validate, "predict": predict}[args.mode](args)
-    except (metadata.DataError, FloatingPointError, PretrainedUnavailable) as e:
+        with contextlib.ExitStack() as stack:
+            if args.world.main and args.mode in ("train", "predict"):
+                # one run per output: a second would interleave the log and overwrite checkpoints
+                target = (args.save, f"--save {args.save}") if args.mode == "train" else \
+                    (f"{args.load}.output{args.pred_suffix}", f"the prediction file {args.load}.output{args.pred_suffix}")
+                Path(target[0]).parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(runlock.hold(f"{target[0]}.lock", target[1]))
+            setup_logging(args)
+            {"train": train, "val": validate, "predict": predict}[args.mode](args)
+    except (metadata.DataError, FloatingPointError, PretrainedUnavailable, OSError) as e:
         if args.debug:
             raise
-        log.error("%s", e)
+        log.error("%s", one_line(e))
         return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        log.error("%s", interrupted(args))
+        return 130
     finally:
         distributed.shutdown()
         torch.set_num_threads(threads)
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    """An expected failure as one line. A loader worker's error comes back wrapped in the worker's
+    traceback (torch re-raises it with the traceback as the message): keep only its last line."""
+    if isinstance(e, OSError) and e.filename:  # a read-only directory, a full disk, ...
+        return f"cannot write {e.filename}: {e.strerror}"
+    text = str(e)
+    if "Original Traceback" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", text)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def interrupted(args) -> str:
+    """What Ctrl-C stopped, and how to go on from the newest complete checkpoint."""
+    if args.mode != "train":
+        return f"interrupted: --mode {args.mode} wrote nothing; run the same command again"
+    epoch = getattr(args, "epoch_now", None)
+    if epoch is None:
+        return "interrupted before the first epoch; nothing was written but the log"
+    done = [k for k in range(epoch, -1, -1) if Path(f"{args.save}.{k}").is_file()]
+    if not done:
+        return f"interrupted in epoch {epoch}, before its checkpoint; start the run again"
+    return f"interrupted in epoch {epoch}; continue with --resume {args.save}.{done[0]}"
 
 
 if __name__ == "__main__":

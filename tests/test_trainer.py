@@ -173,7 +173,7 @@ def test_predict_writes_the_pickle_structure(trained, tiny_competition):
     train = subsets["train"]
     labelled = train[(train["well_type"] == "treatment") & (train["split"] == "train")]
     assert set(emb["train"]) == set(labelled["id_code"]) and set(emb["val"]) == set(output["val"])
-    assert (trained.parent / "net.1.output.log").exists()
+    assert (trained.parent / "net.1.output_x.log").exists()
 
 
 def test_val_mode_reports_accuracy(trained, tiny_competition, caplog):

@@ -2,7 +2,13 @@
 --save, and every failure is one line with a non-zero exit status that loses nothing written before."""
 from __future__ import annotations
 
+import filecmp
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -10,8 +16,9 @@ import torch
 import main
 from check import check_data
 import runconfig
+import runlock
 from synthetic import SyntheticConfig, generate
-from tests.conftest import TINY, run
+from tests.conftest import ROOT, SMALL, TINY, run
 
 # what a user types to run somewhere: no setting of the model or of the run itself
 WHERE = ["--device", "cpu", "--num-data-workers", "0"]
@@ -142,3 +149,99 @@ def test_a_label_far_beyond_the_others_is_refused(tiny_competition, tmp_path, ca
     assert message in caplog.text and not list(tmp_path.glob("x.*[0-9]"))
     # a user who means it says so
     assert "labels leave" not in str(check_data(data, 1000, images=False))
+
+
+# ---------------------------------------------------------------------------------- 2. a run owns --save
+
+
+def test_a_second_run_on_the_same_save_is_refused_while_the_first_lives(trained, tiny_competition, tmp_path, caplog):
+    save = tmp_path / "net"
+    shutil.copy(f"{trained}.0", f"{save}.0")
+    (tmp_path / "net.log").write_text("the first run's log\n")
+    with runlock.hold(f"{save}.lock", f"--save {save}"):  # the first run, alive
+        assert run("--data", tiny_competition[0], "--save", save, "-e", 1, *SMALL) == 1
+        assert run("--data", tiny_competition[0], "--resume", f"{save}.0", *WHERE) == 1
+    assert f"--save {save} is in use by another run (pid {os.getpid()} on " in caplog.text
+    assert (tmp_path / "net.log").read_text() == "the first run's log\n"
+    assert filecmp.cmp(f"{trained}.0", f"{save}.0", shallow=False) and not (tmp_path / "net.1").exists()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tiny_competition, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import runlock, time, sys\n"
+                               f"with runlock.hold({str(tmp_path / 'net.lock')!r}, 'x'):\n"
+                               "    print('held', flush=True); time.sleep(600)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()  # kill -9: no clean-up, the lock file stays
+    holder.wait()
+    assert (tmp_path / "net.lock").exists()
+    assert run("--data", tiny_competition[0], "--save", tmp_path / "net", "-e", 1, "--cv-number", -1, *SMALL) == 0
+    assert (tmp_path / "net.0").exists() and not (tmp_path / "net.lock").exists()
+
+
+# ------------------------------------------------------------------ Ctrl-C, workers, --save, flags, checkpoints
+
+
+def test_ctrl_c_ends_with_one_line_and_the_resume_command(tiny_competition, tmp_path):
+    save = tmp_path / "net"
+    argv = [sys.executable, str(ROOT / "main.py"), "--data", str(tiny_competition[0]), "--save", str(save), "-e", "3",
+            "--cv-number", "-1", *SMALL, "--num-data-workers", "2", "--disp-batches", "1"]
+    # a terminal's Ctrl-C goes to the whole foreground process group: the loader workers too
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            (tmp_path / "net.log").exists() and "epoch 1 batch 2/" in (tmp_path / "net.log").read_text()):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1].endswith(f"ERROR: interrupted in epoch 1; continue with --resume {save}.0")
+    assert torch.load(f"{save}.0", weights_only=True)["epoch"] == 0 and not (tmp_path / "net.1").exists()
+
+
+def test_a_missing_png_with_loader_workers_is_one_line(tiny_competition, tmp_path, caplog):
+    data = copy_data(tiny_competition, tmp_path)
+    missing = sorted((data / "train" / "HEPG2-01" / "Plate1").glob("*_s1_w3.png"))[0]
+    missing.unlink()
+    assert run("--data", data, "--save", tmp_path / "x", "-e", 1, "--cv-number", -1, *SMALL,
+               "--num-data-workers", 2) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"missing image: {missing}"]
+
+
+@pytest.mark.parametrize("save", ["dir", "dir/"])
+def test_save_naming_a_directory_is_refused(tiny_competition, tmp_path, caplog, save):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "keep").write_text("mine")
+    assert run("--data", tiny_competition[0], "--save", f"{tmp_path}/{save}", *SMALL) == 2
+    assert f"--save {tmp_path}/{save} names a directory; give a path prefix in it, e.g. --save " in caplog.text
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["keep"]
+
+
+@pytest.mark.parametrize("flag, value", [("--num-data-workers", -1), ("--threads", -2)])
+def test_negative_workers_or_threads_are_refused(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main.parse_args(["--save", str(tmp_path / "x"), flag, str(value)])
+    assert e.value.code == 2 and "--num-data-workers must be >= 0 and --threads >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["predict", "val"])
+def test_an_empty_checkpoint_is_one_line(tiny_competition, tmp_path, caplog, mode):
+    (tmp_path / "c").write_bytes(b"")
+    assert run("--mode", mode, "--data", tiny_competition[0], "--load", tmp_path / "c", *WHERE) == 1
+    assert f"{tmp_path / 'c'} is not a readable checkpoint (an empty file)" in caplog.text
+    assert not (tmp_path / "c.output").exists()
+
+
+def test_a_read_only_output_directory_is_one_line(tiny_competition, tmp_path, caplog):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        assert run("--data", tiny_competition[0], "--save", tmp_path / "ro" / "net", *SMALL) == 1
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    assert f"cannot write {tmp_path / 'ro' / 'net.lock'}: Permission denied" in caplog.text
