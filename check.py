@@ -104,6 +104,8 @@ def _check_table(table, n_classes: int | None, problems: dict[str, list[str]]) -
     for code in table.loc[wrong_code, "id_code"].unique():
         problems["metadata"].append(f"{code}: id_code does not match experiment_plate_well")
     for key, wells in metadata.wells_of(table).groupby(["experiment", "plate"]):
+        if not (wells["well_type"] == metadata.TREATMENT).any():  # every plate of the real data holds one group
+            problems["labels"].append(f"{key[0]} plate {key[1]}: no treatment wells (only controls)")
         treated = wells[(wells["well_type"] == metadata.TREATMENT) & (wells["sirna"] >= 0)]
         repeated = treated["sirna"][treated["sirna"].duplicated()].unique()
         if repeated.size:

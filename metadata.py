@@ -152,6 +152,15 @@ def _finish(table: pd.DataFrame, keys: list[str], columns: list[str],
     duplicated = table.duplicated(keys)
     if duplicated.any():
         raise DataError(f"duplicate entry in the metadata: {table[duplicated].iloc[0][keys].tolist()}")
+    # prediction files and submissions are keyed by id_code: one code in two places (train and test,
+    # a treatment and a control row) would make one well's predictions overwrite another's
+    same_code = table.duplicated(["id_code"] + keys[4:], keep=False)
+    if same_code.any():
+        rows = table[same_code]
+        code = rows["id_code"].iloc[0]
+        places = rows.loc[rows["id_code"] == code, ["split", "well_type"]].drop_duplicates()
+        raise DataError(f"id_code {code} names {len(places)} wells ({', '.join(places['split'] + ' ' + places['well_type'])}); "
+                        f"{rows['id_code'].nunique()} id_code(s) are used more than once")
     return table[columns].reset_index(drop=True)
 
 
@@ -294,6 +303,9 @@ def derive_structure(table: pd.DataFrame, n_classes: int | None = None) -> Struc
     derived = int(max(wells["sirna"].max(), wells["sirna_true"].max())) + 1
     if n_classes is not None and n_classes < derived:
         raise DataError(f"--classes {n_classes} is smaller than the {derived} classes in the metadata")
+    if not ((known["well_type"] == TREATMENT) & (known["split"] == "train")).any():
+        raise DataError("the metadata has no labelled treatment wells in train: nothing to train on "
+                        "(an empty train.csv, or a metadata.csv without train treatment rows?)")
     if n_classes is None:
         # the class count is derived as the largest label + 1, so a typo (999 among 24 classes) would
         # make classes no well has: in the real data every class, treatment or control, is in some well
@@ -419,7 +431,8 @@ def apply_layout_matches(table: pd.DataFrame, matches: list[LayoutMatch]) -> pd.
     for m in matches:
         source = table[(table["experiment"] == m.train) & (table["well_type"] == TREATMENT)]
         labels = dict(zip(zip(source["plate"], source["well"]), source["sirna"]))
-        plates = sorted(source["plate"].unique().tolist())
+        # the plates the match was found on (controls included): a plate without treatment wells still counts
+        plates = sorted(table.loc[table["experiment"] == m.train, "plate"].unique().tolist())
         rows = table.index[(table["experiment"] == m.test) & (table["well_type"] == TREATMENT)]
         keys = [(m.source_plate(p, plates), w) for p, w in zip(table.loc[rows, "plate"], table.loc[rows, "well"])]
         found = np.array([labels.get(k, -1) for k in keys], dtype=np.int64)

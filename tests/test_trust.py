@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import filecmp
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 
+import engine
 import main
+import make_submission
 from check import check_data
 import runconfig
 import runlock
@@ -245,3 +249,57 @@ def test_a_read_only_output_directory_is_one_line(tiny_competition, tmp_path, ca
     finally:
         (tmp_path / "ro").chmod(0o755)
     assert f"cannot write {tmp_path / 'ro' / 'net.lock'}: Permission denied" in caplog.text
+
+
+# ------------------------------------------------------------- empty train.csv, a plate of controls, id_code twice
+
+
+def edit_csv(path, change):
+    table = pd.read_csv(path)
+    change(table).to_csv(path, index=False)
+
+
+def test_an_empty_train_csv_is_one_line(tiny_competition, tmp_path, capsys, caplog):
+    data = copy_data(tiny_competition, tmp_path)
+    edit_csv(data / "train.csv", lambda t: t.iloc[:0])
+    message = "the metadata has no labelled treatment wells in train: nothing to train on (an empty train.csv"
+    assert run("--mode", "check", "--data", data, "--num-data-workers", 0) == 1
+    assert message in capsys.readouterr().out
+    assert run("--data", data, "--save", tmp_path / "x", "-e", 1, *WHERE) == 1
+    assert message in caplog.text and not list(tmp_path.glob("x.*[0-9]"))
+
+
+def test_a_plate_without_treatment_wells_is_reported_and_loads(tiny_competition, tmp_path, capsys):
+    data = copy_data(tiny_competition, tmp_path)
+    # RPE-01 is the train twin of the planted layout coincidence: its matching used to fail on the gap
+    edit_csv(data / "train.csv", lambda t: t[~((t["experiment"] == "RPE-01") & (t["plate"] == 1))])
+    assert run("--mode", "check", "--data", data, "--num-data-workers", 0) == 1
+    assert "RPE-01 plate 1: no treatment wells (only controls)" in capsys.readouterr().out
+    data_of_run = engine.load_data(main.parse_args(["--data", str(data), "--save", str(tmp_path / "x"), *SMALL]))
+    assert data_of_run.structure.n_groups == 4
+
+
+def test_an_id_code_in_train_and_test_is_refused(tiny_competition, tmp_path, capsys, caplog):
+    data = copy_data(tiny_competition, tmp_path)
+    code = pd.read_csv(data / "train.csv")["id_code"][0]
+    edit_csv(data / "test.csv", lambda t: t.assign(id_code=[code] + t["id_code"].tolist()[1:]))
+    message = f"id_code {code} names 2 wells (test treatment, train treatment)"
+    assert run("--mode", "check", "--data", data, "--num-data-workers", 0) == 1
+    assert message in capsys.readouterr().out
+    assert run("--mode", "predict", "--data", data, "--load", f"{tiny_trained(tiny_competition, tmp_path)}",
+               *WHERE) == 1
+    assert message in caplog.text and not list(tmp_path.glob("*.output"))
+    with open(tmp_path / "fake.output", "wb") as f:
+        pickle.dump({"test": {}, "val": {}}, f)
+    capsys.readouterr()
+    assert make_submission.main(["--data", str(data), "-o", str(tmp_path / "sub.csv"),
+                                 str(tmp_path / "fake.output")]) == 2
+    assert one_error_line(capsys.readouterr().err) == f"error: {message}; 1 id_code(s) are used more than once"
+    assert not (tmp_path / "sub.csv").exists()
+
+
+def tiny_trained(tiny_competition, tmp_path):
+    """A checkpoint of one quick epoch (only its architecture matters here)."""
+    save = tmp_path / "w" / "net"
+    assert run("--data", tiny_competition[0], "--save", save, "-e", 1, "--cv-number", -1, *SMALL) == 0
+    return f"{save}.0"
