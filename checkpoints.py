@@ -7,6 +7,7 @@ values. `load_checkpoint` also accepts a bare state dict (for fine-tuning with -
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,8 +22,14 @@ ARCHITECTURE = ("backbone", "head_hidden", "concat_cell_type", "embedding_size",
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    with atomic_write(path) as f:
-        torch.save(state, f)
+    """Atomically: a full disk leaves the previous file in place and says so in one line."""
+    try:
+        with atomic_write(path) as f:
+            torch.save(state, f)
+    except RuntimeError as e:  # torch's zip writer reports a failed write (ENOSPC) as a RuntimeError
+        free = shutil.disk_usage(Path(path).parent).free
+        raise DataError(f"cannot write checkpoint {path} ({(str(e).splitlines() or [''])[0][:120]}; "
+                        f"{free / 2 ** 20:.0f} MiB free on its disk); the earlier checkpoints are intact") from None
 
 
 def load_checkpoint(path: str) -> dict:

@@ -451,6 +451,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         log.error("%s", one_line(e))
         return 1
+    except RuntimeError as e:
+        # the collate of a batch whose sites differ in size: a data problem that --mode check names
+        if args.debug or "stack expects each tensor to be equal size" not in str(e):
+            raise
+        log.error("the sites of a batch differ in size (%s); python main.py --mode check --data %s names the "
+                  "images", str(e).splitlines()[0], args.data)
+        return 1
     except KeyboardInterrupt:
         if args.debug:
             raise

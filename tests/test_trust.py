@@ -303,3 +303,36 @@ def tiny_trained(tiny_competition, tmp_path):
     save = tmp_path / "w" / "net"
     assert run("--data", tiny_competition[0], "--save", save, "-e", 1, "--cv-number", -1, *SMALL) == 0
     return f"{save}.0"
+
+
+# ------------------------------------------------------------------------- a site of another size, a full disk
+
+
+def test_a_site_of_another_size_is_one_line(tiny_competition, tmp_path, caplog):
+    from PIL import Image
+    data = copy_data(tiny_competition, tmp_path)
+    for png in (data / "train" / "HEPG2-01" / "Plate1").glob("B02_s1_w*.png"):
+        Image.new("L", (20, 20)).save(png)
+    assert run("--data", data, "--save", tmp_path / "x", "-e", 1, "--cv-number", -1, *SMALL) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("the sites of a batch differ in size (stack expects")
+    assert f"python main.py --mode check --data {data} names the images" in errors[0]
+
+
+def test_a_full_disk_keeps_the_earlier_checkpoints(tiny_competition, tmp_path, monkeypatch, caplog):
+    import checkpoints
+    real = torch.save
+    calls = {"n": 0}
+
+    def full_after_first_epoch(state, f):
+        calls["n"] += 1
+        if calls["n"] > 2:  # net.0 and net (the best) fit; then the disk is full
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1234 vs 1200")
+        real(state, f)
+    monkeypatch.setattr(checkpoints.torch, "save", full_after_first_epoch)
+    save = tmp_path / "net"
+    assert run("--data", tiny_competition[0], "--save", save, "-e", 2, "--cv-number", -1, *SMALL) == 1
+    assert f"cannot write checkpoint {save}.1 ([enforce fail at inline_container.cc:626]" in caplog.text
+    assert "the earlier checkpoints are intact" in caplog.text
+    assert torch.load(f"{save}.0", weights_only=True)["epoch"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net", "net.0", "net.log", "net.metrics.csv"]
