@@ -7,6 +7,7 @@ values. `load_checkpoint` also accepts a bare state dict (for fine-tuning with -
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,19 +22,27 @@ ARCHITECTURE = ("backbone", "head_hidden", "concat_cell_type", "embedding_size",
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    with atomic_write(path) as f:
-        torch.save(state, f)
+    """Atomically: a full disk leaves the previous file in place and says so in one line."""
+    try:
+        with atomic_write(path) as f:
+            torch.save(state, f)
+    except RuntimeError as e:  # torch's zip writer reports a failed write (ENOSPC) as a RuntimeError
+        free = shutil.disk_usage(Path(path).parent).free
+        raise DataError(f"cannot write checkpoint {path} ({(str(e).splitlines() or [''])[0][:120]}; "
+                        f"{free / 2 ** 20:.0f} MiB free on its disk); the earlier checkpoints are intact") from None
 
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint dict (or bare state dict wrapped as one), loaded without unpickling code."""
     if not Path(path).is_file():
-        raise DataError(f"checkpoint not found: {path}")
+        raise DataError(f"checkpoint not found: {path}" + (" (a directory)" if Path(path).is_dir() else ""))
+    if Path(path).stat().st_size == 0:  # a save cut short by a full disk or a copy that failed
+        raise DataError(f"{path} is not a readable checkpoint (an empty file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
         raise DataError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
     if not isinstance(state, dict):
         raise DataError(f"{path} is not a checkpoint (holds a {type(state).__name__})")
     if state.get("format") == CHECKPOINT_FORMAT:
@@ -60,14 +69,25 @@ def restore_weights(model: torch.nn.Module, state: dict, path: str) -> None:
             f"{(result.missing_keys + result.unexpected_keys)[0]}; {hint})")
 
 
+# attributes main.py hangs on the parsed arguments that are not arguments: never saved
+RUNTIME = ("world", "given", "resume_state", "load_state", "epoch_now")
+
+
+def plain_value(v):
+    """An argument as a plain value (str, number, bool, list or None); None if it has no plain form."""
+    if isinstance(v, (LRGroups, LRSchedule, SizeFunction, Path)):
+        v = getattr(v, "text", None) or str(v)
+    v = list(v) if isinstance(v, tuple) else v
+    return v if v is None or isinstance(v, (str, int, float, bool, list)) else None
+
+
 def checkpoint_args(args) -> dict:
     """The run's arguments as plain values (a checkpoint must load with weights_only=True);
     run-time objects that are not arguments (the process group's `world`) are left out."""
     out = {}
     for k, v in vars(args).items():
-        if isinstance(v, (LRGroups, LRSchedule, SizeFunction, Path)):
-            v = getattr(v, "text", None) or str(v)
-        v = list(v) if isinstance(v, tuple) else v
-        if v is None or isinstance(v, (str, int, float, bool, list)):
-            out[k] = v
+        if k in RUNTIME:
+            continue
+        if v is None or plain_value(v) is not None:
+            out[k] = plain_value(v)
     return out

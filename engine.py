@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,9 @@ def make_loader(args, ds: dataset.SiteDataset, epoch: int | None = None) -> Data
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode PNGs; many threads each would only fight over cores
+    # Ctrl-C reaches the whole process group: the main process stops the run (one line, exit 130)
+    # and shuts the workers down; each worker's own KeyboardInterrupt traceback would bury that line
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------- model, state

@@ -13,6 +13,7 @@ is the command line and the modes; engine.py holds the data, model and loop mach
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -31,8 +32,10 @@ import dataset
 import distributed
 import metadata
 import pseudo
+import runconfig
+import runlock
 from atomic import atomic_write
-from checkpoints import (ARCHITECTURE, CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
+from checkpoints import (CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
                          save_checkpoint)
 from augment import BC_SPACES, FLIP_SETS, ROTATE_BORDERS
 from engine import (Data, amp_dtype, augment_from_args, build_model, evaluate, infer, load_data, loss_classes,
@@ -200,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: fp16 on CUDA when --fp16, else fp32")
     g.add_argument("--seed", type=int, default=None, help="global seed (random and logged if not given)")
     g.add_argument("--start-epoch", type=int, default=0, help="first epoch when fine-tuning from --load")
-    g.add_argument("--resume", default=None, help="checkpoint to continue a run from exactly where it stopped")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue a run from exactly where it stopped, with its saved settings; "
+                        "only these flags may differ from the checkpoint's: "
+                        + ", ".join(map(runconfig.flag_name, runconfig.MAY_CHANGE)))
     g.add_argument("--max-bad-steps", type=int, default=50,
                    help="stop when the loss is not finite for this many steps in a row")
     g.add_argument("--disp-batches", type=int, default=50, help="log statistics every N batches")
@@ -280,14 +286,32 @@ def check_recipe_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with what a checkpoint carries: `--resume` restores the run's saved
+    settings and `--load` its architecture (runconfig.py). A DataError (a missing or unreadable
+    checkpoint, a flag that contradicts it) is main()'s to report in one line."""
     p = build_parser()
     args = p.parse_args(argv)
+    args.given = runconfig.given_dests(build_parser(), argv)
     if args.mode == "train" and not (args.save or args.resume):
         p.error("training needs --save PATH (or --resume CKPT)")
     if args.mode in ("val", "predict") and not args.load:
         p.error(f"--mode {args.mode} needs --load CKPT")
+    if args.resume and args.mode == "train":
+        args.resume_state = load_checkpoint(args.resume)
+        if "optimizer" not in args.resume_state:
+            raise metadata.DataError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
+        runconfig.restore_run(p, args, args.resume_state, args.resume)
+    elif args.load:
+        args.load_state = load_checkpoint(args.load)
+        runconfig.take_architecture(p, args, args.load_state, args.load)
     if args.resume and not args.save:
         args.save = re.sub(r"\.\d+$", "", args.resume)
+    if args.mode == "train" and (args.save.endswith(os.sep) or Path(args.save).is_dir()):
+        # outputs are <save>.<epoch>, <save>.log, ...: a directory would hide them as DIR/.0 or fail to hold <save>
+        raise runconfig.FlagError(f"--save {args.save} names a directory; give a path prefix in it, "
+                                  f"e.g. --save {os.path.join(args.save, 'net')}")
+    if args.num_data_workers < 0 or (args.threads is not None and args.threads < 1):
+        p.error(f"--num-data-workers must be >= 0 and --threads >= 1, got {args.num_data_workers} and {args.threads}")
     for name in ("epochs", "batch_size", "gradient_accumulation", "folds", "disp_batches", "tta", "max_bad_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -324,10 +348,9 @@ def train(args) -> None:
     dtype = amp_dtype(args, device)
     torch.manual_seed(args.seed)
     data = load_data(args)
-    resume = load_checkpoint(args.resume) if args.resume else None
-    if resume is not None and "optimizer" not in resume:
-        raise metadata.DataError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
-    fine_tune = load_checkpoint(args.load) if args.load and not resume else None
+    # loaded and checked by parse_args; dropped from args so the optimizer state is not kept twice
+    resume = vars(args).pop("resume_state", None)
+    fine_tune = vars(args).pop("load_state", None) if not resume else None
     resolve_backbone(args, data, device, dtype, resume or fine_tune)  # before checkpoints record args
     pretrained = "none" if (resume or fine_tune) else args.pretrained
     model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), pretrained).to(device)
@@ -343,10 +366,12 @@ def train(args) -> None:
     elif fine_tune is not None:
         restore_weights(model, fine_tune, args.load)
     check_classes(args, data, resume or fine_tune)
+    fingerprint = check_data_set(args, data, resume or fine_tune)
     runner = prepare_model(args, model, device)
 
     guard = {"bad_steps": 0}
     for epoch in range(state["epoch"] + 1, args.epochs):
+        args.epoch_now = epoch  # for the message of an interruption
         if args.pl_epoch is not None and epoch >= args.pl_epoch:
             new = pseudo.pseudo_label_epoch(args, epoch, runner, data, state["pseudo_labels"],
                                             lambda rows: infer(args, runner, make_dataset(args, data, rows, False),
@@ -365,7 +390,8 @@ def train(args) -> None:
                                                  for k, v in metrics.items()))
         checkpoint = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scaler": scaler.state_dict(), "args": checkpoint_args(args),
-                      "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types)}
+                      "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types),
+                      "data_fingerprint": fingerprint}
         acc = metrics.get("acc", epoch)  # without validation the latest epoch counts as the best
         is_best = acc >= state["best_acc"]  # a tie goes to the later epoch, as in the 1st place's code
         state["best_acc"] = max(acc, state["best_acc"])
@@ -389,19 +415,34 @@ def check_classes(args, data: Data, state: dict | None) -> None:
                                  f"{data.structure.n_classes} (see --classes)")
 
 
+def check_data_set(args, data: Data, state: dict | None) -> str:
+    """The data set's fingerprint; a checkpoint made on another data set is refused on --resume (its
+    pseudo-labels and history name wells of that one) and named on --load (fine-tuning or
+    predicting elsewhere is legitimate, but should not pass unnoticed)."""
+    fingerprint = metadata.fingerprint(data.table)
+    made_on = (state or {}).get("data_fingerprint")
+    if made_on and made_on != fingerprint:
+        where = (state.get("args") or {}).get("data", "?")
+        if args.resume:
+            raise metadata.DataError(f"--resume {args.resume} was trained on another data set ({where}, fingerprint "
+                                     f"{made_on}) than --data {args.data} (fingerprint {fingerprint}); its "
+                                     "pseudo-labels and history belong to that one: start a new run with --load")
+        log.warning("--load %s was trained on another data set (%s, fingerprint %s) than --data %s (fingerprint %s)",
+                    args.load, where, made_on, args.data, fingerprint)
+    return fingerprint
+
+
 def write_metrics(path: str, history: list[dict]) -> None:
     with atomic_write(path, "w") as f:
         pd.DataFrame(history).to_csv(f, index=False)
 
 
 def load_for_inference(args) -> tuple[Data, CellClassifier, torch.device, torch.dtype | None]:
-    state = load_checkpoint(args.load)
-    for name in ARCHITECTURE:  # a checkpoint knows its own architecture: take it from there
-        if name in state.get("args", {}):
-            setattr(args, name, state["args"][name])
+    state = vars(args).pop("load_state", None) or load_checkpoint(args.load)  # its architecture is in args already
     device = torch.device(args.device)  # resolved by main(): cuda:LOCAL_RANK under torchrun
     data = load_data(args)
     check_classes(args, data, state)
+    check_data_set(args, data, state)
     resolve_backbone(args, data, device, amp_dtype(args, device), training=False)  # a bare weights file
     model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), "none")
     restore_weights(model, state, args.load)
@@ -466,27 +507,38 @@ def setup_logging(args) -> None:
     Handlers go on the project's logger (not the root), replaced on each call, so that several
     runs in one process (demo.py, tests) each write their own file.
     """
-    path = {"train": f"{args.save}.log", "predict": f"{args.load}.output.log"}.get(args.mode)
+    # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
+    path = {"train": f"{args.save}.log", "predict": f"{args.load}.output{args.pred_suffix}.log"}.get(args.mode)
     if not args.world.main:
         path = None  # one log per run: the other processes only report warnings, on stderr
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(path, mode="a" if args.resume else "w"))
-    rank = f" [rank {args.world.rank}]" if args.world.distributed else ""
-    formatter = logging.Formatter("{asctime} {levelname}" + rank + ": {message}", style="{")
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        log.addHandler(handler)
+    set_log_handlers(handlers, f" [rank {args.world.rank}]" if args.world.distributed else "")
     log.setLevel(logging.INFO if args.world.main else logging.WARNING)
     log.info("arguments: %s", checkpoint_args(args))
 
 
+def set_log_handlers(handlers: list[logging.Handler], rank: str = "") -> None:
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    formatter = logging.Formatter("{asctime} {levelname}" + rank + ": {message}", style="{")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except metadata.DataError as e:  # the checkpoint of --resume/--load: missing, unreadable, or contradicted
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        set_log_handlers([logging.StreamHandler(sys.stderr)])  # not a previous run's log file (demo, tests)
+        log.error("%s", e)
+        return 2 if isinstance(e, runconfig.FlagError) else 1
     if args.mode == "check":
         return check.report(check.check_data(args.data, args.classes, workers=args.num_data_workers))
     threads = torch.get_num_threads()  # restored at the end: runs in one process (demo, tests) stay independent
@@ -503,20 +555,65 @@ def main(argv: list[str] | None = None) -> int:
     if auto_channels_last:
         precision = precision_name(amp_dtype(args, device))
         args.channels_last = autoselect.choose_channels_last(device.type, precision)
-    setup_logging(args)
-    if auto_channels_last:
-        log.info("channels-last auto -> %s (%s, %s)", "on" if args.channels_last else "off", device.type, precision)
     try:
-        {"train": train, "val": validate, "predict": predict}[args.mode](args)
-    except (metadata.DataError, FloatingPointError, PretrainedUnavailable) as e:
+        with contextlib.ExitStack() as stack:
+            if args.world.main and args.mode in ("train", "predict"):
+                # one run per output: a second would interleave the log and overwrite checkpoints
+                target = (args.save, f"--save {args.save}") if args.mode == "train" else \
+                    (f"{args.load}.output{args.pred_suffix}", f"the prediction file {args.load}.output{args.pred_suffix}")
+                Path(target[0]).parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(runlock.hold(f"{target[0]}.lock", target[1]))
+            setup_logging(args)
+            if auto_channels_last:
+                log.info("channels-last auto -> %s (%s, %s)", "on" if args.channels_last else "off", device.type,
+                         precision)
+            {"train": train, "val": validate, "predict": predict}[args.mode](args)
+    except (metadata.DataError, FloatingPointError, PretrainedUnavailable, OSError) as e:
         if args.debug:
             raise
-        log.error("%s", e)
+        log.error("%s", one_line(e))
         return 1
+    except RuntimeError as e:
+        # the collate of a batch whose sites differ in size: a data problem that --mode check names
+        if args.debug or "stack expects each tensor to be equal size" not in str(e):
+            raise
+        log.error("the sites of a batch differ in size (%s); python main.py --mode check --data %s names the "
+                  "images", str(e).splitlines()[0], args.data)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        log.error("%s", interrupted(args))
+        return 130
     finally:
         distributed.shutdown()
         torch.set_num_threads(threads)
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    """An expected failure as one line. A loader worker's error comes back wrapped in the worker's
+    traceback (torch re-raises it with the traceback as the message): keep only its last line."""
+    if isinstance(e, OSError) and e.filename:  # a read-only directory, a full disk, ...
+        return f"cannot write {e.filename}: {e.strerror}"
+    text = str(e)
+    if "Original Traceback" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", text)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def interrupted(args) -> str:
+    """What Ctrl-C stopped, and how to go on from the newest complete checkpoint."""
+    if args.mode != "train":
+        return f"interrupted: --mode {args.mode} wrote nothing; run the same command again"
+    epoch = getattr(args, "epoch_now", None)
+    if epoch is None:
+        return "interrupted before the first epoch; nothing was written but the log"
+    done = [k for k in range(epoch, -1, -1) if Path(f"{args.save}.{k}").is_file()]
+    if not done:
+        return f"interrupted in epoch {epoch}, before its checkpoint; start the run again"
+    return f"interrupted in epoch {epoch}; continue with --resume {args.save}.{done[0]}"
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ The table has one row per site (or per well, from `load_wells`), with the column
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -64,12 +65,18 @@ def read_csv(path: Path, required: list[str]) -> pd.DataFrame:
 
 
 def _as_int(series: pd.Series, path: Path, column: str, fill: int | None = None) -> pd.Series:
+    """A column of integers, strictly: 3.7 is refused, not cut to 3 (a decimal plate or label would
+    silently change the plate-group structure). The error names the file, line and column."""
     values = pd.to_numeric(series, errors="coerce")
     if fill is not None:
         values = values.fillna(fill)
-    if values.isna().any():
-        bad = series[values.isna()].iloc[0]
-        raise DataError(f"{path}: column {column} has a non-integer value {bad!r}")
+    with np.errstate(invalid="ignore"):
+        bad = values.isna() | ~np.isfinite(values) | (values != np.round(values))
+    if bad.any():
+        i = bad.to_numpy().argmax()
+        # line numbers as an editor shows them: the header is line 1 (the index is the file's row order)
+        shown = "an empty value" if pd.isna(series.iloc[i]) else repr(str(series.iloc[i]))
+        raise DataError(f"{path} line {int(series.index[i]) + 2}, column {column}: {shown} is not an integer")
     return values.astype(np.int64)
 
 
@@ -145,6 +152,15 @@ def _finish(table: pd.DataFrame, keys: list[str], columns: list[str],
     duplicated = table.duplicated(keys)
     if duplicated.any():
         raise DataError(f"duplicate entry in the metadata: {table[duplicated].iloc[0][keys].tolist()}")
+    # prediction files and submissions are keyed by id_code: one code in two places (train and test,
+    # a treatment and a control row) would make one well's predictions overwrite another's
+    same_code = table.duplicated(["id_code"] + keys[4:], keep=False)
+    if same_code.any():
+        rows = table[same_code]
+        code = rows["id_code"].iloc[0]
+        places = rows.loc[rows["id_code"] == code, ["split", "well_type"]].drop_duplicates()
+        raise DataError(f"id_code {code} names {len(places)} wells ({', '.join(places['split'] + ' ' + places['well_type'])}); "
+                        f"{rows['id_code'].nunique()} id_code(s) are used more than once")
     return table[columns].reset_index(drop=True)
 
 
@@ -193,6 +209,16 @@ def load_table(data_dir: Path, test_labels_for_training: bool = False) -> pd.Dat
 def wells_of(table: pd.DataFrame) -> pd.DataFrame:
     """The per-well view of a per-site table (first site of each well)."""
     return table.drop_duplicates("id_code")[WELL_COLUMNS].reset_index(drop=True)
+
+
+def fingerprint(table: pd.DataFrame) -> str:
+    """A short hash of what identifies a data set: its wells, their splits, types and labels (not
+    its path, which may move, nor its images). Checkpoints carry it so that a run is not continued
+    on another data set by mistake."""
+    wells = wells_of(table) if "site" in table else table
+    key = wells.sort_values("id_code")[["id_code", "split", "well_type", "sirna_true"]]
+    text = key.to_csv(index=False).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
 
 
 def sum_sites(rows: pd.DataFrame, site_values: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
@@ -258,6 +284,16 @@ def _plate_components(plates: list[np.ndarray], n: int) -> np.ndarray:
     return np.array([find(i) for i in range(n)])
 
 
+def _spans(values: np.ndarray, limit: int = 3) -> str:
+    """Sorted integers as ranges: '24..998', '5, 9..11'."""
+    spans, start = [], values[0]
+    for a, b in zip(values, list(values[1:]) + [None]):
+        if b is None or b != a + 1:
+            spans.append(f"{start}..{a}" if a != start else f"{a}")
+            start = b
+    return ", ".join(spans[:limit]) + (", ..." if len(spans) > limit else "")
+
+
 def derive_structure(table: pd.DataFrame, n_classes: int | None = None) -> Structure:
     """Class count, treatment/control classes and plate groups, from the labels training may use."""
     wells = wells_of(table) if "site" in table else table
@@ -267,6 +303,22 @@ def derive_structure(table: pd.DataFrame, n_classes: int | None = None) -> Struc
     derived = int(max(wells["sirna"].max(), wells["sirna_true"].max())) + 1
     if n_classes is not None and n_classes < derived:
         raise DataError(f"--classes {n_classes} is smaller than the {derived} classes in the metadata")
+    if not ((known["well_type"] == TREATMENT) & (known["split"] == "train")).any():
+        raise DataError("the metadata has no labelled treatment wells in train: nothing to train on "
+                        "(an empty train.csv, or a metadata.csv without train treatment rows?)")
+    if n_classes is None:
+        # the class count is derived as the largest label + 1, so a typo (999 among 24 classes) would
+        # make classes no well has: in the real data every class, treatment or control, is in some well
+        labels = pd.concat([wells.loc[wells["sirna"] >= 0, ["id_code", "split", "sirna"]],
+                            wells.loc[wells["sirna_true"] >= 0, ["id_code", "split", "sirna_true"]]
+                            .rename(columns={"sirna_true": "sirna"})])
+        empty = np.setdiff1d(np.arange(derived), labels["sirna"].unique())
+        if empty.size:
+            above = labels[labels["sirna"] > empty[0]].sort_values("sirna", ascending=False)
+            top = above.iloc[0]
+            raise DataError(f"labels leave {empty.size} class(es) without any well ({_spans(empty)}): is label "
+                            f"{top.sirna} of {top.split} well {top.id_code} a typo? ({above['id_code'].nunique()} "
+                            f"well(s) above the gap; --classes N allows classes that no well has)")
     treat = known[known["well_type"] == TREATMENT]
     treatment_classes = np.sort(treat["sirna"].unique())
     control_classes = np.sort(known.loc[known["well_type"] != TREATMENT, "sirna"].unique())
@@ -400,7 +452,8 @@ def apply_layout_matches(table: pd.DataFrame, matches: list[LayoutMatch]) -> pd.
     for m in matches:
         source = table[(table["experiment"] == m.train) & (table["well_type"] == TREATMENT)]
         labels = dict(zip(zip(source["plate"], source["well"]), source["sirna"]))
-        plates = sorted(source["plate"].unique().tolist())
+        # the plates the match was found on (controls included): a plate without treatment wells still counts
+        plates = sorted(table.loc[table["experiment"] == m.train, "plate"].unique().tolist())
         rows = table.index[(table["experiment"] == m.test) & (table["well_type"] == TREATMENT)]
         keys = [(m.source_plate(p, plates), w) for p, w in zip(table.loc[rows, "plate"], table.loc[rows, "well"])]
         found = np.array([labels.get(k, -1) for k in keys], dtype=np.int64)

@@ -184,7 +184,7 @@ def test_predict_writes_the_pickle_structure(trained, tiny_competition):
     train = subsets["train"]
     labelled = train[(train["well_type"] == "treatment") & (train["split"] == "train")]
     assert set(emb["train"]) == set(labelled["id_code"]) and set(emb["val"]) == set(output["val"])
-    assert (trained.parent / "net.1.output.log").exists()
+    assert (trained.parent / "net.1.output_x.log").exists()
 
 
 def test_val_mode_reports_accuracy(trained, tiny_competition, caplog):
@@ -205,7 +205,7 @@ def test_bad_flags_fail_with_a_clear_message(argv, message, capsys, tmp_path):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained, caplog):
+def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained, caplog, capsys):
     junk = tmp_path / "junk"
     junk.write_bytes(b"not a checkpoint")
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", junk, *SMALL) == 1
@@ -213,7 +213,14 @@ def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained, caplog
     state = torch.load(f"{trained}.1", weights_only=True)
     state["args"]["backbone"] = "resnet34"
     torch.save(state, tmp_path / "other")
-    assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "other", *SMALL) == 1
+    # --load takes the architecture from the checkpoint: typing another one is refused (exit 2) ...
+    assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "other", *SMALL) == 2
+    assert "--backbone smallcnn contradicts --load" in capsys.readouterr().err
+    # ... and weights that do not fit the architecture the checkpoint names are refused too
+    caplog.clear()
+    assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "other", "--device", "cpu",
+               "--num-data-workers", 0) == 1
+    assert "does not fit this model" in caplog.text and "made with --backbone resnet34" in caplog.text
     assert not (tmp_path / "other.output").exists()
     # a bare weights file for another class count: the same weight names with other shapes
     torch.save(state["model"], tmp_path / "bare")
@@ -224,7 +231,7 @@ def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained, caplog
     assert not (tmp_path / "bare.output").exists()
     caplog.clear()  # weights alone cannot continue a run: there is no optimizer state or epoch in them
     assert run("--data", tiny_competition[0], "--resume", tmp_path / "bare", "-e", 2, *SMALL) == 1
-    assert "a bare weights file cannot resume a run (use --load)" in caplog.text
+    assert "a bare weights file cannot resume a run (use --load)" in capsys.readouterr().err
     assert not (tmp_path / "bare.0").exists()
 
 
