@@ -203,7 +203,8 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_command(tiny_competition, tmp_
     # no worker prints its KeyboardInterrupt. (Rarely the main process's multiprocessing resource-sharer
     # thread still reports a connection a dying worker reset: torch's fd-passing, not handled here.)
     assert "KeyboardInterrupt" not in err
-    assert err.strip().splitlines()[-1].endswith(f"ERROR: interrupted in epoch 1; continue with --resume {save}.0")
+    errors = [line for line in err.splitlines() if " ERROR: " in line]
+    assert len(errors) == 1 and errors[0].endswith(f"ERROR: interrupted in epoch 1; continue with --resume {save}.0")
     assert torch.load(f"{save}.0", weights_only=True)["epoch"] == 0 and not (tmp_path / "net.1").exists()
 
 
