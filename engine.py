@@ -73,6 +73,10 @@ def load_data(args: argparse.Namespace) -> Data:
         # train, validate, pseudo-label and predict this cell type only; the model keeps its
         # full class and cell-type outputs so a general checkpoint loads unchanged
         subsets = {k: v[v["cell_type"] == args.finetune_cell_type].reset_index(drop=True) for k, v in subsets.items()}
+        if args.mode == "train" and subsets["val"].empty:
+            log.warning("--finetune-cell-type %s: the validation experiments hold none of its wells, so nothing "
+                        "is validated and the best checkpoint is simply the latest epoch (choose a fold with "
+                        "--cv-number or --val-experiments, or --val-last-experiment)", args.finetune_cell_type)
     log.info("data %s: %d sites, %d classes (%d treatment in %d plate groups), cell types %s; "
              "sites: train %d, val %d, test %d", args.data, len(table), structure.n_classes,
              len(structure.treatment_classes), structure.n_groups, ",".join(structure.cell_types),

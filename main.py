@@ -501,23 +501,27 @@ def predict(args) -> None:
                  *(len(embeddings[k]) for k in ("train", "val", "test")))
 
 
-def setup_logging(args) -> None:
+def setup_logging(args) -> tuple[str, str] | None:
     """Log to stderr and, for train and predict, to a file beside the outputs.
 
     Handlers go on the project's logger (not the root), replaced on each call, so that several
-    runs in one process (demo.py, tests) each write their own file.
+    runs in one process (demo.py, tests) each write their own file. Prediction logs to
+    `<log>.partial` and returns (partial, final): main() renames it over the log of the last
+    successful prediction only when this one succeeds, so a failed run keeps that log intact.
     """
     # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
     path = {"train": f"{args.save}.log", "predict": f"{args.load}.output{args.pred_suffix}.log"}.get(args.mode)
     if not args.world.main:
         path = None  # one log per run: the other processes only report warnings, on stderr
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    staged = (f"{path}.partial", path) if path and args.mode == "predict" else None
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(path, mode="a" if args.resume else "w"))
+        handlers.append(logging.FileHandler(staged[0] if staged else path, mode="a" if args.resume else "w"))
     set_log_handlers(handlers, f" [rank {args.world.rank}]" if args.world.distributed else "")
     log.setLevel(logging.INFO if args.world.main else logging.WARNING)
     log.info("arguments: %s", checkpoint_args(args))
+    return staged
 
 
 def set_log_handlers(handlers: list[logging.Handler], rank: str = "") -> None:
@@ -563,11 +567,14 @@ def main(argv: list[str] | None = None) -> int:
                     (f"{args.load}.output{args.pred_suffix}", f"the prediction file {args.load}.output{args.pred_suffix}")
                 Path(target[0]).parent.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(runlock.hold(f"{target[0]}.lock", target[1]))
-            setup_logging(args)
+            staged_log = setup_logging(args)
             if auto_channels_last:
                 log.info("channels-last auto -> %s (%s, %s)", "on" if args.channels_last else "off", device.type,
                          precision)
             {"train": train, "val": validate, "predict": predict}[args.mode](args)
+            if staged_log:
+                set_log_handlers([logging.StreamHandler(sys.stderr)])  # closes the file before it is renamed
+                os.replace(*staged_log)
     except (metadata.DataError, FloatingPointError, PretrainedUnavailable, OSError) as e:
         if args.debug:
             raise

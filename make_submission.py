@@ -438,15 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"plate groups inferred correctly ({split}): {counts['correct']}/{counts['total']} plates")
     report["seconds"] = round(time.perf_counter() - started, 3)
     json_path = f"{args.output}.json"
-    from atomic import write_text
-    written = []
-    try:
-        for path, text in ((json_path, json.dumps(report, indent=1) + "\n"), (args.output, csv)):
-            write_text(path, text)
-            written.append(path)
+    from atomic import write_with_companion
+    try:  # never new scores beside an old CSV, even when killed between the two renames
+        write_with_companion(args.output, csv, json_path, json.dumps(report, indent=1) + "\n")
     except OSError as e:
-        for path in written:  # all or nothing: no scores without their submission
-            Path(path).unlink(missing_ok=True)
         print(f"error: cannot write {e.filename or args.output}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output} and {json_path} in {report['seconds']:.2f} s")

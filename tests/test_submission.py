@@ -283,3 +283,32 @@ def test_cli_subprocess(fake, tmp_path):
     bad = subprocess.run([sys.executable, script, "--data", str(fake["data"]), "-o", str(tmp_path / "x.csv"),
                           "-w", "1", *map(str, fake["files"])], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("killed_at", [1, 2])
+def test_a_kill_between_the_renames_never_pairs_new_scores_with_an_old_csv(tmp_path, monkeypatch, killed_at):
+    """make_submission's CSV and its JSON scores: killed at the first rename the old CSV stands
+    alone, at the second the new one; never the old CSV beside new scores."""
+    import os
+
+    import atomic
+    csv, scores = tmp_path / "sub.csv", tmp_path / "sub.csv.json"
+    csv.write_text("old csv\n")
+    scores.write_text("old scores\n")
+    calls = []
+    real = os.replace
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == killed_at:
+            raise KeyboardInterrupt  # what SIGINT would do at that moment
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_with_companion(csv, "new csv\n", scores, "new scores\n")
+    assert csv.read_text() == ("old csv\n" if killed_at == 1 else "new csv\n")
+    assert not scores.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.csv"]  # no temporary files left
+    monkeypatch.setattr(os, "replace", real)
+    atomic.write_with_companion(csv, "new csv\n", scores, "new scores\n")
+    assert (csv.read_text(), scores.read_text()) == ("new csv\n", "new scores\n")

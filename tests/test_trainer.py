@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -184,7 +185,22 @@ def test_predict_writes_the_pickle_structure(trained, tiny_competition):
     train = subsets["train"]
     labelled = train[(train["well_type"] == "treatment") & (train["split"] == "train")]
     assert set(emb["train"]) == set(labelled["id_code"]) and set(emb["val"]) == set(output["val"])
-    assert (trained.parent / "net.1.output_x.log").exists()
+    assert (trained.parent / "net.1.output_x.log").exists() and not (trained.parent / "net.1.output_x.log.partial").exists()
+
+
+def test_a_failed_predict_keeps_the_last_good_log(trained, tiny_competition, tmp_path):
+    """The log of a prediction is renamed into place only when the prediction succeeds."""
+    args = ["--mode", "predict", "--load", f"{trained}.1", "--pred-suffix", "_keep", "--cv-number", 0, *SMALL]
+    assert run("--data", tiny_competition[0], *args) == 0
+    good_log = Path(f"{trained}.1.output_keep.log")
+    before, output = good_log.read_text(), Path(f"{trained}.1.output_keep").read_bytes()
+    broken = tmp_path / "data"
+    shutil.copytree(tiny_competition[0], broken)
+    victim = next((broken / "test").rglob("*_w1.png"))
+    victim.unlink()
+    assert run("--data", broken, *args) == 1
+    assert good_log.read_text() == before and Path(f"{trained}.1.output_keep").read_bytes() == output
+    assert f"missing image: {victim}" in Path(f"{good_log}.partial").read_text()
 
 
 def test_val_mode_reports_accuracy(trained, tiny_competition, caplog):
@@ -260,6 +276,18 @@ def test_finetune_cell_type_keeps_one_cell_type(tiny_competition, tmp_path):
     args.finetune_cell_type = "NOPE"
     with pytest.raises(metadata.DataError, match="--finetune-cell-type NOPE"):
         main.load_data(args)
+
+
+def test_finetune_cell_type_without_validation_wells_says_so(tiny_competition, tmp_path, caplog):
+    table = metadata.load_table(tiny_competition[0])
+    train = sorted(table.loc[table["split"] == "train", "experiment"].unique())
+    other = next(e for e in train if not e.startswith("HUVEC"))
+    args = main.parse_args(["--data", str(tiny_competition[0]), "--save", str(tmp_path / "x"),
+                            "--finetune-cell-type", "HUVEC", "--val-experiments", other, *SMALL])
+    with caplog.at_level("WARNING", logger="cellpaint"):
+        data = main.load_data(args)
+    assert data.subsets["val"].empty
+    assert "--finetune-cell-type HUVEC: the validation experiments hold none of its wells" in caplog.text
 
 
 def test_merge_per_cell_type_predictions(tmp_path, capsys):
