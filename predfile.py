@@ -194,8 +194,13 @@ def save_predictions(path: str | os.PathLike, output: Mapping[str, Mapping[str, 
                    for k, sites in wells.items()}
             for part, wells in output.items()}
     check_predictions(data, str(path), _parts_of(kind, path))
-    with atomic_write(path, "wb") as f:
-        pickle.dump(data, f, protocol=4)
+    try:
+        with atomic_write(path, "wb") as f:
+            pickle.dump(data, f, protocol=4)
+    except OSError as e:  # a full disk fails on the temporary file: name the file the user asked for
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def save_embeddings(path: str | os.PathLike, output: Mapping[str, Mapping[str, Sequence[np.ndarray]]]) -> None:

@@ -310,3 +310,22 @@ def test_channels_last_training_runs(tiny_competition, tmp_path):
                "--channels-last", "true", *SMALL) == 0
     state = torch.load(tmp_path / "cl.0", weights_only=True)
     assert not any(k.startswith("_orig_mod") for k in state["model"])
+
+
+def test_a_full_disk_in_predict_is_one_line_and_keeps_the_last_prediction(trained, tiny_competition, monkeypatch,
+                                                                          capsys):
+    args = ["--mode", "predict", "--data", tiny_competition[0], "--load", f"{trained}.1", "--pred-suffix", "_full",
+            "--cv-number", 0, *SMALL]
+    assert run(*args) == 0
+    output = Path(f"{trained}.1.output_full")
+    before = output.read_bytes()
+
+    def full(*_, **__):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pickle, "dump", full)
+    capsys.readouterr()
+    assert run(*args) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if " ERROR" in line]
+    assert len(errors) == 1 and errors[0].endswith(f"cannot write {output}: No space left on device")
+    assert output.read_bytes() == before
+    assert not [p for p in output.parent.iterdir() if p.name.endswith(".tmp")]
