@@ -18,6 +18,7 @@ import engine
 import main
 import metadata
 import model as M
+from checkpoints import CHECKPOINT_FORMAT, checkpoint_args
 from schedule import LRSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +246,7 @@ def test_first_place_args_file(monkeypatch):
         "auto", "neck", "ce", 24, 2)  # auto: densenet161 or its memory-efficient twin, same weights
 
 
-def test_41st_place_args_files(monkeypatch):
+def test_41st_place_args_files(monkeypatch, tmp_path):
     train = _recipe(monkeypatch, "@recipes/41st-place-train.args", "--save", "results/dn201")
     assert (train.backbone, train.stem_init, train.head, train.embedding_size, train.bn_mom) == (
         "densenet201", "rgb-tile", "plain", 512, 0.1)
@@ -257,10 +258,13 @@ def test_41st_place_args_files(monkeypatch):
     aug = engine.augment_from_args(train)
     assert aug == FORTY_FIRST and (aug.min_scale, aug.scale_std, aug.bias_std) == (1.0, 0.0, 0.0)
     assert train.val_last_experiment and train.data_normalization == "global"
-    tune = _recipe(monkeypatch, "@recipes/41st-place-finetune.args", "--load", "results/dn201.74",
+    # the general model's checkpoint, as the train file makes it (its architecture is what --load takes)
+    general = tmp_path / "dn201.74"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": {}, "args": checkpoint_args(train)}, general)
+    tune = _recipe(monkeypatch, "@recipes/41st-place-finetune.args", "--load", str(general),
                    "--finetune-cell-type", "HUVEC", "--save", "results/dn201_huvec")
     assert (tune.epochs, tune.start_epoch, tune.lr_groups, tune.finetune_cell_type) == (
         20, 0, train.lr_groups, "HUVEC")
-    pred = _recipe(monkeypatch, "@recipes/41st-place-predict.args", "--load", "results/dn201_huvec.19")
+    pred = _recipe(monkeypatch, "@recipes/41st-place-predict.args", "--load", str(general))
     assert (pred.mode, pred.tta_random, pred.tta, pred.save_embeddings) == ("predict", 10, 1, True)
     assert engine.augment_from_args(pred) == FORTY_FIRST and pred.val_last_experiment
