@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fake_predictions  # noqa: E402
 import knn  # noqa: E402
+import knn_submission  # noqa: E402
 import make_submission  # noqa: E402
 import metadata  # noqa: E402
 from predfile import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
@@ -146,13 +147,49 @@ def test_votes_are_similarity_weighted():
     query = unit(np.array([[1.0, 0.0, 0.0]]))
     ref = unit(np.array([[1.0, 0.1, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [-1.0, 0.2, 0.0]]))
     labels = np.array([0, 1, 1, 2])
-    scores, _ = knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3))
     sim = ref @ query[0]
+    scores, _ = knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3), weight="relu-cos")
     np.testing.assert_allclose(scores[0], [sim[0], sim[1] + sim[2], 0.0], rtol=1e-6)
     assert np.argmax(scores[0]) == 1  # two fair neighbours outvote one close one; the negative one adds nothing
-    # a well whose neighbours all point away: they vote equally instead of not at all
-    scores, _ = knn.knn_scores(-query, ["A"], ref[:3], ["A"] * 3, labels[:3], {"A": 2}, 3, np.arange(3))
+    # sigmoid (the default, the 41st place's): even the anti-correlated neighbour votes, 1/(1+e^0.98)
+    scores, _ = knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3))
+    sig = 1 / (1 + np.exp(-sim))
+    np.testing.assert_allclose(scores[0], [sig[0], sig[1] + sig[2], sig[3]], rtol=1e-6)
+    np.testing.assert_allclose(scores[0], [0.73008, 1.33952, 0.27278], atol=1e-5)
+    # relu-cos: a well whose neighbours all point away: they vote equally instead of not at all
+    scores, _ = knn.knn_scores(-query, ["A"], ref[:3], ["A"] * 3, labels[:3], {"A": 2}, 3, np.arange(3),
+                               weight="relu-cos")
     assert scores[0].sum() == 2 and scores[0, 2] == 0
+    with pytest.raises(knn.KnnError, match="--knn-weight 'cos'"):
+        knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3), weight="cos")
+
+
+def test_group_search_takes_k_nearest_in_every_group():
+    """Two groups {0, 1} and {2, 3}; the query sits on class 0, the group-1 wells are farther."""
+    query = unit(np.array([[1.0, 0.0, 0.0]]))
+    ref = unit(np.array([[1.0, 0.05, 0.0], [1.0, 0.1, 0.0], [1.0, 0.9, 0.0],            # group 0
+                         [0.2, 1.0, 0.0], [0.1, 1.0, 0.3], [0.0, 1.0, 0.0]]))            # group 1
+    labels = np.array([0, 0, 1, 2, 3, 3])
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    sim = ref @ query[0]
+    for weight, w in (("relu-cos", np.maximum(sim, 0)), ("sigmoid", 1 / (1 + np.exp(-sim)))):
+        cell, used = knn.knn_scores(query, ["A"], ref, ["A"] * 6, labels, {"A": 2}, 4, np.arange(4), weight=weight)
+        assert used == {"A": 2}
+        np.testing.assert_allclose(cell[0], [w[0] + w[1], 0, 0, 0], rtol=1e-6)  # both nearest are class 0
+        group, used = knn.knn_scores(query, ["A"], ref, ["A"] * 6, labels, {"A": 2}, 4, np.arange(4),
+                                     reference_groups=groups, weight=weight)
+        assert used == {"A": 2}
+        # 2 nearest of group 0: the class-0 wells; of group 1: the class-2 well and the nearer class-3 one
+        np.testing.assert_allclose(group[0], [w[0] + w[1], 0, w[3], w[4]], rtol=1e-6)
+    # K above a group's size: all its wells, reported per group
+    _, used = knn.knn_scores(query, ["A"], ref[:5], ["A"] * 5, labels[:5], {"A": 3}, 4, np.arange(4),
+                             reference_groups=groups[:5])
+    assert used == {"A": {0: 3, 1: 2}}
+    assert knn_submission.short_of_k({"A": 3}, {"test": used}) == [
+        "test A, plate group 1: K 3 > its 2 reference wells, all used"]
+    with pytest.raises(knn.KnnError, match="no reference wells of plate group 1 among the A wells"):
+        knn.knn_scores(query, ["A"], ref[:3], ["A"] * 3, labels[:3], {"A": 2}, 4, np.arange(4),
+                       reference_groups=np.array([0, 0, 2]))
 
 
 def test_concatenate_is_the_weighted_mean_of_cosines():
@@ -197,13 +234,13 @@ def test_use_valid_adds_val_wells_to_the_test_reference():
     close = unit(far + 0.2 * close)  # ~ the test well; training wells are `far`: sim ~0.98
     n_ref = 3
     features = np.stack([far, far, far, close, close]).astype(np.float32)  # refs, then val, test rows
-    wells = make_submission.Wells(keep={}, id_code=np.array(["v", "t"]), experiment=np.array(["A-01", "A-02"]),
+    wells = knn_submission.Wells(keep={}, id_code=np.array(["v", "t"]), experiment=np.array(["A-01", "A-02"]),
                                   plate=np.array([1, 1]), cell_type=np.array(["A", "A"]),
                                   label=np.array([5, -1]), n_val=1)
-    ref = make_submission.Reference(keep=np.arange(n_ref), cell_type=np.array(["A"] * n_ref),
+    ref = knn_submission.Reference(keep=np.arange(n_ref), cell_type=np.array(["A"] * n_ref),
                                     label=np.full(n_ref, 3), ignored_controls=0)
     for use_valid, expected in ((False, 3), (True, 5)):
-        setup = make_submission.KnnSetup({"A": 1}, n_ref, ref, wells, 8, np.arange(8), use_valid)
+        setup = knn_submission.KnnSetup({"A": 1}, n_ref, ref, wells, 8, np.arange(8), use_valid)
         scores, used = setup.scores(features, np.arange(2))
         assert np.argmax(scores[0]) == 3               # val wells: training neighbours only, always
         assert np.argmax(scores[1]) == expected
