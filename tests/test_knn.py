@@ -1,5 +1,5 @@
 """knn.py and make_submission.py --knn on planted embeddings (class centres + cell-type and
-experiment offsets + noise) and a small fake data set (benchmarks/fake_predictions.py's wells)."""
+experiment offsets + noise) on a small synthetic design (synthetic.py's plates, no images)."""
 from __future__ import annotations
 
 import json
@@ -12,13 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import fake_predictions  # noqa: E402
 import knn  # noqa: E402
 import knn_submission  # noqa: E402
 import make_submission  # noqa: E402
 import metadata  # noqa: E402
+import synthetic  # noqa: E402
 from predfile import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_embeddings, save_predictions)
 
@@ -48,16 +46,13 @@ def fake_embeddings(wells: pd.DataFrame, n_classes: int, dim: int = 24, noise: f
 
 def fake_knn_set(tmp: Path, layout: str = "competition", noise: float = 0.9, dim: int = 24, folds: int = 3,
                  seed: int = 0, **sizes) -> dict:
-    """Metadata (fake_predictions' plate design) and an embeddings file with train/val/test parts."""
-    rng = np.random.default_rng(seed)
-    shape = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), plates=4, group_size=20,
-                 positive_controls=3, wells_per_plate=24, dropped_wells=3, dropped_plates=0)
+    """Metadata (synthetic.py's plate design, no images) and an embeddings file with train/val/test parts."""
+    shape = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), plates=4, classes=80,
+                 positive_controls=3, negative_wells=1, drop_wells=0.01)
     shape.update(sizes)
-    wells = fake_predictions.make_wells(rng, list(CELLS), list(shape["train_experiments"]),
-                                        list(shape["test_experiments"]), shape["plates"], shape["group_size"],
-                                        shape["positive_controls"], shape["wells_per_plate"],
-                                        shape["dropped_wells"], shape["dropped_plates"])
-    fake_predictions.write_metadata(wells, tmp / "data", layout, 2)
+    config = synthetic.SyntheticConfig(layout=layout, cell_types=CELLS, leak=False, seed=seed, **shape)
+    wells, design = synthetic.write_metadata(tmp / "data", config)
+    wells = wells.rename(columns={"dataset": "split"})
     assigned = metadata.assign_folds(wells, folds, seed)
     val_experiments = sorted(e for e, f in assigned.items() if f == 0)
     treatment = (wells["well_type"] == "treatment").to_numpy()
@@ -70,7 +65,7 @@ def fake_knn_set(tmp: Path, layout: str = "competition", noise: float = 0.9, dim
             for part, sel in parts.items()}
     path = tmp / "net.embeddings"
     save_embeddings(path, data)
-    return {"data": tmp / "data", "file": path, "wells": wells, "embeddings": data,
+    return {"data": tmp / "data", "file": path, "wells": wells, "embeddings": data, "design": design,
             "n_val": int(parts["val"].sum()), "n_train": int(parts["train"].sum())}
 
 
@@ -190,6 +185,14 @@ def test_group_search_takes_k_nearest_in_every_group():
     with pytest.raises(knn.KnnError, match="no reference wells of plate group 1 among the A wells"):
         knn.knn_scores(query, ["A"], ref[:3], ["A"] * 3, labels[:3], {"A": 2}, 4, np.arange(4),
                        reference_groups=np.array([0, 0, 2]))
+
+
+def test_average_is_the_weighted_mean_of_raw_vectors():
+    a = np.array([[3.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    b = np.array([[0.0, 4.0], [0.0, -2.0]], dtype=np.float32)
+    # rows: (3*3 + 0, 0 + 4)/4 -> unit (9, 4); (0, 6 - 2)/4 -> (0, 1): raw vectors, not unit ones
+    np.testing.assert_allclose(knn.average([a, b], [3.0, 1.0]), unit(np.array([[9.0, 4.0], [0.0, 1.0]])), rtol=1e-6)
+    np.testing.assert_allclose(knn.average([a, b], [1.0, 0.0]), unit(a))  # weight 0 drops a file
 
 
 def test_concatenate_is_the_weighted_mean_of_cosines():
@@ -370,6 +373,82 @@ def test_cli_knn_errors(fake, tmp_path, capsys):
     save_embeddings(odd, {**data, "train": dict(list(data["train"].items())[1:])})
     expect_error(capsys, fake, tmp_path / "e.csv", "--knn", "3", files=[fake["file"], odd],
                  match=["odd.embeddings", "different train wells"])
-    with pytest.raises(SystemExit):
-        make_submission.parse_args(["-o", "x.csv", "--use-valid", "f"])
-    capsys.readouterr()
+    for flags in (["--use-valid"], ["--knn-search", "cell"], ["--knn-weight", "sigmoid"], ["--knn-combine", "mean"],
+                  ["--group-method", "mode"]):
+        with pytest.raises(SystemExit):
+            make_submission.parse_args(["-o", "x.csv", *flags, "f"])
+        assert f"{flags[0]}" in capsys.readouterr().err
+
+
+def planted_group_of(info: dict, structure: metadata.Structure) -> dict:
+    """Planted plate group per test plate, numbered as the metadata's groups (by their first class)."""
+    first = {int(g[0]): i for i, g in enumerate(structure.groups)}
+    derived = {g: first[min(classes)] for g, classes in enumerate(info["design"]["groups"])}
+    out: dict = {}
+    for key, g in info["design"]["plate_groups"].items():
+        experiment, plate = key.rsplit("_", 1)
+        if experiment in info["design"]["experiments"]["test"]:
+            out.setdefault(experiment, {})[plate] = derived[g]
+    return out
+
+
+def test_cli_group_search_recovers_planted_plate_groups_and_beats_cell_search(tmp_path, capsys):
+    """Planted embeddings, 4 cell types x (4 train, 2 test) experiments, 4 groups of 20 classes."""
+    info = fake_knn_set(tmp_path, layout="release", noise=1.5, train_experiments=(4, 4, 4, 4),
+                        test_experiments=(2, 2, 2, 2), seed=1)
+    group, cell = tmp_path / "group.csv", tmp_path / "cell.csv"
+    rc, stdout, err = run(capsys, info, group, "--knn", "5")
+    assert rc == 0, err
+    assert "search per plate group, votes sigmoid; plate-group evidence: mode" in stdout
+    assert run(capsys, info, cell, "--knn", "5", "--knn-search", "cell")[0] == 0
+    report = json.loads(Path(f"{group}.json").read_text())
+    assert (report["knn"]["search"], report["knn"]["weight"], report["group_method"]) == ("group", "sigmoid", "mode")
+    structure = metadata.derive_structure(metadata.load_wells(info["data"]))
+    assert report["test_plate_groups"] == planted_group_of(info, structure)  # every test plate's planted group
+    assert report["plate_groups_correct"]["val"] == {"correct": 24, "total": 24}
+    g, c = stages(group, "test"), stages(cell, "test")
+    # measured: assignment 0.867 (group) vs 0.774 (cell) on test, 0.863 vs 0.770 on val
+    assert g["assignment"] > c["assignment"] + 0.05, (g, c)
+    assert stages(group)["assignment"] > stages(cell)["assignment"] + 0.05
+    assert json.loads(Path(f"{cell}.json").read_text())["knn"]["search"] == "cell"
+
+
+def test_cli_knn_short_k_is_reported(fake, tmp_path, capsys):
+    out = tmp_path / "sub.csv"
+    rc, stdout, err = run(capsys, fake, out, "--knn", "HEPG2=2,HUVEC=2,RPE=2,U2OS=50")
+    assert rc == 0, err
+    info = json.loads(Path(f"{out}.json").read_text())["knn"]
+    # U2OS has one train experiment: at most 20 wells a group, so every group is short of 50
+    assert all(n <= 20 for n in info["k_used"]["test"]["U2OS"].values())
+    short = info["k_short"]
+    assert short and all("U2OS" in line and "K 50 >" in line for line in short)
+    assert f"warning: {short[0]}" in stdout
+    assert info["k_used"]["test"]["HEPG2"] == 2
+
+
+def test_cli_knn_combine(fake, tmp_path, capsys):
+    data = load_predictions(fake["file"], kind="embeddings")
+    rng = np.random.default_rng(11)
+    for part in data.values():  # the same width, another model: its own noise
+        for key, sites in part.items():
+            part[key] = [s + rng.standard_normal(s.shape).astype(np.float32) for s in sites]
+    other = tmp_path / "other.embeddings"
+    save_embeddings(other, data)
+    both = [fake["file"], other]
+    runs = {}
+    for name, flags in (("auto", []), ("mean", ["--knn-combine", "mean"]), ("concat", ["--knn-combine", "concat"])):
+        out = tmp_path / f"{name}.csv"
+        rc, stdout, err = run(capsys, fake, out, "--knn", "3", *flags, files=both)
+        assert rc == 0, err
+        runs[name] = (out.read_text(), json.loads(Path(f"{out}.json").read_text()))
+    assert runs["auto"][0] == runs["mean"][0]  # same width: averaged by default, as the 41st place
+    assert runs["auto"][1]["knn"]["combine"] == "mean" and runs["concat"][1]["knn"]["combine"] == "concat"
+    assert [s["stage"] for s in runs["mean"][1]["stages"]][2] == "knn mean (w=1,1)"
+    assert runs["concat"][0] != runs["mean"][0]
+    # different widths: mean is refused, naming both files and the way out
+    wide = tmp_path / "wide.embeddings"
+    save_embeddings(wide, {p: {k: [np.concatenate([s, s[:3]]) for s in v] for k, v in part.items()}
+                           for p, part in load_predictions(fake["file"], kind="embeddings").items()})
+    expect_error(capsys, fake, tmp_path / "x.csv", "--knn", "3", "--knn-combine", "mean", files=[fake["file"], wide],
+                 match=["--knn-combine mean", "wide.embeddings has vectors of 27", "net.embeddings of 24",
+                        "--knn-combine concat"])
