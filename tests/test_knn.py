@@ -452,3 +452,17 @@ def test_cli_knn_combine(fake, tmp_path, capsys):
     expect_error(capsys, fake, tmp_path / "x.csv", "--knn", "3", "--knn-combine", "mean", files=[fake["file"], wide],
                  match=["--knn-combine mean", "wide.embeddings has vectors of 27", "net.embeddings of 24",
                         "--knn-combine concat"])
+
+
+def test_mode_group_evidence_is_the_plate_mean_of_the_best_vote_per_group():
+    import plates
+
+    masks = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=bool)
+    scores = np.array([[2.0, 0.5, 1.0, 0.0],     # plate 0
+                       [0.0, 1.0, 3.0, 0.5],     # plate 0
+                       [0.2, 0.0, 0.0, 0.1]])    # plate 1 (one well)
+    table = plates.plate_group_scores(scores, np.array([0, 0, 1]), masks, "mode")
+    np.testing.assert_allclose(table, [[(2 + 1) / 2, (1 + 3) / 2], [0.2, 0.1]])  # means, not sums
+    # the plates of one experiment get different groups: plate 0 takes group 1 (2.0 + 0.2 > 1.5 + 0.1)
+    groups = plates.infer_plate_groups(scores, ["E"] * 3, [1, 1, 2], masks, "mode")
+    assert groups.tolist() == [1, 1, 0]
