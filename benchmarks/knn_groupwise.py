@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Group-wise vs cell-wide kNN (make_submission.py --knn) on planted RxRx1-sized embeddings.
 
-    python benchmarks/knn_groupwise.py [--noise 2.0,2.6,3.2] [--dim 1024] [--json OUT.json] [--export DIR]
+    python benchmarks/knn_groupwise.py [--noise 3.4,5.0,6.0] [--dim 1024] [--json OUT.json] [--export DIR]
 
 The design is RxRx1's, from synthetic.py (no images): 4 plate groups of 277 siRNAs, 30 positive
 controls and a negative one (308 wells a plate), train experiments 7,16,7,3 and test 4,8,4,2
@@ -13,7 +13,8 @@ cell type, as the 41st place's split. Per site: class centre (norm ~1) + cell-ty
 Runs per noise level: the cell-wide search as before this change (max(cos,0) votes, group
 evidence from summed probabilities), and the group-wise search (the default: sigmoid votes,
 weighted-mode evidence; and with max(cos,0) votes). Prints test accuracy after each stage and
-the seconds of the whole make_submission run; --json writes it all. --export DIR also writes
+the seconds of the whole make_submission run; --json (default benchmarks/knn_groupwise.json)
+writes it all. --export DIR also writes
 each noise level's per-well site means (npz) for running another scorer on the same vectors.
 """
 from __future__ import annotations
@@ -60,11 +61,12 @@ def planted(wells, dim: int, noise: float, seed: int) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--noise", default="2.0,2.6,3.2", help="comma-separated noise levels")
+    p.add_argument("--noise", default="3.4,5.0,6.0", help="comma-separated noise levels")
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--k", default="30,100,30,15")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", default=str(Path(__file__).with_suffix(".json")),
+                   help="write the results here (default: benchmarks/knn_groupwise.json)")
     p.add_argument("--export", help="directory for per-well site means (npz), one file per noise level")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="knn_groupwise_") as tmp:
