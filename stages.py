@@ -3,7 +3,8 @@
 make_submission.py reads prediction files into `Wells` (the rows every stage works on: val wells
 first, then test wells), refuses files that do not match the metadata or each other
 (`SubmissionError`, one line naming the file), and keeps a `Scoreboard` of validation (and, where
-the metadata has them, test) accuracies after every stage.
+the metadata has them, test) accuracies after every stage. `Ensemble` is what the plate stages
+read, from either path (logits in make_submission.py, kNN in knn_submission.py).
 
 numpy and pandas are imported inside the functions: make_submission.py sets the BLAS thread
 count before anything imports numpy.
