@@ -2,7 +2,8 @@
 """Build a submission from one or more prediction files (SPEC, "Submission").
 
     ./make_submission.py -o sub.csv [--data DIR] [-w W1,W2,...] [-t THREADS] FILE [FILE ...]
-    ./make_submission.py --knn K [--use-valid] -o sub.csv [--data DIR] [-w ...] EMB_FILE [EMB_FILE ...]
+    ./make_submission.py --knn K [--use-valid] [--knn-search group|cell] [--knn-weight sigmoid|relu-cos]
+                         [--knn-combine mean|concat] -o sub.csv [--data DIR] [-w ...] EMB_FILE [EMB_FILE ...]
 
 Per file the sites of a well are summed; the files are ensembled (weighted); then, using the
 plate design of the metadata (plates.py):
@@ -15,8 +16,9 @@ every stage, per cell type, and test accuracy too where the metadata knows test 
 are written only once everything has succeeded.
 
 With --knn the files are embeddings files (main.py --mode predict --save-embeddings) and the
-scores come from the 41st-place recipe instead of logits: each val/test well is classified by its
-K nearest labelled training wells of the same cell type (knn.py); the plate stages are the same.
+scores come from the 41st-place recipe instead of logits: each val/test well is scored by its
+K nearest labelled training wells of the same cell type in each plate group (knn.py,
+knn_submission.py); the plate stages are the same, the group evidence the weighted mode.
 
 torch is never imported and numpy only after the thread count is set: this is a small,
 fast program (a few seconds on full-size predictions).
@@ -28,7 +30,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -37,12 +38,14 @@ if TYPE_CHECKING:  # imported in main(), after the BLAS thread variables are set
     import pandas as pd
 
     from metadata import Structure
-    from predfile import WellSums
 
-from stages import (Scoreboard, SubmissionError, Wells, argmax_over, check_same_wells, first_example,  # noqa: E402
-                    match_metadata, plate_group_report)
+from stages import (Ensemble, Scoreboard, Stopwatch, SubmissionError, argmax_over,  # noqa: E402
+                    check_same_wells, class_masks, match_metadata, plate_group_report)
 
-GROUP_METHODS = ("prob", "argmax")
+GROUP_METHODS = ("prob", "argmax", "mode")
+KNN_SEARCHES = ("group", "cell")        # knn.SEARCHES, repeated: numpy must not load before -t is set
+KNN_WEIGHTS = ("sigmoid", "relu-cos")   # knn.WEIGHTS
+KNN_COMBINES = ("mean", "concat")
 ASSIGN_SCORES = ("logsoftmax", "logits", "prob")
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                      "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -56,8 +59,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default="../data", help="data directory (competition or release layout)")
     parser.add_argument("-w", "--weights", help="comma-separated ensemble weights, one per file (default: equal)")
     parser.add_argument("-t", "--threads", type=int, help="numpy/BLAS threads (default: the library's choice)")
-    parser.add_argument("--group-method", choices=GROUP_METHODS, default="prob",
-                        help="plate-group evidence: summed class probabilities (default) or arg-max counts")
+    parser.add_argument("--group-method", choices=GROUP_METHODS,
+                        help="plate-group evidence: summed class probabilities ('prob', the default for "
+                             "logits), arg-max counts, or with --knn 'mode' (the default there): the mean "
+                             "over the plate's wells of the group's best summed vote, the weighted mode")
     parser.add_argument("--assign-scores", choices=ASSIGN_SCORES, default="logsoftmax",
                         help="scores maximised by the per-plate assignment (default: log-softmax)")
     parser.add_argument("--knn", metavar="K",
@@ -67,9 +72,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use-valid", action="store_true",
                         help="with --knn: test wells also get the labelled val wells as neighbours "
                              "(val wells are still scored against the training wells only)")
+    parser.add_argument("--knn-search", choices=KNN_SEARCHES,
+                        help="with --knn: find the K nearest among each plate group's training wells "
+                             "separately ('group', the default, as the 41st place) or among all wells of "
+                             "the cell type ('cell')")
+    parser.add_argument("--knn-weight", choices=KNN_WEIGHTS,
+                        help="with --knn: a neighbour's vote, sigmoid(cosine) ('sigmoid', the default, as "
+                             "the 41st place) or max(cosine, 0) ('relu-cos')")
+    parser.add_argument("--knn-combine", choices=KNN_COMBINES,
+                        help="with --knn and several files: average the files' vectors, then normalise "
+                             "('mean', the 41st place's; the default when all files have one width), or "
+                             "normalise each and concatenate ('concat'; the default for different widths)")
     args = parser.parse_args(argv)
-    if args.use_valid and args.knn is None:
-        parser.error("--use-valid only applies with --knn")
+    for flag in ("use_valid", "knn_search", "knn_weight", "knn_combine"):
+        if getattr(args, flag) not in (None, False) and args.knn is None:
+            parser.error(f"--{flag.replace('_', '-')} only applies with --knn")
+    if args.group_method == "mode" and args.knn is None:
+        parser.error("--group-method mode only applies with --knn (it reads kNN votes)")
+    args.group_method = args.group_method or ("mode" if args.knn is not None else "prob")
+    args.knn_search = args.knn_search or "group"
+    args.knn_weight = args.knn_weight or "sigmoid"
     return args
 
 
@@ -88,41 +110,6 @@ def parse_weights(text: str | None, n_files: int) -> list[float]:
 
 
 # ------------------------------------------------------------------------------- the pipeline
-
-
-class Stopwatch:
-    """Wall and CPU seconds per phase, for the JSON report (where the time goes)."""
-
-    def __init__(self) -> None:
-        self.phases: dict = {}
-        self._last = (time.perf_counter(), time.process_time())
-
-    def lap(self, phase: str) -> None:
-        now = (time.perf_counter(), time.process_time())
-        wall, cpu = self.phases.get(phase, (0.0, 0.0))
-        self.phases[phase] = (round(wall + now[0] - self._last[0], 3), round(cpu + now[1] - self._last[1], 3))
-        self._last = now
-
-
-def class_masks(structure: Structure, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(plate-group masks over `n_classes` columns, the treatment classes): the candidates."""
-    import numpy as np
-
-    masks = np.zeros((structure.n_groups, n_classes), dtype=bool)
-    for g, classes in enumerate(structure.groups):
-        masks[g, classes] = True
-    return masks, np.flatnonzero(masks.any(axis=0))
-
-
-@dataclass
-class Ensemble:
-    """The files' weighted mean per treatment well, and what goes with it."""
-    wells: Wells
-    board: Scoreboard
-    scores: np.ndarray        # float32 [wells, classes]
-    masks: np.ndarray         # plate groups over the classes
-    treatment: np.ndarray     # the classes treatment wells may get
-    extra: dict = field(default_factory=dict)  # what the report adds for this path (kNN settings)
 
 
 def ensemble_files(files: list[str], weights: list[float], table: pd.DataFrame, structure: Structure,
@@ -175,150 +162,6 @@ def ensemble_files(files: list[str], weights: list[float], table: pd.DataFrame, 
     board.add("ensemble (w=" + ",".join(f"{w:g}" for w in weights) + ")", argmax_over(total, scored, treatment))
     clock.lap("ensemble")
     return Ensemble(wells, board, total, masks, treatment)
-
-
-# ------------------------------------------------------------------------------- the kNN path
-
-
-@dataclass
-class Reference:
-    """The labelled training wells of an embeddings file's 'train' part: the kNN neighbours."""
-    keep: np.ndarray       # positions of the treatment wells in the part (controls are never candidates)
-    cell_type: np.ndarray  # per kept well
-    label: np.ndarray
-    ignored_controls: int
-
-
-def match_reference(first: WellSums, table: pd.DataFrame, structure: Structure) -> Reference:
-    """Map the 'train' part onto the metadata: labels come from there, never from the file."""
-    import numpy as np
-    import pandas as pd
-
-    from metadata import TREATMENT
-
-    name, ids = first.path, first.ids["train"]
-    pos = pd.Index(table["id_code"]).get_indexer(ids)
-    if (pos < 0).any():
-        unknown = ids[pos < 0]
-        raise SubmissionError(f"{name}: {unknown.size} train well(s) are not in the metadata "
-                              f"(e.g. {first_example(unknown)}): do the embeddings belong to this --data?")
-    meta = table.iloc[pos]
-    wrong = meta["split"].to_numpy() != "train"
-    if wrong.any():
-        raise SubmissionError(f"{name}: its train part holds {int(wrong.sum())} well(s) of test "
-                              f"experiments (e.g. {first_example(ids[wrong])})")
-    treatment = (meta["well_type"] == TREATMENT).to_numpy()
-    label = meta["sirna"].to_numpy()[treatment]
-    bad = ~np.isin(label, structure.treatment_classes)
-    if bad.any():
-        raise SubmissionError(f"{name}: {int(bad.sum())} train well(s) have no treatment label in the "
-                              f"metadata (e.g. {first_example(ids[treatment][bad])})")
-    return Reference(keep=np.flatnonzero(treatment), cell_type=meta["cell_type"].to_numpy()[treatment],
-                     label=label.astype(np.int64), ignored_controls=int((~treatment).sum()))
-
-
-@dataclass
-class KnnSetup:
-    """What every kNN run of one submission shares."""
-    k: dict                 # cell type -> K asked for
-    n_ref: int              # feature rows [0, n_ref) are the reference wells, then the wells' rows
-    ref: Reference
-    wells: Wells
-    n_classes: int
-    treatment: np.ndarray
-    use_valid: bool
-
-    def scores(self, features: np.ndarray, rows: np.ndarray,
-               out: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-        """kNN scores of wells `rows` (val rows first, then test rows) and the K used per split.
-
-        Val wells are compared with the training wells only, so their accuracy stays an honest
-        estimate; with --use-valid the test wells also get the labelled val wells, which sit
-        right after the training wells in `features` (a view, no copy).
-        """
-        import numpy as np
-
-        import knn
-
-        if out is None:
-            out = np.empty((len(rows), self.n_classes), dtype=np.float32)
-        wells, n_val = self.wells, self.wells.n_val
-        n_v = int((rows < n_val).sum())
-        used = {}
-        splits = (("val", slice(0, n_v), 0), ("test", slice(n_v, len(rows)), n_val * self.use_valid))
-        for split, sel, extra in splits:  # extra: the val wells that join the reference
-            q = rows[sel]
-            if q.size == 0:
-                continue
-            _, used[split] = knn.knn_scores(
-                features[self.n_ref + q], wells.cell_type[q], features[:self.n_ref + extra],
-                np.concatenate([self.ref.cell_type, wells.cell_type[:extra]]),
-                np.concatenate([self.ref.label, wells.label[:extra]]),
-                self.k, self.n_classes, self.treatment, out=out[sel])
-        return out, used
-
-
-def knn_ensemble(args: argparse.Namespace, weights: list[float], table: pd.DataFrame, structure: Structure,
-                 clock: Stopwatch) -> Ensemble:
-    """The --knn path up to the plate stages: embeddings files -> per-well unit vectors (sites
-    summed, L2-normalised: the sum is the mean up to a factor the normalisation removes; several
-    files concatenated, see knn.concatenate) -> kNN scores.
-
-    Stages: each file alone (when there are several; scored wells only), then the combination.
-    """
-    import numpy as np
-
-    import knn
-    from predfile import EMBEDDING_ROWS, load_well_sums
-
-    k = knn.parse_k(args.knn, structure.cell_types)
-    masks, treatment = class_masks(structure, structure.n_classes)
-    setup = board = first = None
-    blocks = []
-    for i, path in enumerate(args.files):
-        sums = load_well_sums(path, EMBEDDING_ROWS)
-        clock.lap("read files")
-        if sums.ids["train"].size == 0:
-            raise SubmissionError(f"{path} has no 'train' part (the labelled training wells the neighbours "
-                                  "come from): --knn needs embeddings files from main.py --mode predict "
-                                  "--save-embeddings")
-        if first is None:
-            first, wells = sums, match_metadata(sums, table)
-            ref = match_reference(sums, table, structure)
-            board = Scoreboard(wells)
-            setup = KnnSetup(k, len(ref.keep), ref, wells, structure.n_classes, treatment, args.use_valid)
-        else:
-            check_same_wells(first, sums, EMBEDDING_ROWS, same_width=False)
-        # reference rows, then the wells' rows (val, test): the file's own matrix unless controls go
-        if len(ref.keep) == len(sums.ids["train"]) and wells.ignored_controls == 0:
-            block = sums.matrix
-        else:
-            block = np.concatenate([sums.sums["train"][ref.keep], sums.sums["val"][wells.keep["val"]],
-                                    sums.sums["test"][wells.keep["test"]]])
-        sums.sums, sums.matrix = {}, None  # the first file is kept for its ids only
-        blocks.append(knn.l2_normalise(block))
-        clock.lap("normalise")
-        if len(args.files) > 1:
-            scores, _ = setup.scores(block, board.scored)
-            board.add(f"file {i + 1}: {Path(path).name}",
-                      argmax_over(scores, np.arange(len(scores)), treatment))
-            del scores
-            clock.lap("knn")
-    features = blocks[0] if len(blocks) == 1 else knn.concatenate(blocks, weights)
-    del blocks
-    scores, used = setup.scores(features, np.arange(setup.wells.n))
-    del features
-    name = "knn" + (" concat (w=" + ",".join(f"{w:g}" for w in weights) + ")" if len(args.files) > 1 else "")
-    board.add(name + (", test refs +val" if args.use_valid else ""), argmax_over(scores, board.scored, treatment))
-    clock.lap("knn")
-    extra = {"knn": {
-        "k": k, "k_used": used, "use_valid": args.use_valid,
-        "reference_wells": {"val": setup.n_ref, "test": setup.n_ref + setup.wells.n_val * args.use_valid},
-        "ignored_train_controls": ref.ignored_controls,
-        "features": "per file: sites summed, L2-normalised; files concatenated, scaled by sqrt(w/sum w)",
-        "votes": "K nearest of the same cell type by cosine, each voting max(cos, 0); score = summed votes",
-    }}
-    return Ensemble(setup.wells, board, scores, masks, treatment, extra)
 
 
 def plate_stages(ens: Ensemble, group_method: str, assign_scores: str, clock: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
@@ -376,6 +219,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict]:
     clock.lap("metadata")
 
     if args.knn is not None:
+        from knn_submission import knn_ensemble
         ens = knn_ensemble(args, weights, table, structure, clock)
     else:
         ens = ensemble_files(args.files, weights, table, structure, clock)
@@ -430,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f"those + {info['reference_wells']['test'] - info['reference_wells']['val']} val wells "
                  "(--use-valid: the val rows below do not include them)" if info["use_valid"]
                  else "the same"))
+        print(f"kNN: search per {'plate group' if info['search'] == 'group' else 'cell type'}, votes "
+              f"{info['weight']}" + (f", files combined by {info['combine']}" if info["combine"] else "")
+              + f"; plate-group evidence: {report['group_method']}")
+        for line in info["k_short"]:
+            print(f"warning: {line}")
     print(Scoreboard.table_of(report["stages"], "val", f"validation accuracy ({val} wells)"))
     if test:
         print(Scoreboard.table_of(report["stages"], "test", f"test accuracy ({test} labelled wells)"))

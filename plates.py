@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-GROUP_METHODS = ("prob", "argmax")
+GROUP_METHODS = ("prob", "argmax", "mode")
 _CHUNK = 4096  # rows per block in row-wise transforms: bounds temporaries to a few MB
 
 
@@ -146,7 +146,11 @@ def plate_group_scores(scores: np.ndarray, plate_index: np.ndarray, group_masks:
     - "prob":   sum over the plate's wells of the softmax probability mass on the group's classes
                 (softmax over the classes of all groups: each well casts one vote, split by
                 its confidence);
-    - "argmax": number of the plate's wells whose best class lies in the group.
+    - "argmax": number of the plate's wells whose best class lies in the group;
+    - "mode":   mean over the plate's wells of the best score among the group's classes (for kNN
+                votes searched per group: the summed weight of the weighted mode of the group's
+                K nearest, the 41st place's evidence). A mean, as theirs: the plates of an
+                experiment may hold different numbers of wells, and sums would weigh them by it.
     """
     scores = _check_scores(scores)
     group_masks = np.asarray(group_masks, dtype=bool)
@@ -171,6 +175,9 @@ def plate_group_scores(scores: np.ndarray, plate_index: np.ndarray, group_masks:
         if method == "argmax":
             mass[rows] = group_of_column[np.argmax(block, axis=1)][:, None] == np.arange(n_groups)
             continue
+        if method == "mode":
+            mass[rows, nonempty] = np.maximum.reduceat(block, starts[nonempty], axis=1)
+            continue
         top = block.max(axis=1, keepdims=True)
         top[~np.isfinite(top)] = 0.0
         np.subtract(block, top, out=block)
@@ -183,6 +190,8 @@ def plate_group_scores(scores: np.ndarray, plate_index: np.ndarray, group_masks:
     table = np.zeros((n_plates, n_groups))
     for g in range(n_groups):
         table[:, g] = np.bincount(plate_index, weights=mass[:, g], minlength=n_plates)
+    if method == "mode":
+        table /= np.maximum(np.bincount(plate_index, minlength=n_plates), 1)[:, None]
     return table
 
 

@@ -3,13 +3,15 @@
 make_submission.py reads prediction files into `Wells` (the rows every stage works on: val wells
 first, then test wells), refuses files that do not match the metadata or each other
 (`SubmissionError`, one line naming the file), and keeps a `Scoreboard` of validation (and, where
-the metadata has them, test) accuracies after every stage.
+the metadata has them, test) accuracies after every stage. `Ensemble` is what the plate stages
+read, from either path (logits in make_submission.py, kNN in knn_submission.py).
 
 numpy and pandas are imported inside the functions: make_submission.py sets the BLAS thread
 count before anything imports numpy.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from metadata import Structure
     from predfile import WellSums
 
 
@@ -109,6 +112,44 @@ def check_same_wells(first: WellSums, other: WellSums, parts: Sequence[str] = ("
             only = only if only.size else np.setdiff1d(a, b)
             raise SubmissionError(f"{other.path} holds different {part} wells than {first.path} "
                                   f"({len(b)} vs {len(a)} wells; e.g. {first_example(only)} is in one only)")
+
+
+# ------------------------------------------------------------------------- the stages' input
+
+
+class Stopwatch:
+    """Wall and CPU seconds per phase, for the JSON report (where the time goes)."""
+
+    def __init__(self) -> None:
+        self.phases: dict = {}
+        self._last = (time.perf_counter(), time.process_time())
+
+    def lap(self, phase: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        wall, cpu = self.phases.get(phase, (0.0, 0.0))
+        self.phases[phase] = (round(wall + now[0] - self._last[0], 3), round(cpu + now[1] - self._last[1], 3))
+        self._last = now
+
+
+def class_masks(structure: Structure, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(plate-group masks over `n_classes` columns, the treatment classes): the candidates."""
+    import numpy as np
+
+    masks = np.zeros((structure.n_groups, n_classes), dtype=bool)
+    for g, classes in enumerate(structure.groups):
+        masks[g, classes] = True
+    return masks, np.flatnonzero(masks.any(axis=0))
+
+
+@dataclass
+class Ensemble:
+    """The files' weighted mean per treatment well, and what goes with it."""
+    wells: Wells
+    board: Scoreboard
+    scores: np.ndarray        # float32 [wells, classes]
+    masks: np.ndarray         # plate groups over the classes
+    treatment: np.ndarray     # the classes treatment wells may get
+    extra: dict = field(default_factory=dict)  # what the report adds for this path (kNN settings)
 
 
 # ---------------------------------------------------------------------------------- scoring

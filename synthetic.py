@@ -392,6 +392,17 @@ def generate(out_dir: Path, config: SyntheticConfig, progress: bool = True) -> d
     return info
 
 
+def write_metadata(out_dir: Path, config: SyntheticConfig) -> tuple[pd.DataFrame, dict]:
+    """A data set's tables without its images, for planting embeddings or predictions on the
+    design (make_submission.py needs no pixels). Returns the kept wells (column `dataset` is the
+    split, `sirna` the true class) and the design's structure (groups, plate_groups, ...)."""
+    design, structure = make_design(config)
+    kept = design[~design["dropped"]].reset_index(drop=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    _write_tables(Path(out_dir), config, kept)
+    return kept, structure
+
+
 def sirna_name(k: int, config: SyntheticConfig) -> str:
     """Release-layout siRNA name: s##### for treatments, p##### for positive controls, EMPTY for the negative one."""
     if k < config.classes:

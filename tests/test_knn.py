@@ -1,5 +1,5 @@
 """knn.py and make_submission.py --knn on planted embeddings (class centres + cell-type and
-experiment offsets + noise) and a small fake data set (benchmarks/fake_predictions.py's wells)."""
+experiment offsets + noise) on a small synthetic design (synthetic.py's plates, no images)."""
 from __future__ import annotations
 
 import json
@@ -12,12 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import fake_predictions  # noqa: E402
 import knn  # noqa: E402
+import knn_submission  # noqa: E402
 import make_submission  # noqa: E402
 import metadata  # noqa: E402
+import synthetic  # noqa: E402
 from predfile import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_embeddings, save_predictions)
 
@@ -47,16 +46,13 @@ def fake_embeddings(wells: pd.DataFrame, n_classes: int, dim: int = 24, noise: f
 
 def fake_knn_set(tmp: Path, layout: str = "competition", noise: float = 0.9, dim: int = 24, folds: int = 3,
                  seed: int = 0, **sizes) -> dict:
-    """Metadata (fake_predictions' plate design) and an embeddings file with train/val/test parts."""
-    rng = np.random.default_rng(seed)
-    shape = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), plates=4, group_size=20,
-                 positive_controls=3, wells_per_plate=24, dropped_wells=3, dropped_plates=0)
+    """Metadata (synthetic.py's plate design, no images) and an embeddings file with train/val/test parts."""
+    shape = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), plates=4, classes=80,
+                 positive_controls=3, negative_wells=1, drop_wells=0.01)
     shape.update(sizes)
-    wells = fake_predictions.make_wells(rng, list(CELLS), list(shape["train_experiments"]),
-                                        list(shape["test_experiments"]), shape["plates"], shape["group_size"],
-                                        shape["positive_controls"], shape["wells_per_plate"],
-                                        shape["dropped_wells"], shape["dropped_plates"])
-    fake_predictions.write_metadata(wells, tmp / "data", layout, 2)
+    config = synthetic.SyntheticConfig(layout=layout, cell_types=CELLS, leak=False, seed=seed, **shape)
+    wells, design = synthetic.write_metadata(tmp / "data", config)
+    wells = wells.rename(columns={"dataset": "split"})
     assigned = metadata.assign_folds(wells, folds, seed)
     val_experiments = sorted(e for e, f in assigned.items() if f == 0)
     treatment = (wells["well_type"] == "treatment").to_numpy()
@@ -69,7 +65,7 @@ def fake_knn_set(tmp: Path, layout: str = "competition", noise: float = 0.9, dim
             for part, sel in parts.items()}
     path = tmp / "net.embeddings"
     save_embeddings(path, data)
-    return {"data": tmp / "data", "file": path, "wells": wells, "embeddings": data,
+    return {"data": tmp / "data", "file": path, "wells": wells, "embeddings": data, "design": design,
             "n_val": int(parts["val"].sum()), "n_train": int(parts["train"].sum())}
 
 
@@ -146,13 +142,57 @@ def test_votes_are_similarity_weighted():
     query = unit(np.array([[1.0, 0.0, 0.0]]))
     ref = unit(np.array([[1.0, 0.1, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [-1.0, 0.2, 0.0]]))
     labels = np.array([0, 1, 1, 2])
-    scores, _ = knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3))
     sim = ref @ query[0]
+    scores, _ = knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3), weight="relu-cos")
     np.testing.assert_allclose(scores[0], [sim[0], sim[1] + sim[2], 0.0], rtol=1e-6)
     assert np.argmax(scores[0]) == 1  # two fair neighbours outvote one close one; the negative one adds nothing
-    # a well whose neighbours all point away: they vote equally instead of not at all
-    scores, _ = knn.knn_scores(-query, ["A"], ref[:3], ["A"] * 3, labels[:3], {"A": 2}, 3, np.arange(3))
+    # sigmoid (the default, the 41st place's): even the anti-correlated neighbour votes, 1/(1+e^0.98)
+    scores, _ = knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3))
+    sig = 1 / (1 + np.exp(-sim))
+    np.testing.assert_allclose(scores[0], [sig[0], sig[1] + sig[2], sig[3]], rtol=1e-6)
+    np.testing.assert_allclose(scores[0], [0.73008, 1.33952, 0.27278], atol=1e-5)
+    # relu-cos: a well whose neighbours all point away: they vote equally instead of not at all
+    scores, _ = knn.knn_scores(-query, ["A"], ref[:3], ["A"] * 3, labels[:3], {"A": 2}, 3, np.arange(3),
+                               weight="relu-cos")
     assert scores[0].sum() == 2 and scores[0, 2] == 0
+    with pytest.raises(knn.KnnError, match="--knn-weight 'cos'"):
+        knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3), weight="cos")
+
+
+def test_group_search_takes_k_nearest_in_every_group():
+    """Two groups {0, 1} and {2, 3}; the query sits on class 0, the group-1 wells are farther."""
+    query = unit(np.array([[1.0, 0.0, 0.0]]))
+    ref = unit(np.array([[1.0, 0.05, 0.0], [1.0, 0.1, 0.0], [1.0, 0.9, 0.0],            # group 0
+                         [0.2, 1.0, 0.0], [0.1, 1.0, 0.3], [0.0, 1.0, 0.0]]))            # group 1
+    labels = np.array([0, 0, 1, 2, 3, 3])
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    sim = ref @ query[0]
+    for weight, w in (("relu-cos", np.maximum(sim, 0)), ("sigmoid", 1 / (1 + np.exp(-sim)))):
+        cell, used = knn.knn_scores(query, ["A"], ref, ["A"] * 6, labels, {"A": 2}, 4, np.arange(4), weight=weight)
+        assert used == {"A": 2}
+        np.testing.assert_allclose(cell[0], [w[0] + w[1], 0, 0, 0], rtol=1e-6)  # both nearest are class 0
+        group, used = knn.knn_scores(query, ["A"], ref, ["A"] * 6, labels, {"A": 2}, 4, np.arange(4),
+                                     reference_groups=groups, weight=weight)
+        assert used == {"A": 2}
+        # 2 nearest of group 0: the class-0 wells; of group 1: the class-2 well and the nearer class-3 one
+        np.testing.assert_allclose(group[0], [w[0] + w[1], 0, w[3], w[4]], rtol=1e-6)
+    # K above a group's size: all its wells, reported per group
+    _, used = knn.knn_scores(query, ["A"], ref[:5], ["A"] * 5, labels[:5], {"A": 3}, 4, np.arange(4),
+                             reference_groups=groups[:5])
+    assert used == {"A": {0: 3, 1: 2}}
+    assert knn_submission.short_of_k({"A": 3}, {"test": used}) == [
+        "test A, plate group 1: K 3 > its 2 reference wells, all used"]
+    with pytest.raises(knn.KnnError, match="no reference wells of plate group 1 among the A wells"):
+        knn.knn_scores(query, ["A"], ref[:3], ["A"] * 3, labels[:3], {"A": 2}, 4, np.arange(4),
+                       reference_groups=np.array([0, 0, 2]))
+
+
+def test_average_is_the_weighted_mean_of_raw_vectors():
+    a = np.array([[3.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    b = np.array([[0.0, 4.0], [0.0, -2.0]], dtype=np.float32)
+    # rows: (3*3 + 0, 0 + 4)/4 -> unit (9, 4); (0, 6 - 2)/4 -> (0, 1): raw vectors, not unit ones
+    np.testing.assert_allclose(knn.average([a, b], [3.0, 1.0]), unit(np.array([[9.0, 4.0], [0.0, 1.0]])), rtol=1e-6)
+    np.testing.assert_allclose(knn.average([a, b], [1.0, 0.0]), unit(a))  # weight 0 drops a file
 
 
 def test_concatenate_is_the_weighted_mean_of_cosines():
@@ -197,13 +237,13 @@ def test_use_valid_adds_val_wells_to_the_test_reference():
     close = unit(far + 0.2 * close)  # ~ the test well; training wells are `far`: sim ~0.98
     n_ref = 3
     features = np.stack([far, far, far, close, close]).astype(np.float32)  # refs, then val, test rows
-    wells = make_submission.Wells(keep={}, id_code=np.array(["v", "t"]), experiment=np.array(["A-01", "A-02"]),
+    wells = knn_submission.Wells(keep={}, id_code=np.array(["v", "t"]), experiment=np.array(["A-01", "A-02"]),
                                   plate=np.array([1, 1]), cell_type=np.array(["A", "A"]),
                                   label=np.array([5, -1]), n_val=1)
-    ref = make_submission.Reference(keep=np.arange(n_ref), cell_type=np.array(["A"] * n_ref),
+    ref = knn_submission.Reference(keep=np.arange(n_ref), cell_type=np.array(["A"] * n_ref),
                                     label=np.full(n_ref, 3), ignored_controls=0)
     for use_valid, expected in ((False, 3), (True, 5)):
-        setup = make_submission.KnnSetup({"A": 1}, n_ref, ref, wells, 8, np.arange(8), use_valid)
+        setup = knn_submission.KnnSetup({"A": 1}, n_ref, ref, wells, 8, np.arange(8), use_valid)
         scores, used = setup.scores(features, np.arange(2))
         assert np.argmax(scores[0]) == 3               # val wells: training neighbours only, always
         assert np.argmax(scores[1]) == expected
@@ -333,6 +373,96 @@ def test_cli_knn_errors(fake, tmp_path, capsys):
     save_embeddings(odd, {**data, "train": dict(list(data["train"].items())[1:])})
     expect_error(capsys, fake, tmp_path / "e.csv", "--knn", "3", files=[fake["file"], odd],
                  match=["odd.embeddings", "different train wells"])
-    with pytest.raises(SystemExit):
-        make_submission.parse_args(["-o", "x.csv", "--use-valid", "f"])
-    capsys.readouterr()
+    for flags in (["--use-valid"], ["--knn-search", "cell"], ["--knn-weight", "sigmoid"], ["--knn-combine", "mean"],
+                  ["--group-method", "mode"]):
+        with pytest.raises(SystemExit):
+            make_submission.parse_args(["-o", "x.csv", *flags, "f"])
+        assert f"{flags[0]}" in capsys.readouterr().err
+
+
+def planted_group_of(info: dict, structure: metadata.Structure) -> dict:
+    """Planted plate group per test plate, numbered as the metadata's groups (by their first class)."""
+    first = {int(g[0]): i for i, g in enumerate(structure.groups)}
+    derived = {g: first[min(classes)] for g, classes in enumerate(info["design"]["groups"])}
+    out: dict = {}
+    for key, g in info["design"]["plate_groups"].items():
+        experiment, plate = key.rsplit("_", 1)
+        if experiment in info["design"]["experiments"]["test"]:
+            out.setdefault(experiment, {})[plate] = derived[g]
+    return out
+
+
+def test_cli_group_search_recovers_planted_plate_groups_and_beats_cell_search(tmp_path, capsys):
+    """Planted embeddings, 4 cell types x (4 train, 2 test) experiments, 4 groups of 20 classes."""
+    info = fake_knn_set(tmp_path, layout="release", noise=1.5, train_experiments=(4, 4, 4, 4),
+                        test_experiments=(2, 2, 2, 2), seed=1)
+    group, cell = tmp_path / "group.csv", tmp_path / "cell.csv"
+    rc, stdout, err = run(capsys, info, group, "--knn", "5")
+    assert rc == 0, err
+    assert "search per plate group, votes sigmoid; plate-group evidence: mode" in stdout
+    assert run(capsys, info, cell, "--knn", "5", "--knn-search", "cell")[0] == 0
+    report = json.loads(Path(f"{group}.json").read_text())
+    assert (report["knn"]["search"], report["knn"]["weight"], report["group_method"]) == ("group", "sigmoid", "mode")
+    structure = metadata.derive_structure(metadata.load_wells(info["data"]))
+    assert report["test_plate_groups"] == planted_group_of(info, structure)  # every test plate's planted group
+    assert report["plate_groups_correct"]["val"] == {"correct": 24, "total": 24}
+    g, c = stages(group, "test"), stages(cell, "test")
+    # measured: assignment 0.867 (group) vs 0.774 (cell) on test, 0.863 vs 0.770 on val
+    assert g["assignment"] > c["assignment"] + 0.05, (g, c)
+    assert stages(group)["assignment"] > stages(cell)["assignment"] + 0.05
+    assert json.loads(Path(f"{cell}.json").read_text())["knn"]["search"] == "cell"
+
+
+def test_cli_knn_short_k_is_reported(fake, tmp_path, capsys):
+    out = tmp_path / "sub.csv"
+    rc, stdout, err = run(capsys, fake, out, "--knn", "HEPG2=2,HUVEC=2,RPE=2,U2OS=50")
+    assert rc == 0, err
+    info = json.loads(Path(f"{out}.json").read_text())["knn"]
+    # U2OS has one train experiment: at most 20 wells a group, so every group is short of 50
+    assert all(n <= 20 for n in info["k_used"]["test"]["U2OS"].values())
+    short = info["k_short"]
+    assert short and all("U2OS" in line and "K 50 >" in line for line in short)
+    assert f"warning: {short[0]}" in stdout
+    assert info["k_used"]["test"]["HEPG2"] == 2
+
+
+def test_cli_knn_combine(fake, tmp_path, capsys):
+    data = load_predictions(fake["file"], kind="embeddings")
+    rng = np.random.default_rng(11)
+    for part in data.values():  # the same width, another model: its own noise
+        for key, sites in part.items():
+            part[key] = [s + rng.standard_normal(s.shape).astype(np.float32) for s in sites]
+    other = tmp_path / "other.embeddings"
+    save_embeddings(other, data)
+    both = [fake["file"], other]
+    runs = {}
+    for name, flags in (("auto", []), ("mean", ["--knn-combine", "mean"]), ("concat", ["--knn-combine", "concat"])):
+        out = tmp_path / f"{name}.csv"
+        rc, stdout, err = run(capsys, fake, out, "--knn", "3", *flags, files=both)
+        assert rc == 0, err
+        runs[name] = (out.read_text(), json.loads(Path(f"{out}.json").read_text()))
+    assert runs["auto"][0] == runs["mean"][0]  # same width: averaged by default, as the 41st place
+    assert runs["auto"][1]["knn"]["combine"] == "mean" and runs["concat"][1]["knn"]["combine"] == "concat"
+    assert [s["stage"] for s in runs["mean"][1]["stages"]][2] == "knn mean (w=1,1)"
+    assert runs["concat"][0] != runs["mean"][0]
+    # different widths: mean is refused, naming both files and the way out
+    wide = tmp_path / "wide.embeddings"
+    save_embeddings(wide, {p: {k: [np.concatenate([s, s[:3]]) for s in v] for k, v in part.items()}
+                           for p, part in load_predictions(fake["file"], kind="embeddings").items()})
+    expect_error(capsys, fake, tmp_path / "x.csv", "--knn", "3", "--knn-combine", "mean", files=[fake["file"], wide],
+                 match=["--knn-combine mean", "wide.embeddings has vectors of 27", "net.embeddings of 24",
+                        "--knn-combine concat"])
+
+
+def test_mode_group_evidence_is_the_plate_mean_of_the_best_vote_per_group():
+    import plates
+
+    masks = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=bool)
+    scores = np.array([[2.0, 0.5, 1.0, 0.0],     # plate 0
+                       [0.0, 1.0, 3.0, 0.5],     # plate 0
+                       [0.2, 0.0, 0.0, 0.1]])    # plate 1 (one well)
+    table = plates.plate_group_scores(scores, np.array([0, 0, 1]), masks, "mode")
+    np.testing.assert_allclose(table, [[(2 + 1) / 2, (1 + 3) / 2], [0.2, 0.1]])  # means, not sums
+    # the plates of one experiment get different groups: plate 0 takes group 1 (2.0 + 0.2 > 1.5 + 0.1)
+    groups = plates.infer_plate_groups(scores, ["E"] * 3, [1, 1, 2], masks, "mode")
+    assert groups.tolist() == [1, 1, 0]
