@@ -26,11 +26,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from augment import (  # noqa: F401 (re-exported: dataset.X keeps working)
+from cellpaint.data.augment import (  # noqa: F401 (re-exported: dataset.X keeps working)
     ZOOM_MODES, Augment, adjust_gamma, apply_geometry, brightness_contrast, channel_jitter, dihedral,
     draw_zoom_box, jitter_draws, normalised_photometric, random_zoom_crop, raw_photometric, rotate, zoom)
-from images import CHANNELS, CacheError, ImageCache, ImageError, read_site
-from metadata import DataError
+from cellpaint.data.images import CHANNELS, CacheError, ImageCache, ImageError, read_site
+from cellpaint.data.metadata import DataError
 
 NORMALIZATIONS = ("sample", "experiment", "global", "global-pooled")
 OUTPUTS = ("float", "uint8")
@@ -56,8 +56,8 @@ def compute_pixel_stats(table: pd.DataFrame, channels: int = CHANNELS) -> pd.Dat
 
 def load_pixel_stats(data_dir: Path, table: pd.DataFrame, cache_dir: Path | None) -> pd.DataFrame:
     """pixel_stats.csv of the data set if present, else computed once and cached in `cache_dir`."""
-    from atomic import atomic_write
-    from metadata import read_csv
+    from cellpaint.atomic import atomic_write
+    from cellpaint.data.metadata import read_csv
 
     required = ["id_code", "site", "channel", "mean", "std"]
     given = Path(data_dir) / "pixel_stats.csv"

@@ -25,26 +25,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-import autoselect
-import batch
-import check
+from cellpaint.training import autoselect
+from cellpaint.training import mixing
+from cellpaint.data import check
 import dataset
-import distributed
-import metadata
-import pseudo
-import runconfig
-import runlock
-from atomic import atomic_write
-from checkpoints import (CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
+from cellpaint.training import distributed
+from cellpaint.data import metadata
+from cellpaint.training import pseudo_labels
+from cellpaint.training import runconfig
+from cellpaint.training import runlock
+from cellpaint.atomic import atomic_write
+from cellpaint.training.checkpoints import (CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
                          save_checkpoint)
-from augment import BC_SPACES, FLIP_SETS, ROTATE_BORDERS
-from engine import (Data, amp_dtype, augment_from_args, build_model, evaluate, infer, load_data, loss_classes,
+from cellpaint.data.augment import BC_SPACES, FLIP_SETS, ROTATE_BORDERS
+from cellpaint.training.engine import (Data, amp_dtype, augment_from_args, build_model, evaluate, infer, load_data, loss_classes,
                     make_dataset, make_loader, make_optimizer, precision_name, prepare_model, resolve_backbone,
                     train_one_epoch)
 from model import (HEADS, LOSSES, STEM_INITS, CellClassifier, PretrainedUnavailable, is_supported_backbone,
                    supported_backbones)
-from predfile import save_embeddings, save_predictions
-from schedule import LRGroups, LRSchedule, SizeFunction
+from cellpaint.prediction.prediction_file import save_embeddings, save_predictions
+from cellpaint.training.schedule import LRGroups, LRSchedule, SizeFunction
 from tools.curves import plot_training_curves
 
 log = logging.getLogger("cellpaint")
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", "--ls", dest="label_smoothing", type=float, default=0.0)
     g.add_argument("--mixup", type=float, default=0.0, help="Beta alpha of mixup (0: off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="Beta alpha of cutmix (0: off)")
-    g.add_argument("--mix-partners", choices=batch.PARTNER_RULES, default="shared",
+    g.add_argument("--mix-partners", choices=mixing.PARTNER_RULES, default="shared",
                    help="with mixup and cutmix both on: one partner permutation for both (shared, the 1st "
                         "place) or one each (separate)")
     g.add_argument("--pw-aug", type=float_pair, default=(0.1, 0.1), help="per-channel scale std,bias std")
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pl-size-func", type=size_func_type, default=SizeFunction("x"),
                    help="fraction of val+test wells labelled by then, as a function of "
                         "x = (epoch - pl_epoch + 1) / (epochs - pl_epoch + 1)")
-    g.add_argument("--pl-duplicates", choices=pseudo.DUPLICATE_RULES, default="drop",
+    g.add_argument("--pl-duplicates", choices=pseudo_labels.DUPLICATE_RULES, default="drop",
                    help="a chosen well whose class a more confident well of its plate got this epoch: dropped "
                         "(fewer wells added, the 1st place) or replaced by the next-ranked well (refill)")
     g = p.add_argument_group("data")
@@ -373,11 +373,11 @@ def train(args) -> None:
     for epoch in range(state["epoch"] + 1, args.epochs):
         args.epoch_now = epoch  # for the message of an interruption
         if args.pl_epoch is not None and epoch >= args.pl_epoch:
-            new = pseudo.pseudo_label_epoch(args, epoch, runner, data, state["pseudo_labels"],
+            new = pseudo_labels.pseudo_label_epoch(args, epoch, runner, data, state["pseudo_labels"],
                                             lambda rows: infer(args, runner, make_dataset(args, data, rows, False),
                                                                device, dtype)["logits"])
             state["pseudo_labels"].update(distributed.from_main(new, args.world))  # every process trains on one set
-        rows, labels = pseudo.training_rows(data.subsets, state["pseudo_labels"])
+        rows, labels = pseudo_labels.training_rows(data.subsets, state["pseudo_labels"])
         loader = make_loader(args, make_dataset(args, data, rows, train=True, labels=labels), epoch)
         tic = time.time()
         metrics = train_one_epoch(args, runner, loader, optimizer, scaler, epoch, data.structure.n_classes,

@@ -37,9 +37,9 @@ if TYPE_CHECKING:  # imported in main(), after the BLAS thread variables are set
     import numpy as np
     import pandas as pd
 
-    from metadata import Structure
+    from cellpaint.data.metadata import Structure
 
-from stages import (Ensemble, Scoreboard, Stopwatch, SubmissionError, argmax_over,  # noqa: E402
+from cellpaint.submission.stages import (Ensemble, Scoreboard, Stopwatch, SubmissionError, argmax_over,  # noqa: E402
                     check_same_wells, class_masks, match_metadata, plate_group_report)
 
 GROUP_METHODS = ("prob", "argmax", "mode")
@@ -121,7 +121,7 @@ def ensemble_files(files: list[str], weights: list[float], table: pd.DataFrame, 
     """
     import numpy as np
 
-    from predfile import load_well_sums
+    from cellpaint.prediction.prediction_file import load_well_sums
 
     first = wells = board = total = average = masks = treatment = None
     for i, (path, weight) in enumerate(zip(files, weights)):
@@ -173,7 +173,7 @@ def plate_stages(ens: Ensemble, group_method: str, assign_scores: str, clock: St
     """
     import numpy as np
 
-    import plates
+    from cellpaint.submission import plates
 
     wells, board = ens.wells, ens.board
     groups = plates.infer_plate_groups(ens.scores, wells.experiment, wells.plate, ens.masks, group_method)
@@ -203,8 +203,8 @@ def build(args: argparse.Namespace) -> tuple[str, dict]:
     clock = Stopwatch()
     import numpy as np
 
-    import metadata
-    import plates
+    from cellpaint.data import metadata
+    from cellpaint.submission import plates
 
     weights = parse_weights(args.weights, len(args.files))
     for path in args.files:  # fail before the slow part when a file is simply not there
@@ -219,7 +219,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict]:
     clock.lap("metadata")
 
     if args.knn is not None:
-        from knn_submission import knn_ensemble
+        from cellpaint.submission.knn_submission import knn_ensemble
         ens = knn_ensemble(args, weights, table, structure, clock)
     else:
         ens = ensemble_files(args.files, weights, table, structure, clock)
@@ -256,9 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for variable in _THREAD_VARIABLES:  # read by the BLAS/OpenMP runtimes when numpy loads
             os.environ[variable] = str(args.threads)
     started = time.perf_counter()
-    from knn import KnnError
-    from metadata import DataError
-    from predfile import PredictionFileError
+    from cellpaint.submission.knn import KnnError
+    from cellpaint.data.metadata import DataError
+    from cellpaint.prediction.prediction_file import PredictionFileError
 
     try:
         csv, report = build(args)
@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"plate groups inferred correctly ({split}): {counts['correct']}/{counts['total']} plates")
     report["seconds"] = round(time.perf_counter() - started, 3)
     json_path = f"{args.output}.json"
-    from atomic import write_with_companion
+    from cellpaint.atomic import write_with_companion
     try:  # never new scores beside an old CSV, even when killed between the two renames
         write_with_companion(args.output, csv, json_path, json.dumps(report, indent=1) + "\n")
     except OSError as e:

@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-import images
-import metadata
-from atomic import write_text
+from cellpaint.data import images
+from cellpaint.data import metadata
+from cellpaint.atomic import write_text
 
 
 def _decode(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:

@@ -30,9 +30,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import metadata  # noqa: E402
-from atomic import write_text  # noqa: E402
-from predfile import save_predictions  # noqa: E402
+from cellpaint.data import metadata  # noqa: E402
+from cellpaint.atomic import write_text  # noqa: E402
+from cellpaint.prediction.prediction_file import save_predictions  # noqa: E402
 
 _BLOCK = 2048  # wells per block of generated logits
 

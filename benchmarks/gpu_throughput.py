@@ -41,9 +41,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import autoselect  # noqa: E402
+from cellpaint.training import autoselect  # noqa: E402
 import dataset  # noqa: E402
-import engine  # noqa: E402
+from cellpaint.training import engine  # noqa: E402
 import main as trainer  # noqa: E402
 import prepare  # noqa: E402
 import synthetic  # noqa: E402

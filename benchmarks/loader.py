@@ -41,8 +41,8 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import dataset  # noqa: E402
-import images  # noqa: E402
-import metadata  # noqa: E402
+from cellpaint.data import images  # noqa: E402
+from cellpaint.data import metadata  # noqa: E402
 import prepare  # noqa: E402
 import synthetic  # noqa: E402
 

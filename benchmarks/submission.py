@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import fake_predictions  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-import metadata  # noqa: E402
-import plates  # noqa: E402
+from cellpaint.data import metadata  # noqa: E402
+from cellpaint.submission import plates  # noqa: E402
 
 # run one command, report its wall time and the peak RSS of that child only
 _WRAPPER = """

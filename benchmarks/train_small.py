@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or demo.synthetic_data(args.out, "")
 
     import main as trainer
-    import metadata
+    from cellpaint.data import metadata
 
     n_treatment = len(metadata.derive_structure(metadata.load_wells(data)).treatment_classes)
     started = time.time()

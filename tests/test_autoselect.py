@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import autoselect as A
-import engine
+from cellpaint.training import autoselect as A
+from cellpaint.training import engine
 import main
 from tests.conftest import SMALL, run
 

@@ -11,8 +11,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import dataset
-import images
-import metadata
+from cellpaint.data import images
+from cellpaint.data import metadata
 from synthetic import SyntheticConfig, generate
 from tests.conftest import TINY
 

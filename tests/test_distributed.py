@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils.data import RandomSampler
 
-import distributed
-from predfile import load_predictions
+from cellpaint.training import distributed
+from cellpaint.prediction.prediction_file import load_predictions
 from synthetic import SyntheticConfig, generate
 from tests.conftest import ROOT, run
 

@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import torch
 
-import batch
+from cellpaint.training import mixing
 import dataset
-import engine
+from cellpaint.training import engine
 import main
-import metadata
-import pseudo
+from cellpaint.data import metadata
+from cellpaint.training import pseudo_labels
 from model import CellClassifier, combined_loss
 from tests.conftest import SMALL, run
 
@@ -39,13 +39,13 @@ def test_duplicate_class_on_a_plate_is_dropped_not_refilled():
     Asked for 2, the original takes W0 and W1, drops W1 (class 0 is taken) and adds only 1."""
     wells, logits, structure = _one_plate([[10, 1, 0, 0], [9, 1, 0, 0], [0, 8, 1, 0]])
     none = pd.DataFrame({"experiment": [], "plate": []})
-    drop = pseudo.select(wells, logits, structure, none, np.zeros(0, np.int64), count=2)
+    drop = pseudo_labels.select(wells, logits, structure, none, np.zeros(0, np.int64), count=2)
     assert drop == {"E_1_W0": 0}
-    refill = pseudo.select(wells, logits, structure, none, np.zeros(0, np.int64), count=2, duplicates="refill")
+    refill = pseudo_labels.select(wells, logits, structure, none, np.zeros(0, np.int64), count=2, duplicates="refill")
     assert refill == {"E_1_W0": 0, "E_1_W2": 1}
-    assert pseudo.select(wells, logits, structure, none, np.zeros(0, np.int64), count=3) == {"E_1_W0": 0, "E_1_W2": 1}
+    assert pseudo_labels.select(wells, logits, structure, none, np.zeros(0, np.int64), count=3) == {"E_1_W0": 0, "E_1_W2": 1}
     with pytest.raises(ValueError, match="duplicate rule 'keep'"):
-        pseudo.select(wells, logits, structure, none, np.zeros(0, np.int64), count=2, duplicates="keep")
+        pseudo_labels.select(wells, logits, structure, none, np.zeros(0, np.int64), count=2, duplicates="keep")
 
 
 def test_training_run_labels_by_the_original_schedule(tiny_competition, tmp_path):
@@ -178,7 +178,7 @@ def test_mixup_and_cutmix_share_one_partner():
     targets t' = λ t + (1-λ) t[perm], then t'' = k t' + (1-k) t'[perm] with the same perm."""
     x = torch.randn(8, 6, 16, 16)
     cell, target = torch.eye(8), torch.eye(8)
-    mixed_x, mixed_cell, mixed = batch.mix_batch(x, cell, target, 0.4, 1.0, np.random.default_rng(3))
+    mixed_x, mixed_cell, mixed = mixing.mix_batch(x, cell, target, 0.4, 1.0, np.random.default_rng(3))
     rng = np.random.default_rng(3)
     perm = rng.permutation(8)
     lam = torch.tensor(rng.beta(0.4, 0.4, 8), dtype=torch.float32)[:, None]
@@ -197,10 +197,10 @@ def test_mixup_and_cutmix_share_one_partner():
     # each sample's classes: itself, its partner and its partner's partner, never more
     for i in range(8):
         assert set(np.flatnonzero(mixed[i].numpy() > 1e-7)) <= {i, perm[i], perm[perm[i]]}
-    separate = batch.mix_batch(x, cell, target, 0.4, 1.0, np.random.default_rng(3), "separate")[2]
+    separate = mixing.mix_batch(x, cell, target, 0.4, 1.0, np.random.default_rng(3), "separate")[2]
     assert not torch.allclose(separate, mixed)
     with pytest.raises(ValueError, match="partner rule"):
-        batch.mix_batch(x, cell, target, 0.4, 1.0, np.random.default_rng(3), "one")
+        mixing.mix_batch(x, cell, target, 0.4, 1.0, np.random.default_rng(3), "one")
 
 
 # ------------------------------------------------------------------------ global statistics

@@ -12,12 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import knn  # noqa: E402
-import knn_submission  # noqa: E402
+from cellpaint.submission import knn  # noqa: E402
+from cellpaint.submission import knn_submission  # noqa: E402
 import make_submission  # noqa: E402
-import metadata  # noqa: E402
+from cellpaint.data import metadata  # noqa: E402
 import synthetic  # noqa: E402
-from predfile import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
+from cellpaint.prediction.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_embeddings, save_predictions)
 
 CELLS = ("HEPG2", "HUVEC", "RPE", "U2OS")
@@ -455,7 +455,7 @@ def test_cli_knn_combine(fake, tmp_path, capsys):
 
 
 def test_mode_group_evidence_is_the_plate_mean_of_the_best_vote_per_group():
-    import plates
+    from cellpaint.submission import plates
 
     masks = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=bool)
     scores = np.array([[2.0, 0.5, 1.0, 0.0],     # plate 0

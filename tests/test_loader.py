@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import default_collate
 
 import dataset
-import images
+from cellpaint.data import images
 import main
-import metadata
+from cellpaint.data import metadata
 import prepare
 
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")

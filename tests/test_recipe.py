@@ -12,14 +12,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import default_collate
 
-import augment
+from cellpaint.data import augment
 import dataset
-import engine
+from cellpaint.training import engine
 import main
-import metadata
+from cellpaint.data import metadata
 import model as M
-from checkpoints import CHECKPOINT_FORMAT, checkpoint_args
-from schedule import LRSchedule
+from cellpaint.training.checkpoints import CHECKPOINT_FORMAT, checkpoint_args
+from cellpaint.training.schedule import LRSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-import check
-import engine
+from cellpaint.data import check
+from cellpaint.training import engine
 import main
 from tests.conftest import ROOT, SMALL, run
 
@@ -142,7 +142,7 @@ def test_skip_bad_images_covers_validation_pseudo_labels_and_prediction(tiny_com
     """With --skip-bad-images an unreadable val/test site is left out of validation, pseudo-labelling and
     prediction instead of stopping a long run; a test well with no readable site still gets a row."""
     import make_submission
-    from predfile import load_predictions
+    from cellpaint.prediction.prediction_file import load_predictions
 
     data = tmp_path / "d"
     shutil.copytree(tiny_competition[0], data)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fake_predictions  # noqa: E402
 import make_submission  # noqa: E402
-from predfile import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
+from cellpaint.prediction.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_predictions)
 
 SMALL = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), group_size=20,
@@ -291,7 +291,7 @@ def test_a_kill_between_the_renames_never_pairs_new_scores_with_an_old_csv(tmp_p
     alone, at the second the new one; never the old CSV beside new scores."""
     import os
 
-    import atomic
+    from cellpaint import atomic
     csv, scores = tmp_path / "sub.csv", tmp_path / "sub.csv.json"
     csv.write_text("old csv\n")
     scores.write_text("old scores\n")

@@ -119,7 +119,7 @@ def test_contact_sheet_grid(data, tmp_path, capsys, monkeypatch):
     assert "(6 tiles)" in capsys.readouterr().out
     assert not (tmp_path / "site.png").exists()  # only the sheet was asked for
 
-    import metadata
+    from cellpaint.data import metadata
     table = metadata.load_table(data)
     sheet = show.contact_sheet(table, [0, 1, 2], 2, scale=2)  # the same grid, without the CLI's title line
     with Image.open(out) as img:

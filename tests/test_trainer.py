@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-import batch
+from cellpaint.training import mixing
 import main
-import metadata
-import pseudo
-from schedule import LRSchedule, SizeFunction
+from cellpaint.data import metadata
+from cellpaint.training import pseudo_labels
+from cellpaint.training.schedule import LRSchedule, SizeFunction
 from tests.conftest import SMALL, run
 
 # ------------------------------------------------------------------------------ pure functions
@@ -59,13 +59,13 @@ def test_mixed_targets_sum_to_one():
     x = torch.rand(8, 6, 16, 16)
     cell = torch.eye(4)[torch.randint(0, 4, (8,))]
     target = torch.eye(10)[torch.randint(0, 10, (8,))] * 0.9 + 0.01
-    for fn in (batch.mixup, batch.cutmix):
+    for fn in (mixing.mixup, mixing.cutmix):
         for _ in range(5):
             mx, mc, mt = fn(x, cell, target, 1.0, rng)
             assert mx.shape == x.shape
             assert torch.allclose(mt.sum(1), torch.ones(8)) and torch.allclose(mc.sum(1), torch.ones(8))
     # cutmix: the target weight of the partner equals the pasted area
-    mx, _, mt = batch.cutmix(x, cell, torch.eye(8), 1.0, np.random.default_rng(1))
+    mx, _, mt = mixing.cutmix(x, cell, torch.eye(8), 1.0, np.random.default_rng(1))
     pasted = (mx != x).flatten(1).any(0).view(6, 16, 16)[0].float().mean()
     assert torch.allclose(1 - mt.diagonal(), torch.full((8,), float(pasted)), atol=1e-6) or pasted == 0
 
@@ -74,17 +74,17 @@ def test_pl_fraction_follows_the_original_schedule():
     """x = (e - pl + 1) / (E - pl + 1): the 1st place's recipe (130 epochs, pl 90, 0.6x+0.4)
     labels 41.46% of the candidates at epoch 90 and 98.54% at the last epoch, never 100%."""
     f = SizeFunction("0.6*x+0.4")
-    assert pseudo.pl_fraction(f, 90, 90, 130) == pytest.approx(0.6 / 41 + 0.4)
-    assert pseudo.pl_fraction(f, 90, 90, 130) == pytest.approx(0.414634, abs=1e-6)
-    assert pseudo.pl_fraction(f, 129, 90, 130) == pytest.approx(0.985366, abs=1e-6)
+    assert pseudo_labels.pl_fraction(f, 90, 90, 130) == pytest.approx(0.6 / 41 + 0.4)
+    assert pseudo_labels.pl_fraction(f, 90, 90, 130) == pytest.approx(0.414634, abs=1e-6)
+    assert pseudo_labels.pl_fraction(f, 129, 90, 130) == pytest.approx(0.985366, abs=1e-6)
     # wells labelled by each epoch of the recipe for 19,897 candidate wells (round(f(x) * N))
     n = 19_897
-    counts = [round(pseudo.pl_fraction(f, e, 90, 130) * n) for e in range(90, 130)]
+    counts = [round(pseudo_labels.pl_fraction(f, e, 90, 130) * n) for e in range(90, 130)]
     assert counts[0] == 8250 and counts[1] == 8541 and counts[-1] == 19606
     assert all(b > a for a, b in zip(counts, counts[1:]))
     # with the default x the first pseudo-labelling epoch already labels 1/(E - pl + 1)
-    assert pseudo.pl_fraction(SizeFunction("x"), 90, 90, 130) == pytest.approx(1 / 41)
-    assert pseudo.pl_fraction(SizeFunction("2*x"), 129, 90, 130) == 1.0
+    assert pseudo_labels.pl_fraction(SizeFunction("x"), 90, 90, 130) == pytest.approx(1 / 41)
+    assert pseudo_labels.pl_fraction(SizeFunction("2*x"), 129, 90, 130) == 1.0
 
 
 def test_pseudo_label_selection_respects_plates():
@@ -105,7 +105,7 @@ def test_pseudo_label_selection_respects_plates():
     wells = pd.DataFrame(rows)
     logits = np.array(logits, dtype=np.float32)
     empty = pd.DataFrame({"experiment": [], "plate": []})
-    chosen = pseudo.select(wells, logits, structure, empty, np.zeros(0, np.int64), count=9, duplicates="refill")
+    chosen = pseudo_labels.select(wells, logits, structure, empty, np.zeros(0, np.int64), count=9, duplicates="refill")
     assert len(chosen) == 9
     by_plate = {}
     for code, label in chosen.items():
@@ -115,7 +115,7 @@ def test_pseudo_label_selection_respects_plates():
     assert all(len(v) == len(set(v)) for v in by_plate.values())
     # classes already labelled on a plate are not given again, and their wells vote for the group
     labelled = pd.DataFrame({"experiment": ["E1"], "plate": [1]})
-    again = pseudo.select(wells, logits, structure, labelled, np.array([0]), count=12, duplicates="refill")
+    again = pseudo_labels.select(wells, logits, structure, labelled, np.array([0]), count=12, duplicates="refill")
     assert all(label != 0 for code, label in again.items() if code.startswith("E1_1_"))
     assert len(again) == 11  # 12 wells, class 0 of E1 plate 1 is taken: one well cannot be labelled
 
@@ -140,7 +140,7 @@ def test_pseudo_labels_follow_the_schedule(trained, tiny_competition):
     table = metadata.load_table(tiny_competition[0])
     table = metadata.apply_layout_matches(table, metadata.find_layout_matches(table))
     subsets = metadata.split_subsets(table, metadata.assign_folds(table, 6, 0), 0)
-    candidates = pseudo.candidate_sites(subsets)["id_code"].unique()
+    candidates = pseudo_labels.candidate_sites(subsets)["id_code"].unique()
     labels = state["pseudo_labels"]
     # asked for round(f * N); the duplicate rule may drop some of those, never add more
     assert 0 < len(labels) <= round(0.5 * len(candidates)) and set(labels) <= set(candidates)
@@ -291,7 +291,7 @@ def test_finetune_cell_type_without_validation_wells_says_so(tiny_competition, t
 
 
 def test_merge_per_cell_type_predictions(tmp_path, capsys):
-    from predfile import load_predictions, save_predictions
+    from cellpaint.prediction.prediction_file import load_predictions, save_predictions
     from tools import merge_predictions
     v = lambda: [np.zeros(5, np.float32), np.ones(5, np.float32)]
     save_predictions(tmp_path / "a.output", {"test": {"A_1_B02": v()}, "val": {"A_2_B02": v()}})

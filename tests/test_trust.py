@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import torch
 
-import engine
+from cellpaint.training import engine
 import main
 import make_submission
-from check import check_data
-import runconfig
-import runlock
+from cellpaint.data.check import check_data
+from cellpaint.training import runconfig
+from cellpaint.training import runlock
 from synthetic import SyntheticConfig, generate
 from tests.conftest import ROOT, SMALL, TINY, run
 
@@ -171,7 +171,7 @@ def test_a_second_run_on_the_same_save_is_refused_while_the_first_lives(trained,
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over(tiny_competition, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import runlock, time, sys\n"
+    holder = subprocess.Popen([sys.executable, "-c", "from cellpaint.training import runlock; import time, sys\n"
                                f"with runlock.hold({str(tmp_path / 'net.lock')!r}, 'x'):\n"
                                "    print('held', flush=True); time.sleep(600)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -323,7 +323,7 @@ def test_a_site_of_another_size_is_one_line(tiny_competition, tmp_path, caplog):
 
 
 def test_a_full_disk_keeps_the_earlier_checkpoints(tiny_competition, tmp_path, monkeypatch, caplog):
-    import checkpoints
+    from cellpaint.training import checkpoints
     real = torch.save
     calls = {"n": 0}
 

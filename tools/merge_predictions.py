@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from predfile import PredictionFileError, load_predictions, save_predictions
+from cellpaint.prediction.prediction_file import PredictionFileError, load_predictions, save_predictions
 
 
 def merge(paths: list[str], kind: str = "logits") -> dict[str, dict]:

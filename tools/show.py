@@ -29,10 +29,10 @@ from PIL import Image, ImageDraw, ImageFont
 if __package__ in (None, ""):  # run as a script (python tools/show.py): make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import metadata  # noqa: E402
-from atomic import atomic_write  # noqa: E402
-from images import read_site  # noqa: E402,F401 - show.read_site is part of this tool's API
-from metadata import DataError  # noqa: E402
+from cellpaint.data import metadata  # noqa: E402
+from cellpaint.atomic import atomic_write  # noqa: E402
+from cellpaint.data.images import read_site  # noqa: E402,F401 - show.read_site is part of this tool's API
+from cellpaint.data.metadata import DataError  # noqa: E402
 
 PROG = "python -m tools.show"
 TILE_TARGET = 128            # px: small sites are enlarged (nearest neighbour) to at least this

@@ -23,12 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import autoselect
-import batch
+from cellpaint.training import autoselect
+from cellpaint.training import mixing
 import dataset
-import distributed
-import images
-import metadata
+from cellpaint.training import distributed
+from cellpaint.data import images
+from cellpaint.data import metadata
 from model import CellClassifier, smooth_labels, training_loss
 
 log = logging.getLogger("cellpaint")
@@ -292,7 +292,7 @@ def train_one_epoch(args, model, loader, optimizer, scaler, epoch: int, n_classe
         x = dataset.prepare_batch(x, device, settings=settings)
         cell, y = cell.to(device, non_blocking=True), y.to(device)
         target = smooth_labels(y, n_classes, args.label_smoothing)
-        x, cell, target = batch.mix_batch(x, cell, target, args.mixup, args.cutmix, rng, args.mix_partners)
+        x, cell, target = mixing.mix_batch(x, cell, target, args.mixup, args.cutmix, rng, args.mix_partners)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(x, cell)
             loss = training_loss(out, target, args.loss, args.metric_loss_coeff, classes)

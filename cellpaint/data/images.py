@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from metadata import DataError
+from cellpaint.data.metadata import DataError
 
 CHANNELS = 6
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

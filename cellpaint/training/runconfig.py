@@ -15,8 +15,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from checkpoints import ARCHITECTURE, plain_value
-from metadata import DataError
+from cellpaint.training.checkpoints import ARCHITECTURE, plain_value
+from cellpaint.data.metadata import DataError
 
 # how and where the run executes, not what it computes: these may differ from the checkpoint's
 MAY_CHANGE = ("data", "image_cache", "cache_dir", "num_data_workers", "threads", "device", "disp_batches",

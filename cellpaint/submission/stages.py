@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-    from metadata import Structure
-    from predfile import WellSums
+    from cellpaint.data.metadata import Structure
+    from cellpaint.prediction.prediction_file import WellSums
 
 
 class SubmissionError(ValueError):
@@ -56,7 +56,7 @@ def match_metadata(first: WellSums, wells_table: pd.DataFrame) -> Wells:
     import numpy as np
     import pandas as pd
 
-    from metadata import TREATMENT
+    from cellpaint.data.metadata import TREATMENT
 
     name = first.path
     index = pd.Index(wells_table["id_code"])
@@ -218,7 +218,7 @@ def plate_group_report(wells: Wells, well_groups: np.ndarray, class_group: np.nd
     """Plates whose inferred group matches their labelled wells, per split."""
     import numpy as np
 
-    import plates
+    from cellpaint.submission import plates
 
     plate = plates.plate_ids(wells.experiment, wells.plate)
     labelled = wells.label >= 0

@@ -13,7 +13,7 @@ import socket
 import time
 from typing import Iterator
 
-from metadata import DataError
+from cellpaint.data.metadata import DataError
 
 
 class Busy(DataError):

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages import (Ensemble, Scoreboard, Stopwatch, SubmissionError, Wells, argmax_over, check_same_wells,
+from cellpaint.submission.stages import (Ensemble, Scoreboard, Stopwatch, SubmissionError, Wells, argmax_over, check_same_wells,
                     class_masks, first_example, match_metadata)
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-    from metadata import Structure
-    from predfile import WellSums
+    from cellpaint.data.metadata import Structure
+    from cellpaint.prediction.prediction_file import WellSums
 
 COMBINES = ("mean", "concat")
 
@@ -43,7 +43,7 @@ def match_reference(first: WellSums, table: pd.DataFrame, structure: Structure) 
     import numpy as np
     import pandas as pd
 
-    from metadata import TREATMENT
+    from cellpaint.data.metadata import TREATMENT
 
     name, ids = first.path, first.ids["train"]
     pos = pd.Index(table["id_code"]).get_indexer(ids)
@@ -89,7 +89,7 @@ class KnnSetup:
         """
         import numpy as np
 
-        import knn
+        from cellpaint.submission import knn
 
         if out is None:
             out = np.empty((len(rows), self.n_classes), dtype=np.float32)
@@ -144,8 +144,8 @@ def knn_ensemble(args: argparse.Namespace, weights: list[float], table: pd.DataF
     """
     import numpy as np
 
-    import knn
-    from predfile import EMBEDDING_ROWS, load_well_sums
+    from cellpaint.submission import knn
+    from cellpaint.prediction.prediction_file import EMBEDDING_ROWS, load_well_sums
 
     k = knn.parse_k(args.knn, structure.cell_types)
     masks, treatment = class_masks(structure, structure.n_classes)

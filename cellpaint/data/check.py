@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import metadata
-from images import CHANNELS, ImageError, read_png
+from cellpaint.data import metadata
+from cellpaint.data.images import CHANNELS, ImageError, read_png
 
 
 def _check_png(path: str) -> tuple[str | None, tuple[int, int] | None]:

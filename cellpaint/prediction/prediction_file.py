@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from atomic import atomic_write
+from cellpaint.atomic import atomic_write
 
 PARTS = ("test", "val")                          # a prediction file of logits
 EMBEDDING_PARTS = ("train", "val", "test")       # an embeddings file: the reference wells too

@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-import plates
-from metadata import Structure, sum_sites
+from cellpaint.submission import plates
+from cellpaint.data.metadata import Structure, sum_sites
 
 log = logging.getLogger("cellpaint")
 
