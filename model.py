@@ -496,10 +496,6 @@ class CellClassifier(nn.Module):
             out["cosine"] = self.arc_head(embedding)
         return out
 
-    def predict(self, x: Tensor, cell_onehot: Tensor | None = None) -> Tensor:
-        """Inference logits: the softmax head only (the 1st place predicted with it, not ArcFace)."""
-        return self.head(self.embed(x, cell_onehot))
-
 
 def dense_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """Mean over the batch of -(target * log_softmax(logits)).sum(1), in float32 even under autocast."""

@@ -71,7 +71,7 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # Accept lists (e.g. from a JSON round trip) but store tuples so the config stays hashable and immutable-ish.
+        # Accept lists (e.g. from a JSON round trip) but store tuples: a config read back compares equal to the one written.
         self.cell_types = tuple(self.cell_types)
         self.train_experiments = tuple(int(n) for n in self.train_experiments)
         self.test_experiments = tuple(int(n) for n in self.test_experiments)
@@ -428,11 +428,6 @@ def _write_tables(out_dir: Path, config: SyntheticConfig, kept: pd.DataFrame) ->
     sites = sites.rename(columns={"id_code": "well_id"})
     cols = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site", "well_type", "sirna", "sirna_id"]
     sites[cols].to_csv(out_dir / "metadata.csv", index=False)
-
-
-def read_info(data_dir: Path) -> dict:
-    """The info dict of a synthetic data set (KeyError-free access to groups, leak, test_labels, ...)."""
-    return json.loads((Path(data_dir) / INFO_FILE).read_text())
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -106,7 +106,8 @@ def test_concat_cell_type_and_head_hidden() -> None:
     net.eval()
     x, s = torch.randn(2, 6, 48, 48), _onehot()
     with torch.no_grad():
-        assert torch.allclose(net.predict(x, s), net(x, s)["logits"])
+        out = net(x, s)  # inference logits: the softmax head of the embedding only (the 1st place's, not ArcFace)
+        assert torch.allclose(net.head(net.embed(x, s)), out["logits"])
 
 
 def _save_resnet18(path: str, wrap: str | None = None) -> dict[str, torch.Tensor]:

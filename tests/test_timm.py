@@ -69,7 +69,7 @@ def test_family_builds_trains_a_step_and_predicts(name: str) -> None:
     net.eval()
     with torch.no_grad():
         for size in (48, 40):  # any image size, also one that is not a whole number of ViT patches
-            logits = net.predict(torch.randn(2, 6, size, size), _onehot(2))
+            logits = net(torch.randn(2, 6, size, size), _onehot(2))["logits"]
             assert logits.shape == (2, N_CLASSES) and torch.isfinite(logits).all()
 
 
