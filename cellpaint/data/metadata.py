@@ -1,9 +1,11 @@
-"""The metadata table: both RxRx1 layouts read into one table, and everything derived from it.
+"""The metadata table: both RxRx1 layouts read into one table (one row per site or per well).
 
 Data flows one way through the project: metadata table -> samples -> batches -> logits ->
-prediction file -> submission. This module is the first step. Nothing downstream knows which
+prediction file -> submission. This module is the first step; what follows from the table has a
+module of its own: structure.py (classes, plate groups), folds.py (validation folds, subsets),
+layout_matches.py (layout coincidences), wells.py (sites into wells). Nothing downstream knows which
 layout the data came in, and no size of the competition (classes, plates, wells, experiments)
-is written down anywhere: it is all derived here from the metadata of the data set at hand.
+is written down anywhere: it is all derived from the metadata of the data set at hand.
 
 The table has one row per site (or per well, from `load_wells`), with the columns of
 `WELL_COLUMNS` (+ `site`, `image_prefix`):
