@@ -37,16 +37,13 @@ if TYPE_CHECKING:  # imported in main(), after the BLAS thread variables are set
     import numpy as np
     import pandas as pd
 
-    from cellpaint.data.metadata import Structure
+    from cellpaint.data.structure import Structure
 
-from cellpaint.submission.stages import (Ensemble, Scoreboard, Stopwatch, SubmissionError, argmax_over,  # noqa: E402
-                    check_same_wells, class_masks, match_metadata, plate_group_report)
+from cellpaint.submission.methods import (ASSIGN_SCORES, GROUP_METHODS, KNN_COMBINES, KNN_SEARCHES,  # noqa: E402
+                                          KNN_WEIGHTS)
+from cellpaint.submission.scoreboard import Scoreboard, Stopwatch, argmax_over, plate_group_report  # noqa: E402
+from cellpaint.submission.wells import Ensemble, SubmissionError, check_same_wells, match_metadata  # noqa: E402
 
-GROUP_METHODS = ("prob", "argmax", "mode")
-KNN_SEARCHES = ("group", "cell")        # knn.SEARCHES, repeated: numpy must not load before -t is set
-KNN_WEIGHTS = ("sigmoid", "relu-cos")   # knn.WEIGHTS
-KNN_COMBINES = ("mean", "concat")
-ASSIGN_SCORES = ("logsoftmax", "logits", "prob")
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                      "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
@@ -133,7 +130,7 @@ def ensemble_files(files: list[str], weights: list[float], table: pd.DataFrame, 
                                       f"has {structure.n_classes}")
             first, wells = sums, match_metadata(sums, table)
             board = Scoreboard(wells)
-            masks, treatment = class_masks(structure, sums.n_classes)
+            masks, treatment = structure.group_masks(sums.n_classes), structure.treatment_classes
             if len(set(weights)) > 1:  # the plain average differs: keep it, for the scored rows only
                 average = np.zeros((len(board.scored), sums.n_classes), dtype=np.float32)
         else:
@@ -204,6 +201,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict]:
     import numpy as np
 
     from cellpaint.data import metadata
+    from cellpaint.data.structure import derive_structure
     from cellpaint.submission import plates
 
     weights = parse_weights(args.weights, len(args.files))
@@ -213,7 +211,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict]:
     if Path(args.output).is_dir():
         raise SubmissionError(f"-o/--output {args.output} is a directory")
     table = metadata.load_wells(Path(args.data))
-    structure = metadata.derive_structure(table)
+    structure = derive_structure(table)
     if structure.n_groups == 0:
         raise SubmissionError(f"{args.data}: the metadata defines no plate groups (no labelled treatment wells)")
     clock.lap("metadata")

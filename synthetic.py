@@ -8,7 +8,8 @@ experiment (batch effect) and the well/site (jitter, cell positions, pixel noise
 real to learn and must generalise across experiments.
 
 Both output layouts of SPEC.md "The data" are supported; the same config and seed give the same labels and
-byte-identical images in either. No torch import here on purpose: generating data should start instantly.
+byte-identical images in either (drawn by cellpaint/data/synthetic_images.py; this module writes the design,
+the tables and the files). No torch import here on purpose: generating data should start instantly.
 
     python synthetic.py data/synth --layout release --classes 40 --plates 4
 """
@@ -20,7 +21,6 @@ import re
 import shutil
 import sys
 import time
-import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
@@ -30,23 +30,17 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from cellpaint.data.synthetic_images import (CHANNELS, cell_type_of, class_params, experiment_params, keyed_rng,
+                                             render_site, well_phenotype)
+
 GENERATOR = "cellpaint-rcic synthetic"
 INFO_FILE = "synthetic_info.json"
-CHANNELS = 6
 ROWS = "BCDEFGHIJKLMNO"            # rows B..O of a 384-well plate (A and P are unused in RxRx1)
 COLUMNS = range(2, 24)             # columns 02..23
 MAX_WELLS = len(ROWS) * len(COLUMNS)  # 308, exactly the used wells of a real plate
 # Everything generate() may create; only these are removed when overwriting a previous synthetic data set.
 OUTPUT_NAMES = ("train", "test", "images", "train.csv", "test.csv", "train_controls.csv",
                 "test_controls.csv", "metadata.csv", "pixel_stats.csv", INFO_FILE)
-
-# Base appearance per channel (nuclei, ER, actin, RNA/nucleoli, mitochondria, Golgi/membrane), at 48 px.
-BASE_SIGMA = np.array([1.8, 3.2, 3.6, 2.0, 3.0, 2.6])        # blob radius (px)
-BASE_AMP = np.array([70.0, 38.0, 42.0, 50.0, 38.0, 34.0])     # blob peak intensity (gray levels)
-BASE_BACKGROUND = np.array([8.0, 12.0, 10.0, 6.0, 10.0, 8.0])
-BASE_GRANULARITY = np.array([0.0, 0.2, 0.1, 0.3, 0.5, 0.4])   # share of a channel drawn as small puncta
-PUNCTA_PER_CELL = 4
-WELL_JITTER = 0.08                 # well-to-well phenotype spread (log scale) at noise=1
 
 
 @dataclass
@@ -71,7 +65,7 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # Accept lists (e.g. from a JSON round trip) but store tuples so the config stays hashable and immutable-ish.
+        # Accept lists (e.g. from a JSON round trip) but store tuples: a config read back compares equal to the one written.
         self.cell_types = tuple(self.cell_types)
         self.train_experiments = tuple(int(n) for n in self.train_experiments)
         self.test_experiments = tuple(int(n) for n in self.test_experiments)
@@ -120,13 +114,6 @@ class OutputDirError(FileExistsError):
     """The output directory holds something that is not a previous synthetic data set."""
 
 
-# ----------------------------------------------------------------------------------------------- randomness
-def _rng(seed: int, *parts: str | int) -> np.random.Generator:
-    """A generator keyed by names, so each experiment/plate/well/site draws the same numbers whatever the order."""
-    key = [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
-    return np.random.default_rng(np.random.SeedSequence([seed, *key]))
-
-
 def experiment_names(config: SyntheticConfig) -> dict[str, list[str]]:
     """{'train': [...], 'test': [...]}: per cell type, train experiments first, test ones continue the numbering."""
     out: dict[str, list[str]] = {"train": [], "test": []}
@@ -136,13 +123,9 @@ def experiment_names(config: SyntheticConfig) -> dict[str, list[str]]:
     return out
 
 
-def _cell_type(experiment: str) -> str:
-    return experiment.split("-")[0]
-
-
 def _leak_candidates(config: SyntheticConfig) -> list[tuple[str, str]]:
     names = experiment_names(config)
-    return [(t, r) for t in names["test"] for r in names["train"] if _cell_type(t) != _cell_type(r)]
+    return [(t, r) for t in names["test"] for r in names["train"] if cell_type_of(t) != cell_type_of(r)]
 
 
 def well_names(n: int) -> list[str]:
@@ -160,14 +143,14 @@ def make_design(config: SyntheticConfig) -> tuple[pd.DataFrame, dict]:
     T, P, n_plates = config.classes, config.positive_controls, config.plates
     names = experiment_names(config)
     # Plate groups: a random partition (never contiguous ranges, so downstream code cannot rely on that).
-    perm = _rng(config.seed, "groups").permutation(T)
+    perm = keyed_rng(config.seed, "groups").permutation(T)
     groups = [sorted(int(c) for c in chunk) for chunk in np.split(perm, n_plates)]
     controls = list(range(T, T + P)) + [T + P] * config.negative_wells
     wells = well_names(config.wells_per_plate)
 
     layouts: dict[str, list[tuple[int, list[int]]]] = {}  # exp -> per plate (group index, class per well)
     for exp in names["train"] + names["test"]:
-        rng = _rng(config.seed, "layout", exp)
+        rng = keyed_rng(config.seed, "layout", exp)
         order = rng.permutation(n_plates)
         plates = []
         for p in range(n_plates):
@@ -178,7 +161,7 @@ def make_design(config: SyntheticConfig) -> tuple[pd.DataFrame, dict]:
     leak = None
     if config.leak:
         cands = _leak_candidates(config)
-        t_exp, r_exp = cands[int(_rng(config.seed, "leak").integers(len(cands)))]
+        t_exp, r_exp = cands[int(keyed_rng(config.seed, "leak").integers(len(cands)))]
         # Shift 1: plate p of the test experiment holds plate p-1 of the train one; plate 1 takes the last.
         layouts[t_exp] = [layouts[r_exp][(p - 1) % n_plates] for p in range(n_plates)]
         leak = {"test_experiment": t_exp, "train_experiment": r_exp, "shift": 1}
@@ -189,14 +172,14 @@ def make_design(config: SyntheticConfig) -> tuple[pd.DataFrame, dict]:
             for p, (_, content) in enumerate(layouts[exp], start=1):
                 for well, c in zip(wells, content):
                     wtype = "treatment" if c < T else ("positive_control" if c < T + P else "negative_control")
-                    rows.append((f"{exp}_{p}_{well}", exp, p, well, c, wtype, dataset, _cell_type(exp)))
+                    rows.append((f"{exp}_{p}_{well}", exp, p, well, c, wtype, dataset, cell_type_of(exp)))
     df = pd.DataFrame(rows, columns=["id_code", "experiment", "plate", "well", "sirna", "well_type", "dataset", "cell_type"])
     df = df.sort_values(["experiment", "plate", "well"], kind="stable").reset_index(drop=True)
     # QC drops: an exact fraction of all treatment wells, chosen at random.
     treat = np.flatnonzero(df["well_type"].to_numpy() == "treatment")
     n_drop = int(round(config.drop_wells * len(treat)))
     df["dropped"] = False
-    df.loc[_rng(config.seed, "drop").choice(treat, n_drop, replace=False), "dropped"] = True
+    df.loc[keyed_rng(config.seed, "drop").choice(treat, n_drop, replace=False), "dropped"] = True
 
     structure = {
         "experiments": names,
@@ -211,108 +194,6 @@ def make_design(config: SyntheticConfig) -> tuple[pd.DataFrame, dict]:
         "dropped_wells": sorted(df.loc[df["dropped"], "id_code"].tolist()),
     }
     return df, structure
-
-
-# ----------------------------------------------------------------------------------------------- appearance
-def _class_params(config: SyntheticConfig) -> dict[str, np.ndarray]:
-    """Per class: channel profile (log intensity), morphology (size, elongation, density) and texture (granularity).
-
-    Spreads are tuned against the per-well jitter in _well_phenotype: at signal=1 a small CNN learns the classes
-    in minutes, yet wells of different classes overlap enough that single-well accuracy stays clearly below 100%."""
-    K = config.classes + config.positive_controls + 1
-    rng, s = _rng(config.seed, "classes"), config.signal
-    p = {
-        "intensity": rng.normal(0.0, 0.18, (K, CHANNELS)) * s,
-        "size": rng.normal(0.0, 0.09, (K, CHANNELS)) * s,
-        "elongation": np.abs(rng.normal(0.0, 0.21, (K, CHANNELS))) * s,
-        "density": rng.normal(0.0, 0.12, K) * s,
-        "granularity": BASE_GRANULARITY + rng.normal(0.0, 0.12, (K, CHANNELS)) * s,
-    }
-    neg = K - 1  # the negative control is the untreated phenotype: no class effect at all
-    for k in ("intensity", "size", "elongation", "density"):
-        p[k][neg] = 0.0
-    p["granularity"][neg] = BASE_GRANULARITY
-    return p
-
-
-def _well_phenotype(cls: dict[str, np.ndarray], k: int, noise: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Class k's phenotype as seen in one well: biology varies from well to well, so sites of a well share an
-    error that averaging sites cannot remove (this is what keeps single-well accuracy below 100%)."""
-    j = WELL_JITTER * noise
-    return {
-        "intensity": cls["intensity"][k] + rng.normal(0, j, CHANNELS),
-        "size": cls["size"][k] + rng.normal(0, 0.5 * j, CHANNELS),
-        "elongation": np.abs(cls["elongation"][k] + rng.normal(0, j, CHANNELS)),
-        "density": cls["density"][k] + rng.normal(0, j),
-        "granularity": np.clip(cls["granularity"][k] + rng.normal(0, j, CHANNELS), 0.0, 0.9),
-    }
-
-
-def _experiment_params(config: SyntheticConfig, experiment: str) -> dict[str, np.ndarray]:
-    """Batch effect: a per-cell-type baseline (appearance + gain) times a per-experiment gain and offset."""
-    b = config.batch_effect
-    ct = _rng(config.seed, "cell_type", _cell_type(experiment))
-    ct_gain, ct_size, ct_density = ct.normal(0, 0.25, CHANNELS) * b, ct.normal(0, 0.10, CHANNELS) * b, ct.normal(0, 0.2) * b
-    ex = _rng(config.seed, "batch", experiment)
-    return {
-        "gain": np.exp(ct_gain + ex.normal(0, 0.20, CHANNELS) * b),
-        "offset": BASE_BACKGROUND * np.exp(ex.normal(0, 0.30, CHANNELS) * b),
-        "size": ct_size,
-        "density": np.asarray(ct_density),
-    }
-
-
-def _render(size: int, cx: np.ndarray, cy: np.ndarray, theta: np.ndarray,
-            s_major: np.ndarray, s_minor: np.ndarray, amp: np.ndarray) -> np.ndarray:
-    """Sum of rotated elliptical Gaussians, (N,) points x (N, C) sigmas/amplitudes -> (C, size, size).
-
-    Each blob is evaluated only on a patch of +-3 sigma around it and scattered with one bincount, so the cost
-    grows with the number of cells, not with cells x pixels, and there is no Python loop over pixels or cells."""
-    n, c = amp.shape
-    if n == 0:
-        return np.zeros((c, size, size))
-    r = min(int(np.ceil(3.0 * s_major.max())), size)
-    off = np.arange(-r, r + 1)
-    ix = np.floor(cx).astype(np.int64)[:, None] + off                 # (N, W)
-    iy = np.floor(cy).astype(np.int64)[:, None] + off
-    # float32 from here: twice as fast, and far more precise than the uint8 it ends in
-    dx, dy = (ix + 0.5 - cx[:, None]).astype(np.float32), (iy + 0.5 - cy[:, None]).astype(np.float32)
-    cos, sin = np.cos(theta, dtype=np.float32)[:, None, None], np.sin(theta, dtype=np.float32)[:, None, None]
-    s_major, s_minor, amp = (v.astype(np.float32) for v in (s_major, s_minor, amp))
-    a = dx[:, None, :] * cos + dy[:, :, None] * sin                    # (N, W_y, W_x) along the major axis
-    b = dy[:, :, None] * cos - dx[:, None, :] * sin
-    q = (a[:, None] / s_major[:, :, None, None]) ** 2 + (b[:, None] / s_minor[:, :, None, None]) ** 2
-    val = amp[:, :, None, None] * np.exp(-0.5 * q)                     # (N, C, W, W)
-    inside = ((iy >= 0) & (iy < size))[:, :, None] & ((ix >= 0) & (ix < size))[:, None, :]
-    flat = iy[:, :, None] * size + ix[:, None, :]
-    idx = np.arange(c)[None, :, None, None] * size * size + flat[:, None]
-    mask = np.broadcast_to(inside[:, None], idx.shape)
-    return np.bincount(idx[mask], weights=val[mask], minlength=c * size * size).reshape(c, size, size)
-
-
-def render_site(config: SyntheticConfig, pheno: dict[str, np.ndarray], exp: dict[str, np.ndarray],
-                rng: np.random.Generator) -> np.ndarray:
-    """One site: (6, S, S) uint8 from a well's phenotype, its experiment's batch effect and the per-site generator."""
-    S, noise = config.image_size, config.noise
-    scale = np.sqrt(S / 48.0)  # cells grow a little with the image, their number grows with the area
-    n = rng.poisson(9.0 * (S / 48.0) * np.exp(pheno["density"] + exp["density"]))
-    cx, cy = rng.uniform(0, S, n), rng.uniform(0, S, n)
-    theta = rng.uniform(0, np.pi, n)
-    sigma = (BASE_SIGMA * scale * np.exp(pheno["size"] + exp["size"]))[None] * np.exp(rng.normal(0, 0.15, (n, 1)))
-    aspect = np.exp(pheno["elongation"])[None] * np.exp(np.abs(rng.normal(0, 0.1, (n, 1))))
-    cell_amp = np.exp(rng.normal(0, 0.25 * noise, (n, 1))) * BASE_AMP * np.exp(pheno["intensity"])
-    gran = pheno["granularity"]
-    img = _render(S, cx, cy, theta, sigma * np.sqrt(aspect), sigma / np.sqrt(aspect), cell_amp * (1 - gran))
-    # Texture: a few small bright puncta scattered inside each cell carry the granular share of each channel.
-    m = n * PUNCTA_PER_CELL
-    spread = np.repeat(sigma.mean(axis=1), PUNCTA_PER_CELL)
-    px = np.repeat(cx, PUNCTA_PER_CELL) + rng.normal(0, 1, m) * spread
-    py = np.repeat(cy, PUNCTA_PER_CELL) + rng.normal(0, 1, m) * spread
-    ps = np.full((m, CHANNELS), 0.7 * scale)
-    img += _render(S, px, py, np.zeros(m), ps, ps, np.repeat(cell_amp * gran * 1.5, PUNCTA_PER_CELL, axis=0))
-    img = exp["offset"][:, None, None] + exp["gain"][:, None, None] * img
-    img += rng.normal(0, 1, img.shape) * noise * (1.0 + 0.25 * np.sqrt(np.maximum(img, 0)))  # read + shot noise
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -352,19 +233,19 @@ def generate(out_dir: Path, config: SyntheticConfig, progress: bool = True) -> d
 
     design, structure = make_design(config)
     kept = design[~design["dropped"]].reset_index(drop=True)
-    cls = _class_params(config)
+    cls = class_params(config)
     stats_rows: list[tuple] = []
     plates = kept.groupby(["experiment", "plate"], sort=True)
     for (exp_name, plate), wells in tqdm(plates, total=plates.ngroups, desc="synthetic plates",
                                          unit="plate", disable=not progress):
-        exp = _experiment_params(config, exp_name)
+        exp = experiment_params(config, exp_name)
         split = wells["dataset"].iat[0]
         folder = out_dir / ("images" if config.layout == "release" else split) / exp_name / f"Plate{plate}"
         folder.mkdir(parents=True, exist_ok=True)
         for row in wells.itertuples(index=False):
-            pheno = _well_phenotype(cls, row.sirna, config.noise, _rng(config.seed, "well", exp_name, plate, row.well))
+            pheno = well_phenotype(cls, row.sirna, config.noise, keyed_rng(config.seed, "well", exp_name, plate, row.well))
             for site in range(1, config.sites + 1):
-                img = render_site(config, pheno, exp, _rng(config.seed, "site", exp_name, plate, row.well, site))
+                img = render_site(config, pheno, exp, keyed_rng(config.seed, "site", exp_name, plate, row.well, site))
                 for ch in range(CHANNELS):
                     Image.fromarray(img[ch]).save(folder / f"{row.well}_s{site}_w{ch + 1}.png")
                     if config.pixel_stats:
@@ -428,11 +309,6 @@ def _write_tables(out_dir: Path, config: SyntheticConfig, kept: pd.DataFrame) ->
     sites = sites.rename(columns={"id_code": "well_id"})
     cols = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site", "well_type", "sirna", "sirna_id"]
     sites[cols].to_csv(out_dir / "metadata.csv", index=False)
-
-
-def read_info(data_dir: Path) -> dict:
-    """The info dict of a synthetic data set (KeyError-free access to groups, leak, test_labels, ...)."""
-    return json.loads((Path(data_dir) / INFO_FILE).read_text())
 
 
 # ----------------------------------------------------------------------------------------------- CLI

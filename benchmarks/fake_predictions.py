@@ -16,7 +16,7 @@ wells are dropped, and optionally whole test plates.
 Logits per site: signal * difficulty(well) on the true class + unit Gaussian noise, part of it
 shared by all files (a property of the well, so ensembling helps but not without limit) and
 the rest each file's own. The 'val' part holds the treatment wells of one fold's experiments
-(metadata.assign_folds), the 'test' part every test treatment well.
+(assign_folds), the 'test' part every test treatment well.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cellpaint.data import metadata  # noqa: E402
+from cellpaint.data.folds import assign_folds  # noqa: E402
 from cellpaint.atomic import write_text  # noqa: E402
 from cellpaint.prediction.prediction_file import save_predictions  # noqa: E402
 
@@ -153,7 +154,7 @@ def generate(out_dir: str | Path, *, layout: str = "competition",
     test = treatment[treatment["split"] == "test"]
     val_experiments: list[str] = []
     if val:
-        assigned = metadata.assign_folds(wells, folds, seed)
+        assigned = assign_folds(wells, folds, seed)
         val_experiments = sorted(e for e, f in assigned.items() if f == fold)
     val_rows = treatment[treatment["experiment"].isin(val_experiments)]
     paths = []

@@ -45,7 +45,7 @@ from cellpaint.training import autoselect  # noqa: E402
 import dataset  # noqa: E402
 from cellpaint.training import engine  # noqa: E402
 import main as trainer  # noqa: E402
-import prepare  # noqa: E402
+from cellpaint.data import image_cache  # noqa: E402
 import synthetic  # noqa: E402
 from model import CellClassifier, combined_loss, smooth_labels  # noqa: E402
 
@@ -177,7 +177,7 @@ def ensure_data(data: Path, cache: Path, size: int, workers: int) -> None:
                 "--test-experiments", "0,0,0,0", "--no-leak", "--seed", "0", "-q"]
         if synthetic.main(argv) != 0:
             raise SystemExit("error: synthetic data generation failed")
-    prepare.build_cache(data, cache, workers=workers, progress=False)
+    image_cache.build_cache(data, cache, workers=workers, progress=False)
 
 
 def epoch(data: Path, cache: Path | None, setting: Setting, batch: int, workers: int, samples: int,

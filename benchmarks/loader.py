@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 import dataset  # noqa: E402
 from cellpaint.data import images  # noqa: E402
 from cellpaint.data import metadata  # noqa: E402
-import prepare  # noqa: E402
+from cellpaint.data import image_cache  # noqa: E402
 import synthetic  # noqa: E402
 
 SYNTHETIC = ["--image-size", "512", "--classes", "24", "--train-experiments", "1,1,1,1",
@@ -189,7 +189,7 @@ def ensure_data(data: Path, cache: Path) -> None:
         print(f"writing the 512 px synthetic set to {data} (minutes, once)", file=sys.stderr)
         if synthetic.main([str(data), *SYNTHETIC]) != 0:
             raise SystemExit("synthetic data generation failed")
-    prepare.build_cache(data, cache, workers=os.cpu_count() or 1, progress=False)
+    image_cache.build_cache(data, cache, workers=os.cpu_count() or 1, progress=False)
 
 
 def warm(paths) -> None:
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     table = metadata.load_table(args.data)
     warm([f"{prefix}_w{c}.png" for prefix in table["image_prefix"] for c in range(1, 7)])
     warm(sorted(cache.glob("*/*.npy")))
-    image_cache = images.ImageCache.open(cache, args.data, table)
+    image_cache = image_cache.ImageCache.open(cache, args.data, table)
     paths = {
         "(a) old: per-sample float": lambda: OldSiteDataset(table, AUGMENT),
         "(b) uint8 from PNGs": lambda: dataset.SiteDataset(table, CELL_TYPES, augment=AUGMENT, output="uint8"),

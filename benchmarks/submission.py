@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import fake_predictions  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from cellpaint.data import metadata  # noqa: E402
+from cellpaint.data.structure import derive_structure  # noqa: E402
 from cellpaint.submission import plates  # noqa: E402
 
 # run one command, report its wall time and the peak RSS of that child only
@@ -105,13 +105,13 @@ def group_sweep(signals: list[float], seeds: int, small: bool) -> list[tuple[flo
             wells = fake_predictions.make_wells(rng, ["HEPG2", "HUVEC", "RPE", "U2OS"], [1, 1, 1, 1], list(sizes[0]),
                                                 4, sizes[1], sizes[2], sizes[3], dropped_wells=12, dropped_plates=0)
             wells["sirna_true"] = wells["sirna"]
-            structure = metadata.derive_structure(wells)
+            structure = derive_structure(wells)
             test = wells[(wells["split"] == "test") & (wells["well_type"] == "treatment")]
             labels = test["sirna"].to_numpy()
             scores = fake_predictions.fake_logits(labels, structure.n_classes, 2, signal, 0.5, seed, 0).sum(axis=1)
             experiment, plate = test["experiment"].to_numpy(), test["plate"].to_numpy()
             plate_index = plates.plate_ids(experiment, plate)
-            truth = structure.class_group()[labels]
+            truth = plates.class_groups(structure.group_masks())[labels]
             for method in plates.GROUP_METHODS:
                 found = plates.infer_plate_groups(scores, experiment, plate, structure.group_masks(), method)
                 wrong = np.bincount(plate_index, weights=found != truth)

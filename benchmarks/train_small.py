@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import main as trainer
     from cellpaint.data import metadata
+    from cellpaint.data.structure import derive_structure
 
-    n_treatment = len(metadata.derive_structure(metadata.load_wells(data)).treatment_classes)
+    n_treatment = len(derive_structure(metadata.load_wells(data)).treatment_classes)
     started = time.time()
     save = args.out / "net"
     rc = trainer.main(["--data", str(data), *demo.SMALL_CPU, "--save", str(save), "-e", str(args.epochs),

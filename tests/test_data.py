@@ -13,6 +13,10 @@ from torch.utils.data import DataLoader
 import dataset
 from cellpaint.data import images
 from cellpaint.data import metadata
+from cellpaint.data.folds import assign_folds, split_subsets
+from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
+from cellpaint.data.structure import derive_structure
+from cellpaint.submission import plates
 from synthetic import SyntheticConfig, generate
 from tests.conftest import TINY
 
@@ -47,40 +51,44 @@ def test_table_counts(tiny_competition):
 
 def test_derived_structure(tiny_competition):
     path, info = tiny_competition
-    structure = metadata.derive_structure(metadata.load_table(path))
+    structure = derive_structure(metadata.load_table(path))
     assert structure.n_classes == TINY["classes"] + TINY["positive_controls"] + 1
     assert structure.treatment_classes.tolist() == list(range(TINY["classes"]))
     assert structure.control_classes.tolist() == [8, 9, 10]
     assert sorted(map(sorted, info["groups"])) == sorted(g.tolist() for g in structure.groups)
     masks = structure.group_masks()
     assert masks.sum() == TINY["classes"] and (masks.sum(0) <= 1).all()
-    for (experiment, plate), group in structure.plate_groups.items():
+    group_of = plates.class_groups(masks)
+    wells = metadata.wells_of(metadata.load_table(path))
+    labelled = wells[(wells["well_type"] == "treatment") & (wells["sirna"] >= 0)]
+    for (experiment, plate), rows in labelled.groupby(["experiment", "plate"]):
+        (group,) = set(group_of[rows["sirna"].to_numpy()].tolist())  # each labelled plate holds one group
         expected = info["groups"][info["plate_groups"][f"{experiment}_{plate}"]]
         assert structure.groups[group].tolist() == sorted(expected)
     with pytest.raises(metadata.DataError, match="--classes 5"):
-        metadata.derive_structure(metadata.load_table(path), n_classes=5)
+        derive_structure(metadata.load_table(path), n_classes=5)
 
 
 def test_folds_never_split_an_experiment_and_cover_each_once(tiny_competition):
     table = metadata.load_table(tiny_competition[0])
     train_experiments = set(table.loc[table["split"] == "train", "experiment"])
-    folds = metadata.assign_folds(table, n_folds=6, seed=0)
+    folds = assign_folds(table, n_folds=6, seed=0)
     assert set(folds) == train_experiments  # a dict: every experiment exactly one fold
     assert sorted(folds.values()) == [0, 1, 2, 3, 4, 5]  # 6 experiments, fewer per cell type than folds
-    assert folds == metadata.assign_folds(table, n_folds=6, seed=0)
-    assert any(metadata.assign_folds(table, 6, seed=s) != folds for s in range(1, 5))
-    three = metadata.assign_folds(table, n_folds=3, seed=1)
+    assert folds == assign_folds(table, n_folds=6, seed=0)
+    assert any(assign_folds(table, 6, seed=s) != folds for s in range(1, 5))
+    three = assign_folds(table, n_folds=3, seed=1)
     assert sorted(np.bincount(list(three.values()))) == [2, 2, 2]
     for cv in range(6):
-        val = metadata.split_subsets(table, folds, cv)["val"]
+        val = split_subsets(table, folds, cv)["val"]
         assert set(val["experiment"]) == {e for e, f in folds.items() if f == cv}
 
 
 def test_subsets(tiny_competition):
     table = metadata.load_table(tiny_competition[0])
-    folds = metadata.assign_folds(table, 6, 0)
+    folds = assign_folds(table, 6, 0)
     val_exp = {e for e, f in folds.items() if f == 2}
-    s = metadata.split_subsets(table, folds, 2)
+    s = split_subsets(table, folds, 2)
     treat = lambda df: df[df["well_type"] == "treatment"]
     assert not set(treat(s["train"])["experiment"]) & val_exp
     assert set(s["val"]["experiment"]) == val_exp and (s["val"]["well_type"] == "treatment").all()
@@ -89,36 +97,36 @@ def test_subsets(tiny_competition):
     assert sorted(s["test"]["id_code"]) == sorted(test_treat["id_code"])
     controls = s["train"][s["train"]["well_type"] != "treatment"]
     assert val_exp <= set(controls["experiment"]) and set(table["experiment"]) == set(controls["experiment"])
-    strict = metadata.split_subsets(table, folds, 2, all_controls_train=False)["train"]
+    strict = split_subsets(table, folds, 2, all_controls_train=False)["train"]
     assert set(strict["split"]) == {"train"} and not set(strict["experiment"]) & val_exp
-    everything = metadata.split_subsets(table, folds, -1)
+    everything = split_subsets(table, folds, -1)
     assert everything["val"].empty
     assert set(treat(everything["train"])["experiment"]) >= {e for e in folds}
     with pytest.raises(metadata.DataError, match="--cv-number 9"):
-        metadata.split_subsets(table, folds, 9)
+        split_subsets(table, folds, 9)
 
 
 def test_layout_coincidence_found_and_applied(tiny_competition):
     path, info = tiny_competition
     table = metadata.load_table(path)
-    matches = metadata.find_layout_matches(table)
+    matches = find_layout_matches(table)
     leak = info["leak"]
     assert [(m.test, m.train, m.shift) for m in matches] == [(leak["test_experiment"], leak["train_experiment"], 1)]
-    labelled = metadata.apply_layout_matches(table, matches)
+    labelled = apply_layout_matches(table, matches)
     rows = labelled[labelled["experiment"] == leak["test_experiment"]]
     treat = rows[rows["well_type"] == "treatment"]
     assert treat["leaked"].all()
     assert (treat["sirna"].to_numpy() == treat["id_code"].map(info["test_labels"]).to_numpy()).all()
     assert not labelled.loc[labelled["experiment"] != leak["test_experiment"], "leaked"].any()
-    folds = metadata.assign_folds(labelled, 6, 0)
-    train = metadata.split_subsets(labelled, folds, 0)["train"]
+    folds = assign_folds(labelled, 6, 0)
+    train = split_subsets(labelled, folds, 0)["train"]
     assert set(treat["id_code"]) <= set(train["id_code"])
 
 
 def test_no_layout_coincidence_without_leak(tmp_path):
     config = SyntheticConfig(**{**TINY, "leak": False, "image_size": 8, "sites": 1, "pixel_stats": False})
     generate(tmp_path, config, progress=False)
-    assert metadata.find_layout_matches(metadata.load_wells(tmp_path)) == []
+    assert find_layout_matches(metadata.load_wells(tmp_path)) == []
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -184,8 +192,8 @@ def test_missing_and_corrupt_png_name_the_file(tiny_competition, tmp_path):
 
 def _train_dataset(path, **kw):
     table = metadata.load_table(path)
-    structure = metadata.derive_structure(table)
-    rows = metadata.split_subsets(table, metadata.assign_folds(table, 6, 0), 0)["train"]
+    structure = derive_structure(table)
+    rows = split_subsets(table, assign_folds(table, 6, 0), 0)["train"]
     augment = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1)
     return dataset.SiteDataset(rows, structure.cell_types, augment=augment, seed=11, **kw), rows, structure
 

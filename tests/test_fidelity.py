@@ -20,6 +20,8 @@ import dataset
 from cellpaint.training import engine
 import main
 from cellpaint.data import metadata
+from cellpaint.data.folds import named_folds, split_subsets
+from cellpaint.data.structure import Structure
 from cellpaint.training import pseudo_labels
 from model import CellClassifier, combined_loss
 from tests.conftest import SMALL, run
@@ -28,8 +30,8 @@ from tests.conftest import SMALL, run
 # ------------------------------------------------------------------- pseudo-label duplicates
 
 
-def _one_plate(logits: list[list[float]]) -> tuple[pd.DataFrame, np.ndarray, metadata.Structure]:
-    structure = metadata.Structure(4, np.arange(4), np.zeros(0, np.int64), (np.arange(4),), {}, ("A",))
+def _one_plate(logits: list[list[float]]) -> tuple[pd.DataFrame, np.ndarray, Structure]:
+    structure = Structure(4, np.arange(4), np.zeros(0, np.int64), (np.arange(4),), ("A",))
     wells = pd.DataFrame({"id_code": [f"E_1_W{i}" for i in range(len(logits))], "experiment": "E", "plate": 1})
     return wells, np.array(logits, dtype=np.float32), structure
 
@@ -253,13 +255,13 @@ def test_tta_views_in_the_original_order():
 def test_val_experiments_by_name(tiny_competition):
     table = metadata.load_table(tiny_competition[0])
     train = sorted(table.loc[table["split"] == "train", "experiment"].unique())
-    folds = metadata.named_folds(table, [train[0], train[-1]])
-    subsets = metadata.split_subsets(table, folds, 0)
+    folds = named_folds(table, [train[0], train[-1]])
+    subsets = split_subsets(table, folds, 0)
     assert set(subsets["val"]["experiment"]) == {train[0], train[-1]}
     treated = subsets["train"][subsets["train"]["well_type"] == "treatment"]
     assert not set(treated["experiment"]) & {train[0], train[-1]}  # their controls may train
     with pytest.raises(metadata.DataError, match="--val-experiments: NOPE-01 is not a train experiment"):
-        metadata.named_folds(table, ["NOPE-01"])
+        named_folds(table, ["NOPE-01"])
 
 
 def test_val_experiments_flag_runs_and_refuses_unknown_names(tiny_competition, tmp_path, capsys):

@@ -16,6 +16,8 @@ from cellpaint.submission import knn  # noqa: E402
 from cellpaint.submission import knn_submission  # noqa: E402
 import make_submission  # noqa: E402
 from cellpaint.data import metadata  # noqa: E402
+from cellpaint.data.folds import assign_folds  # noqa: E402
+from cellpaint.data.structure import Structure, derive_structure  # noqa: E402
 import synthetic  # noqa: E402
 from cellpaint.prediction.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_embeddings, save_predictions)
@@ -53,7 +55,7 @@ def fake_knn_set(tmp: Path, layout: str = "competition", noise: float = 0.9, dim
     config = synthetic.SyntheticConfig(layout=layout, cell_types=CELLS, leak=False, seed=seed, **shape)
     wells, design = synthetic.write_metadata(tmp / "data", config)
     wells = wells.rename(columns={"dataset": "split"})
-    assigned = metadata.assign_folds(wells, folds, seed)
+    assigned = assign_folds(wells, folds, seed)
     val_experiments = sorted(e for e, f in assigned.items() if f == 0)
     treatment = (wells["well_type"] == "treatment").to_numpy()
     parts = {"test": treatment & (wells["split"] == "test").to_numpy(),
@@ -380,7 +382,7 @@ def test_cli_knn_errors(fake, tmp_path, capsys):
         assert f"{flags[0]}" in capsys.readouterr().err
 
 
-def planted_group_of(info: dict, structure: metadata.Structure) -> dict:
+def planted_group_of(info: dict, structure: Structure) -> dict:
     """Planted plate group per test plate, numbered as the metadata's groups (by their first class)."""
     first = {int(g[0]): i for i, g in enumerate(structure.groups)}
     derived = {g: first[min(classes)] for g, classes in enumerate(info["design"]["groups"])}
@@ -403,7 +405,7 @@ def test_cli_group_search_recovers_planted_plate_groups_and_beats_cell_search(tm
     assert run(capsys, info, cell, "--knn", "5", "--knn-search", "cell")[0] == 0
     report = json.loads(Path(f"{group}.json").read_text())
     assert (report["knn"]["search"], report["knn"]["weight"], report["group_method"]) == ("group", "sigmoid", "mode")
-    structure = metadata.derive_structure(metadata.load_wells(info["data"]))
+    structure = derive_structure(metadata.load_wells(info["data"]))
     assert report["test_plate_groups"] == planted_group_of(info, structure)  # every test plate's planted group
     assert report["plate_groups_correct"]["val"] == {"correct": 24, "total": 24}
     g, c = stages(group, "test"), stages(cell, "test")

@@ -14,7 +14,7 @@ import dataset
 from cellpaint.data import images
 import main
 from cellpaint.data import metadata
-import prepare
+from cellpaint.data import image_cache
 
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
 AUGMENT = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1)
@@ -31,7 +31,7 @@ def table(tiny_competition):
 def cache(tiny_competition, table, tmp_path_factory):
     """The tiny set's cache, built with 2 decoding processes."""
     out = tmp_path_factory.mktemp("cache")
-    summary = prepare.build_cache(tiny_competition[0], out, table, workers=2, progress=False)
+    summary = image_cache.build_cache(tiny_competition[0], out, table, workers=2, progress=False)
     assert summary["sites_decoded"] == len(table) and summary["plates_decoded"] == summary["plates"]
     return out
 
@@ -150,7 +150,7 @@ def test_bad_photometric_flags_fail_with_a_clear_message(argv, message, capsys, 
 def test_reproducible_with_any_worker_count(tiny_competition, table, cache):
     _, uint8 = _datasets(tiny_competition[0], table, "sample", AUGMENT, rows=slice(None, 48))
     _, cached = _datasets(tiny_competition[0], table, "sample", AUGMENT, rows=slice(None, 48),
-                          cache=images.ImageCache.open(cache, tiny_competition[0], table))
+                          cache=image_cache.ImageCache.open(cache, tiny_competition[0], table))
     results = [_prepared(ds, num_workers=workers) for ds in (uint8, cached) for workers in (0, 2)]
     for other in results[1:]:
         assert torch.equal(results[0], other)
@@ -170,13 +170,13 @@ def test_fast_png_decoder_equals_pillow(table):
 
 
 def test_cache_round_trip_equals_png_decoding(tiny_competition, table, cache):
-    c = images.ImageCache.open(cache, tiny_competition[0], table)
+    c = image_cache.ImageCache.open(cache, tiny_competition[0], table)
     files, rows, bad = c.locate(table)
     assert (bad == None).all()  # noqa: E711 - elementwise
     for i, prefix in enumerate(table["image_prefix"]):
         got = c.read(files[i], rows[i])
         assert got.dtype == np.uint8 and np.array_equal(got, images.read_site(prefix))
-    manifest = json.loads((cache / images.CACHE_MANIFEST).read_text())
+    manifest = json.loads((cache / image_cache.CACHE_MANIFEST).read_text())
     assert (manifest["sites"], manifest["height"], manifest["width"]) == (len(table), 24, 24)
     assert not list(cache.glob("*/.*.tmp"))
 
@@ -197,28 +197,28 @@ def test_resume_skips_complete_plates(tiny_competition, table, tmp_path, monkeyp
     per_plate = len(table) // table.groupby(["experiment", "plate"]).ngroups
     stop_after = 2 * per_plate + 3  # interrupted in the third plate
     with pytest.raises(KeyboardInterrupt):
-        prepare.build_cache(data, out, table, progress=False)
-    assert not (out / images.CACHE_MANIFEST).exists()
+        image_cache.build_cache(data, out, table, progress=False)
+    assert not (out / image_cache.CACHE_MANIFEST).exists()
     assert len(list(out.glob("*/*.npy"))) == 2 and not list(out.glob("*/.*.tmp"))
     calls.clear()
     stop_after = None
-    summary = prepare.build_cache(data, out, table, progress=False)
+    summary = image_cache.build_cache(data, out, table, progress=False)
     assert len(calls) == len(table) - 2 * per_plate == summary["sites_decoded"]
     calls.clear()
-    assert prepare.build_cache(data, out, table, progress=False)["sites_decoded"] == 0 and not calls
+    assert image_cache.build_cache(data, out, table, progress=False)["sites_decoded"] == 0 and not calls
     victim = sorted(out.glob("*/*.npy"))[5]
     victim.unlink()
-    prepare.build_cache(data, out, table, progress=False)
+    image_cache.build_cache(data, out, table, progress=False)
     assert len(calls) == per_plate and victim.exists()
-    images.ImageCache.open(out, data, table)
+    image_cache.ImageCache.open(out, data, table)
 
 
 def test_mismatched_cache_is_refused(tiny_competition, table, cache, tmp_path):
     data = tiny_competition[0]
 
     def refused(match, root=cache, data_dir=data, rows=table):
-        with pytest.raises(images.CacheError, match=match) as e:
-            images.ImageCache.open(root, data_dir, rows)
+        with pytest.raises(image_cache.CacheError, match=match) as e:
+            image_cache.ImageCache.open(root, data_dir, rows)
         assert "\n" not in str(e.value)
 
     refused("no manifest.json .*prepare.py --data DATA --cache", root=tmp_path)
@@ -231,14 +231,14 @@ def test_mismatched_cache_is_refused(tiny_competition, table, cache, tmp_path):
     refused(r"holds 30x24 images but .*_w1\.png is 24x24", root=copy)
     (copy / "manifest.json").write_text("{not json")
     refused("is not a cellpaint-rcic-image-cache/1 manifest", root=copy)
-    c = images.ImageCache.open(cache, data, table)
-    with pytest.raises(images.CacheError, match="lacks 2 site.*plate .* well Z99 site 1"):
+    c = image_cache.ImageCache.open(cache, data, table)
+    with pytest.raises(image_cache.CacheError, match="lacks 2 site.*plate .* well Z99 site 1"):
         c.locate(table.iloc[:2].assign(well="Z99", site=1))
-    with pytest.raises(images.CacheError, match="holds the image cache of .*choose another --cache"):
-        prepare.build_cache(tmp_path / "other", cache, table, progress=False)
+    with pytest.raises(image_cache.CacheError, match="holds the image cache of .*choose another --cache"):
+        image_cache.build_cache(tmp_path / "other", cache, table, progress=False)
     # through the trainer's flags: checked once, when the run loads its data
     args = main.parse_args(["--save", str(tmp_path / "run"), "--data", str(data), "--image-cache", str(tmp_path / "x")])
-    with pytest.raises(images.CacheError, match="no manifest.json"):
+    with pytest.raises(image_cache.CacheError, match="no manifest.json"):
         main.load_data(args)
     args.image_cache = cache
     loaded = main.load_data(args)
@@ -286,10 +286,10 @@ def test_bad_images_in_the_cache(table, tmp_path):
     rows = _local_sites(rows, tmp_path, n=len(rows))
     (tmp_path / "s5_w2.png").write_bytes((tmp_path / "s5_w2.png").read_bytes()[:40])  # truncated
     with pytest.raises(images.ImageError, match=r"s5_w2\.png"):
-        prepare.build_cache(tmp_path, tmp_path / "strict", rows, progress=False)
-    summary = prepare.build_cache(tmp_path, tmp_path / "cache", rows, skip_bad_images=True, progress=False)
+        image_cache.build_cache(tmp_path, tmp_path / "strict", rows, progress=False)
+    summary = image_cache.build_cache(tmp_path, tmp_path / "cache", rows, skip_bad_images=True, progress=False)
     assert summary["bad"] == 1
-    c = images.ImageCache.open(tmp_path / "cache", tmp_path, rows)
+    c = image_cache.ImageCache.open(tmp_path / "cache", tmp_path, rows)
     ds = dataset.SiteDataset(rows, CELL_TYPES, output="uint8", cache=c, skip_bad_images=True)
     assert ds[5] is None and ds[4] is not None
     with pytest.raises(images.ImageError, match=r"s5_w2\.png"):

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cellpaint import backbones as B  # noqa: E402
 import model as M  # noqa: E402
 
 N_CLASSES, N_CELLS, EMB = 10, 4, 32
@@ -60,10 +61,10 @@ def test_families_forward_any_size(name: str) -> None:
 
 
 def test_build_backbone_feature_map_and_stem() -> None:
-    feats, n = M.build_backbone("resnet18", in_channels=4)
+    feats, n = B.build_backbone("resnet18", in_channels=4)
     assert n == 512 and feats.conv1.in_channels == 4
     assert feats(torch.randn(1, 4, 40, 56)).shape == (1, 512, 2, 2)
-    _, n = M.build_backbone("pm-dpn68")  # classifier is a 1x1 conv there
+    _, n = B.build_backbone("pm-dpn68")  # classifier is a 1x1 conv there
     assert n == 832
 
 
@@ -77,15 +78,15 @@ def test_densenet161_default_builds() -> None:
 
 def test_unknown_backbone_lists_supported() -> None:
     with pytest.raises(ValueError, match="densenet161.*mem-.*pm-"):
-        M.build_backbone("nope")
+        B.build_backbone("nope")
     with pytest.raises(ValueError):
-        M.build_backbone("mem-resnet18")
+        B.build_backbone("mem-resnet18")
     with pytest.raises(ValueError):
-        M.build_backbone("pm-vgg16")
-    assert "mem-densenet161" in M.supported_backbones() and "pm-se_resnext50_32x4d" in M.supported_backbones()
-    for name in M.supported_backbones():
-        assert M.is_supported_backbone(name), name
-    assert not any(M.is_supported_backbone(n) for n in ("mem-resnet50", "pm-nope", "densenet", "resnet0"))
+        B.build_backbone("pm-vgg16")
+    assert "mem-densenet161" in B.supported_backbones() and "pm-se_resnext50_32x4d" in B.supported_backbones()
+    for name in B.supported_backbones():
+        assert B.is_supported_backbone(name), name
+    assert not any(B.is_supported_backbone(n) for n in ("mem-resnet50", "pm-nope", "densenet", "resnet0"))
 
 
 def test_concat_cell_type_and_head_hidden() -> None:
@@ -106,7 +107,8 @@ def test_concat_cell_type_and_head_hidden() -> None:
     net.eval()
     x, s = torch.randn(2, 6, 48, 48), _onehot()
     with torch.no_grad():
-        assert torch.allclose(net.predict(x, s), net(x, s)["logits"])
+        out = net(x, s)  # inference logits: the softmax head of the embedding only (the 1st place's, not ArcFace)
+        assert torch.allclose(net.head(net.embed(x, s)), out["logits"])
 
 
 def _save_resnet18(path: str, wrap: str | None = None) -> dict[str, torch.Tensor]:
@@ -121,7 +123,7 @@ def _save_resnet18(path: str, wrap: str | None = None) -> dict[str, torch.Tensor
 def test_stem_from_rgb_weights_of_local_file(tmp_path, name: str) -> None:
     path = str(tmp_path / "r18.pth")
     sd = _save_resnet18(path)
-    feats, _ = M.build_backbone(name, pretrained=path, stem_init="rgb-copy")
+    feats, _ = B.build_backbone(name, pretrained=path, stem_init="rgb-copy")
     own = feats.state_dict()
     prefix = "model." if name.startswith("pm-") else ""
     expected = sd["conv1.weight"][:, [0, 1, 2, 0, 1, 2]] * 0.5
@@ -142,30 +144,30 @@ def test_local_file_wrapped_and_old_densenet_keys(tmp_path) -> None:
     dn = torchvision.models.densenet121().state_dict()  # torchvision's own files use 'norm.1' names
     old = {k.replace("norm1", "norm.1").replace("conv2", "conv.2"): v + 1 for k, v in dn.items()}
     torch.save({"model": old}, tmp_path / "dn.pth")
-    feats, _ = M.build_backbone("densenet121", pretrained=str(tmp_path / "dn.pth"))
+    feats, _ = B.build_backbone("densenet121", pretrained=str(tmp_path / "dn.pth"))
     assert torch.equal(feats.denseblock1.denselayer1.conv2.weight, dn["features.denseblock1.denselayer1.conv2.weight"] + 1)
 
 
 def test_local_file_errors_name_the_file(tmp_path) -> None:
     missing = str(tmp_path / "missing.pth")
-    with pytest.raises(M.PretrainedUnavailable, match="not found.*missing.pth"):
-        M.build_backbone("resnet18", pretrained=missing)
+    with pytest.raises(B.PretrainedUnavailable, match="not found.*missing.pth"):
+        B.build_backbone("resnet18", pretrained=missing)
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint\n")
-    with pytest.raises(M.PretrainedUnavailable, match="junk.pth") as err:
-        M.build_backbone("resnet18", pretrained=str(junk))
+    with pytest.raises(B.PretrainedUnavailable, match="junk.pth") as err:
+        B.build_backbone("resnet18", pretrained=str(junk))
     assert "\n" not in str(err.value)
     other = tmp_path / "r34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), other)
-    with pytest.raises(M.PretrainedUnavailable, match="r34.pth does not fit backbone 'resnet18'"):
-        M.build_backbone("resnet18", pretrained=str(other))
-    assert issubclass(M.PretrainedUnavailable, RuntimeError)
+    with pytest.raises(B.PretrainedUnavailable, match="r34.pth does not fit backbone 'resnet18'"):
+        B.build_backbone("resnet18", pretrained=str(other))
+    assert issubclass(B.PretrainedUnavailable, RuntimeError)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "pm-resnet18"])
 def test_imagenet_offline_is_a_clear_error(name: str) -> None:
-    with pytest.raises(M.PretrainedUnavailable) as err:
-        M.build_backbone(name, pretrained="imagenet")
+    with pytest.raises(B.PretrainedUnavailable) as err:
+        B.build_backbone(name, pretrained="imagenet")
     msg = str(err.value)
     assert "\n" not in msg and name in msg and "https://" in msg and "pretrained=PATH" in msg
     assert os.environ["TORCH_HOME"] in msg  # names the cache location it looked in
@@ -177,7 +179,7 @@ def test_imagenet_from_hub_cache() -> None:
     os.makedirs(ckpt_dir)
     sd = torchvision.models.resnet18().state_dict()
     torch.save(sd, os.path.join(ckpt_dir, os.path.basename(url)))
-    feats, _ = M.build_backbone("resnet18", pretrained="imagenet", stem_init="rgb-copy")
+    feats, _ = B.build_backbone("resnet18", pretrained="imagenet", stem_init="rgb-copy")
     assert torch.equal(feats.conv1.weight, sd["conv1.weight"][:, [0, 1, 2, 0, 1, 2]] * 0.5)
 
 
@@ -188,7 +190,7 @@ def test_stem_is_fresh_by_default_when_weights_load(tmp_path, name: str) -> None
     path = str(tmp_path / "r18.pth")
     sd = _save_resnet18(path)
     torch.manual_seed(0)
-    own = M.build_backbone(name, pretrained=path)[0].state_dict()
+    own = B.build_backbone(name, pretrained=path)[0].state_dict()
     prefix = "model." if name.startswith("pm-") else ""
     stem = own[prefix + "conv1.weight"]
     assert stem.shape == (64, 6, 7, 7)
@@ -198,9 +200,9 @@ def test_stem_is_fresh_by_default_when_weights_load(tmp_path, name: str) -> None
     assert abs(float(stem.std()) - bound / math.sqrt(3)) < 0.05 * bound
     assert all(torch.equal(own[prefix + k], sd[k]) for k in sd if not k.startswith(("conv1.", "fc.")))
     torch.manual_seed(0)
-    assert torch.equal(M.build_backbone(name, pretrained=path)[0].state_dict()[prefix + "conv1.weight"], stem)
+    assert torch.equal(B.build_backbone(name, pretrained=path)[0].state_dict()[prefix + "conv1.weight"], stem)
     with pytest.raises(ValueError, match="stem initialisation 'copy'"):
-        M.build_backbone(name, pretrained=path, stem_init="copy")
+        B.build_backbone(name, pretrained=path, stem_init="copy")
 
 
 def test_dense_cross_entropy_matches_cross_entropy() -> None:
@@ -277,7 +279,7 @@ def test_channels_last_matches() -> None:
 
 
 def test_small_cnn_for_cpu_demos():
-    from model import SMALL_CNN, PretrainedUnavailable, build_backbone, supported_backbones
+    from cellpaint.backbones import SMALL_CNN, PretrainedUnavailable, build_backbone, supported_backbones
     features, width = build_backbone(SMALL_CNN)
     assert SMALL_CNN in supported_backbones()
     assert features(torch.zeros(2, 6, 48, 48)).shape == (2, width, 12, 12)

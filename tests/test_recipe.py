@@ -17,6 +17,7 @@ import dataset
 from cellpaint.training import engine
 import main
 from cellpaint.data import metadata
+from cellpaint import backbones as B
 import model as M
 from cellpaint.training.checkpoints import CHECKPOINT_FORMAT, checkpoint_args
 from cellpaint.training.schedule import LRSchedule
@@ -63,7 +64,7 @@ def test_plain_head_refuses_cell_type_and_hidden_layers_and_main_names_the_flags
 def test_rgb_tile_stem_repeats_the_rgb_kernels_unscaled():
     net = nn.Sequential(nn.Conv2d(3, 4, 3))
     old = net[0].weight.detach().clone()
-    M._swap_stem(net, 6, from_rgb=True, tile=True)
+    B._swap_stem(net, 6, from_rgb=True, tile=True)
     assert torch.equal(net[0].weight, torch.cat([old, old], 1))
 
 

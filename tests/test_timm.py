@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cellpaint import backbones as B  # noqa: E402
 import model as M  # noqa: E402
 from tests.conftest import SMALL, run  # noqa: E402
 
@@ -48,7 +49,7 @@ def _onehot(b: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_builds_trains_a_step_and_predicts(name: str) -> None:
     torch.manual_seed(0)
-    net = M.CellClassifier(M.TIMM_PREFIX + name, N_CLASSES, N_CELLS, embedding_size=EMB)
+    net = M.CellClassifier(B.TIMM_PREFIX + name, N_CLASSES, N_CELLS, embedding_size=EMB)
     # the neck takes the model's pooled width (plus the cell-type one-hot)
     assert net.neck[0].num_features == FAMILIES[name] + N_CELLS
     stems = [m for m in net.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 6]
@@ -69,28 +70,28 @@ def test_family_builds_trains_a_step_and_predicts(name: str) -> None:
     net.eval()
     with torch.no_grad():
         for size in (48, 40):  # any image size, also one that is not a whole number of ViT patches
-            logits = net.predict(torch.randn(2, 6, size, size), _onehot(2))
+            logits = net(torch.randn(2, 6, size, size), _onehot(2))["logits"]
             assert logits.shape == (2, N_CLASSES) and torch.isfinite(logits).all()
 
 
 def test_names_are_checked_without_listing_them() -> None:
-    assert M.is_supported_backbone("timm-convnext_atto") and M.is_supported_backbone("timm-convnext_atto.d2_in1k")
-    assert not M.is_supported_backbone("timm-nope") and not M.is_supported_backbone("timm-")
+    assert B.is_supported_backbone("timm-convnext_atto") and B.is_supported_backbone("timm-convnext_atto.d2_in1k")
+    assert not B.is_supported_backbone("timm-nope") and not B.is_supported_backbone("timm-")
     with pytest.raises(ValueError, match="timm-"):
-        M.build_backbone("timm-nope")
-    assert not any(n.startswith("timm-") for n in M.supported_backbones())  # 1,000+ names: checked, not listed
+        B.build_backbone("timm-nope")
+    assert not any(n.startswith("timm-") for n in B.supported_backbones())  # 1,000+ names: checked, not listed
 
 
 def test_imagenet_offline_is_one_line_naming_cache_and_file_option() -> None:
     from huggingface_hub import constants
 
-    with pytest.raises(M.PretrainedUnavailable) as err:
-        M.build_backbone("timm-convnext_atto", pretrained="imagenet")
+    with pytest.raises(B.PretrainedUnavailable) as err:
+        B.build_backbone("timm-convnext_atto", pretrained="imagenet")
     msg = str(err.value)
     assert "\n" not in msg and "timm-convnext_atto" in msg and "--pretrained PATH" in msg
     assert os.path.join(constants.HF_HUB_CACHE, "models--timm--convnext_atto.d2_in1k") in msg
-    with pytest.raises(M.PretrainedUnavailable, match="no pretrained weights.*--pretrained none"):
-        M.build_backbone("timm-nf_regnet_b0", pretrained="imagenet")
+    with pytest.raises(B.PretrainedUnavailable, match="no pretrained weights.*--pretrained none"):
+        B.build_backbone("timm-nf_regnet_b0", pretrained="imagenet")
 
 
 def test_local_weights_file_adapts_the_stem(tmp_path) -> None:
@@ -99,27 +100,27 @@ def test_local_weights_file_adapts_the_stem(tmp_path) -> None:
     rgb = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in rgb.items()}
     path = tmp_path / "regnet.pth"
     torch.save({"state_dict": {"module." + k: v for k, v in rgb.items()}}, path)  # a DDP training file
-    feats, n = M.build_backbone("timm-regnetx_002", pretrained=str(path), stem_init="rgb-copy")
+    feats, n = B.build_backbone("timm-regnetx_002", pretrained=str(path), stem_init="rgb-copy")
     own = feats.model.state_dict()
     # timm's stem adaptation: the RGB kernels repeated over the 6 channels, scaled by 3/6
     tiled = rgb["stem.conv.weight"][:, [0, 1, 2, 0, 1, 2]]
     assert torch.allclose(own["stem.conv.weight"], tiled * 0.5)
     assert torch.equal(own["s4.b1.conv3.conv.weight"], rgb["s4.b1.conv3.conv.weight"])
     assert not any(k.startswith("head.fc") for k in own) and n == 368
-    unscaled = M.build_backbone("timm-regnetx_002", pretrained=str(path), stem_init="rgb-tile")[0]
+    unscaled = B.build_backbone("timm-regnetx_002", pretrained=str(path), stem_init="rgb-tile")[0]
     assert torch.allclose(unscaled.model.state_dict()["stem.conv.weight"], tiled)
     # the default, as the 1st place for its DenseNet: a freshly drawn stem, everything else loaded
-    fresh = M.build_backbone("timm-regnetx_002", pretrained=str(path))[0].model.state_dict()
+    fresh = B.build_backbone("timm-regnetx_002", pretrained=str(path))[0].model.state_dict()
     assert not torch.allclose(fresh["stem.conv.weight"], tiled * 0.5)
     assert fresh["stem.conv.weight"].abs().max() <= 1 / (6 * 3 * 3) ** 0.5
     assert torch.equal(fresh["s4.b1.conv3.conv.weight"], rgb["s4.b1.conv3.conv.weight"])
 
     torch.save(timm.create_model("regnetx_004").state_dict(), tmp_path / "other.pth")
-    with pytest.raises(M.PretrainedUnavailable, match="other.pth does not fit timm backbone 'regnetx_002'") as err:
-        M.build_backbone("timm-regnetx_002", pretrained=str(tmp_path / "other.pth"))
+    with pytest.raises(B.PretrainedUnavailable, match="other.pth does not fit timm backbone 'regnetx_002'") as err:
+        B.build_backbone("timm-regnetx_002", pretrained=str(tmp_path / "other.pth"))
     assert "\n" not in str(err.value)
-    with pytest.raises(M.PretrainedUnavailable, match="not found"):
-        M.build_backbone("timm-regnetx_002", pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(B.PretrainedUnavailable, match="not found"):
+        B.build_backbone("timm-regnetx_002", pretrained=str(tmp_path / "missing.pth"))
 
 
 def test_trainer_trains_and_predicts_with_a_timm_backbone(tiny_competition, tmp_path) -> None:

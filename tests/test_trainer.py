@@ -15,6 +15,9 @@ import torch
 from cellpaint.training import mixing
 import main
 from cellpaint.data import metadata
+from cellpaint.data.folds import assign_folds, split_subsets
+from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
+from cellpaint.data.structure import Structure
 from cellpaint.training import pseudo_labels
 from cellpaint.training.schedule import LRSchedule, SizeFunction
 from tests.conftest import SMALL, run
@@ -89,8 +92,8 @@ def test_pl_fraction_follows_the_original_schedule():
 
 def test_pseudo_label_selection_respects_plates():
     """Planted: 2 experiments x 2 plates, 2 groups of 3 classes; plate groups must be inferred."""
-    structure = metadata.Structure(7, np.arange(6), np.array([6]), (np.array([0, 2, 4]), np.array([1, 3, 5])),
-                                   {}, ("A",))
+    structure = Structure(7, np.arange(6), np.array([6]), (np.array([0, 2, 4]), np.array([1, 3, 5])),
+                          ("A",))
     rng = np.random.default_rng(0)
     rows, logits = [], []
     truth = {("E1", 1): [0, 2, 4], ("E1", 2): [1, 3, 5], ("E2", 1): [1, 3, 5], ("E2", 2): [0, 2, 4]}
@@ -138,8 +141,8 @@ def test_training_writes_checkpoints_log_and_metrics(trained):
 def test_pseudo_labels_follow_the_schedule(trained, tiny_competition):
     state = torch.load(f"{trained}.1", weights_only=True)
     table = metadata.load_table(tiny_competition[0])
-    table = metadata.apply_layout_matches(table, metadata.find_layout_matches(table))
-    subsets = metadata.split_subsets(table, metadata.assign_folds(table, 6, 0), 0)
+    table = apply_layout_matches(table, find_layout_matches(table))
+    subsets = split_subsets(table, assign_folds(table, 6, 0), 0)
     candidates = pseudo_labels.candidate_sites(subsets)["id_code"].unique()
     labels = state["pseudo_labels"]
     # asked for round(f * N); the duplicate rule may drop some of those, never add more
@@ -172,7 +175,7 @@ def test_predict_writes_the_pickle_structure(trained, tiny_competition):
     with open(f"{trained}.1.output_x", "rb") as f:
         output = pickle.load(f)
     table = metadata.load_table(tiny_competition[0])
-    subsets = metadata.split_subsets(table, metadata.assign_folds(table, 6, 0), 0)
+    subsets = split_subsets(table, assign_folds(table, 6, 0), 0)
     assert set(output) == {"test", "val"}
     for part in ("test", "val"):
         assert set(output[part]) == set(subsets[part]["id_code"])

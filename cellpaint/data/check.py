@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cellpaint.data import metadata
+from cellpaint.data.structure import derive_structure
 from cellpaint.data.images import CHANNELS, ImageError, read_png
 
 
@@ -92,7 +93,7 @@ def _check_table(table, n_classes: int | None, problems: dict[str, list[str]]) -
     """Labels, id codes and the structure derived from them (what training would derive)."""
     derived = int(max(table["sirna"].max(), table["sirna_true"].max())) + 1
     try:  # classes no well has, controls that are also treatments, no labels at all
-        structure = metadata.derive_structure(table, max(n_classes, derived) if n_classes else None)
+        structure = derive_structure(table, max(n_classes, derived) if n_classes else None)
         n = n_classes or structure.n_classes
     except metadata.DataError as e:
         problems["labels"].append(str(e))

@@ -1,9 +1,11 @@
-"""The metadata table: both RxRx1 layouts read into one table, and everything derived from it.
+"""The metadata table: both RxRx1 layouts read into one table (one row per site or per well).
 
 Data flows one way through the project: metadata table -> samples -> batches -> logits ->
-prediction file -> submission. This module is the first step. Nothing downstream knows which
+prediction file -> submission. This module is the first step; what follows from the table has a
+module of its own: structure.py (classes, plate groups), folds.py (validation folds, subsets),
+layout_matches.py (layout coincidences), wells.py (sites into wells). Nothing downstream knows which
 layout the data came in, and no size of the competition (classes, plates, wells, experiments)
-is written down anywhere: it is all derived here from the metadata of the data set at hand.
+is written down anywhere: it is all derived from the metadata of the data set at hand.
 
 The table has one row per site (or per well, from `load_wells`), with the columns of
 `WELL_COLUMNS` (+ `site`, `image_prefix`):
@@ -19,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -221,273 +222,16 @@ def fingerprint(table: pd.DataFrame) -> str:
     return hashlib.sha256(text).hexdigest()[:16]
 
 
-def sum_sites(rows: pd.DataFrame, site_values: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
-    """Sum per-site vectors over the sites of each well: (one row per well, [wells, K] sums).
-
-    Sites whose vector is not finite (NaN: an unreadable image skipped) are left out, and so is a
-    well with no site left."""
-    finite = np.isfinite(site_values).all(axis=1) if len(site_values) else np.ones(0, dtype=bool)
-    if not finite.all():
-        rows, site_values = rows[finite], site_values[finite]
-    codes, first, inverse = np.unique(rows["id_code"].to_numpy(), return_index=True, return_inverse=True)
-    sums = np.zeros((len(codes), site_values.shape[1]), dtype=np.float32)
-    np.add.at(sums, inverse, site_values)
-    return rows.iloc[first].reset_index(drop=True), sums
+# The derived concepts live in modules named for them (structure, folds, layout_matches, wells);
+# the trainer's files still reach a few through this module, so those names stay importable here.
+_MOVED = {"Structure": "structure", "derive_structure": "structure",
+          "assign_folds": "folds", "last_experiments": "folds", "named_folds": "folds", "split_subsets": "folds",
+          "LayoutMatch": "layout_matches", "find_layout_matches": "layout_matches",
+          "apply_layout_matches": "layout_matches", "sum_sites": "wells"}
 
 
-# ----------------------------------------------------------------------------- derived structure
-
-
-@dataclass(frozen=True)
-class Structure:
-    """What the metadata says about the problem; nothing here is a constant of the competition."""
-    n_classes: int
-    treatment_classes: np.ndarray       # sorted class ids seen in treatment wells
-    control_classes: np.ndarray         # sorted class ids seen in control wells
-    groups: tuple[np.ndarray, ...]      # plate groups: disjoint sorted sets of treatment classes
-    plate_groups: dict                  # (experiment, plate) -> group index, for labelled plates
-    cell_types: tuple[str, ...]
-
-    @property
-    def n_groups(self) -> int:
-        return len(self.groups)
-
-    def class_group(self) -> np.ndarray:
-        """Group index per class (-1 for controls and unseen classes)."""
-        out = np.full(self.n_classes, -1, dtype=np.int64)
-        for g, classes in enumerate(self.groups):
-            out[classes] = g
-        return out
-
-    def group_masks(self) -> np.ndarray:
-        """Boolean [n_groups, n_classes]: which classes each plate group holds."""
-        masks = np.zeros((self.n_groups, self.n_classes), dtype=bool)
-        for g, classes in enumerate(self.groups):
-            masks[g, classes] = True
-        return masks
-
-
-def _plate_components(plates: list[np.ndarray], n: int) -> np.ndarray:
-    """Union-find over classes: the classes sharing a plate belong to one group."""
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for classes in plates:
-        root = find(classes[0])
-        for c in classes[1:]:
-            parent[find(c)] = root
-    return np.array([find(i) for i in range(n)])
-
-
-def _spans(values: np.ndarray, limit: int = 3) -> str:
-    """Sorted integers as ranges: '24..998', '5, 9..11'."""
-    spans, start = [], values[0]
-    for a, b in zip(values, list(values[1:]) + [None]):
-        if b is None or b != a + 1:
-            spans.append(f"{start}..{a}" if a != start else f"{a}")
-            start = b
-    return ", ".join(spans[:limit]) + (", ..." if len(spans) > limit else "")
-
-
-def derive_structure(table: pd.DataFrame, n_classes: int | None = None) -> Structure:
-    """Class count, treatment/control classes and plate groups, from the labels training may use."""
-    wells = wells_of(table) if "site" in table else table
-    known = wells[wells["sirna"] >= 0]
-    if known.empty:
-        raise DataError("the metadata has no labelled wells: nothing to train on or score against")
-    derived = int(max(wells["sirna"].max(), wells["sirna_true"].max())) + 1
-    if n_classes is not None and n_classes < derived:
-        raise DataError(f"--classes {n_classes} is smaller than the {derived} classes in the metadata")
-    if not ((known["well_type"] == TREATMENT) & (known["split"] == "train")).any():
-        raise DataError("the metadata has no labelled treatment wells in train: nothing to train on "
-                        "(an empty train.csv, or a metadata.csv without train treatment rows?)")
-    if n_classes is None:
-        # the class count is derived as the largest label + 1, so a typo (999 among 24 classes) would
-        # make classes no well has: in the real data every class, treatment or control, is in some well
-        labels = pd.concat([wells.loc[wells["sirna"] >= 0, ["id_code", "split", "sirna"]],
-                            wells.loc[wells["sirna_true"] >= 0, ["id_code", "split", "sirna_true"]]
-                            .rename(columns={"sirna_true": "sirna"})])
-        empty = np.setdiff1d(np.arange(derived), labels["sirna"].unique())
-        if empty.size:
-            above = labels[labels["sirna"] > empty[0]].sort_values("sirna", ascending=False)
-            top = above.iloc[0]
-            raise DataError(f"labels leave {empty.size} class(es) without any well ({_spans(empty)}): is label "
-                            f"{top.sirna} of {top.split} well {top.id_code} a typo? ({above['id_code'].nunique()} "
-                            f"well(s) above the gap; --classes N allows classes that no well has)")
-    treat = known[known["well_type"] == TREATMENT]
-    treatment_classes = np.sort(treat["sirna"].unique())
-    control_classes = np.sort(known.loc[known["well_type"] != TREATMENT, "sirna"].unique())
-    overlap = np.intersect1d(treatment_classes, control_classes)
-    if overlap.size:
-        raise DataError(f"classes {overlap[:5].tolist()} occur both as treatment and as control")
-
-    by_plate = treat.groupby(["experiment", "plate"])["sirna"]
-    plate_classes = {key: np.unique(v.to_numpy()) for key, v in by_plate}
-    roots = _plate_components(list(plate_classes.values()), derived)
-    groups = sorted((np.flatnonzero(roots == r) for r in np.unique(roots[treatment_classes])),
-                    key=lambda g: g[0])
-    groups = tuple(np.intersect1d(g, treatment_classes) for g in groups)
-    group_of = {int(c): gi for gi, g in enumerate(groups) for c in g}
-    plate_groups = {key: group_of[int(v[0])] for key, v in plate_classes.items()}
-    return Structure(
-        n_classes=n_classes or derived,
-        treatment_classes=treatment_classes,
-        control_classes=control_classes,
-        groups=groups,
-        plate_groups=plate_groups,
-        cell_types=tuple(sorted(wells["cell_type"].unique())),
-    )
-
-
-# --------------------------------------------------------------------------------------- folds
-
-
-def assign_folds(table: pd.DataFrame, n_folds: int = 6, seed: int = 0) -> dict[str, int]:
-    """Validation fold of each train experiment: dealt within each cell type after a seeded shuffle.
-
-    The deal continues across cell types rather than restarting at fold 0, so folds stay balanced
-    (and none is empty) when a cell type has fewer experiments than there are folds.
-    """
-    if n_folds < 1:
-        raise ValueError(f"the number of folds must be positive, got {n_folds}")
-    rng = np.random.default_rng(seed)
-    train = table[table["split"] == "train"]
-    folds: dict[str, int] = {}
-    turn = 0
-    for _, experiments in sorted(train.groupby("cell_type")["experiment"]):
-        for experiment in rng.permutation(sorted(experiments.unique())):
-            folds[str(experiment)] = turn % n_folds
-            turn += 1
-    return folds
-
-
-def last_experiments(table: pd.DataFrame) -> list[str]:
-    """The last train experiment of each cell type, in name order (HEPG2-07, HUVEC-16, RPE-07,
-    U2OS-03 in the competition data): the 41st place's validation split."""
-    train = table.loc[table["split"] == "train", ["cell_type", "experiment"]].astype(str).drop_duplicates()
-    return sorted(train.sort_values("experiment").groupby("cell_type")["experiment"].last())
-
-
-def named_folds(table: pd.DataFrame, validation: list[str]) -> dict[str, int]:
-    """Folds that put exactly the named train experiments in fold 0 (validation) and every other
-    train experiment in fold 1: `--val-experiments`, for a split chosen by name (e.g. the 1st
-    place's per-fold table) instead of dealt."""
-    train = sorted(table.loc[table["split"] == "train", "experiment"].astype(str).unique())
-    unknown = [e for e in validation if e not in train]
-    if unknown:
-        raise DataError(f"--val-experiments: {', '.join(unknown)} is not a train experiment of the data set "
-                        f"(train experiments: {', '.join(train)})")
-    if len(set(validation)) != len(validation):
-        raise DataError(f"--val-experiments: an experiment is named twice in {','.join(validation)}")
-    return {e: 0 if e in validation else 1 for e in train}
-
-
-# --------------------------------------------------------------------------- layout coincidences
-
-
-@dataclass(frozen=True)
-class LayoutMatch:
-    """Test experiment `test` holds, on its k-th plate, what train experiment `train` holds on its
-    (k - shift)-th plate (cyclically): the same siRNA in the same well."""
-    test: str
-    train: str
-    shift: int
-    wells_compared: int
-
-    def source_plate(self, plate: int, plates: list[int]) -> int:
-        return plates[(plates.index(plate) - self.shift) % len(plates)]
-
-
-def _control_layout(wells: pd.DataFrame) -> dict[str, dict[int, dict[str, int]]]:
-    controls = wells[(wells["well_type"] != TREATMENT) & (wells["sirna"] >= 0)]
-    layout: dict[str, dict[int, dict[str, int]]] = {}
-    for (experiment, plate), rows in controls.groupby(["experiment", "plate"]):
-        layout.setdefault(experiment, {})[int(plate)] = dict(zip(rows["well"], rows["sirna"]))
-    return layout
-
-
-def find_layout_matches(table: pd.DataFrame, min_agreement: float = 0.95) -> list[LayoutMatch]:
-    """Test experiments whose control-well layout equals a train experiment's, up to a cyclic plate shift.
-
-    Controls are labelled in both splits, so their positions can be compared. A match must cover
-    most control wells of both experiments and be unique: a test experiment that fits several
-    train experiments or shifts is ambiguous and not reported.
-    """
-    wells = wells_of(table) if "site" in table else table
-    layout = _control_layout(wells)
-    experiments = wells.drop_duplicates("experiment").set_index("experiment")["split"]
-    matches = []
-    for test in experiments[experiments == "test"].index:
-        found = []
-        for train in experiments[experiments == "train"].index:
-            t, r = layout.get(test, {}), layout.get(train, {})
-            plates = sorted(r)
-            if not t or sorted(t) != plates:
-                continue
-            for shift in range(len(plates)):
-                m = LayoutMatch(test, train, shift, 0)
-                agree = compared = 0
-                for plate in plates:
-                    a, b = t[plate], r[m.source_plate(plate, plates)]
-                    common = a.keys() & b.keys()
-                    compared += len(common)
-                    agree += sum(a[w] == b[w] for w in common)
-                n_t = sum(map(len, t.values()))
-                n_r = sum(map(len, r.values()))
-                if compared >= 0.9 * max(n_t, n_r) and agree >= min_agreement * compared:
-                    found.append(LayoutMatch(test, train, shift, compared))
-        if len(found) == 1:
-            matches.append(found[0])
-    return matches
-
-
-def apply_layout_matches(table: pd.DataFrame, matches: list[LayoutMatch]) -> pd.DataFrame:
-    """Label the treatment wells of matched test experiments from their train twins (`leaked`)."""
-    table = table.copy()
-    for m in matches:
-        source = table[(table["experiment"] == m.train) & (table["well_type"] == TREATMENT)]
-        labels = dict(zip(zip(source["plate"], source["well"]), source["sirna"]))
-        # the plates the match was found on (controls included): a plate without treatment wells still counts
-        plates = sorted(table.loc[table["experiment"] == m.train, "plate"].unique().tolist())
-        rows = table.index[(table["experiment"] == m.test) & (table["well_type"] == TREATMENT)]
-        keys = [(m.source_plate(p, plates), w) for p, w in zip(table.loc[rows, "plate"], table.loc[rows, "well"])]
-        found = np.array([labels.get(k, -1) for k in keys], dtype=np.int64)
-        table.loc[rows, "sirna"] = found
-        table.loc[rows, "leaked"] = found >= 0
-    return table
-
-
-# ------------------------------------------------------------------------------------- subsets
-
-
-def split_subsets(table: pd.DataFrame, folds: dict[str, int], cv_number: int,
-                  all_controls_train: bool = True) -> dict[str, pd.DataFrame]:
-    """The rows the trainer needs: `train`, `val` and `test`.
-
-    - train: labelled wells of the train experiments outside the validation fold (controls too),
-      test wells labelled through a layout coincidence, and, with `all_controls_train`, the
-      control wells of validation and test experiments (their labels are public).
-    - val: treatment wells of the validation experiments (scored on treatment only).
-    - test: treatment wells of the test experiments (all of them: the submission needs every one).
-    """
-    if cv_number >= 0 and cv_number not in set(folds.values()):
-        raise DataError(f"--cv-number {cv_number}: no experiment falls in that fold "
-                        f"(folds present: {sorted(set(folds.values()))})")
-    in_val = table["experiment"].map(folds).eq(cv_number) & (cv_number >= 0)
-    treatment = table["well_type"] == TREATMENT
-    train_split = table["split"] == "train"
-    labelled = table["sirna"] >= 0
-    train = (train_split & ~in_val & labelled) | (table["leaked"] & ~in_val)
-    if all_controls_train:
-        train |= ~treatment & labelled
-    subsets = {
-        "train": table[train],
-        "val": table[train_split & in_val & treatment],
-        "test": table[~train_split & treatment],
-    }
-    return {k: v.reset_index(drop=True) for k, v in subsets.items()}
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(f"cellpaint.data.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cellpaint.atomic import atomic_write
+from cellpaint.data.wells import sum_site_lists
 
 PARTS = ("test", "val")                          # a prediction file of logits
 EMBEDDING_PARTS = ("train", "val", "test")       # an embeddings file: the reference wells too
@@ -248,34 +249,6 @@ def _sorted_ids(name: str, part: str, wells: dict) -> list[str]:
     return sorted(wells)
 
 
-def _sum_into(name: str, part: str, wells: dict, keys: list[str], out: np.ndarray) -> None:
-    """Fill `out` with the float32 site sums of `wells` in the order of `keys`, emptying `wells`.
-
-    One pass, one numpy call per well: wells are popped so their per-site arrays are freed as
-    the sums fill up. A full-size file has ~50,000 site vectors, so the common case (a list of
-    two arrays of the known shape and dtype object, which the pickle shares between all arrays)
-    is tested inline; anything else gets the full check, which raises with a precise message or
-    passes an unusual but valid entry (a tuple, one site, another numeric dtype).
-    """
-    n_classes = out.shape[1]
-    shape = (n_classes,)
-    ndarray, add, known = np.ndarray, np.add, None
-    for i, key in enumerate(keys):
-        sites = wells.pop(key)
-        if type(sites) is list and len(sites) == 2:
-            a, b = sites
-            if (type(a) is ndarray and type(b) is ndarray and a.dtype is known and b.dtype is known
-                    and a.shape == shape and b.shape == shape):
-                add(a, b, out[i])
-                continue
-        _check_well(name, part, key, sites, n_classes)
-        known = sites[0].dtype
-        row = out[i]
-        np.copyto(row, sites[0], casting="same_kind")
-        for site in sites[1:]:
-            add(row, site, out=row)
-
-
 def load_well_sums(path: str | os.PathLike, rows: Sequence[str] = ROW_ORDER) -> WellSums:
     """Read a prediction file and reduce it at once to per-well float32 site sums.
 
@@ -299,7 +272,8 @@ def load_well_sums(path: str | os.PathLike, rows: Sequence[str] = ROW_ORDER) -> 
     for part in rows:
         sums[part] = matrix[start:start + len(keys[part])]
         start += len(keys[part])
-        _sum_into(name, part, parts[part], keys[part], sums[part])
+        sum_site_lists(parts[part], keys[part], sums[part],
+                       lambda key, sites, part=part: _check_well(name, part, key, sites, n_classes))
     ids = {part: np.asarray(keys[part], dtype=str) for part in rows}
     # one cheap pass: a row with NaN or inf has a non-finite sum (the exact test runs only then;
     # finite logits big enough to overflow a float32 sum pass it)

@@ -32,8 +32,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-WEIGHTS = ("sigmoid", "relu-cos")  # a neighbour's vote: sigmoid(cos) (the 41st place's), max(cos, 0)
-SEARCHES = ("group", "cell")       # where the K nearest are sought: in each plate group, in the cell type
+from cellpaint.submission.methods import KNN_SEARCHES as SEARCHES, KNN_WEIGHTS as WEIGHTS
+
 _BLOCK_BYTES = 32 << 20  # similarity block [rows, references] per step: bounds the temporaries
 _MAX_ROWS = 2048
 

@@ -16,54 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cellpaint.submission.stages import (Ensemble, Scoreboard, Stopwatch, SubmissionError, Wells, argmax_over, check_same_wells,
-                    class_masks, first_example, match_metadata)
+from cellpaint.submission.scoreboard import Scoreboard, Stopwatch, argmax_over
+from cellpaint.submission.wells import (Ensemble, Reference, SubmissionError, Wells, check_same_wells, match_metadata,
+                                        match_reference)
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-    from cellpaint.data.metadata import Structure
+    from cellpaint.data.structure import Structure
     from cellpaint.prediction.prediction_file import WellSums
-
-COMBINES = ("mean", "concat")
-
-
-@dataclass
-class Reference:
-    """The labelled training wells of an embeddings file's 'train' part: the kNN neighbours."""
-    keep: np.ndarray       # positions of the treatment wells in the part (controls are never candidates)
-    cell_type: np.ndarray  # per kept well
-    label: np.ndarray
-    ignored_controls: int
-
-
-def match_reference(first: WellSums, table: pd.DataFrame, structure: Structure) -> Reference:
-    """Map the 'train' part onto the metadata: labels come from there, never from the file."""
-    import numpy as np
-    import pandas as pd
-
-    from cellpaint.data.metadata import TREATMENT
-
-    name, ids = first.path, first.ids["train"]
-    pos = pd.Index(table["id_code"]).get_indexer(ids)
-    if (pos < 0).any():
-        unknown = ids[pos < 0]
-        raise SubmissionError(f"{name}: {unknown.size} train well(s) are not in the metadata "
-                              f"(e.g. {first_example(unknown)}): do the embeddings belong to this --data?")
-    meta = table.iloc[pos]
-    wrong = meta["split"].to_numpy() != "train"
-    if wrong.any():
-        raise SubmissionError(f"{name}: its train part holds {int(wrong.sum())} well(s) of test "
-                              f"experiments (e.g. {first_example(ids[wrong])})")
-    treatment = (meta["well_type"] == TREATMENT).to_numpy()
-    label = meta["sirna"].to_numpy()[treatment]
-    bad = ~np.isin(label, structure.treatment_classes)
-    if bad.any():
-        raise SubmissionError(f"{name}: {int(bad.sum())} train well(s) have no treatment label in the "
-                              f"metadata (e.g. {first_example(ids[treatment][bad])})")
-    return Reference(keep=np.flatnonzero(treatment), cell_type=meta["cell_type"].to_numpy()[treatment],
-                     label=label.astype(np.int64), ignored_controls=int((~treatment).sum()))
 
 
 @dataclass
@@ -144,12 +106,12 @@ def knn_ensemble(args: argparse.Namespace, weights: list[float], table: pd.DataF
     """
     import numpy as np
 
-    from cellpaint.submission import knn
     from cellpaint.prediction.prediction_file import EMBEDDING_ROWS, load_well_sums
+    from cellpaint.submission import knn, plates
 
     k = knn.parse_k(args.knn, structure.cell_types)
-    masks, treatment = class_masks(structure, structure.n_classes)
-    class_group = structure.class_group() if args.knn_search == "group" else None
+    masks, treatment = structure.group_masks(), structure.treatment_classes
+    class_group = plates.class_groups(masks) if args.knn_search == "group" else None
     setup = board = first = None
     raw = []
     for i, path in enumerate(args.files):

@@ -26,7 +26,8 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-GROUP_METHODS = ("prob", "argmax", "mode")
+from cellpaint.submission.methods import GROUP_METHODS
+
 _CHUNK = 4096  # rows per block in row-wise transforms: bounds temporaries to a few MB
 
 
