@@ -28,12 +28,15 @@ import torch
 import dataset
 from cellpaint.data import check, metadata
 from cellpaint.data.augment import BC_SPACES, FLIP_SETS, ROTATE_BORDERS
+from cellpaint.flag_types import (args_file_line, bool_or_auto, bool_type, float_pair, int_list, lr_groups_type,
+                                  lr_type, name_list, size_func_type)
 from cellpaint.prediction.predict import predict
 from cellpaint.training import autoselect, distributed, mixing, pseudo_labels, runconfig, runlock
 from cellpaint.training.checkpoints import checkpoint_args, load_checkpoint
 from cellpaint.training.engine import amp_dtype, precision_name
 from cellpaint.training.run import train, validate
-from cellpaint.training.schedule import LRGroups, LRSchedule, SizeFunction
+from cellpaint.runlog import one_line, set_log_handlers, setup_logging
+from cellpaint.training.schedule import LRSchedule, SizeFunction
 from cellpaint.training.settings import RunContext, augment_from_args, settings_from_args
 from model import HEADS, LOSSES, STEM_INITS, PretrainedUnavailable, is_supported_backbone, supported_backbones
 
@@ -41,67 +44,7 @@ log = logging.getLogger("cellpaint")
 
 
 # ------------------------------------------------------------------------------------- arguments
-
-
-def bool_type(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def bool_or_auto(text: str) -> bool | str:
-    return autoselect.AUTO if text.lower() == autoselect.AUTO else bool_type(text)
-
-
-def int_list(text: str) -> list[int] | None:
-    try:
-        return [int(v) for v in text.split(",")] if text else None
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def float_pair(text: str) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got {text!r}") from None
-    return a, b
-
-
-def lr_type(text: str) -> LRSchedule:
-    try:
-        return LRSchedule.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def name_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
-
-
-def lr_groups_type(text: str) -> LRGroups:
-    try:
-        return LRGroups.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def args_file_line(line: str) -> list[str]:
-    """One argument per line of an @file (e.g. `--lr=const,1e-3`); blank and #-comment lines skipped."""
-    line = line.strip()
-    return [] if not line or line.startswith("#") else [line]
-
-
-def size_func_type(text: str) -> SizeFunction:
-    try:
-        return SizeFunction(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+# value types of the flags: cellpaint/flag_types.py
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,39 +284,6 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[argparse.Namespac
 # ---------------------------------------------------------------------------- logging and main
 
 
-def setup_logging(args, world: distributed.World) -> tuple[str, str] | None:
-    """Log to stderr and, for train and predict, to a file beside the outputs.
-
-    Handlers go on the project's logger (not the root), replaced on each call, so that several
-    runs in one process (demo.py, tests) each write their own file. Prediction logs to
-    `<log>.partial` and returns (partial, final): main() renames it over the log of the last
-    successful prediction only when this one succeeds, so a failed run keeps that log intact.
-    """
-    # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
-    path = {"train": f"{args.save}.log", "predict": f"{args.load}.output{args.pred_suffix}.log"}.get(args.mode)
-    if not world.main:
-        path = None  # one log per run: the other processes only report warnings, on stderr
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    staged = (f"{path}.partial", path) if path and args.mode == "predict" else None
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(staged[0] if staged else path, mode="a" if args.resume else "w"))
-    set_log_handlers(handlers, f" [rank {world.rank}]" if world.distributed else "")
-    log.setLevel(logging.INFO if world.main else logging.WARNING)
-    log.info("arguments: %s", checkpoint_args(args))
-    return staged
-
-
-def set_log_handlers(handlers: list[logging.Handler], rank: str = "") -> None:
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    formatter = logging.Formatter("{asctime} {levelname}" + rank + ": {message}", style="{")
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        log.addHandler(handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args, ctx = parse_command_line(argv)
@@ -409,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                     (f"{args.load}.output{args.pred_suffix}", f"the prediction file {args.load}.output{args.pred_suffix}")
                 Path(target[0]).parent.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(runlock.hold(f"{target[0]}.lock", target[1]))
-            staged_log = setup_logging(args, ctx.world)
+            # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
+            log_path = {"train": f"{args.save}.log",
+                        "predict": f"{args.load}.output{args.pred_suffix}.log"}.get(args.mode)
+            staged_log = setup_logging(log_path, ctx.world, staged=args.mode == "predict", append=bool(args.resume),
+                                       arguments=checkpoint_args(args))
             if auto_channels_last:
                 log.info("channels-last auto -> %s (%s, %s)", "on" if args.channels_last else "off", device.type,
                          precision)
@@ -441,18 +355,6 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
         torch.set_num_threads(threads)
     return 0
-
-
-def one_line(e: BaseException) -> str:
-    """An expected failure as one line. A loader worker's error comes back wrapped in the worker's
-    traceback (torch re-raises it with the traceback as the message): keep only its last line."""
-    if isinstance(e, OSError) and e.filename:  # a read-only directory, a full disk, ...
-        return f"cannot write {e.filename}: {e.strerror}"
-    text = str(e)
-    if "Original Traceback" in text:
-        text = [line for line in text.splitlines() if line.strip()][-1]
-        text = re.sub(r"^[\w.]+(Error|Exception): ", "", text)
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def interrupted(args, epoch: int | None) -> str:
