@@ -310,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     if auto_channels_last:
         precision = precision_name(ctx.dtype)
         args.channels_last = autoselect.choose_channels_last(device.type, precision)
-    settings = settings_from_args(args)  # the one conversion: below, nothing reads the namespace but the log
+    # the one conversion: the modes get typed settings; the namespace stays here, for the run's lock,
+    # log file and messages, and (as plain values) in the checkpoints
+    settings = settings_from_args(args)
     try:
         with contextlib.ExitStack() as stack:
             if ctx.world.main and args.mode in ("train", "predict"):
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("channels-last auto -> %s (%s, %s)", "on" if args.channels_last else "off", device.type,
                          precision)
             if args.mode == "train":
-                train(settings, ctx, checkpoint_args(args))
+                train(settings, ctx, checkpoint_args(args))  # each checkpoint records the parsed values
             else:
                 {"val": validate, "predict": predict}[args.mode](settings, ctx)
             if staged_log:

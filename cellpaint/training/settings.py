@@ -164,7 +164,8 @@ def _tuple(v):
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """The parsed (and checked) command line as typed settings; the only reader of the namespace."""
+    """The parsed (and checked) command line as typed settings: the one place that converts the
+    namespace (main.py calls it once, after resolving --device and --channels-last auto)."""
     data = DataSettings(
         root=Path(args.data), classes=args.classes, use_layout_leak=args.use_layout_leak, folds=args.folds,
         cv_number=args.cv_number, data_split_seed=args.data_split_seed, val_experiments=_tuple(args.val_experiments),
