@@ -29,7 +29,8 @@ from tqdm import tqdm
 from cellpaint.data.augment import (  # noqa: F401 (re-exported: dataset.X keeps working)
     ZOOM_MODES, Augment, adjust_gamma, apply_geometry, brightness_contrast, channel_jitter, dihedral,
     draw_zoom_box, jitter_draws, normalised_photometric, random_zoom_crop, raw_photometric, rotate, zoom)
-from cellpaint.data.images import CHANNELS, CacheError, ImageCache, ImageError, read_site
+from cellpaint.data.image_cache import CacheError, ImageCache
+from cellpaint.data.images import CHANNELS, ImageError, read_site
 from cellpaint.data.metadata import DataError
 
 NORMALIZATIONS = ("sample", "experiment", "global", "global-pooled")

@@ -8,7 +8,10 @@
     torchrun --nproc_per_node N main.py ...                    any of these on N GPUs
 
 Data flows one way: metadata table -> samples -> batches -> logits -> prediction file. This file
-is the command line and the modes; engine.py holds the data, model and loop machinery they use.
+is the command line: it parses and checks the arguments, converts them once into typed settings
+(cellpaint/training/settings.py) and a run context (process group, device), and dispatches to
+the modes: cellpaint/training/run.py (train, val) and cellpaint/prediction/predict.py (predict),
+built from cellpaint/training/engine.py.
 """
 from __future__ import annotations
 
@@ -18,100 +21,30 @@ import logging
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
-from cellpaint.training import autoselect
-from cellpaint.training import mixing
-from cellpaint.data import check
 import dataset
-from cellpaint.training import distributed
-from cellpaint.data import metadata
-from cellpaint.training import pseudo_labels
-from cellpaint.training import runconfig
-from cellpaint.training import runlock
-from cellpaint.atomic import atomic_write
-from cellpaint.training.checkpoints import (CHECKPOINT_FORMAT, checkpoint_args, load_checkpoint, restore_weights,
-                         save_checkpoint)
+from cellpaint.data import check, metadata
 from cellpaint.data.augment import BC_SPACES, FLIP_SETS, ROTATE_BORDERS
-from cellpaint.training.engine import (Data, amp_dtype, augment_from_args, build_model, evaluate, infer, load_data, loss_classes,
-                    make_dataset, make_loader, make_optimizer, precision_name, prepare_model, resolve_backbone,
-                    train_one_epoch)
-from model import (HEADS, LOSSES, STEM_INITS, CellClassifier, PretrainedUnavailable, is_supported_backbone,
-                   supported_backbones)
-from cellpaint.prediction.prediction_file import save_embeddings, save_predictions
-from cellpaint.training.schedule import LRGroups, LRSchedule, SizeFunction
-from tools.curves import plot_training_curves
+from cellpaint.flag_types import (args_file_line, bool_or_auto, bool_type, float_pair, int_list, lr_groups_type,
+                                  lr_type, name_list, size_func_type)
+from cellpaint.prediction.predict import predict
+from cellpaint.training import autoselect, distributed, mixing, pseudo_labels, runconfig, runlock
+from cellpaint.training.checkpoints import checkpoint_args, load_checkpoint
+from cellpaint.training.engine import amp_dtype, precision_name
+from cellpaint.training.run import train, validate
+from cellpaint.runlog import one_line, set_log_handlers, setup_logging
+from cellpaint.training.schedule import LRSchedule, SizeFunction
+from cellpaint.training.settings import RunContext, augment_from_args, settings_from_args
+from model import HEADS, LOSSES, STEM_INITS, PretrainedUnavailable, is_supported_backbone, supported_backbones
 
 log = logging.getLogger("cellpaint")
 
 
 # ------------------------------------------------------------------------------------- arguments
-
-
-def bool_type(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def bool_or_auto(text: str) -> bool | str:
-    return autoselect.AUTO if text.lower() == autoselect.AUTO else bool_type(text)
-
-
-def int_list(text: str) -> list[int] | None:
-    try:
-        return [int(v) for v in text.split(",")] if text else None
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def float_pair(text: str) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got {text!r}") from None
-    return a, b
-
-
-def lr_type(text: str) -> LRSchedule:
-    try:
-        return LRSchedule.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def name_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
-
-
-def lr_groups_type(text: str) -> LRGroups:
-    try:
-        return LRGroups.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def args_file_line(line: str) -> list[str]:
-    """One argument per line of an @file (e.g. `--lr=const,1e-3`); blank and #-comment lines skipped."""
-    line = line.strip()
-    return [] if not line or line.startswith("#") else [line]
-
-
-def size_func_type(text: str) -> SizeFunction:
-    try:
-        return SizeFunction(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+# value types of the flags: cellpaint/flag_types.py
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on control wells (false: treatment wells only, as the 41st place)")
     g.add_argument("--use-layout-leak", type=bool_type, default=True,
                    help="label test experiments whose plate layout repeats a train experiment's")
-    g.add_argument("--cache-dir", type=Path, default=None, help="where computed pixel statistics are cached")
+    g.add_argument("--cache-dir", type=Path, default=None,
+                   help="where computed pixel statistics are cached (--data-normalization other than sample); "
+                        "default: the folder 'cache' beside --save (or --load)")
     g.add_argument("--num-data-workers", type=int, default=min(8, os.cpu_count() or 1))
     g.add_argument("--image-cache", type=Path, default=None,
                    help="decoded-image cache built by prepare.py, read instead of the PNGs")
@@ -286,24 +221,31 @@ def check_recipe_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed and checked command line (plain values only); see parse_command_line."""
+    return parse_command_line(argv)[0]
+
+
+def parse_command_line(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunContext]:
     """The command line, with what a checkpoint carries: `--resume` restores the run's saved
-    settings and `--load` its architecture (runconfig.py). A DataError (a missing or unreadable
-    checkpoint, a flag that contradicts it) is main()'s to report in one line."""
+    settings and `--load` its architecture (runconfig.py); the checkpoint read for that comes back
+    in the run context. A DataError (a missing or unreadable checkpoint, a flag that contradicts
+    it) is main()'s to report in one line."""
     p = build_parser()
     args = p.parse_args(argv)
-    args.given = runconfig.given_dests(build_parser(), argv)
+    given = runconfig.given_dests(build_parser(), argv)
+    ctx = RunContext()
     if args.mode == "train" and not (args.save or args.resume):
         p.error("training needs --save PATH (or --resume CKPT)")
     if args.mode in ("val", "predict") and not args.load:
         p.error(f"--mode {args.mode} needs --load CKPT")
     if args.resume and args.mode == "train":
-        args.resume_state = load_checkpoint(args.resume)
-        if "optimizer" not in args.resume_state:
+        ctx.resume_state = load_checkpoint(args.resume)
+        if "optimizer" not in ctx.resume_state:
             raise metadata.DataError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
-        runconfig.restore_run(p, args, args.resume_state, args.resume)
+        runconfig.restore_run(p, args, ctx.resume_state, args.resume, given)
     elif args.load:
-        args.load_state = load_checkpoint(args.load)
-        runconfig.take_architecture(p, args, args.load_state, args.load)
+        ctx.load_state = load_checkpoint(args.load)
+        runconfig.take_architecture(p, args, ctx.load_state, args.load, given)
     if args.resume and not args.save:
         args.save = re.sub(r"\.\d+$", "", args.resume)
     if args.mode == "train" and (args.save.endswith(os.sep) or Path(args.save).is_dir()):
@@ -336,207 +278,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"or timm-NAME for any NAME of timm.list_models()")
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little") % 10 ** 9
-    args.world = distributed.World()  # main() joins a torchrun process group, if there is one
-    return args
+    return args, ctx
 
 
-# ------------------------------------------------------------------------------------ the modes
-
-
-def train(args) -> None:
-    device = torch.device(args.device)  # resolved by main(): cuda:LOCAL_RANK under torchrun
-    dtype = amp_dtype(args, device)
-    torch.manual_seed(args.seed)
-    data = load_data(args)
-    # loaded and checked by parse_args; dropped from args so the optimizer state is not kept twice
-    resume = vars(args).pop("resume_state", None)
-    fine_tune = vars(args).pop("load_state", None) if not resume else None
-    resolve_backbone(args, data, device, dtype, resume or fine_tune)  # before checkpoints record args
-    pretrained = "none" if (resume or fine_tune) else args.pretrained
-    model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), pretrained).to(device)
-    optimizer = make_optimizer(args, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state = {"epoch": args.start_epoch - 1, "best_acc": -1.0, "pseudo_labels": {}, "history": []}
-    if resume is not None:
-        restore_weights(model, resume, args.resume)
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        state = {k: resume[k] for k in state}
-        log.info("resumed %s after epoch %d", args.resume, state["epoch"])
-    elif fine_tune is not None:
-        restore_weights(model, fine_tune, args.load)
-    check_classes(args, data, resume or fine_tune)
-    fingerprint = check_data_set(args, data, resume or fine_tune)
-    runner = prepare_model(args, model, device)
-
-    guard = {"bad_steps": 0}
-    for epoch in range(state["epoch"] + 1, args.epochs):
-        args.epoch_now = epoch  # for the message of an interruption
-        if args.pl_epoch is not None and epoch >= args.pl_epoch:
-            new = pseudo_labels.pseudo_label_epoch(args, epoch, runner, data, state["pseudo_labels"],
-                                            lambda rows: infer(args, runner, make_dataset(args, data, rows, False),
-                                                               device, dtype)["logits"])
-            state["pseudo_labels"].update(distributed.from_main(new, args.world))  # every process trains on one set
-        rows, labels = pseudo_labels.training_rows(data.subsets, state["pseudo_labels"])
-        loader = make_loader(args, make_dataset(args, data, rows, train=True, labels=labels), epoch)
-        tic = time.time()
-        metrics = train_one_epoch(args, runner, loader, optimizer, scaler, epoch, data.structure.n_classes,
-                                  device, dtype, guard, loss_classes(args, data))
-        metrics.update(evaluate(args, runner, data, device, dtype))
-        metrics.update(epoch=epoch, seconds=time.time() - tic, pseudo_labels=len(state["pseudo_labels"]))
-        state["epoch"] = epoch
-        state["history"].append(metrics)
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in metrics.items()))
-        checkpoint = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scaler": scaler.state_dict(), "args": checkpoint_args(args),
-                      "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types),
-                      "data_fingerprint": fingerprint}
-        acc = metrics.get("acc", epoch)  # without validation the latest epoch counts as the best
-        is_best = acc >= state["best_acc"]  # a tie goes to the later epoch, as in the 1st place's code
-        state["best_acc"] = max(acc, state["best_acc"])
-        checkpoint.update(state)
-        if args.world.main:
-            save_checkpoint(f"{args.save}.{epoch}", checkpoint)
-            if is_best:
-                save_checkpoint(args.save, checkpoint)
-            write_metrics(f"{args.save}.metrics.csv", state["history"])
-    if not args.world.main:
-        return
-    try:  # pictures are a convenience: never fail a finished run over them
-        plot_training_curves(Path(f"{args.save}.metrics.csv"), Path(f"{args.save}.curves.png"))
-    except OSError as e:
-        log.warning("training curves not drawn: %s", e)
-
-
-def check_classes(args, data: Data, state: dict | None) -> None:
-    if state and "n_classes" in state and state["n_classes"] != data.structure.n_classes:
-        raise metadata.DataError(f"the checkpoint predicts {state['n_classes']} classes but the data has "
-                                 f"{data.structure.n_classes} (see --classes)")
-
-
-def check_data_set(args, data: Data, state: dict | None) -> str:
-    """The data set's fingerprint; a checkpoint made on another data set is refused on --resume (its
-    pseudo-labels and history name wells of that one) and named on --load (fine-tuning or
-    predicting elsewhere is legitimate, but should not pass unnoticed)."""
-    fingerprint = metadata.fingerprint(data.table)
-    made_on = (state or {}).get("data_fingerprint")
-    if made_on and made_on != fingerprint:
-        where = (state.get("args") or {}).get("data", "?")
-        if args.resume:
-            raise metadata.DataError(f"--resume {args.resume} was trained on another data set ({where}, fingerprint "
-                                     f"{made_on}) than --data {args.data} (fingerprint {fingerprint}); its "
-                                     "pseudo-labels and history belong to that one: start a new run with --load")
-        log.warning("--load %s was trained on another data set (%s, fingerprint %s) than --data %s (fingerprint %s)",
-                    args.load, where, made_on, args.data, fingerprint)
-    return fingerprint
-
-
-def write_metrics(path: str, history: list[dict]) -> None:
-    with atomic_write(path, "w") as f:
-        pd.DataFrame(history).to_csv(f, index=False)
-
-
-def load_for_inference(args) -> tuple[Data, CellClassifier, torch.device, torch.dtype | None]:
-    state = vars(args).pop("load_state", None) or load_checkpoint(args.load)  # its architecture is in args already
-    device = torch.device(args.device)  # resolved by main(): cuda:LOCAL_RANK under torchrun
-    data = load_data(args)
-    check_classes(args, data, state)
-    check_data_set(args, data, state)
-    resolve_backbone(args, data, device, amp_dtype(args, device), training=False)  # a bare weights file
-    model = build_model(args, data.structure.n_classes, len(data.structure.cell_types), "none")
-    restore_weights(model, state, args.load)
-    return data, prepare_model(args, model.to(device), device), device, amp_dtype(args, device)
-
-
-def validate(args) -> None:
-    data, model, device, dtype = load_for_inference(args)
-    metrics = evaluate(args, model, data, device, dtype)
-    if not metrics:
-        raise metadata.DataError("no validation experiments: choose a fold with --cv-number (not -1)")
-    log.info("validation: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
-
-def predict(args) -> None:
-    """Per-site logits of test and val wells (and, with --save-embeddings, embeddings of the
-    labelled train treatment wells too: the kNN recipe's reference set)."""
-    data, model, device, dtype = load_for_inference(args)
-    output: dict[str, dict] = {}
-    embeddings: dict[str, dict] = {}
-    train = data.subsets["train"]
-    parts = {"test": data.subsets["test"], "val": data.subsets["val"]}
-    if args.save_embeddings:
-        parts["train"] = train[(train["well_type"] == metadata.TREATMENT) & (train["split"] == "train")]
-    for part, rows in parts.items():
-        result = infer(args, model, make_dataset(args, data, rows, train=False), device, dtype,
-                       embeddings=args.save_embeddings)
-        for key, target in (("logits", output), ("embedding", embeddings)):
-            if key == "logits" and part == "train":
-                continue
-            if key == "embedding" and not args.save_embeddings:
-                continue
-            values = target.setdefault(part, {})
-            vectors = result.get(key)
-            if vectors is None:
-                if len(rows):
-                    raise metadata.DataError(f"no readable image among the {len(rows)} {part} sites")
-                continue
-            for code, vector in zip(rows["id_code"], vectors):
-                if np.isfinite(vector).all():  # NaN: a site skipped as unreadable (--skip-bad-images)
-                    values.setdefault(code, []).append(vector.astype(np.float32))
-            unread = [code for code in dict.fromkeys(rows["id_code"]) if code not in values]
-            if unread and part != "train":  # every val/test well must be in the file: give it a neutral vector
-                for code in unread:
-                    values[code] = [np.zeros(vectors.shape[1], dtype=np.float32)]
-                log.warning("%s: %d %s well(s) without a readable image get an all-zero %s vector (e.g. %s)",
-                            args.load, len(unread), part, key, unread[0])
-    if not args.world.main:
-        return
-    path = f"{args.load}.output{args.pred_suffix}"
-    save_predictions(path, output)
-    log.info("wrote %s: %d test and %d val wells", path, len(output["test"]), len(output["val"]))
-    if args.save_embeddings:
-        save_embeddings(f"{args.load}.embeddings{args.pred_suffix}", embeddings)
-        log.info("wrote %s.embeddings%s (train %d, val %d, test %d wells)", args.load, args.pred_suffix,
-                 *(len(embeddings[k]) for k in ("train", "val", "test")))
-
-
-def setup_logging(args) -> tuple[str, str] | None:
-    """Log to stderr and, for train and predict, to a file beside the outputs.
-
-    Handlers go on the project's logger (not the root), replaced on each call, so that several
-    runs in one process (demo.py, tests) each write their own file. Prediction logs to
-    `<log>.partial` and returns (partial, final): main() renames it over the log of the last
-    successful prediction only when this one succeeds, so a failed run keeps that log intact.
-    """
-    # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
-    path = {"train": f"{args.save}.log", "predict": f"{args.load}.output{args.pred_suffix}.log"}.get(args.mode)
-    if not args.world.main:
-        path = None  # one log per run: the other processes only report warnings, on stderr
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    staged = (f"{path}.partial", path) if path and args.mode == "predict" else None
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(staged[0] if staged else path, mode="a" if args.resume else "w"))
-    set_log_handlers(handlers, f" [rank {args.world.rank}]" if args.world.distributed else "")
-    log.setLevel(logging.INFO if args.world.main else logging.WARNING)
-    log.info("arguments: %s", checkpoint_args(args))
-    return staged
-
-
-def set_log_handlers(handlers: list[logging.Handler], rank: str = "") -> None:
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    formatter = logging.Formatter("{asctime} {levelname}" + rank + ": {message}", style="{")
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        log.addHandler(handler)
+# ---------------------------------------------------------------------------- logging and main
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = parse_args(argv)
+        args, ctx = parse_command_line(argv)
     except metadata.DataError as e:  # the checkpoint of --resume/--load: missing, unreadable, or contradicted
         if "--debug" in (sys.argv[1:] if argv is None else argv):
             raise
@@ -550,28 +300,39 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     # under torchrun each process takes its own GPU (cuda:LOCAL_RANK)
     try:
-        args.world, device = distributed.init(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        ctx.world, device = distributed.init(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     except distributed.LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.device = str(device)
+    args.device = str(device)  # resolved values are recorded as such (the log, checkpoints)
+    ctx.device, ctx.dtype = device, amp_dtype(args.precision, args.fp16, device)
     auto_channels_last = args.channels_last == autoselect.AUTO
     if auto_channels_last:
-        precision = precision_name(amp_dtype(args, device))
+        precision = precision_name(ctx.dtype)
         args.channels_last = autoselect.choose_channels_last(device.type, precision)
+    # the one conversion: the modes get typed settings; the namespace stays here, for the run's lock,
+    # log file and messages, and (as plain values) in the checkpoints
+    settings = settings_from_args(args)
     try:
         with contextlib.ExitStack() as stack:
-            if args.world.main and args.mode in ("train", "predict"):
+            if ctx.world.main and args.mode in ("train", "predict"):
                 # one run per output: a second would interleave the log and overwrite checkpoints
                 target = (args.save, f"--save {args.save}") if args.mode == "train" else \
                     (f"{args.load}.output{args.pred_suffix}", f"the prediction file {args.load}.output{args.pred_suffix}")
                 Path(target[0]).parent.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(runlock.hold(f"{target[0]}.lock", target[1]))
-            staged_log = setup_logging(args)
+            # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
+            log_path = {"train": f"{args.save}.log",
+                        "predict": f"{args.load}.output{args.pred_suffix}.log"}.get(args.mode)
+            staged_log = setup_logging(log_path, ctx.world, staged=args.mode == "predict", append=bool(args.resume),
+                                       arguments=checkpoint_args(args))
             if auto_channels_last:
                 log.info("channels-last auto -> %s (%s, %s)", "on" if args.channels_last else "off", device.type,
                          precision)
-            {"train": train, "val": validate, "predict": predict}[args.mode](args)
+            if args.mode == "train":
+                train(settings, ctx, checkpoint_args(args))  # each checkpoint records the parsed values
+            else:
+                {"val": validate, "predict": predict}[args.mode](settings, ctx)
             if staged_log:
                 set_log_handlers([logging.StreamHandler(sys.stderr)])  # closes the file before it is renamed
                 os.replace(*staged_log)
@@ -590,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        log.error("%s", interrupted(args))
+        log.error("%s", interrupted(args, ctx.epoch_now))
         return 130
     finally:
         distributed.shutdown()
@@ -598,23 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def one_line(e: BaseException) -> str:
-    """An expected failure as one line. A loader worker's error comes back wrapped in the worker's
-    traceback (torch re-raises it with the traceback as the message): keep only its last line."""
-    if isinstance(e, OSError) and e.filename:  # a read-only directory, a full disk, ...
-        return f"cannot write {e.filename}: {e.strerror}"
-    text = str(e)
-    if "Original Traceback" in text:
-        text = [line for line in text.splitlines() if line.strip()][-1]
-        text = re.sub(r"^[\w.]+(Error|Exception): ", "", text)
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
-
-
-def interrupted(args) -> str:
+def interrupted(args, epoch: int | None) -> str:
     """What Ctrl-C stopped, and how to go on from the newest complete checkpoint."""
     if args.mode != "train":
         return f"interrupted: --mode {args.mode} wrote nothing; run the same command again"
-    epoch = getattr(args, "epoch_now", None)
     if epoch is None:
         return "interrupted before the first epoch; nothing was written but the log"
     done = [k for k in range(epoch, -1, -1) if Path(f"{args.save}.{k}").is_file()]

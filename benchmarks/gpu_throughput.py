@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from cellpaint.training import autoselect  # noqa: E402
 import dataset  # noqa: E402
 from cellpaint.training import engine  # noqa: E402
+from cellpaint.training.settings import RunContext, settings_from_args  # noqa: E402
 import main as trainer  # noqa: E402
 from cellpaint.data import image_cache  # noqa: E402
 import synthetic  # noqa: E402
@@ -188,20 +189,22 @@ def epoch(data: Path, cache: Path | None, setting: Setting, batch: int, workers:
             "-b", str(batch), "--num-data-workers", str(workers), "--cv-number", "-1", "--seed", "0",
             "--disp-batches", "1000000", "--device", str(device)]
     args = trainer.parse_args(argv + (["--image-cache", str(cache)] if cache else []))
-    data_ = engine.load_data(args)
+    s = settings_from_args(args)
+    data_ = engine.load_data(s.data)
     rows = data_.subsets["train"]
     rows = rows.iloc[[i % len(rows) for i in range(samples)]].reset_index(drop=True)  # sites repeated
-    model = engine.build_model(args, data_.structure.n_classes, len(data_.structure.cell_types), "none").to(device)
-    optimizer = engine.make_optimizer(args, model)
+    model = engine.build_model(s.model, data_.structure.n_classes, len(data_.structure.cell_types), "none").to(device)
+    optimizer = engine.make_optimizer(s.optim, model)
     dtype = DTYPES[setting.precision]
+    ctx = RunContext(device=device, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    runner = engine.prepare_model(args, model, device)
-    loader = engine.make_loader(args, engine.make_dataset(args, data_, rows, train=True), epoch=0)
+    runner = engine.prepare_model(s.model, ctx, model, training=True)
+    loader = engine.make_loader(s.data, ctx.world, engine.make_dataset(s.data, data_, rows, s.augment), epoch=0)
     sync(device)
     tic = time.perf_counter()
     with GpuBusy(device) as busy:
-        engine.train_one_epoch(args, runner, loader, optimizer, scaler, 0, data_.structure.n_classes, device,
-                               dtype, {"bad_steps": 0})
+        engine.train_one_epoch(s, ctx, runner, loader, optimizer, scaler, 0, data_.structure.n_classes,
+                               {"bad_steps": 0})
         sync(device)
     seconds = time.perf_counter() - tic
     n = len(loader) * batch  # the loader drops the last partial batch in training

@@ -14,6 +14,7 @@ from cellpaint.training import autoselect as A
 from cellpaint.training import engine
 import main
 from tests.conftest import SMALL, run
+from cellpaint.training.settings import RunContext, settings_from_args
 
 GIB = 2 ** 30
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,15 +66,15 @@ def test_resolve_backbone_on_a_fake_gpu(monkeypatch, tiny_competition, free_gib,
     24 px needs 15.07 x 24²/512² = 0.033 GiB, 0.038 with the headroom."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * GIB), 80 * GIB))
     args = main.parse_args(["--data", str(tiny_competition[0]), "--save", "x", "--num-data-workers", "0"])
-    data = engine.load_data(args)
+    data = engine.load_data(settings_from_args(args).data)
     assert engine.site_image_size(data) == (24, 24)
-    engine.resolve_backbone(args, data, torch.device("cuda"), torch.float16)
-    assert args.backbone == expected
+    model, ctx = settings_from_args(args).model, RunContext(device=torch.device("cuda"), dtype=torch.float16)
+    assert engine.resolve_backbone(model, ctx, data, args.batch_size).backbone == expected
     # a checkpoint of the pair is chosen for again (same weights); any other keeps its backbone
     for made_with, want in (("mem-densenet161", expected), ("timm-convnext_atto", "timm-convnext_atto")):
-        args.backbone = "auto"
-        engine.resolve_backbone(args, data, torch.device("cuda"), torch.float16, {"args": {"backbone": made_with}})
-        assert args.backbone == want
+        assert model.backbone == "auto"
+        state = {"args": {"backbone": made_with}}
+        assert engine.resolve_backbone(model, ctx, data, args.batch_size, state).backbone == want
 
 
 def test_a_run_records_the_resolved_choice(monkeypatch, tiny_competition, tmp_path):

@@ -25,6 +25,7 @@ from cellpaint.data.structure import Structure
 from cellpaint.training import pseudo_labels
 from model import CellClassifier, combined_loss
 from tests.conftest import SMALL, run
+from cellpaint.training.settings import RunContext, settings_from_args
 
 
 # ------------------------------------------------------------------- pseudo-label duplicates
@@ -134,9 +135,10 @@ def _batches(n: int) -> list:
 
 def _epoch(args, loader):
     net = _net()
-    opt = engine.make_optimizer(args, net)
+    s = settings_from_args(args)
+    opt = engine.make_optimizer(s.optim, net)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    engine.train_one_epoch(args, net, loader, opt, scaler, 0, 5, torch.device("cpu"), None, {"bad_steps": 0})
+    engine.train_one_epoch(s, RunContext(), net, loader, opt, scaler, 0, 5, {"bad_steps": 0})
     return net
 
 
@@ -283,7 +285,7 @@ def test_validation_scores_sites_by_default(tiny_competition, monkeypatch):
     """The original scored each validation site alone; `--val-unit well` sums a well's sites first.
     Planted: site 1 right with margin 2, site 2 wrong with margin 1 -> sites 0.5, wells 1.0."""
     args = main.parse_args(["--data", str(tiny_competition[0]), "--save", "unused", *SMALL])
-    data = engine.load_data(args)
+    data = engine.load_data(settings_from_args(args).data)
     rows = data.subsets["val"]
     n = data.structure.n_classes
     logits = np.zeros((len(rows), n), dtype=np.float32)
@@ -293,6 +295,6 @@ def test_validation_scores_sites_by_default(tiny_competition, monkeypatch):
             logits[i, (label + 1) % len(data.structure.treatment_classes)] = 1.0
     monkeypatch.setattr(engine, "infer", lambda *a, **k: {"logits": logits})
     assert set(rows["site"]) == {1, 2}
-    assert engine.evaluate(args, None, data, "cpu", None)["acc"] == pytest.approx(0.5)
+    assert engine.evaluate(settings_from_args(args), RunContext(), None, data)["acc"] == pytest.approx(0.5)
     args.val_unit = "well"
-    assert engine.evaluate(args, None, data, "cpu", None)["acc"] == pytest.approx(1.0)
+    assert engine.evaluate(settings_from_args(args), RunContext(), None, data)["acc"] == pytest.approx(1.0)

@@ -15,6 +15,8 @@ from cellpaint.data import images
 import main
 from cellpaint.data import metadata
 from cellpaint.data import image_cache
+from cellpaint.training import engine
+from cellpaint.training.settings import settings_from_args
 
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
 AUGMENT = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1)
@@ -239,10 +241,11 @@ def test_mismatched_cache_is_refused(tiny_competition, table, cache, tmp_path):
     # through the trainer's flags: checked once, when the run loads its data
     args = main.parse_args(["--save", str(tmp_path / "run"), "--data", str(data), "--image-cache", str(tmp_path / "x")])
     with pytest.raises(image_cache.CacheError, match="no manifest.json"):
-        main.load_data(args)
+        engine.load_data(settings_from_args(args).data)
     args.image_cache = cache
-    loaded = main.load_data(args)
-    ds = main.make_dataset(args, loaded, loaded.subsets["train"], train=True)
+    loaded = engine.load_data(settings_from_args(args).data)
+    s = settings_from_args(args)
+    ds = engine.make_dataset(s.data, loaded, loaded.subsets["train"], s.augment)
     assert ds.cache is loaded.image_cache and ds.cache is not None and ds.output == "uint8"
 
 
@@ -303,7 +306,7 @@ def test_training_with_skip_bad_images(tiny_competition, tmp_path, caplog):
     bad.write_bytes(b"not a png")
     argv = ["--data", str(data), "--save", str(tmp_path / "x"), "-e", "1", "--cv-number", "-1", "--backbone", "smallcnn",
             "--pretrained", "none", "--embedding-size", "16", "--num-data-workers", "0", "--seed", "1"]
-    n = len(main.load_data(main.parse_args(argv)).subsets["train"])
+    n = len(engine.load_data(settings_from_args(main.parse_args(argv)).data).subsets["train"])
     argv += ["-b", str(n), "--gradient-accumulation", "1"]  # one batch: no sample left out by drop_last
     with caplog.at_level(logging.WARNING, logger="cellpaint"):
         assert main.main([*argv, "--skip-bad-images"]) == 0

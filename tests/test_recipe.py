@@ -21,6 +21,7 @@ from cellpaint import backbones as B
 import model as M
 from cellpaint.training.checkpoints import CHECKPOINT_FORMAT, checkpoint_args
 from cellpaint.training.schedule import LRSchedule
+from cellpaint.training.settings import RunContext, augment_from_args, settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
@@ -89,7 +90,7 @@ def test_lr_groups_set_each_group_at_its_multiplier():
     args = main.parse_args(["--save", "x", "--lr", "const,1e-3", "--wd", "0", "--pretrained", "none",
                             "--lr-groups", "conv0,norm0=1/3,denseblock,transition,norm5=1/2"])
     net = M.CellClassifier("densenet121", 11, 4, embedding_size=16, concat_cell_type=False, head="plain")
-    opt = engine.make_optimizer(args, net)
+    opt = engine.make_optimizer(settings_from_args(args).optim, net)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs == {"conv0,norm0": pytest.approx(1e-3 / 3), "denseblock,transition,norm5": 5e-4,
                    "neck and heads": 1e-3}  # every backbone parameter named: no "backbone" rest group
@@ -103,9 +104,9 @@ def test_lr_groups_prefix_matching_nothing_is_an_error_and_default_groups_unchan
     args = main.parse_args(["--save", "x", "--lr-groups", "conv0=0.5,dense_block=0.5"])
     net = M.CellClassifier("densenet121", 11, 4, embedding_size=16, concat_cell_type=False, head="plain")
     with pytest.raises(metadata.DataError, match="--lr-groups: no backbone parameter name starts with 'dense_block'"):
-        engine.make_optimizer(args, net)
+        engine.make_optimizer(settings_from_args(args).optim, net)
     args = main.parse_args(["--save", "x", "--backbone-lr-mult", "0.1", "--lr", "const,1e-3"])
-    assert [g["lr"] for g in engine.make_optimizer(args, net).param_groups] == [pytest.approx(1e-4), 1e-3]
+    assert [g["lr"] for g in engine.make_optimizer(settings_from_args(args).optim, net).param_groups] == [pytest.approx(1e-4), 1e-3]
     for bad in ("conv0", "conv0=x", "conv0=-1", "=1"):
         with pytest.raises(SystemExit):
             main.parse_args(["--save", "x", "--lr-groups", bad])
@@ -202,7 +203,7 @@ def test_uint8_path_equals_float_path_with_the_41st_augmentations(tiny_competiti
 def test_random_tta_averages_n_passes_of_the_training_augmentation(monkeypatch):
     seen = []
 
-    def one_pass(args, model, ds, device, dtype, embeddings=False, settings=None):
+    def one_pass(s, ctx, model, ds, embeddings=False, settings=None):
         seen.append((ds.epoch, ds.augment, settings))
         return {"logits": np.full((2, 3), float(ds.epoch)), "embedding": np.full((2, 4), 2.0 * ds.epoch)}
 
@@ -210,9 +211,9 @@ def test_random_tta_averages_n_passes_of_the_training_augmentation(monkeypatch):
     args = main.parse_args(["--save", "x", "--tta-random", "4", "--rotate-aug", "30"])
     ds = argparse.Namespace(augment=None, epoch=0)
     ds.set_epoch = lambda e: setattr(ds, "epoch", e)
-    result = engine.infer(args, None, ds, "cpu", None, embeddings=True)
+    result = engine.infer(settings_from_args(args), RunContext(), None, ds, embeddings=True)
     assert [e for e, _, _ in seen] == [0, 1, 2, 3]
-    assert all(a == engine.augment_from_args(args) and s is a for _, a, s in seen)
+    assert all(a == augment_from_args(args) and s is a for _, a, s in seen)
     assert np.allclose(result["logits"], 1.5) and np.allclose(result["embedding"], 3.0)
     assert ds.augment is None and ds.epoch == 0  # the dataset is left as it was
     with pytest.raises(SystemExit):
@@ -222,7 +223,7 @@ def test_random_tta_averages_n_passes_of_the_training_augmentation(monkeypatch):
 def test_val_last_experiment_and_no_controls(tiny_competition):
     args = main.parse_args(["--data", str(tiny_competition[0]), "--save", "x", "--val-last-experiment",
                             "--train-controls", "false", "--use-layout-leak", "false"])
-    data = engine.load_data(args)
+    data = engine.load_data(settings_from_args(args).data)
     val = sorted(data.subsets["val"]["experiment"].unique())
     assert val == ["HEPG2-02", "HUVEC-02", "RPE-01", "U2OS-01"]
     assert (data.subsets["train"]["well_type"] == metadata.TREATMENT).all()
@@ -256,7 +257,7 @@ def test_41st_place_args_files(monkeypatch, tmp_path):
     assert (train.lr, train.wd, train.epochs, train.batch_size, train.cutmix) == (
         LRSchedule.parse("const,1e-3"), 0, 75, 64, 0)
     assert train.lr_groups.groups == ((("conv0", "norm0"), 1 / 3), (("denseblock", "transition", "norm5"), 0.5))
-    aug = engine.augment_from_args(train)
+    aug = augment_from_args(train)
     assert aug == FORTY_FIRST and (aug.min_scale, aug.scale_std, aug.bias_std) == (1.0, 0.0, 0.0)
     assert train.val_last_experiment and train.data_normalization == "global"
     # the general model's checkpoint, as the train file makes it (its architecture is what --load takes)
@@ -268,4 +269,4 @@ def test_41st_place_args_files(monkeypatch, tmp_path):
         20, 0, train.lr_groups, "HUVEC")
     pred = _recipe(monkeypatch, "@recipes/41st-place-predict.args", "--load", str(general))
     assert (pred.mode, pred.tta_random, pred.tta, pred.save_embeddings) == ("predict", 10, 1, True)
-    assert engine.augment_from_args(pred) == FORTY_FIRST and pred.val_last_experiment
+    assert augment_from_args(pred) == FORTY_FIRST and pred.val_last_experiment

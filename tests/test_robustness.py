@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from cellpaint.data import check
-from cellpaint.training import engine
+from cellpaint.training import checkpoints, engine
 import main
 from tests.conftest import ROOT, SMALL, run
+from cellpaint.training.settings import settings_from_args
 
 
 def test_check_mode_accepts_sound_data(tiny_competition, capsys):
@@ -77,7 +78,7 @@ def test_unreadable_png_during_training_names_the_file(tiny_competition, tmp_pat
 
 
 def test_checkpoint_for_another_class_count_is_refused(tiny_competition, tmp_path, caplog):
-    torch.save({"format": main.CHECKPOINT_FORMAT, "model": {}, "n_classes": 7, "args": {}}, tmp_path / "c")
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model": {}, "n_classes": 7, "args": {}}, tmp_path / "c")
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "c", *SMALL) == 1
     assert "predicts 7 classes but the data has 11" in caplog.text
     assert not (tmp_path / "c.output").exists()
@@ -147,7 +148,7 @@ def test_skip_bad_images_covers_validation_pseudo_labels_and_prediction(tiny_com
     data = tmp_path / "d"
     shutil.copytree(tiny_competition[0], data)
     args = main.parse_args(["--data", str(data), "--save", str(tmp_path / "x"), *SMALL])
-    subsets = main.load_data(args).subsets
+    subsets = engine.load_data(settings_from_args(args).data).subsets
     val_site = subsets["val"]["image_prefix"].iat[0]
     test_well = subsets["test"]["id_code"].iat[0]
     test_sites = subsets["test"].loc[subsets["test"]["id_code"] == test_well, "image_prefix"]

@@ -21,6 +21,8 @@ from cellpaint.data.structure import Structure
 from cellpaint.training import pseudo_labels
 from cellpaint.training.schedule import LRSchedule, SizeFunction
 from tests.conftest import SMALL, run
+from cellpaint.training import engine
+from cellpaint.training.settings import settings_from_args
 
 # ------------------------------------------------------------------------------ pure functions
 
@@ -258,8 +260,9 @@ def test_layer_wise_learning_rates(tmp_path):
     # built straight from the arguments: a real name, as main's modes resolve --backbone auto first
     args = main.parse_args(["--save", str(tmp_path / "x"), "--backbone-lr-mult", "0.1", "--lr", "const,1e-3",
                             "--backbone", "mem-densenet161"])
-    model = main.build_model(args, 11, 4, "none")
-    optimizer = main.make_optimizer(args, model)
+    s = settings_from_args(args)
+    model = engine.build_model(s.model, 11, 4, "none")
+    optimizer = engine.make_optimizer(s.optim, model)
     backbone, head = optimizer.param_groups
     assert backbone["lr"] == pytest.approx(1e-4) and head["lr"] == pytest.approx(1e-3)
     assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
@@ -271,14 +274,14 @@ def test_layer_wise_learning_rates(tmp_path):
 def test_finetune_cell_type_keeps_one_cell_type(tiny_competition, tmp_path):
     args = main.parse_args(["--data", str(tiny_competition[0]), "--save", str(tmp_path / "x"),
                             "--finetune-cell-type", "HUVEC", *SMALL])
-    data = main.load_data(args)
+    data = engine.load_data(settings_from_args(args).data)
     for part, rows in data.subsets.items():
         assert set(rows["cell_type"]) <= {"HUVEC"}, part
     assert len(data.subsets["train"]) and len(data.subsets["test"])
     assert data.structure.cell_types == ("HEPG2", "HUVEC", "RPE", "U2OS")  # the model's inputs are unchanged
     args.finetune_cell_type = "NOPE"
     with pytest.raises(metadata.DataError, match="--finetune-cell-type NOPE"):
-        main.load_data(args)
+        engine.load_data(settings_from_args(args).data)
 
 
 def test_finetune_cell_type_without_validation_wells_says_so(tiny_competition, tmp_path, caplog):
@@ -288,7 +291,7 @@ def test_finetune_cell_type_without_validation_wells_says_so(tiny_competition, t
     args = main.parse_args(["--data", str(tiny_competition[0]), "--save", str(tmp_path / "x"),
                             "--finetune-cell-type", "HUVEC", "--val-experiments", other, *SMALL])
     with caplog.at_level("WARNING", logger="cellpaint"):
-        data = main.load_data(args)
+        data = engine.load_data(settings_from_args(args).data)
     assert data.subsets["val"].empty
     assert "--finetune-cell-type HUVEC: the validation experiments hold none of its wells" in caplog.text
 

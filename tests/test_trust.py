@@ -23,6 +23,7 @@ from cellpaint.training import runconfig
 from cellpaint.training import runlock
 from synthetic import SyntheticConfig, generate
 from tests.conftest import ROOT, SMALL, TINY, run
+from cellpaint.training.settings import settings_from_args
 
 # what a user types to run somewhere: no setting of the model or of the run itself
 WHERE = ["--device", "cpu", "--num-data-workers", "0"]
@@ -278,7 +279,7 @@ def test_a_plate_without_treatment_wells_is_reported_and_loads(tiny_competition,
     edit_csv(data / "train.csv", lambda t: t[~((t["experiment"] == "RPE-01") & (t["plate"] == 1))])
     assert run("--mode", "check", "--data", data, "--num-data-workers", 0) == 1
     assert "RPE-01 plate 1: no treatment wells (only controls)" in capsys.readouterr().out
-    data_of_run = engine.load_data(main.parse_args(["--data", str(data), "--save", str(tmp_path / "x"), *SMALL]))
+    data_of_run = engine.load_data(settings_from_args(main.parse_args(["--data", str(data), "--save", str(tmp_path / "x"), *SMALL])).data)
     assert data_of_run.structure.n_groups == 4
 
 
@@ -338,4 +339,4 @@ def test_a_full_disk_keeps_the_earlier_checkpoints(tiny_competition, tmp_path, m
     assert f"cannot write checkpoint {save}.1 ([enforce fail at inline_container.cc:626]" in caplog.text
     assert "the earlier checkpoints are intact" in caplog.text
     assert torch.load(f"{save}.0", weights_only=True)["epoch"] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["net", "net.0", "net.log", "net.metrics.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net", "net.0", "net.args.json", "net.log", "net.metrics.csv"]

@@ -104,17 +104,3 @@ def png_size(path: str) -> tuple[int, int] | None:
     if len(header) < 24 or header[:8] != _PNG_SIGNATURE or header[12:16] != b"IHDR":
         return None
     return int.from_bytes(header[20:24], "big"), int.from_bytes(header[16:20], "big")
-
-
-# ---------------------------------------------------------------------------- decoded-image cache
-
-
-# The decoded-image cache is cellpaint/data/image_cache.py; the trainer still reaches it through here.
-_MOVED = ("ImageCache", "CacheError", "CACHE_FORMAT", "CACHE_MANIFEST")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from cellpaint.data import image_cache
-        return getattr(image_cache, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -220,18 +220,3 @@ def fingerprint(table: pd.DataFrame) -> str:
     key = wells.sort_values("id_code")[["id_code", "split", "well_type", "sirna_true"]]
     text = key.to_csv(index=False).encode()
     return hashlib.sha256(text).hexdigest()[:16]
-
-
-# The derived concepts live in modules named for them (structure, folds, layout_matches, wells);
-# the trainer's files still reach a few through this module, so those names stay importable here.
-_MOVED = {"Structure": "structure", "derive_structure": "structure",
-          "assign_folds": "folds", "last_experiments": "folds", "named_folds": "folds", "split_subsets": "folds",
-          "LayoutMatch": "layout_matches", "find_layout_matches": "layout_matches",
-          "apply_layout_matches": "layout_matches", "sum_sites": "wells"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(f"cellpaint.data.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -69,10 +69,6 @@ def restore_weights(model: torch.nn.Module, state: dict, path: str) -> None:
             f"{(result.missing_keys + result.unexpected_keys)[0]}; {hint})")
 
 
-# attributes main.py hangs on the parsed arguments that are not arguments: never saved
-RUNTIME = ("world", "given", "resume_state", "load_state", "epoch_now")
-
-
 def plain_value(v):
     """An argument as a plain value (str, number, bool, list or None); None if it has no plain form."""
     if isinstance(v, (LRGroups, LRSchedule, SizeFunction, Path)):
@@ -82,12 +78,10 @@ def plain_value(v):
 
 
 def checkpoint_args(args) -> dict:
-    """The run's arguments as plain values (a checkpoint must load with weights_only=True);
-    run-time objects that are not arguments (the process group's `world`) are left out."""
+    """The run's parsed arguments as plain values (a checkpoint must load with weights_only=True).
+    The namespace holds nothing else: runtime objects live in settings.RunContext."""
     out = {}
     for k, v in vars(args).items():
-        if k in RUNTIME:
-            continue
         if v is None or plain_value(v) is not None:
             out[k] = plain_value(v)
     return out

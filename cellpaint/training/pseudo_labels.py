@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 
 from cellpaint.submission import plates
-from cellpaint.data.metadata import Structure, sum_sites
+from cellpaint.data.structure import Structure
+from cellpaint.data.wells import sum_sites
+from cellpaint.training.settings import PseudoLabelSettings
 
 log = logging.getLogger("cellpaint")
 
@@ -104,12 +106,12 @@ def select(wells: pd.DataFrame, logits: np.ndarray, structure: Structure, labell
     return chosen
 
 
-def pseudo_label_epoch(args, epoch: int, model, data, pseudo_labels: dict[str, int],
+def pseudo_label_epoch(p: PseudoLabelSettings, epoch: int, data, pseudo_labels: dict[str, int],
                        infer_sites: Callable[[pd.DataFrame], np.ndarray]) -> dict[str, int]:
     """The wells (id_code -> class) to add before training `epoch`; logs counts and val errors."""
     sites = candidate_sites(data.subsets)
     total = sites["id_code"].nunique()
-    count = round(pl_fraction(args.pl_size_func, epoch, args.pl_epoch, args.epochs) * total) - len(pseudo_labels)
+    count = round(pl_fraction(p.size_func, epoch, p.first_epoch, p.epochs) * total) - len(pseudo_labels)
     if count <= 0 or total == 0:
         log.info("pseudo-labels: none added at epoch %d (%d of %d wells labelled)", epoch, len(pseudo_labels), total)
         return {}
@@ -118,7 +120,7 @@ def pseudo_label_epoch(args, epoch: int, model, data, pseudo_labels: dict[str, i
     wells, logits = sum_sites(remaining, infer_sites(remaining))
     labelled = sites[done].drop_duplicates("id_code")
     new = select(wells, logits, data.structure, labelled,
-                 labelled["id_code"].map(pseudo_labels).to_numpy(dtype=np.int64), count, args.pl_duplicates)
+                 labelled["id_code"].map(pseudo_labels).to_numpy(dtype=np.int64), count, p.duplicates)
     truth = wells.set_index("id_code")
     val_new = [c for c in new if truth.at[c, "split"] == "train"]
     wrong = sum(new[c] != truth.at[c, "sirna_true"] for c in val_new)

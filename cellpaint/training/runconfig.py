@@ -64,11 +64,12 @@ def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def restore_run(parser: argparse.ArgumentParser, args: argparse.Namespace, state: dict, path: str) -> list[str]:
-    """Put the saved run's arguments back into `args` (those the user did not type); refuse a typed
-    flag that contradicts the checkpoint unless it may change. Returns the restored flags' names."""
+def restore_run(parser: argparse.ArgumentParser, args: argparse.Namespace, state: dict, path: str,
+                given: set[str]) -> list[str]:
+    """Put the saved run's arguments back into `args` (those the user did not type: not in `given`,
+    see given_dests); refuse a typed flag that contradicts the checkpoint unless it may change.
+    Returns the restored flags' names."""
     saved = state.get("args") or {}
-    given = args.given
     dests = {a.dest for a in parser._actions}
     restored = []
     for dest, value in saved.items():
@@ -86,14 +87,15 @@ def restore_run(parser: argparse.ArgumentParser, args: argparse.Namespace, state
     return restored
 
 
-def take_architecture(parser: argparse.ArgumentParser, args: argparse.Namespace, state: dict, path: str) -> None:
+def take_architecture(parser: argparse.ArgumentParser, args: argparse.Namespace, state: dict, path: str,
+                      given: set[str]) -> None:
     """--load: the network is built as the checkpoint's was; a typed architecture flag that says
     otherwise is refused (the weights would not fit it)."""
     saved = state.get("args") or {}
     for dest in ARCHITECTURE:
         if dest not in saved:
             continue
-        if dest in args.given and plain_value(getattr(args, dest)) != plain_value(saved[dest]):
+        if dest in given and plain_value(getattr(args, dest)) != plain_value(saved[dest]):
             raise FlagError(f"{flag_name(dest)} {_show(getattr(args, dest))} contradicts --load {path}, which was "
                             f"made with {flag_name(dest)} {_show(saved[dest])}; leave the flag out: --load takes "
                             "the architecture from the checkpoint")

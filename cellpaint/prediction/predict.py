@@ -1,0 +1,61 @@
+"""The predict mode: per-site logits (and embeddings) of a checkpoint, written as a prediction file.
+
+main.py parses the command line and calls `predict` with typed settings and the run's context.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from cellpaint.data import metadata
+from cellpaint.data.wells import sites_by_well
+from cellpaint.prediction.prediction_file import save_embeddings, save_predictions
+from cellpaint.training.engine import infer, make_dataset
+from cellpaint.training.run import load_for_inference
+from cellpaint.training.settings import RunContext, Settings
+
+log = logging.getLogger("cellpaint")
+
+
+def predict(s: Settings, ctx: RunContext) -> None:
+    """Per-site logits of test and val wells (and, with --save-embeddings, embeddings of the
+    labelled train treatment wells too: the kNN recipe's reference set)."""
+    s, data, model = load_for_inference(s, ctx)
+    load, suffix, with_embeddings = s.run.load, s.inference.pred_suffix, s.inference.save_embeddings
+    output: dict[str, dict] = {}
+    embeddings: dict[str, dict] = {}
+    train = data.subsets["train"]
+    parts = {"test": data.subsets["test"], "val": data.subsets["val"]}
+    if with_embeddings:
+        parts["train"] = train[(train["well_type"] == metadata.TREATMENT) & (train["split"] == "train")]
+    for part, rows in parts.items():
+        result = infer(s, ctx, model, make_dataset(s.data, data, rows), embeddings=with_embeddings)
+        for key, target in (("logits", output), ("embedding", embeddings)):
+            if key == "logits" and part == "train":
+                continue
+            if key == "embedding" and not with_embeddings:
+                continue
+            vectors = result.get(key)
+            if vectors is None:
+                if len(rows):
+                    raise metadata.DataError(f"no readable image among the {len(rows)} {part} sites")
+                target.setdefault(part, {})
+                continue
+            values = target.setdefault(part, {})
+            values.update(sites_by_well(rows["id_code"], vectors))
+            unread = [code for code in dict.fromkeys(rows["id_code"]) if code not in values]
+            if unread and part != "train":  # every val/test well must be in the file: give it a neutral vector
+                for code in unread:
+                    values[code] = [np.zeros(vectors.shape[1], dtype=np.float32)]
+                log.warning("%s: %d %s well(s) without a readable image get an all-zero %s vector (e.g. %s)",
+                            load, len(unread), part, key, unread[0])
+    if not ctx.world.main:
+        return
+    path = f"{load}.output{suffix}"
+    save_predictions(path, output)
+    log.info("wrote %s: %d test and %d val wells", path, len(output["test"]), len(output["val"]))
+    if with_embeddings:
+        save_embeddings(f"{load}.embeddings{suffix}", embeddings)
+        log.info("wrote %s.embeddings%s (train %d, val %d, test %d wells)", load, suffix,
+                 *(len(embeddings[k]) for k in ("train", "val", "test")))
