@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import main
-from cellpaint.data import wells
-from cellpaint.data.wells import sites_by_well
+from cellpaint.data.wells import sites_by_well, sum_sites
 from cellpaint.training import settings as S
 from cellpaint.training.schedule import LRSchedule
 from tests.conftest import ROOT, SMALL, run
@@ -90,5 +89,5 @@ def test_sites_by_well_groups_what_sum_sites_sums():
     wells = sites_by_well(rows["id_code"], values)
     assert list(wells) == ["a", "b"]  # c: no readable site
     assert all(v.dtype == np.float32 for vs in wells.values() for v in vs) and len(wells["b"]) == 1
-    summed_rows, sums = wells.sum_sites(rows, values)
+    summed_rows, sums = sum_sites(rows, values)
     assert np.allclose(np.stack([np.sum(wells[c], axis=0) for c in summed_rows["id_code"]]), sums)

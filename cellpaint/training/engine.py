@@ -27,13 +27,12 @@ from cellpaint.training import autoselect
 from cellpaint.training import mixing
 import dataset
 from cellpaint.training import distributed
-from cellpaint.data import images
-from cellpaint.data import image_cache
-from cellpaint.data import metadata
-from cellpaint.data import wells
-from cellpaint.data import structure
-from cellpaint.data import layout_matches
-from cellpaint.data import folds
+from cellpaint.data import images, metadata
+from cellpaint.data.folds import assign_folds, last_experiments, named_folds, split_subsets
+from cellpaint.data.image_cache import ImageCache
+from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
+from cellpaint.data.structure import Structure, derive_structure
+from cellpaint.data.wells import sum_sites
 from cellpaint.training.settings import DataSettings, ModelSettings, OptimSettings, RunContext, Settings
 from model import CellClassifier, smooth_labels, training_loss
 
@@ -46,30 +45,30 @@ log = logging.getLogger("cellpaint")
 @dataclass
 class Data:
     table: pd.DataFrame
-    structure: structure.Structure
+    structure: Structure
     subsets: dict[str, pd.DataFrame]
     pixel_stats: pd.DataFrame | None
-    image_cache: image_cache.ImageCache | None = None  # --image-cache, opened and checked once per run
+    image_cache: ImageCache | None = None  # --image-cache, opened and checked once per run
 
 
 def load_data(d: DataSettings, training: bool = True) -> Data:
     """Metadata table, derived structure, layout coincidences and the train/val/test subsets
     (`training`: warn when fine-tuning one cell type leaves nothing to validate)."""
     table = metadata.load_table(d.root)
-    matches = layout_matches.find_layout_matches(table)
+    matches = find_layout_matches(table)
     for m in matches:
         log.info("layout coincidence: test %s repeats train %s with plates shifted by %d (%d control wells) "
                  "-> %s", m.test, m.train, m.shift, m.wells_compared, "used" if d.use_layout_leak else "not used")
     if d.use_layout_leak and matches:
-        table = layout_matches.apply_layout_matches(table, matches)
-    structure = structure.derive_structure(table, d.classes)
+        table = apply_layout_matches(table, matches)
+    structure = derive_structure(table, d.classes)
     if d.val_last_experiment:  # the 41st place's split: each cell type's last train experiment
-        folds, cv_number = folds.named_folds(table, folds.last_experiments(table)), 0
+        folds, cv_number = named_folds(table, last_experiments(table)), 0
     elif d.val_experiments:
-        folds, cv_number = folds.named_folds(table, d.val_experiments), 0
+        folds, cv_number = named_folds(table, d.val_experiments), 0
     else:
-        folds, cv_number = folds.assign_folds(table, d.folds, d.data_split_seed), d.cv_number
-    subsets = folds.split_subsets(table, folds, cv_number, d.all_controls_train)
+        folds, cv_number = assign_folds(table, d.folds, d.data_split_seed), d.cv_number
+    subsets = split_subsets(table, folds, cv_number, d.all_controls_train)
     if not d.train_controls:  # treatment wells only (the 41st place trained on train.csv alone)
         train = subsets["train"]
         subsets["train"] = train[train["well_type"] == metadata.TREATMENT].reset_index(drop=True)
@@ -94,8 +93,8 @@ def load_data(d: DataSettings, training: bool = True) -> Data:
             raise metadata.DataError(f"--data-normalization {d.normalization} needs a folder for the pixel "
                                      "statistics: give --cache-dir")
         stats = dataset.load_pixel_stats(d.root, table, d.stats_cache)
-    image_cache = image_cache.ImageCache.open(d.image_cache, d.root, table) if d.image_cache else None
-    return Data(table, structure, subsets, stats, image_cache)
+    cache = ImageCache.open(d.image_cache, d.root, table) if d.image_cache else None
+    return Data(table, structure, subsets, stats, cache)
 
 
 def make_dataset(d: DataSettings, data: Data, rows: pd.DataFrame, augment: dataset.Augment | None = None,
@@ -341,7 +340,7 @@ def infer(s: Settings, ctx: RunContext, model, ds: dataset.SiteDataset,
     """Per-site logits (and embeddings) of a dataset, averaged over `--tta` views, or with
     `--tta-random N` over N passes of the training augmentation (pass p draws what epoch p of
     training would, so a run is reproducible). Sites skipped as unreadable (--skip-bad-images)
-    get NaN rows, which `wells.sum_sites` leaves out."""
+    get NaN rows, which `sum_sites` leaves out."""
     tta_random = s.inference.tta_random
     if not tta_random:
         return infer_pass(s, ctx, model, ds, embeddings)
@@ -404,7 +403,7 @@ def evaluate(s: Settings, ctx: RunContext, model, data: Data) -> dict[str, float
         read = ~np.isnan(site_logits).any(1)  # sites skipped as unreadable (--skip-bad-images) are not scored
         wells, logits = rows[read], site_logits[read]
     else:
-        wells, logits = wells.sum_sites(rows, site_logits)
+        wells, logits = sum_sites(rows, site_logits)
     mask = np.full(logits.shape[1], -np.inf, dtype=np.float32)
     mask[data.structure.treatment_classes] = 0
     return accuracy_by_cell_type(wells, (logits + mask).argmax(1))
