@@ -114,7 +114,7 @@ def ensemble_files(files: list[str], weights: list[float], table: pd.DataFrame, 
     """Read the files one at a time into a running weighted sum, scoring each on the way.
 
     Only one file's scores are in memory at once besides the sum: each is reduced to per-well
-    sums on load (predfile.load_well_sums), scaled in place and added.
+    sums on load (prediction_file.load_well_sums), scaled in place and added.
     """
     import numpy as np
 

@@ -5,7 +5,7 @@
 
 writes OUT/data/ (competition layout: train.csv, test.csv, train_controls.csv,
 test_controls.csv; or with --layout release: metadata.csv, test labels included) and
-OUT/pred_<k>.output, prediction files in the format of predfile.py. No images.
+OUT/pred_<k>.output, prediction files in the format of cellpaint/prediction/prediction_file.py. No images.
 
 Design (defaults = the competition's sizes; every one is a flag, so tests run tiny versions):
 treatment classes are split at random into as many plate groups as an experiment has plates;

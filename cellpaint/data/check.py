@@ -1,6 +1,6 @@
 """Validate a data set before a long run: metadata, labels, and every image.
 
-    python main.py --mode check --data DIR      (or: python check.py DIR)
+    python main.py --mode check --data DIR      (or: python -m cellpaint.data.check DIR)
 
 Problems are collected rather than raised one by one, so a user sees all of them (the first
 `max_listed` of each kind) in one pass; the exit code is 1 if there is any.
