@@ -4,9 +4,12 @@ training/schedule.py; these only adapt it to argparse."""
 from __future__ import annotations
 
 import argparse
+from typing import Callable, TypeVar
 
 from cellpaint.training import autoselect
 from cellpaint.training.schedule import LRGroups, LRSchedule, SizeFunction
+
+T = TypeVar("T")
 
 
 def bool_type(text: str) -> bool:
@@ -36,11 +39,20 @@ def float_pair(text: str) -> tuple[float, float]:
     return a, b
 
 
-def lr_type(text: str) -> LRSchedule:
-    try:
-        return LRSchedule.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+
+def _from_parser(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """A schedule parser as an argparse type: its ValueError (which names the flag) as the usage error."""
+    def flag_type(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return flag_type
+
+
+lr_type = _from_parser(LRSchedule.parse)
+lr_groups_type = _from_parser(LRGroups.parse)
+size_func_type = _from_parser(SizeFunction)
 
 
 def name_list(text: str) -> list[str]:
@@ -50,12 +62,6 @@ def name_list(text: str) -> list[str]:
     return names
 
 
-def lr_groups_type(text: str) -> LRGroups:
-    try:
-        return LRGroups.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
 
 def args_file_line(line: str) -> list[str]:
     """One argument per line of an @file (e.g. `--lr=const,1e-3`); blank and #-comment lines skipped."""
@@ -63,8 +69,3 @@ def args_file_line(line: str) -> list[str]:
     return [] if not line or line.startswith("#") else [line]
 
 
-def size_func_type(text: str) -> SizeFunction:
-    try:
-        return SizeFunction(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
