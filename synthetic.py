@@ -30,6 +30,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from cellpaint.errors import UsageError
+
 GENERATOR = "cellpaint-rcic synthetic"
 INFO_FILE = "synthetic_info.json"
 CHANNELS = 6
@@ -116,7 +118,7 @@ class SyntheticConfig:
                  "--leak needs a test experiment and a train experiment of a different cell type; use --no-leak")
 
 
-class OutputDirError(FileExistsError):
+class OutputDirError(UsageError, FileExistsError):
     """The output directory holds something that is not a previous synthetic data set."""
 
 

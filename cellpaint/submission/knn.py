@@ -32,13 +32,15 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from cellpaint.errors import CellpaintError
+
 WEIGHTS = ("sigmoid", "relu-cos")  # a neighbour's vote: sigmoid(cos) (the 41st place's), max(cos, 0)
 SEARCHES = ("group", "cell")       # where the K nearest are sought: in each plate group, in the cell type
 _BLOCK_BYTES = 32 << 20  # similarity block [rows, references] per step: bounds the temporaries
 _MAX_ROWS = 2048
 
 
-class KnnError(ValueError):
+class KnnError(CellpaintError, ValueError):
     """A bad --knn setting or reference set; the message says what to change."""
 
 
