@@ -142,9 +142,11 @@ def test_release_layout_scores_test_labels(tmp_path, capsys):
 # ------------------------------------------------------------------------------ bad input
 
 
-def expect_error(capsys, info, out, *extra, files=None, match=()) -> str:
+def expect_error(capsys, info, out, *extra, files=None, match=(), status=1) -> str:
+    """A one-line error, exit status 1 for input that cannot make a submission, 2 for a command line
+    that cannot work (cellpaint/errors.py)."""
     rc, _, err = run(capsys, info, out, *extra, files=files)
-    assert rc == 2
+    assert rc == status, err
     assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
     for m in match:
         assert m in err, err
@@ -185,8 +187,12 @@ def test_unknown_and_missing_ids_fail(fake, tmp_path, capsys):
 
 
 def test_weights_count_missing_and_corrupt_files(fake, tmp_path, capsys):
-    expect_error(capsys, fake, tmp_path / "a.csv", "-w", "1,2,3", match=["3 weight(s) for 2"])
-    expect_error(capsys, fake, tmp_path / "b.csv", "-w", "1,x", match=["-w"])
+    expect_error(capsys, fake, tmp_path / "a.csv", "-w", "1,2,3", match=["3 weight(s) for 2"], status=2)
+    expect_error(capsys, fake, tmp_path / "b.csv", "-w", "1,x", match=["-w"], status=2)
+    expect_error(capsys, fake, tmp_path / "t.csv", "-t", "0", match=["-t/--threads"], status=2)
+    (tmp_path / "dir.csv").mkdir()
+    rc, _, err = run(capsys, fake, tmp_path / "dir.csv")
+    assert rc == 2 and err == f"error: -o/--output {tmp_path / 'dir.csv'} is a directory\n"
     gone = tmp_path / "gone.output"
     expect_error(capsys, fake, tmp_path / "c.csv", files=[gone], match=["gone.output", "does not exist"])
     corrupt = tmp_path / "corrupt.output"
@@ -196,6 +202,18 @@ def test_weights_count_missing_and_corrupt_files(fake, tmp_path, capsys):
     truncated.write_bytes(Path(fake["files"][0]).read_bytes()[:5000])
     expect_error(capsys, fake, tmp_path / "e.csv", files=[truncated], match=["truncated.output"])
 
+
+
+@pytest.mark.parametrize("raised, status, line", [
+    (PermissionError(13, "Permission denied", "x.output"), 1, "error: cannot read x.output: Permission denied\n"),
+    (KeyboardInterrupt(), 130, "interrupted: {out} not written\n")])
+def test_unreadable_input_and_ctrl_c_exit_statuses(fake, tmp_path, capsys, monkeypatch, raised, status, line):
+    def build(args):
+        raise raised
+    monkeypatch.setattr(make_submission, "build", build)
+    out = tmp_path / "sub.csv"
+    rc, _, err = run(capsys, fake, out)
+    assert rc == status and err == line.format(out=out) and not out.exists()
 
 class _System:
     def __init__(self, command: str):

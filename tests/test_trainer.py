@@ -301,7 +301,7 @@ def test_merge_per_cell_type_predictions(tmp_path, capsys):
     merged = load_predictions(tmp_path / "m.output")
     assert set(merged["test"]) == {"A_1_B02", "B_1_B02"} and set(merged["val"]) == {"A_2_B02"}
     assert merge_predictions.main(["-o", str(tmp_path / "n.output"), str(tmp_path / "a.output"),
-                                   str(tmp_path / "a.output")]) == 2
+                                   str(tmp_path / "a.output")]) == 1
     assert "A_1_B02 (test) is also in" in capsys.readouterr().err and not (tmp_path / "n.output").exists()
 
 
