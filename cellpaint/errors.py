@@ -55,12 +55,12 @@ def exit_status(error: BaseException) -> int:
 def one_line(error: BaseException) -> str:
     """An expected failure as one line. An OSError that names a file (a read-only directory, a full
     disk) says which; a data-loader worker's error comes back wrapped in the worker's traceback
-    (torch re-raises it with the traceback as the message): only its last line is kept."""
+    (torch re-raises it with the traceback as the message): only its last line is kept. Otherwise
+    the message's first line (main.py's one_line, now here for every command)."""
     if isinstance(error, OSError) and error.filename and error.strerror:
         return f"cannot write {error.filename}: {error.strerror}"
     text = str(error)
     if "Original Traceback" in text:
         text = [line for line in text.splitlines() if line.strip()][-1]
         text = re.sub(r"^[\w.]+(Error|Exception): ", "", text)
-    text = " ".join(text.split())
-    return text or type(error).__name__
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__

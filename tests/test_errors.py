@@ -68,5 +68,5 @@ def test_one_line():
     wrapped = RuntimeError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                            "last):\n  File \"x.py\", line 1\ncellpaint.data.metadata.DataError: a.png: truncated\n")
     assert errors.one_line(wrapped) == "a.png: truncated"
-    assert errors.one_line(CellpaintError("two\nlines")) == "two lines"
+    assert errors.one_line(CellpaintError("first\nsecond")) == "first"
     assert errors.one_line(CellpaintError()) == "CellpaintError"
