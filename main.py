@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import dataset
+from cellpaint import errors
 from cellpaint.data import check, metadata
 from cellpaint.data.augment import BC_SPACES, FLIP_SETS, ROTATE_BORDERS
 from cellpaint.flag_types import (args_file_line, bool_or_auto, bool_type, float_pair, int_list, lr_groups_type,
@@ -35,10 +36,10 @@ from cellpaint.training import autoselect, distributed, mixing, pseudo_labels, r
 from cellpaint.training.checkpoints import checkpoint_args, load_checkpoint
 from cellpaint.training.engine import amp_dtype, precision_name
 from cellpaint.training.run import train, validate
-from cellpaint.runlog import one_line, set_log_handlers, setup_logging
+from cellpaint.runlog import set_log_handlers, setup_logging
 from cellpaint.training.schedule import LRSchedule, SizeFunction
 from cellpaint.training.settings import RunContext, augment_from_args, settings_from_args
-from model import HEADS, LOSSES, STEM_INITS, PretrainedUnavailable, is_supported_backbone, supported_backbones
+from model import HEADS, LOSSES, STEM_INITS, is_supported_backbone, supported_backbones
 
 log = logging.getLogger("cellpaint")
 
@@ -287,12 +288,12 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[argparse.Namespac
 def main(argv: list[str] | None = None) -> int:
     try:
         args, ctx = parse_command_line(argv)
-    except metadata.DataError as e:  # the checkpoint of --resume/--load: missing, unreadable, or contradicted
+    except errors.CellpaintError as e:  # the checkpoint of --resume/--load: missing, unreadable, or contradicted
         if "--debug" in (sys.argv[1:] if argv is None else argv):
             raise
         set_log_handlers([logging.StreamHandler(sys.stderr)])  # not a previous run's log file (demo, tests)
-        log.error("%s", e)
-        return 2 if isinstance(e, runconfig.FlagError) else 1
+        log.error("%s", errors.one_line(e))
+        return errors.exit_status(e)  # 2 for a FlagError (a UsageError), else 1
     if args.mode == "check":
         return check.report(check.check_data(args.data, args.classes, workers=args.num_data_workers))
     threads = torch.get_num_threads()  # restored at the end: runs in one process (demo, tests) stay independent
@@ -302,8 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ctx.world, device = distributed.init(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     except distributed.LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if args.debug:
+            raise
+        set_log_handlers([logging.StreamHandler(sys.stderr)])  # logged like every other error
+        log.error("%s", errors.one_line(e))
+        return errors.exit_status(e)  # 2: a UsageError
     args.device = str(device)  # resolved values are recorded as such (the log, checkpoints)
     ctx.device, ctx.dtype = device, amp_dtype(args.precision, args.fp16, device)
     auto_channels_last = args.channels_last == autoselect.AUTO
@@ -336,23 +340,23 @@ def main(argv: list[str] | None = None) -> int:
             if staged_log:
                 set_log_handlers([logging.StreamHandler(sys.stderr)])  # closes the file before it is renamed
                 os.replace(*staged_log)
-    except (metadata.DataError, FloatingPointError, PretrainedUnavailable, OSError) as e:
+    except (errors.CellpaintError, FloatingPointError, OSError) as e:
         if args.debug:
             raise
-        log.error("%s", one_line(e))
-        return 1
+        log.error("%s", errors.one_line(e))
+        return errors.exit_status(e)
     except RuntimeError as e:
         # the collate of a batch whose sites differ in size: a data problem that --mode check names
         if args.debug or "stack expects each tensor to be equal size" not in str(e):
             raise
         log.error("the sites of a batch differ in size (%s); python main.py --mode check --data %s names the "
                   "images", str(e).splitlines()[0], args.data)
-        return 1
-    except KeyboardInterrupt:
+        return errors.FAILED
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
         log.error("%s", interrupted(args, ctx.epoch_now))
-        return 130
+        return errors.exit_status(e)  # 130
     finally:
         distributed.shutdown()
         torch.set_num_threads(threads)

@@ -246,23 +246,41 @@ def build(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"error: -t/--threads must be at least 1, got {args.threads}", file=sys.stderr)
-            return 2
-        for variable in _THREAD_VARIABLES:  # read by the BLAS/OpenMP runtimes when numpy loads
-            os.environ[variable] = str(args.threads)
-    started = time.perf_counter()
-    from cellpaint.submission.knn import KnnError
-    from cellpaint.data.metadata import DataError
-    from cellpaint.prediction.prediction_file import PredictionFileError
+    """Exit status (cellpaint/errors.py, the same for every command): 0 written; 1 no submission from
+    these files and this data (a CellpaintError, the one line names the file), or it could not be
+    written; 2 the command line is wrong (argparse's errors, -t, -w, -o); 130 interrupted. A failure
+    writes nothing: an earlier CSV and its JSON stay as they were."""
+    from cellpaint.errors import CellpaintError, UsageError, exit_status, one_line
 
+    def failed(e: BaseException, doing: str) -> int:
+        if isinstance(e, KeyboardInterrupt):
+            print(f"interrupted: {args.output} not written" if doing == "read" else
+                  f"interrupted while writing {args.output}: a CSV without its .json beside it may be the old one",
+                  file=sys.stderr)
+        elif isinstance(e, OSError):  # an unreadable input (permissions, I/O); a full disk, a read-only directory
+            name = e.filename or (args.output if doing == "write" else "an input")
+            print(f"error: cannot {doing} {name}: {e.strerror or one_line(e)}", file=sys.stderr)
+        else:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+        return exit_status(e)
+
+    args = parse_args(argv)
     try:
+        if args.threads is not None and args.threads < 1:
+            raise UsageError(f"-t/--threads must be at least 1, got {args.threads}")
+        try:  # the command line alone, before any file is read
+            parse_weights(args.weights, len(args.files))
+        except SubmissionError as e:
+            raise UsageError(str(e)) from None
+        if Path(args.output).is_dir():
+            raise UsageError(f"-o/--output {args.output} is a directory")
+        if args.threads is not None:
+            for variable in _THREAD_VARIABLES:  # read by the BLAS/OpenMP runtimes when numpy loads
+                os.environ[variable] = str(args.threads)
+        started = time.perf_counter()
         csv, report = build(args)
-    except (SubmissionError, DataError, PredictionFileError, KnnError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (CellpaintError, OSError, KeyboardInterrupt) as e:
+        return failed(e, "read")
     val, test = report["wells"]["val"], report["wells"]["test_labelled"]
     print(f"candidates for treatment wells: treatment classes only; {report['wells']['test']} test wells")
     if "knn" in report:
@@ -288,9 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cellpaint.atomic import write_with_companion
     try:  # never new scores beside an old CSV, even when killed between the two renames
         write_with_companion(args.output, csv, json_path, json.dumps(report, indent=1) + "\n")
-    except OSError as e:
-        print(f"error: cannot write {e.filename or args.output}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    except (OSError, KeyboardInterrupt) as e:
+        return failed(e, "write")
     print(f"wrote {args.output} and {json_path} in {report['seconds']:.2f} s")
     return 0
 

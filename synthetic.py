@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from cellpaint.data.synthetic_images import (CHANNELS, cell_type_of, class_params, experiment_params, keyed_rng,
                                              render_site, well_phenotype)
+from cellpaint.errors import UsageError
 
 GENERATOR = "cellpaint-rcic synthetic"
 INFO_FILE = "synthetic_info.json"
@@ -110,7 +111,7 @@ class SyntheticConfig:
                  "--leak needs a test experiment and a train experiment of a different cell type; use --no-leak")
 
 
-class OutputDirError(FileExistsError):
+class OutputDirError(UsageError, FileExistsError):
     """The output directory holds something that is not a previous synthetic data set."""
 
 

@@ -16,6 +16,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from cellpaint.errors import CellpaintError
+
 _TV_PREFIXES = ("resnet", "resnext", "wide_resnet", "densenet", "efficientnet_")
 # pretrainedmodels' VGG/AlexNet put their fully connected layers inside features(), so they only
 # work at 224 px; every other model there is convolutional up to features().
@@ -30,7 +32,7 @@ _OLD_DENSENET_KEY = re.compile(
 )
 
 
-class PretrainedUnavailable(RuntimeError):
+class PretrainedUnavailable(CellpaintError, RuntimeError):
     """Requested pretrained weights cannot be had: offline without a cache, or a bad local file."""
 
 

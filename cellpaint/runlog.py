@@ -3,7 +3,6 @@ expected failures as one line."""
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -43,15 +42,3 @@ def set_log_handlers(handlers: list[logging.Handler], rank: str = "") -> None:
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
-
-
-def one_line(e: BaseException) -> str:
-    """An expected failure as one line. A loader worker's error comes back wrapped in the worker's
-    traceback (torch re-raises it with the traceback as the message): keep only its last line."""
-    if isinstance(e, OSError) and e.filename:  # a read-only directory, a full disk, ...
-        return f"cannot write {e.filename}: {e.strerror}"
-    text = str(e)
-    if "Original Traceback" in text:
-        text = [line for line in text.splitlines() if line.strip()][-1]
-        text = re.sub(r"^[\w.]+(Error|Exception): ", "", text)
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__

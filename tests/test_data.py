@@ -209,14 +209,23 @@ def test_samples_shapes_labels_and_one_hot(tiny_competition):
 
 
 def test_augmentations_are_reproducible_and_vary(tiny_competition):
-    ds, _, _ = _train_dataset(tiny_competition[0])
+    ds, rows, structure = _train_dataset(tiny_competition[0])
     ds.set_epoch(1)
     a = ds[3][0]
-    assert torch.equal(a, ds[3][0])
+    again, _, _ = _train_dataset(tiny_competition[0])  # reproducible: another dataset, same seed and epoch
+    again.set_epoch(1)
+    assert torch.equal(a, again[3][0]) and torch.equal(a, ds[3][0])
     ds.set_epoch(2)
-    assert not torch.equal(a, ds[3][0])
-    plain = dataset.SiteDataset(ds_rows := _train_dataset(tiny_competition[0])[1], ("HEPG2", "HUVEC", "RPE", "U2OS"))
-    assert torch.equal(plain[3][0], plain[3][0]) and len(plain) == len(ds_rows)
+    assert not torch.equal(a, ds[3][0])  # varies by epoch
+    assert not torch.equal(a, ds[4][0])  # and by sample
+    other_seed = dataset.SiteDataset(rows, structure.cell_types, augment=ds.augment, seed=12)
+    other_seed.set_epoch(1)
+    assert not torch.equal(a, other_seed[3][0])  # and by seed
+    plain = dataset.SiteDataset(rows, structure.cell_types)  # no augmentation: the same every epoch, and not a's
+    plain.set_epoch(1)
+    b = plain[3][0]
+    plain.set_epoch(2)
+    assert torch.equal(b, plain[3][0]) and not torch.equal(a, b) and a.shape == b.shape
 
 
 def test_augmentations_do_not_depend_on_workers(tiny_competition):

@@ -1,4 +1,5 @@
-"""make_submission.py and predfile.py on small fake data sets (benchmarks/fake_predictions.py)."""
+"""make_submission.py and predfile.py on small fake data sets: synthetic.py's plate design (no
+images) and planted logits."""
 from __future__ import annotations
 
 import builtins
@@ -15,19 +16,65 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import fake_predictions  # noqa: E402
 import make_submission  # noqa: E402
+import synthetic  # noqa: E402
+from cellpaint.data import metadata  # noqa: E402
 from cellpaint.prediction.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_predictions)
 
-SMALL = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), group_size=20,
-             positive_controls=3, wells_per_plate=24, dropped_wells=3, folds=3, signal=2.0)
+SMALL = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), plates=4, classes=80,
+             positive_controls=3, negative_wells=1)
+N_TREATMENT = SMALL["classes"]  # 4 plate groups of 20 siRNAs; 24 wells a plate
 
 
-def make(tmp: Path, **overrides) -> dict:
-    return fake_predictions.generate(tmp, **{**SMALL, **overrides})
+def fake_logits(labels: np.ndarray, n_classes: int, sites: int, signal: float, shared: float, seed: int,
+                file_index: int) -> np.ndarray:
+    """float32 [wells, sites, classes]: signal * difficulty(well) on the true class + unit Gaussian
+    noise, the `shared` part of its variance the same for every file (ensembling helps, not without limit)."""
+    common = np.random.default_rng([seed, 1 << 20])
+    difficulty = common.lognormal(0.0, 0.4, size=len(labels)).astype(np.float32)
+    noise = common.standard_normal((len(labels), sites, n_classes), dtype=np.float32) * np.float32(np.sqrt(shared))
+    own = np.random.default_rng([seed, file_index])
+    noise += own.standard_normal(noise.shape, dtype=np.float32) * np.float32(np.sqrt(1 - shared))
+    noise[np.arange(len(labels)), :, labels] += (signal * difficulty)[:, None]
+    return noise
+
+
+def make(tmp: Path, layout: str = "competition", drop_wells: float = 0.02, dropped_plates: int = 0,
+         val: bool = True, files: int = 2, signal: float = 2.0, folds: int = 3, seed: int = 0) -> dict:
+    """Metadata (synthetic.py's design) and `files` prediction files: the 'val' part the treatment
+    wells of fold 0's experiments, the 'test' part every test treatment well. `dropped_plates`
+    whole test plates are taken out of the metadata (competition layout)."""
+    config = synthetic.SyntheticConfig(layout=layout, leak=False, drop_wells=drop_wells, seed=seed, **SMALL)
+    data = tmp / "data"
+    wells, _ = synthetic.write_metadata(data, config)
+    wells = wells.rename(columns={"dataset": "split"})
+    if dropped_plates:
+        assert layout == "competition"
+        plates = wells.loc[wells["split"] == "test", ["experiment", "plate"]].drop_duplicates()
+        gone = set(plates.sample(n=dropped_plates, random_state=seed).itertuples(index=False, name=None))
+        wells = wells[[p not in gone for p in zip(wells["experiment"], wells["plate"])]]
+        for name in ("test.csv", "test_controls.csv"):
+            table = pd.read_csv(data / name)
+            table[[p not in gone for p in zip(table["experiment"], table["plate"])]].to_csv(data / name, index=False)
+    n_classes = int(wells["sirna"].max()) + 1
+    treatment = wells[wells["well_type"] == "treatment"]
+    test = treatment[treatment["split"] == "test"]
+    assigned = metadata.assign_folds(wells, folds, seed)
+    val_experiments = sorted(e for e, f in assigned.items() if f == 0) if val else []
+    val_rows = treatment[treatment["experiment"].isin(val_experiments)]
+    paths = []
+    for k in range(files):
+        output = {}
+        for part, rows in (("test", test), ("val", val_rows)):
+            logits = fake_logits(rows["sirna"].to_numpy(), n_classes, config.sites, signal, 0.5,
+                                 seed + (0 if part == "test" else 7919), k)
+            output[part] = {code: list(site_logits) for code, site_logits in zip(rows["id_code"], logits)}
+        paths.append(tmp / f"pred_{k}.output")
+        save_predictions(paths[-1], output)
+    return {"data": data, "files": paths, "n_classes": n_classes, "val_wells": len(val_rows),
+            "test_wells": len(test), "val_experiments": val_experiments}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +106,7 @@ def test_tracks_tests_and_wells(fake, tmp_path, capsys):
     # treatment classes only, never twice on a plate
     sub["plate"] = sub["id_code"].str.rsplit("_", n=1).str[0]
     assert not sub.duplicated(["plate", "sirna"]).any()
-    n_treatment = 4 * SMALL["group_size"]
-    assert sub["sirna"].between(0, n_treatment - 1).all()
+    assert sub["sirna"].between(0, N_TREATMENT - 1).all()
     assert "validation accuracy" in stdout and "assignment" in stdout
     assert Path(f"{out}.json").is_file()
 
@@ -115,7 +161,7 @@ def test_control_wells_in_the_files_are_ignored(fake, tmp_path, capsys):
 
 
 def test_missing_wells_missing_plates_and_no_val(tmp_path, capsys):
-    info = make(tmp_path, dropped_wells=9, dropped_plates=2, val=False, seed=3)
+    info = make(tmp_path, drop_wells=0.05, dropped_plates=2, val=False, seed=3)
     out = tmp_path / "sub.csv"
     rc, stdout, err = run(capsys, info, out)
     assert rc == 0, err
@@ -142,9 +188,11 @@ def test_release_layout_scores_test_labels(tmp_path, capsys):
 # ------------------------------------------------------------------------------ bad input
 
 
-def expect_error(capsys, info, out, *extra, files=None, match=()) -> str:
+def expect_error(capsys, info, out, *extra, files=None, match=(), status=1) -> str:
+    """A one-line error, exit status 1 for input that cannot make a submission, 2 for a command line
+    that cannot work (cellpaint/errors.py)."""
     rc, _, err = run(capsys, info, out, *extra, files=files)
-    assert rc == 2
+    assert rc == status, err
     assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
     for m in match:
         assert m in err, err
@@ -185,8 +233,12 @@ def test_unknown_and_missing_ids_fail(fake, tmp_path, capsys):
 
 
 def test_weights_count_missing_and_corrupt_files(fake, tmp_path, capsys):
-    expect_error(capsys, fake, tmp_path / "a.csv", "-w", "1,2,3", match=["3 weight(s) for 2"])
-    expect_error(capsys, fake, tmp_path / "b.csv", "-w", "1,x", match=["-w"])
+    expect_error(capsys, fake, tmp_path / "a.csv", "-w", "1,2,3", match=["3 weight(s) for 2"], status=2)
+    expect_error(capsys, fake, tmp_path / "b.csv", "-w", "1,x", match=["-w"], status=2)
+    expect_error(capsys, fake, tmp_path / "t.csv", "-t", "0", match=["-t/--threads"], status=2)
+    (tmp_path / "dir.csv").mkdir()
+    rc, _, err = run(capsys, fake, tmp_path / "dir.csv")
+    assert rc == 2 and err == f"error: -o/--output {tmp_path / 'dir.csv'} is a directory\n"
     gone = tmp_path / "gone.output"
     expect_error(capsys, fake, tmp_path / "c.csv", files=[gone], match=["gone.output", "does not exist"])
     corrupt = tmp_path / "corrupt.output"
@@ -195,6 +247,18 @@ def test_weights_count_missing_and_corrupt_files(fake, tmp_path, capsys):
     truncated = tmp_path / "truncated.output"
     truncated.write_bytes(Path(fake["files"][0]).read_bytes()[:5000])
     expect_error(capsys, fake, tmp_path / "e.csv", files=[truncated], match=["truncated.output"])
+
+
+@pytest.mark.parametrize("raised, status, line", [
+    (PermissionError(13, "Permission denied", "x.output"), 1, "error: cannot read x.output: Permission denied\n"),
+    (KeyboardInterrupt(), 130, "interrupted: {out} not written\n")])
+def test_unreadable_input_and_ctrl_c_exit_statuses(fake, tmp_path, capsys, monkeypatch, raised, status, line):
+    def build(args):
+        raise raised
+    monkeypatch.setattr(make_submission, "build", build)
+    out = tmp_path / "sub.csv"
+    rc, _, err = run(capsys, fake, out)
+    assert rc == status and err == line.format(out=out) and not out.exists()
 
 
 class _System:

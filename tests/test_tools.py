@@ -152,7 +152,7 @@ def test_contact_sheet_grid(data, tmp_path, capsys, monkeypatch):
 ])
 def test_cli_errors_are_one_line(data, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path) for a in args]
-    assert show.main(["--data", str(data), "--out", str(tmp_path / "s.png")] + args) == 2
+    assert show.main(["--data", str(data), "--out", str(tmp_path / "s.png")] + args) == 1  # not in the data
     err = capsys.readouterr().err
     assert err.startswith(PROG) and message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []  # nothing written
@@ -169,7 +169,7 @@ def test_cli_argument_errors_are_one_line(data, tmp_path, capsys):
 def test_cli_missing_data_dir_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tools.show", "--data", str(tmp_path / "nowhere")],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert proc.stderr.startswith(PROG) and "does not exist" in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
@@ -218,6 +218,6 @@ def test_curves_without_rows(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="tools.curves"):
         assert curves.plot_training_curves(csv, tmp_path / "e.png") is False
     assert not (tmp_path / "e.png").exists() and len(caplog.records) == 1
-    assert curves.main([str(tmp_path / "missing.csv")]) == 2
+    assert curves.main([str(tmp_path / "missing.csv")]) == 1
     assert curves.default_output(Path("r/dn161_0.metrics.csv")) == Path("r/dn161_0.curves.png")
     assert curves.default_output(Path("r/log.csv")) == Path("r/log.png")

@@ -69,10 +69,22 @@ def test_mixed_targets_sum_to_one():
             mx, mc, mt = fn(x, cell, target, 1.0, rng)
             assert mx.shape == x.shape
             assert torch.allclose(mt.sum(1), torch.ones(8)) and torch.allclose(mc.sum(1), torch.ones(8))
-    # cutmix: the target weight of the partner equals the pasted area
-    mx, _, mt = mixing.cutmix(x, cell, torch.eye(8), 1.0, np.random.default_rng(1))
-    pasted = (mx != x).flatten(1).any(0).view(6, 16, 16)[0].float().mean()
-    assert torch.allclose(1 - mt.diagonal(), torch.full((8,), float(pasted)), atol=1e-6) or pasted == 0
+    # each sample's target weights are its share of the mixed input: with one-hot targets and every
+    # sample's partner another sample, the partner's weight is the blend weight (mixup) or the
+    # fraction of pixels pasted from it (cutmix)
+    perm = np.roll(np.arange(8), 1)
+    pasted_any = False
+    for seed in range(6):
+        mx, _, mt = mixing.mixup(x, cell, torch.eye(8), 1.0, np.random.default_rng(seed), perm)
+        lam = mt.diagonal()
+        assert torch.allclose(mt.sum(1), torch.ones(8)) and torch.allclose(mt[np.arange(8), perm], 1 - lam)
+        assert torch.allclose(mx, lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm], atol=1e-6)
+        mx, _, mt = mixing.cutmix(x, cell, torch.eye(8), 1.0, np.random.default_rng(seed), perm)
+        pasted = (mx != x).any(1).flatten(1).float().mean(1)  # per sample, the area that changed
+        assert torch.allclose(mt.sum(1), torch.ones(8)) and torch.allclose(mt[np.arange(8), perm], pasted, atol=1e-6)
+        assert torch.allclose(mt.diagonal(), 1 - pasted, atol=1e-6)
+        pasted_any |= bool((pasted > 0).all())
+    assert pasted_any  # some draw pasted a box (a check of no area at all would check nothing)
 
 
 def test_pl_fraction_follows_the_original_schedule():
@@ -209,7 +221,28 @@ def test_a_failed_predict_keeps_the_last_good_log(trained, tiny_competition, tmp
 
 
 def test_val_mode_reports_accuracy(trained, tiny_competition, caplog):
-    assert run("--mode", "val", "--data", tiny_competition[0], "--load", trained, *SMALL) == 0
+    """The accuracies --mode val logs are those of the checkpoint's val predictions: each site's
+    best treatment class against its label, overall and per cell type (the default --val-unit site)."""
+    with caplog.at_level("INFO", logger="cellpaint"):
+        assert run("--mode", "val", "--data", tiny_competition[0], "--load", trained, *SMALL) == 0
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("validation: "))
+    reported = {k: float(v) for k, v in (item.split() for item in line[len("validation: "):].split(", "))}
+    assert run("--mode", "predict", "--data", tiny_competition[0], "--load", trained, "--pred-suffix", "_acc", *SMALL) == 0
+    from cellpaint.prediction.prediction_file import load_predictions
+    val = load_predictions(f"{trained}.output_acc")["val"]
+    table = metadata.load_table(tiny_competition[0])
+    treatment = metadata.derive_structure(table).treatment_classes
+    wells = table.drop_duplicates("id_code").set_index("id_code")
+    hits: dict[str, list[bool]] = {}
+    for code, sites in val.items():
+        for logits in sites:
+            hit = treatment[int(np.argmax(logits[treatment]))] == wells.at[code, "sirna"]
+            hits.setdefault("acc", []).append(hit)
+            hits.setdefault(f"acc_{wells.at[code, 'cell_type']}", []).append(hit)
+    assert len(hits["acc"]) == len(table[table["id_code"].isin(val)]) > 0  # every val site, once
+    assert set(reported) == set(hits) and len(hits) >= 2  # overall and per cell type
+    for key, values in hits.items():
+        assert reported[key] == pytest.approx(np.mean(values), abs=5e-5), key
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -307,7 +340,7 @@ def test_merge_per_cell_type_predictions(tmp_path, capsys):
     merged = load_predictions(tmp_path / "m.output")
     assert set(merged["test"]) == {"A_1_B02", "B_1_B02"} and set(merged["val"]) == {"A_2_B02"}
     assert merge_predictions.main(["-o", str(tmp_path / "n.output"), str(tmp_path / "a.output"),
-                                   str(tmp_path / "a.output")]) == 2
+                                   str(tmp_path / "a.output")]) == 1
     assert "A_1_B02 (test) is also in" in capsys.readouterr().err and not (tmp_path / "n.output").exists()
 
 

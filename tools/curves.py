@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script (python tools/curves.py): make 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cellpaint.atomic import atomic_write  # noqa: E402
+from cellpaint.errors import FAILED, OK  # noqa: E402
 
 log = logging.getLogger("tools.curves")
 PROG = "python -m tools.curves"
@@ -198,13 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if not args.metrics_csv.is_file():
         print(f"{PROG}: error: no such file: {args.metrics_csv}", file=sys.stderr)
-        return 2
+        return FAILED
     out = args.output or default_output(args.metrics_csv)
     try:
-        return 0 if plot_training_curves(args.metrics_csv, out) else 1
+        return OK if plot_training_curves(args.metrics_csv, out) else FAILED
     except OSError as e:
         print(f"{PROG}: error: cannot write {out}: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return FAILED
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cellpaint.errors import exit_status, one_line
 from cellpaint.prediction.prediction_file import PredictionFileError, load_predictions, save_predictions
 
 
@@ -45,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         merged = merge(args.files, kind)
         save_predictions(args.output, merged, kind=kind)
     except (PredictionFileError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return exit_status(e)  # 1: the files cannot be merged, or the output not written
     print(f"wrote {args.output}: " + ", ".join(f"{len(v)} {k} wells" for k, v in merged.items()))
     return 0
 

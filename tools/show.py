@@ -33,6 +33,7 @@ from cellpaint.data import metadata  # noqa: E402
 from cellpaint.atomic import atomic_write  # noqa: E402
 from cellpaint.data.images import read_site  # noqa: E402,F401 - show.read_site is part of this tool's API
 from cellpaint.data.metadata import DataError  # noqa: E402
+from cellpaint.errors import exit_status  # noqa: E402
 
 PROG = "python -m tools.show"
 TILE_TARGET = 128            # px: small sites are enlarged (nearest neighbour) to at least this
@@ -448,10 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{site.shape[2]}x{site.shape[1]} px")
     except DataError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return exit_status(e)  # 1: not in this data set (a command-line mistake is argparse's 2, above)
     except OSError as e:
         print(f"{PROG}: error: cannot write the picture: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return exit_status(e)
     return 0
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellpaint.errors import CellpaintError
+
 TREATMENT = "treatment"
 CONTROL_TYPES = ("positive_control", "negative_control")
 WELL_COLUMNS = ["id_code", "experiment", "cell_type", "plate", "well", "well_type", "split",
@@ -43,7 +45,7 @@ RELEASE_COLUMNS = ["site_id", "well_id", "cell_type", "dataset", "experiment", "
 _SITE_RE = re.compile(r"^([A-Z]+\d+)_s(\d+)_w\d+\.png$")
 
 
-class DataError(ValueError):
+class DataError(CellpaintError, ValueError):
     """A problem with the user's data set: the message names the file and what is wrong."""
 
 

@@ -34,11 +34,12 @@ import numpy as np
 
 from cellpaint.submission.methods import KNN_SEARCHES as SEARCHES, KNN_WEIGHTS as WEIGHTS
 
+from cellpaint.errors import CellpaintError
 _BLOCK_BYTES = 32 << 20  # similarity block [rows, references] per step: bounds the temporaries
 _MAX_ROWS = 2048
 
 
-class KnnError(ValueError):
+class KnnError(CellpaintError, ValueError):
     """A bad --knn setting or reference set; the message says what to change."""
 
 

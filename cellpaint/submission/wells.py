@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
+from cellpaint.errors import CellpaintError
+
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from cellpaint.submission.scoreboard import Scoreboard
 
 
-class SubmissionError(ValueError):
+class SubmissionError(CellpaintError, ValueError):
     """A problem with the command line or the prediction files, named in one line."""
 
 

@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from cellpaint.errors import UsageError
 
-class LaunchError(RuntimeError):
+
+class LaunchError(UsageError, RuntimeError):
     """A torchrun launch that cannot work as asked (more processes than GPUs on a node)."""
 
 

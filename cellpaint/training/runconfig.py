@@ -17,6 +17,7 @@ from typing import Sequence
 
 from cellpaint.training.checkpoints import ARCHITECTURE, plain_value
 from cellpaint.data.metadata import DataError
+from cellpaint.errors import UsageError
 
 # how and where the run executes, not what it computes: these may differ from the checkpoint's
 MAY_CHANGE = ("data", "image_cache", "cache_dir", "num_data_workers", "threads", "device", "disp_batches",
@@ -26,7 +27,7 @@ MAY_CHANGE = ("data", "image_cache", "cache_dir", "num_data_workers", "threads",
 NOT_RESTORED = ("mode", "debug", "save", "resume")
 
 
-class FlagError(DataError):
+class FlagError(UsageError, DataError):
     """A flag that contradicts the checkpoint it is used with (exit status 2, like argparse)."""
 
 
