@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import make_submission  # noqa: E402
 import synthetic  # noqa: E402
-from cellpaint.data import metadata  # noqa: E402
+from cellpaint.data.folds import assign_folds  # noqa: E402
 from cellpaint.prediction.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_predictions)
 
@@ -61,7 +61,7 @@ def make(tmp: Path, layout: str = "competition", drop_wells: float = 0.02, dropp
     n_classes = int(wells["sirna"].max()) + 1
     treatment = wells[wells["well_type"] == "treatment"]
     test = treatment[treatment["split"] == "test"]
-    assigned = metadata.assign_folds(wells, folds, seed)
+    assigned = assign_folds(wells, folds, seed)
     val_experiments = sorted(e for e, f in assigned.items() if f == 0) if val else []
     val_rows = treatment[treatment["experiment"].isin(val_experiments)]
     paths = []

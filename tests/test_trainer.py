@@ -17,7 +17,7 @@ import main
 from cellpaint.data import metadata
 from cellpaint.data.folds import assign_folds, split_subsets
 from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
-from cellpaint.data.structure import Structure
+from cellpaint.data.structure import Structure, derive_structure
 from cellpaint.training import pseudo_labels
 from cellpaint.training.schedule import LRSchedule, SizeFunction
 from tests.conftest import SMALL, run
@@ -231,7 +231,7 @@ def test_val_mode_reports_accuracy(trained, tiny_competition, caplog):
     from cellpaint.prediction.prediction_file import load_predictions
     val = load_predictions(f"{trained}.output_acc")["val"]
     table = metadata.load_table(tiny_competition[0])
-    treatment = metadata.derive_structure(table).treatment_classes
+    treatment = derive_structure(table).treatment_classes
     wells = table.drop_duplicates("id_code").set_index("id_code")
     hits: dict[str, list[bool]] = {}
     for code, sites in val.items():
