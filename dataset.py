@@ -4,13 +4,13 @@ A *sample* is one site: the 6 channel PNGs of a well's site stacked into a [6, H
 
 Two ways to turn a site into network input, with the same maths:
 
-- ``SiteDataset(..., output="uint8")`` (what main.py uses): the loader workers only decode
+- ``SiteDataset(..., output="uint8")`` (the default, what main.py uses): the loader workers only decode
   (or read the decoded cache, `ImageCache`) and draw the sample's random augmentation; they
   return the uint8 image and those draws. `prepare_batch` then does everything else on whole
   batches on the accelerator: flips/transposes, the zoom crop (crop, then resize in float), the
   optional rotation and gamma, normalisation, the per-channel gain/offset jitter and the optional
   brightness/contrast. CPU work per sample is decoding alone.
-- ``output="float"``: the same steps one sample at a time on the CPU (the reference; slow).
+- ``output="float"``: the same steps one sample at a time on the CPU (the tests' reference; slow).
 
 Random draws come from a generator seeded by (seed, epoch, index): a sample's augmentation does
 not depend on which worker produced it, in what order, or which of the two outputs is used.
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from cellpaint.data.augment import (  # noqa: F401 (re-exported: dataset.X keeps working)
     ZOOM_MODES, Augment, adjust_gamma, apply_geometry, brightness_contrast, channel_jitter, dihedral,
-    draw_zoom_box, jitter_draws, normalised_photometric, random_zoom_crop, raw_photometric, rotate, zoom)
+    draw_zoom_box, jitter_draws, normalised_photometric, raw_photometric, rotate, zoom)
 from cellpaint.data.image_cache import CacheError, ImageCache
 from cellpaint.data.images import CHANNELS, ImageError, read_site
 from cellpaint.data.metadata import DataError
@@ -225,7 +225,7 @@ class SiteDataset(Dataset):
     def __init__(self, rows: pd.DataFrame, cell_types: tuple[str, ...] | list[str],
                  normalization: str = "sample", stats: np.ndarray | None = None,
                  augment: Augment | None = None, labels: np.ndarray | None = None, seed: int = 0,
-                 channels: int = CHANNELS, output: str = "float", cache: ImageCache | None = None,
+                 channels: int = CHANNELS, output: str = "uint8", cache: ImageCache | None = None,
                  skip_bad_images: bool = False) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalisation {normalization!r}")

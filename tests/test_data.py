@@ -182,7 +182,7 @@ def test_missing_and_corrupt_png_name_the_file(tiny_competition, tmp_path):
     with pytest.raises(images.ImageError, match=r"missing image: .*site_w3\.png"):
         images.read_site(str(local))
     rows = table.iloc[:1].assign(image_prefix=str(local))
-    ds = dataset.SiteDataset(rows, ("HEPG2", "HUVEC", "RPE", "U2OS"))
+    ds = dataset.SiteDataset(rows, ("HEPG2", "HUVEC", "RPE", "U2OS"), output="float")
     with pytest.raises(images.ImageError, match="site_w3.png"):
         ds[0]
 
@@ -195,7 +195,7 @@ def _train_dataset(path, **kw):
     structure = derive_structure(table)
     rows = split_subsets(table, assign_folds(table, 6, 0), 0)["train"]
     augment = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1)
-    return dataset.SiteDataset(rows, structure.cell_types, augment=augment, seed=11, **kw), rows, structure
+    return dataset.SiteDataset(rows, structure.cell_types, augment=augment, seed=11, output="float", **kw), rows, structure
 
 
 def test_samples_shapes_labels_and_one_hot(tiny_competition):
@@ -204,7 +204,7 @@ def test_samples_shapes_labels_and_one_hot(tiny_competition):
     assert x.shape == (6, 24, 24) and x.dtype == torch.float32 and torch.isfinite(x).all()
     assert cell.shape == (4,) and cell.sum() == 1 and structure.cell_types[int(cell.argmax())] == rows["cell_type"].iat[5]
     assert index == 5 and label == rows["sirna"].iat[5]
-    relabelled = dataset.SiteDataset(rows, structure.cell_types, labels=np.full(len(rows), 7))
+    relabelled = dataset.SiteDataset(rows, structure.cell_types, labels=np.full(len(rows), 7), output="float")
     assert relabelled[5][3] == 7
 
 
@@ -218,10 +218,10 @@ def test_augmentations_are_reproducible_and_vary(tiny_competition):
     ds.set_epoch(2)
     assert not torch.equal(a, ds[3][0])  # varies by epoch
     assert not torch.equal(a, ds[4][0])  # and by sample
-    other_seed = dataset.SiteDataset(rows, structure.cell_types, augment=ds.augment, seed=12)
+    other_seed = dataset.SiteDataset(rows, structure.cell_types, augment=ds.augment, seed=12, output="float")
     other_seed.set_epoch(1)
     assert not torch.equal(a, other_seed[3][0])  # and by seed
-    plain = dataset.SiteDataset(rows, structure.cell_types)  # no augmentation: the same every epoch, and not a's
+    plain = dataset.SiteDataset(rows, structure.cell_types, output="float")  # no augmentation: the same every epoch, and not a's
     plain.set_epoch(1)
     b = plain[3][0]
     plain.set_epoch(2)
@@ -241,11 +241,11 @@ def test_augmentations_do_not_depend_on_workers(tiny_competition):
 def test_geometric_augmentations_keep_shape_and_dtype():
     img = torch.arange(6 * 20 * 20, dtype=torch.int32).reshape(6, 20, 20).to(torch.uint8)
     rng = np.random.default_rng(0)
-    out = dataset.random_zoom_crop(img, rng, 0.5)
+    out = dataset.zoom(img, dataset.draw_zoom_box(rng, 20, 20, 0.5))
     assert out.shape == img.shape and out.dtype == torch.uint8
     assert {dataset.dihedral(img, k).shape for k in range(8)} == {img.shape}
     assert len({dataset.dihedral(img, k).numpy().tobytes() for k in range(8)}) == 8
-    assert torch.equal(dataset.random_zoom_crop(img, rng, 1.0), img)
+    assert torch.equal(dataset.zoom(img, dataset.draw_zoom_box(rng, 20, 20, 1.0)), img)
     jittered = dataset.channel_jitter(torch.zeros(2, 6, 4, 4), 0.1, 0.5, torch.Generator().manual_seed(0))
     assert jittered.shape == (2, 6, 4, 4) and jittered[0, 0].unique().numel() == 1 and jittered.std() > 0
     with pytest.raises(ValueError, match="zoom scale"):

@@ -95,13 +95,6 @@ def zoom(img: torch.Tensor, box: tuple[int, int, int, int], mode: str = "nearest
     raise ValueError(f"unknown zoom interpolation {mode!r} (choose from {', '.join(ZOOM_MODES)})")
 
 
-def random_zoom_crop(img: torch.Tensor, rng: np.random.Generator, min_scale: float) -> torch.Tensor:
-    """Crop a random square-ish window whose edge is U(min_scale, 1) of the image's, resized back."""
-    if min_scale >= 1:
-        return img
-    return zoom(img, draw_zoom_box(rng, *img.shape[-2:], min_scale))
-
-
 def apply_geometry(x: torch.Tensor, geometry: torch.Tensor, zoom_mode: str = "nearest") -> torch.Tensor:
     """Per-sample flips/transposes and zoom crops of a batch [B, C, H, W].
 
