@@ -192,8 +192,10 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_command(tiny_competition, tmp_
     argv = [sys.executable, str(ROOT / "main.py"), "--data", str(tiny_competition[0]), "--save", str(save), "-e", "3",
             "--cv-number", "-1", *SMALL, "--num-data-workers", "2", "--disp-batches", "1"]
     # a terminal's Ctrl-C goes to the whole foreground process group: the loader workers too
+    # SIGINT restored to its default in the child: a test runner started in the background by a
+    # non-interactive shell ignores SIGINT, and Python keeps an ignored SIGINT ignored
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (
             (tmp_path / "net.log").exists() and "epoch 1 batch 2/" in (tmp_path / "net.log").read_text()):
