@@ -8,7 +8,7 @@ Each query well (one unit-length vector: its sites averaged, then L2-normalised)
 the reference wells *of its own cell type* only, as the 41st place did: the cell types differ so
 much that a neighbour from another one says more about its look than about its siRNA.
 
-Search (SEARCHES). "group", the 41st place's: the K nearest are found among the reference wells
+Search (methods.KNN_SEARCHES). "group", the 41st place's: the K nearest are found among the reference wells
 of each plate group separately, so every well gets K votes inside every group; a class's score
 is the summed votes of the K nearest of its own group, and the largest score within a group (the
 weighted mode of those K) is the well's evidence for that group (plates.py, method "mode").
@@ -32,9 +32,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from cellpaint.submission.methods import KNN_SEARCHES as SEARCHES, KNN_WEIGHTS as WEIGHTS
-
 from cellpaint.errors import CellpaintError
+from cellpaint.submission.methods import KNN_WEIGHTS as WEIGHTS
 _BLOCK_BYTES = 32 << 20  # similarity block [rows, references] per step: bounds the temporaries
 _MAX_ROWS = 2048
 

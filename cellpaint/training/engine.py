@@ -23,16 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cellpaint.training import autoselect
-from cellpaint.training import mixing
 import dataset
-from cellpaint.training import distributed
 from cellpaint.data import images, metadata
 from cellpaint.data.folds import assign_folds, last_experiments, named_folds, split_subsets
 from cellpaint.data.image_cache import ImageCache
 from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
 from cellpaint.data.structure import Structure, derive_structure
 from cellpaint.data.wells import sum_sites
+from cellpaint.training import autoselect, distributed, mixing
 from cellpaint.training.settings import DataSettings, ModelSettings, OptimSettings, RunContext, Settings
 from model import CellClassifier, smooth_labels, training_loss
 
@@ -287,6 +285,11 @@ def train_one_epoch(s: Settings, ctx: RunContext, model, loader, optimizer, scal
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if world.main else True)
     settings = s.augment
     classes = None if classes is None else classes.to(device)
+    # "sum" (the 1st place): each batch's gradient is added at full weight, so an update sees the
+    # summed gradient of its batches and Adam's coupled weight decay keeps its weight; a trailing
+    # partial group is dropped (zeroed after the loop) as the original did. "mean" divides the loss
+    # by the group size and steps on the trailing group too.
+    scale = 1.0 if o.accumulation == "sum" else 1.0 / o.gradient_accumulation
     for i, (x, cell, _, y) in enumerate(bar):
         lr = o.lr(epoch + i / steps, o.epochs)
         for group in optimizer.param_groups:
@@ -311,11 +314,6 @@ def train_one_epoch(s: Settings, ctx: RunContext, model, loader, optimizer, scal
             continue
         guard["bad_steps"] = 0
         step = (i + 1) % o.gradient_accumulation == 0 or (o.accumulation == "mean" and i + 1 == steps)
-        # "sum" (the 1st place): each batch's gradient is added at full weight, so an update sees
-        # the summed gradient of its batches and Adam's coupled weight decay keeps its weight; a
-        # trailing partial group is dropped (zeroed below) as the original did. "mean" divides
-        # the loss by the group size and steps on the trailing group too.
-        scale = 1.0 if o.accumulation == "sum" else 1.0 / o.gradient_accumulation
         # accumulating steps need no gradient all-reduce: only the last one before optimizer.step
         with contextlib.nullcontext() if step or not isinstance(model, DistributedDataParallel) else model.no_sync():
             scaler.scale(loss * scale).backward()

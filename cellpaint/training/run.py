@@ -21,7 +21,7 @@ from cellpaint.training.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, r
 from cellpaint.training.engine import (Data, build_model, evaluate, infer, load_data, loss_classes, make_dataset,
                                        make_loader, make_optimizer, prepare_model, resolve_backbone,
                                        train_one_epoch)
-from cellpaint.training.settings import RunContext, RunSettings, Settings, save_settings
+from cellpaint.training.settings import RunContext, Settings, save_settings
 from model import CellClassifier
 from tools.curves import plot_training_curves
 
@@ -54,7 +54,7 @@ def train(s: Settings, ctx: RunContext, record: dict) -> None:
     elif fine_tune is not None:
         restore_weights(model, fine_tune, s.run.load)
     check_classes(data, resume or fine_tune)
-    fingerprint = check_data_set(s.run, data, resume or fine_tune)
+    fingerprint = check_data_set(s, data, resume or fine_tune)
     runner = prepare_model(s.model, ctx, model, training=True)
     if ctx.world.main:
         save_settings(f"{save}.args.json", s)
@@ -105,7 +105,7 @@ def check_classes(data: Data, state: dict | None) -> None:
                                  f"{data.structure.n_classes} (see --classes)")
 
 
-def check_data_set(run: RunSettings, data: Data, state: dict | None) -> str:
+def check_data_set(s: Settings, data: Data, state: dict | None) -> str:
     """The data set's fingerprint; a checkpoint made on another data set is refused on --resume (its
     pseudo-labels and history name wells of that one) and named on --load (fine-tuning or
     predicting elsewhere is legitimate, but should not pass unnoticed)."""
@@ -113,12 +113,12 @@ def check_data_set(run: RunSettings, data: Data, state: dict | None) -> str:
     made_on = (state or {}).get("data_fingerprint")
     if made_on and made_on != fingerprint:
         where = (state.get("args") or {}).get("data", "?")
-        if run.resume:
-            raise metadata.DataError(f"--resume {run.resume} was trained on another data set ({where}, fingerprint "
-                                     f"{made_on}) than --data {run.data} (fingerprint {fingerprint}); its "
+        if s.run.resume:
+            raise metadata.DataError(f"--resume {s.run.resume} was trained on another data set ({where}, fingerprint "
+                                     f"{made_on}) than --data {s.data.root} (fingerprint {fingerprint}); its "
                                      "pseudo-labels and history belong to that one: start a new run with --load")
         log.warning("--load %s was trained on another data set (%s, fingerprint %s) than --data %s (fingerprint %s)",
-                    run.load, where, made_on, run.data, fingerprint)
+                    s.run.load, where, made_on, s.data.root, fingerprint)
     return fingerprint
 
 
@@ -133,7 +133,7 @@ def load_for_inference(s: Settings, ctx: RunContext) -> tuple[Settings, Data, to
     state, ctx.load_state = ctx.load_state or load_checkpoint(s.run.load), None  # its architecture is in s already
     data = load_data(s.data, training=False)
     check_classes(data, state)
-    check_data_set(s.run, data, state)
+    check_data_set(s, data, state)
     s = dataclasses.replace(s, model=resolve_backbone(s.model, ctx, data, s.data.batch_size,
                                                       training=False))  # a bare weights file
     model: CellClassifier = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), "none")

@@ -115,7 +115,6 @@ class RunSettings:
     save: str | None = None
     load: str | None = None
     resume: str | None = None
-    data: Path | None = None  # named in messages
     debug: bool = False
 
 
@@ -192,8 +191,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     inference = InferenceSettings(tta=args.tta, tta_size=args.tta_size, tta_random=args.tta_random,
                                   val_unit=args.val_unit, save_embeddings=args.save_embeddings,
                                   pred_suffix=args.pred_suffix)
-    run = RunSettings(mode=args.mode, save=args.save, load=args.load, resume=args.resume, data=Path(args.data),
-                      debug=args.debug)
+    run = RunSettings(mode=args.mode, save=args.save, load=args.load, resume=args.resume, debug=args.debug)
     return Settings(data, model, optim, augment_from_args(args), pseudo, inference, run)
 
 
@@ -202,7 +200,10 @@ def _plain(v):
         return {k: _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
-    return plain_value(v) if v is not None and plain_value(v) is not None else (None if v is None else str(v))
+    if v is None:
+        return None
+    plain = plain_value(v)
+    return str(v) if plain is None else plain
 
 
 def settings_dict(settings: Settings) -> dict:
