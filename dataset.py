@@ -57,7 +57,7 @@ def compute_pixel_stats(table: pd.DataFrame, channels: int = CHANNELS) -> pd.Dat
 
 def load_pixel_stats(data_dir: Path, table: pd.DataFrame, cache_dir: Path | None) -> pd.DataFrame:
     """pixel_stats.csv of the data set if present, else computed once and cached in `cache_dir`."""
-    from cellpaint.atomic import atomic_write
+    from cellpaint.core.atomic import atomic_write
     from cellpaint.data.metadata import read_csv
 
     required = ["id_code", "site", "channel", "mean", "std"]

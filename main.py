@@ -9,9 +9,9 @@
 
 Data flows one way: metadata table -> samples -> batches -> logits -> prediction file. This file
 is the command line: it parses and checks the arguments, converts them once into typed settings
-(cellpaint/training/settings.py) and a run context (process group, device), and dispatches to
-the modes: cellpaint/training/run.py (train, val) and cellpaint/prediction/predict.py (predict),
-built from cellpaint/training/engine.py.
+(cellpaint/core/settings.py) and a run context (process group, device), and dispatches to
+the modes: cellpaint/modes/train.py (train, val) and cellpaint/modes/predict.py (predict),
+built from cellpaint/engine/setup.py.
 """
 from __future__ import annotations
 
@@ -26,26 +26,32 @@ from pathlib import Path
 import torch
 
 import dataset
-from cellpaint import errors
-from cellpaint.data import check, metadata
+from cellpaint.core import errors
+from cellpaint.data import metadata
+from cellpaint.modes import check
 from cellpaint.data.augment import BC_SPACES, FLIP_SETS, ROTATE_BORDERS
-from cellpaint.flag_types import (args_file_line, bool_or_auto, bool_type, float_pair, int_list, lr_groups_type,
+from cellpaint.cli.flag_types import (args_file_line, bool_or_auto, bool_type, float_pair, int_list, lr_groups_type,
                                   lr_type, name_list, size_func_type)
-from cellpaint.prediction.predict import predict
-from cellpaint.training import autoselect, distributed, mixing, pseudo_labels, runconfig, runlock
-from cellpaint.training.checkpoints import checkpoint_args, load_checkpoint
-from cellpaint.training.engine import amp_dtype, precision_name
-from cellpaint.training.run import train, validate
-from cellpaint.runlog import set_log_handlers, setup_logging
-from cellpaint.training.schedule import LRSchedule, SizeFunction
-from cellpaint.training.settings import RunContext, augment_from_args, settings_from_args
+from cellpaint.modes.predict import predict
+from cellpaint.cli import resume as runconfig
+from cellpaint.modes import pseudo_labels
+from cellpaint.engine import mixing
+from cellpaint.engine import autoselect
+from cellpaint.engine import distributed
+from cellpaint.core import runlock
+from cellpaint.engine.checkpoints import checkpoint_args, load_checkpoint
+from cellpaint.engine.setup import amp_dtype, precision_name
+from cellpaint.modes.train import train, validate
+from cellpaint.cli.runlog import set_log_handlers, setup_logging
+from cellpaint.core.schedule import LRSchedule, SizeFunction
+from cellpaint.core.settings import RunContext, augment_from_args, settings_from_args
 from model import HEADS, LOSSES, STEM_INITS, is_supported_backbone, supported_backbones
 
 log = logging.getLogger("cellpaint")
 
 
 # ------------------------------------------------------------------------------------- arguments
-# value types of the flags: cellpaint/flag_types.py
+# value types of the flags: cellpaint/cli/flag_types.py
 
 
 def build_parser() -> argparse.ArgumentParser:

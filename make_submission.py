@@ -39,10 +39,10 @@ if TYPE_CHECKING:  # imported in main(), after the BLAS thread variables are set
 
     from cellpaint.data.structure import Structure
 
-from cellpaint.submission.methods import (ASSIGN_SCORES, GROUP_METHODS, KNN_COMBINES, KNN_SEARCHES,  # noqa: E402
+from cellpaint.modes.methods import (ASSIGN_SCORES, GROUP_METHODS, KNN_COMBINES, KNN_SEARCHES,  # noqa: E402
                                           KNN_WEIGHTS)
-from cellpaint.submission.scoreboard import Scoreboard, Stopwatch, argmax_over, plate_group_report  # noqa: E402
-from cellpaint.submission.wells import Ensemble, SubmissionError, check_same_wells, match_metadata  # noqa: E402
+from cellpaint.modes.scoreboard import Scoreboard, Stopwatch, argmax_over, plate_group_report  # noqa: E402
+from cellpaint.modes.submission_inputs import Ensemble, SubmissionError, check_same_wells, match_metadata  # noqa: E402
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                      "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -118,7 +118,7 @@ def ensemble_files(files: list[str], weights: list[float], table: pd.DataFrame, 
     """
     import numpy as np
 
-    from cellpaint.prediction.prediction_file import load_well_sums
+    from cellpaint.data.prediction_file import load_well_sums
 
     first = wells = board = total = average = masks = treatment = None
     for i, (path, weight) in enumerate(zip(files, weights)):
@@ -170,7 +170,7 @@ def plate_stages(ens: Ensemble, group_method: str, assign_scores: str, clock: St
     """
     import numpy as np
 
-    from cellpaint.submission import plates
+    from cellpaint.data import plates
 
     wells, board = ens.wells, ens.board
     groups = plates.infer_plate_groups(ens.scores, wells.experiment, wells.plate, ens.masks, group_method)
@@ -202,7 +202,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict]:
 
     from cellpaint.data import metadata
     from cellpaint.data.structure import derive_structure
-    from cellpaint.submission import plates
+    from cellpaint.data import plates
 
     weights = parse_weights(args.weights, len(args.files))
     for path in args.files:  # fail before the slow part when a file is simply not there
@@ -217,7 +217,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict]:
     clock.lap("metadata")
 
     if args.knn is not None:
-        from cellpaint.submission.knn_submission import knn_ensemble
+        from cellpaint.modes.knn_submission import knn_ensemble
         ens = knn_ensemble(args, weights, table, structure, clock)
     else:
         ens = ensemble_files(args.files, weights, table, structure, clock)
@@ -246,11 +246,11 @@ def build(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status (cellpaint/errors.py, the same for every command): 0 written; 1 no submission from
+    """Exit status (cellpaint/core/errors.py, the same for every command): 0 written; 1 no submission from
     these files and this data (a CellpaintError, the one line names the file), or it could not be
     written; 2 the command line is wrong (argparse's errors, -t, -w, -o); 130 interrupted. A failure
     writes nothing: an earlier CSV and its JSON stay as they were."""
-    from cellpaint.errors import CellpaintError, UsageError, exit_status, one_line
+    from cellpaint.core.errors import CellpaintError, UsageError, exit_status, one_line
 
     def failed(e: BaseException, doing: str) -> int:
         if isinstance(e, KeyboardInterrupt):
@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"plate groups inferred correctly ({split}): {counts['correct']}/{counts['total']} plates")
     report["seconds"] = round(time.perf_counter() - started, 3)
     json_path = f"{args.output}.json"
-    from cellpaint.atomic import write_with_companion
+    from cellpaint.core.atomic import write_with_companion
     try:  # never new scores beside an old CSV, even when killed between the two renames
         write_with_companion(args.output, csv, json_path, json.dumps(report, indent=1) + "\n")
     except (OSError, KeyboardInterrupt) as e:

@@ -1,4 +1,4 @@
-"""The classifier on a backbone (cellpaint/backbones.py): the embedding neck, the two heads and the losses.
+"""The classifier on a backbone (cellpaint/networks/backbones.py): the embedding neck, the two heads and the losses.
 
 Rebuilds the 1st-place RxRx1 model: CNN features -> adaptive average pool -> (cell-type one-hot)
 -> BN/Linear/ReLU/BN/Linear/BN embedding -> softmax head + ArcFace cosine head, trained with
@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-# what main.py takes from here; the factory itself is cellpaint/backbones.py
-from cellpaint.backbones import (STEM_INITS, PretrainedUnavailable, build_backbone,  # noqa: F401
+# what main.py takes from here; the factory itself is cellpaint/networks/backbones.py
+from cellpaint.networks.backbones import (STEM_INITS, PretrainedUnavailable, build_backbone,  # noqa: F401
                                  is_supported_backbone, supported_backbones)
 
 

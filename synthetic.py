@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from cellpaint.data.synthetic_images import (CHANNELS, cell_type_of, class_params, experiment_params, keyed_rng,
                                              render_site, well_phenotype)
-from cellpaint.errors import UsageError
+from cellpaint.core.errors import UsageError
 
 GENERATOR = "cellpaint-rcic synthetic"
 INFO_FILE = "synthetic_info.json"

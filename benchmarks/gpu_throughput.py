@@ -41,10 +41,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cellpaint.training import autoselect  # noqa: E402
+from cellpaint.engine import autoselect  # noqa: E402
 import dataset  # noqa: E402
-from cellpaint.training import engine  # noqa: E402
-from cellpaint.training.settings import RunContext, settings_from_args  # noqa: E402
+from cellpaint.engine import setup as engine  # noqa: E402
+from cellpaint.core.settings import RunContext, settings_from_args  # noqa: E402
 import main as trainer  # noqa: E402
 from cellpaint.data import image_cache  # noqa: E402
 import synthetic  # noqa: E402

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import make_submission  # noqa: E402
 import synthetic  # noqa: E402
-from cellpaint.atomic import write_text  # noqa: E402
-from cellpaint.prediction.prediction_file import save_embeddings  # noqa: E402
+from cellpaint.core.atomic import write_text  # noqa: E402
+from cellpaint.data.prediction_file import save_embeddings  # noqa: E402
 
 CELLS = ("HEPG2", "HUVEC", "RPE", "U2OS")
 VARIANTS = {

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellpaint.training import autoselect as A
-from cellpaint.training import engine
+from cellpaint.engine import autoselect as A
+from cellpaint.engine import setup as engine
 import main
 from tests.conftest import SMALL, run
-from cellpaint.training.settings import RunContext, settings_from_args
+from cellpaint.core.settings import RunContext, settings_from_args
 
 GIB = 2 ** 30
 ROOT = Path(__file__).resolve().parents[1]

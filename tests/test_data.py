@@ -16,7 +16,7 @@ from cellpaint.data import metadata
 from cellpaint.data.folds import assign_folds, split_subsets
 from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
 from cellpaint.data.structure import derive_structure
-from cellpaint.submission import plates
+from cellpaint.data import plates
 from synthetic import SyntheticConfig, generate
 from tests.conftest import TINY
 

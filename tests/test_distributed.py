@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils.data import RandomSampler
 
-from cellpaint.training import distributed
-from cellpaint.prediction.prediction_file import load_predictions
+from cellpaint.engine import distributed
+from cellpaint.data.prediction_file import load_predictions
 from synthetic import SyntheticConfig, generate
 from tests.conftest import ROOT, run
 

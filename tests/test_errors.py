@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cellpaint import errors
-from cellpaint.errors import CellpaintError, UsageError, exit_status
+from cellpaint.core import errors
+from cellpaint.core.errors import CellpaintError, UsageError, exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_every_project_exception_is_a_cellpaint_error():
 
 def test_old_builtin_bases_stay_for_the_callers_that_catch_them():
     from cellpaint.data.metadata import DataError
-    from cellpaint.training.distributed import LaunchError
+    from cellpaint.engine.distributed import LaunchError
     from model import PretrainedUnavailable
     from synthetic import OutputDirError
 
@@ -55,9 +55,9 @@ def test_exit_status_by_kind(error, status):
 
 def test_data_errors_fail_and_flag_errors_are_usage():
     from cellpaint.data.metadata import DataError
-    from cellpaint.prediction.prediction_file import PredictionFileError
-    from cellpaint.training.runconfig import FlagError
-    from cellpaint.training.distributed import LaunchError
+    from cellpaint.data.prediction_file import PredictionFileError
+    from cellpaint.cli.resume import FlagError
+    from cellpaint.engine.distributed import LaunchError
 
     assert [exit_status(c("x")) for c in (DataError, PredictionFileError, FlagError, LaunchError)] == [1, 1, 2, 2]
 

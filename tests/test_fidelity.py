@@ -15,17 +15,17 @@ import pandas as pd
 import pytest
 import torch
 
-from cellpaint.training import mixing
+from cellpaint.engine import mixing
 import dataset
-from cellpaint.training import engine
+from cellpaint.engine import setup as engine
 import main
 from cellpaint.data import metadata
 from cellpaint.data.folds import named_folds, split_subsets
 from cellpaint.data.structure import Structure
-from cellpaint.training import pseudo_labels
+from cellpaint.modes import pseudo_labels
 from model import CellClassifier, combined_loss
 from tests.conftest import SMALL, run
-from cellpaint.training.settings import RunContext, settings_from_args
+from cellpaint.core.settings import RunContext, settings_from_args
 
 
 # ------------------------------------------------------------------- pseudo-label duplicates

@@ -12,14 +12,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cellpaint.submission import knn  # noqa: E402
-from cellpaint.submission import knn_submission  # noqa: E402
+from cellpaint.modes import knn  # noqa: E402
+from cellpaint.modes import knn_submission  # noqa: E402
 import make_submission  # noqa: E402
 from cellpaint.data import metadata  # noqa: E402
 from cellpaint.data.folds import assign_folds  # noqa: E402
 from cellpaint.data.structure import Structure, derive_structure  # noqa: E402
 import synthetic  # noqa: E402
-from cellpaint.prediction.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
+from cellpaint.data.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_embeddings, save_predictions)
 
 CELLS = ("HEPG2", "HUVEC", "RPE", "U2OS")
@@ -457,7 +457,7 @@ def test_cli_knn_combine(fake, tmp_path, capsys):
 
 
 def test_mode_group_evidence_is_the_plate_mean_of_the_best_vote_per_group():
-    from cellpaint.submission import plates
+    from cellpaint.data import plates
 
     masks = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=bool)
     scores = np.array([[2.0, 0.5, 1.0, 0.0],     # plate 0

@@ -16,8 +16,8 @@ from cellpaint.data import images
 import main
 from cellpaint.data import metadata
 from cellpaint.data import image_cache
-from cellpaint.training import engine
-from cellpaint.training.settings import settings_from_args
+from cellpaint.engine import setup as engine
+from cellpaint.core.settings import settings_from_args
 
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
 AUGMENT = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1)

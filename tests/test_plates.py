@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cellpaint.submission import plates  # noqa: E402
+from cellpaint.data import plates  # noqa: E402
 
 
 def planted(seed: int = 0, n_experiments: int = 3, n_groups: int = 4, group_size: int = 6,

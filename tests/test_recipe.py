@@ -14,14 +14,14 @@ from torch.utils.data import default_collate
 
 from cellpaint.data import augment
 import dataset
-from cellpaint.training import engine
+from cellpaint.engine import setup as engine
 import main
 from cellpaint.data import metadata
-from cellpaint import backbones as B
+from cellpaint.networks import backbones as B
 import model as M
-from cellpaint.training.checkpoints import CHECKPOINT_FORMAT, checkpoint_args
-from cellpaint.training.schedule import LRSchedule
-from cellpaint.training.settings import RunContext, augment_from_args, settings_from_args
+from cellpaint.engine.checkpoints import CHECKPOINT_FORMAT, checkpoint_args
+from cellpaint.core.schedule import LRSchedule
+from cellpaint.core.settings import RunContext, augment_from_args, settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")

@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from cellpaint.data import check
-from cellpaint.training import checkpoints, engine
+from cellpaint.modes import check
+from cellpaint.engine import setup as engine
+from cellpaint.engine import checkpoints
 import main
 from tests.conftest import ROOT, SMALL, run
-from cellpaint.training.settings import settings_from_args
+from cellpaint.core.settings import settings_from_args
 
 
 def test_check_mode_accepts_sound_data(tiny_competition, capsys):
@@ -143,7 +144,7 @@ def test_skip_bad_images_covers_validation_pseudo_labels_and_prediction(tiny_com
     """With --skip-bad-images an unreadable val/test site is left out of validation, pseudo-labelling and
     prediction instead of stopping a long run; a test well with no readable site still gets a row."""
     import make_submission
-    from cellpaint.prediction.prediction_file import load_predictions
+    from cellpaint.data.prediction_file import load_predictions
 
     data = tmp_path / "d"
     shutil.copytree(tiny_competition[0], data)

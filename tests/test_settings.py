@@ -13,8 +13,8 @@ import torch
 
 import main
 from cellpaint.data.wells import sites_by_well, sum_sites
-from cellpaint.training import settings as S
-from cellpaint.training.schedule import LRSchedule
+from cellpaint.core import settings as S
+from cellpaint.core.schedule import LRSchedule
 from tests.conftest import ROOT, SMALL, run
 
 
@@ -44,8 +44,8 @@ def test_the_pixel_stats_cache_is_an_explicit_setting():
 
 
 def test_library_modules_do_not_read_the_namespace():
-    for path in ("cellpaint/training/engine.py", "cellpaint/training/pseudo_labels.py", "cellpaint/training/run.py",
-                 "cellpaint/training/distributed.py", "cellpaint/prediction/predict.py"):
+    for path in ("cellpaint/engine/setup.py", "cellpaint/modes/pseudo_labels.py", "cellpaint/modes/train.py",
+                 "cellpaint/engine/distributed.py", "cellpaint/modes/predict.py"):
         text = (ROOT / path).read_text()
         assert not re.search(r"(?<![.\w])args\.(?!json)\w", text), path
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 import make_submission  # noqa: E402
 import synthetic  # noqa: E402
 from cellpaint.data.folds import assign_folds  # noqa: E402
-from cellpaint.prediction.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
+from cellpaint.data.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_predictions)
 
 SMALL = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), plates=4, classes=80,
@@ -190,7 +190,7 @@ def test_release_layout_scores_test_labels(tmp_path, capsys):
 
 def expect_error(capsys, info, out, *extra, files=None, match=(), status=1) -> str:
     """A one-line error, exit status 1 for input that cannot make a submission, 2 for a command line
-    that cannot work (cellpaint/errors.py)."""
+    that cannot work (cellpaint/core/errors.py)."""
     rc, _, err = run(capsys, info, out, *extra, files=files)
     assert rc == status, err
     assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
@@ -355,7 +355,7 @@ def test_a_kill_between_the_renames_never_pairs_new_scores_with_an_old_csv(tmp_p
     alone, at the second the new one; never the old CSV beside new scores."""
     import os
 
-    from cellpaint import atomic
+    from cellpaint.core import atomic
     csv, scores = tmp_path / "sub.csv", tmp_path / "sub.csv.json"
     csv.write_text("old csv\n")
     scores.write_text("old scores\n")

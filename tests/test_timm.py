@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cellpaint import backbones as B  # noqa: E402
+from cellpaint.networks import backbones as B  # noqa: E402
 import model as M  # noqa: E402
 from tests.conftest import SMALL, run  # noqa: E402
 

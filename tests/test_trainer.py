@@ -12,17 +12,17 @@ import pandas as pd
 import pytest
 import torch
 
-from cellpaint.training import mixing
+from cellpaint.engine import mixing
 import main
 from cellpaint.data import metadata
 from cellpaint.data.folds import assign_folds, split_subsets
 from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
 from cellpaint.data.structure import Structure, derive_structure
-from cellpaint.training import pseudo_labels
-from cellpaint.training.schedule import LRSchedule, SizeFunction
+from cellpaint.modes import pseudo_labels
+from cellpaint.core.schedule import LRSchedule, SizeFunction
 from tests.conftest import SMALL, run
-from cellpaint.training import engine
-from cellpaint.training.settings import settings_from_args
+from cellpaint.engine import setup as engine
+from cellpaint.core.settings import settings_from_args
 
 # ------------------------------------------------------------------------------ pure functions
 
@@ -228,7 +228,7 @@ def test_val_mode_reports_accuracy(trained, tiny_competition, caplog):
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("validation: "))
     reported = {k: float(v) for k, v in (item.split() for item in line[len("validation: "):].split(", "))}
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", trained, "--pred-suffix", "_acc", *SMALL) == 0
-    from cellpaint.prediction.prediction_file import load_predictions
+    from cellpaint.data.prediction_file import load_predictions
     val = load_predictions(f"{trained}.output_acc")["val"]
     table = metadata.load_table(tiny_competition[0])
     treatment = derive_structure(table).treatment_classes
@@ -330,7 +330,7 @@ def test_finetune_cell_type_without_validation_wells_says_so(tiny_competition, t
 
 
 def test_merge_per_cell_type_predictions(tmp_path, capsys):
-    from cellpaint.prediction.prediction_file import load_predictions, save_predictions
+    from cellpaint.data.prediction_file import load_predictions, save_predictions
     from tools import merge_predictions
     v = lambda: [np.zeros(5, np.float32), np.ones(5, np.float32)]
     save_predictions(tmp_path / "a.output", {"test": {"A_1_B02": v()}, "val": {"A_2_B02": v()}})

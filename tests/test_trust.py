@@ -15,15 +15,15 @@ import pandas as pd
 import pytest
 import torch
 
-from cellpaint.training import engine
+from cellpaint.engine import setup as engine
 import main
 import make_submission
-from cellpaint.data.check import check_data
-from cellpaint.training import runconfig
-from cellpaint.training import runlock
+from cellpaint.modes.check import check_data
+from cellpaint.cli import resume as runconfig
+from cellpaint.core import runlock
 from synthetic import SyntheticConfig, generate
 from tests.conftest import ROOT, SMALL, TINY, run
-from cellpaint.training.settings import settings_from_args
+from cellpaint.core.settings import settings_from_args
 
 # what a user types to run somewhere: no setting of the model or of the run itself
 WHERE = ["--device", "cpu", "--num-data-workers", "0"]
@@ -172,7 +172,7 @@ def test_a_second_run_on_the_same_save_is_refused_while_the_first_lives(trained,
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over(tiny_competition, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "from cellpaint.training import runlock; import time, sys\n"
+    holder = subprocess.Popen([sys.executable, "-c", "from cellpaint.core import runlock; import time, sys\n"
                                f"with runlock.hold({str(tmp_path / 'net.lock')!r}, 'x'):\n"
                                "    print('held', flush=True); time.sleep(600)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -326,7 +326,7 @@ def test_a_site_of_another_size_is_one_line(tiny_competition, tmp_path, caplog):
 
 
 def test_a_full_disk_keeps_the_earlier_checkpoints(tiny_competition, tmp_path, monkeypatch, caplog):
-    from cellpaint.training import checkpoints
+    from cellpaint.engine import checkpoints
     real = torch.save
     calls = {"n": 0}
 

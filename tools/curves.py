@@ -24,8 +24,8 @@ import pandas as pd
 if __package__ in (None, ""):  # run as a script (python tools/curves.py): make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cellpaint.atomic import atomic_write  # noqa: E402
-from cellpaint.errors import FAILED, OK  # noqa: E402
+from cellpaint.core.atomic import atomic_write  # noqa: E402
+from cellpaint.core.errors import FAILED, OK  # noqa: E402
 
 log = logging.getLogger("tools.curves")
 PROG = "python -m tools.curves"

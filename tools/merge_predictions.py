@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cellpaint.errors import exit_status, one_line
-from cellpaint.prediction.prediction_file import PredictionFileError, load_predictions, save_predictions
+from cellpaint.core.errors import exit_status, one_line
+from cellpaint.data.prediction_file import PredictionFileError, load_predictions, save_predictions
 
 
 def merge(paths: list[str], kind: str = "logits") -> dict[str, dict]:

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script (python tools/show.py): make th
 from cellpaint.data import metadata  # noqa: E402
 from cellpaint.data.images import read_site  # noqa: E402,F401 - show.read_site is part of this tool's API
 from cellpaint.data.metadata import DataError  # noqa: E402
-from cellpaint.errors import exit_status  # noqa: E402
+from cellpaint.core.errors import exit_status  # noqa: E402
 # the pictures themselves; show.composite stays part of this tool's API
 from tools.picture import (BACKGROUND, DIM, HIGH_PERCENTILE, LOW_PERCENTILE, TEXT, TILE_TARGET,  # noqa: E402,F401
                            _fit, _fitting_size, _line_height, _wrap, channel_limits, composite, font, legend,

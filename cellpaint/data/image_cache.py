@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cellpaint.atomic import write_text
+from cellpaint.core.atomic import write_text
 from cellpaint.data import images, metadata
 from cellpaint.data.metadata import DataError
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellpaint.errors import CellpaintError
+from cellpaint.core.errors import CellpaintError
 
 TREATMENT = "treatment"
 CONTROL_TYPES = ("positive_control", "negative_control")

@@ -26,7 +26,7 @@ class Structure:
 
     def group_masks(self, n_classes: int | None = None) -> np.ndarray:
         """Boolean [n_groups, n_classes] (or over `n_classes` columns, e.g. a prediction file's):
-        which classes each plate group holds. `cellpaint.submission.plates.class_groups` turns it
+        which classes each plate group holds. `cellpaint.data.plates.class_groups` turns it
         into the group of each class."""
         masks = np.zeros((self.n_groups, n_classes or self.n_classes), dtype=bool)
         for g, classes in enumerate(self.groups):

@@ -15,9 +15,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from cellpaint.training.checkpoints import ARCHITECTURE, plain_value
+from cellpaint.engine.checkpoints import ARCHITECTURE, plain_value
 from cellpaint.data.metadata import DataError
-from cellpaint.errors import UsageError
+from cellpaint.core.errors import UsageError
 
 # how and where the run executes, not what it computes: these may differ from the checkpoint's
 MAY_CHANGE = ("data", "image_cache", "cache_dir", "num_data_workers", "threads", "device", "disp_batches",

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from cellpaint.errors import UsageError
+from cellpaint.core.errors import UsageError
 
 
 class LaunchError(UsageError, RuntimeError):

@@ -30,8 +30,10 @@ from cellpaint.data.image_cache import ImageCache
 from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
 from cellpaint.data.structure import Structure, derive_structure
 from cellpaint.data.wells import sum_sites
-from cellpaint.training import autoselect, distributed, mixing
-from cellpaint.training.settings import DataSettings, ModelSettings, OptimSettings, RunContext, Settings
+from cellpaint.engine import mixing
+from cellpaint.engine import autoselect
+from cellpaint.engine import distributed
+from cellpaint.core.settings import DataSettings, ModelSettings, OptimSettings, RunContext, Settings
 from model import CellClassifier, smooth_labels, training_loss
 
 log = logging.getLogger("cellpaint")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from cellpaint.atomic import atomic_write
+from cellpaint.core.atomic import atomic_write
 from cellpaint.data.metadata import DataError
-from cellpaint.training.schedule import LRGroups, LRSchedule, SizeFunction
+from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
 
 CHECKPOINT_FORMAT = "cellpaint-rcic/1"
 # what a checkpoint's saved arguments decide about the network: predict/val rebuild it from them

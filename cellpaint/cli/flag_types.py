@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable, TypeVar
 
-from cellpaint.training import autoselect
-from cellpaint.training.schedule import LRGroups, LRSchedule, SizeFunction
+from cellpaint.engine import autoselect
+from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
 
 T = TypeVar("T")
 

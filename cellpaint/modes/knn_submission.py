@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cellpaint.submission.scoreboard import Scoreboard, Stopwatch, argmax_over
-from cellpaint.submission.wells import (Ensemble, Reference, SubmissionError, Wells, check_same_wells, match_metadata,
+from cellpaint.modes.scoreboard import Scoreboard, Stopwatch, argmax_over
+from cellpaint.modes.submission_inputs import (Ensemble, Reference, SubmissionError, Wells, check_same_wells, match_metadata,
                                         match_reference)
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from cellpaint.data.structure import Structure
-    from cellpaint.prediction.prediction_file import WellSums
+    from cellpaint.data.prediction_file import WellSums
 
 
 @dataclass
@@ -51,7 +51,7 @@ class KnnSetup:
         """
         import numpy as np
 
-        from cellpaint.submission import knn
+        from cellpaint.modes import knn
 
         if out is None:
             out = np.empty((len(rows), self.n_classes), dtype=np.float32)
@@ -106,8 +106,9 @@ def knn_ensemble(args: argparse.Namespace, weights: list[float], table: pd.DataF
     """
     import numpy as np
 
-    from cellpaint.prediction.prediction_file import EMBEDDING_ROWS, load_well_sums
-    from cellpaint.submission import knn, plates
+    from cellpaint.data.prediction_file import EMBEDDING_ROWS, load_well_sums
+    from cellpaint.modes import knn
+    from cellpaint.data import plates
 
     k = knn.parse_k(args.knn, structure.cell_types)
     masks, treatment = structure.group_masks(), structure.treatment_classes

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 import dataset
-from cellpaint.atomic import atomic_write
-from cellpaint.training.checkpoints import plain_value
-from cellpaint.training.distributed import World
-from cellpaint.training.schedule import LRGroups, LRSchedule, SizeFunction
+from cellpaint.core.atomic import atomic_write
+from cellpaint.engine.checkpoints import plain_value
+from cellpaint.engine.distributed import World
+from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from cellpaint.atomic import atomic_write
+from cellpaint.core.atomic import atomic_write
 from cellpaint.data import metadata
-from cellpaint.training import distributed, pseudo_labels
-from cellpaint.training.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, restore_weights, save_checkpoint
-from cellpaint.training.engine import (Data, build_model, evaluate, infer, load_data, loss_classes, make_dataset,
+from cellpaint.modes import pseudo_labels
+from cellpaint.engine import distributed
+from cellpaint.engine.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, restore_weights, save_checkpoint
+from cellpaint.engine.setup import (Data, build_model, evaluate, infer, load_data, loss_classes, make_dataset,
                                        make_loader, make_optimizer, prepare_model, resolve_backbone,
                                        train_one_epoch)
-from cellpaint.training.settings import RunContext, Settings, save_settings
+from cellpaint.core.settings import RunContext, Settings, save_settings
 from model import CellClassifier
 from tools.curves import plot_training_curves
 

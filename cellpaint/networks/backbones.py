@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from cellpaint.errors import CellpaintError
+from cellpaint.core.errors import CellpaintError
 
 _TV_PREFIXES = ("resnet", "resnext", "wide_resnet", "densenet", "efficientnet_")
 # pretrainedmodels' VGG/AlexNet put their fully connected layers inside features(), so they only

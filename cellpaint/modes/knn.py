@@ -32,8 +32,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from cellpaint.errors import CellpaintError
-from cellpaint.submission.methods import KNN_WEIGHTS as WEIGHTS
+from cellpaint.core.errors import CellpaintError
+from cellpaint.modes.methods import KNN_WEIGHTS as WEIGHTS
 _BLOCK_BYTES = 32 << 20  # similarity block [rows, references] per step: bounds the temporaries
 _MAX_ROWS = 2048
 

@@ -10,10 +10,10 @@ import numpy as np
 
 from cellpaint.data import metadata
 from cellpaint.data.wells import sites_by_well
-from cellpaint.prediction.prediction_file import save_embeddings, save_predictions
-from cellpaint.training.engine import infer, make_dataset
-from cellpaint.training.run import load_for_inference
-from cellpaint.training.settings import RunContext, Settings
+from cellpaint.data.prediction_file import save_embeddings, save_predictions
+from cellpaint.engine.setup import infer, make_dataset
+from cellpaint.modes.train import load_for_inference
+from cellpaint.core.settings import RunContext, Settings
 
 log = logging.getLogger("cellpaint")
 

@@ -25,9 +25,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cellpaint.atomic import atomic_write
+from cellpaint.core.atomic import atomic_write
 from cellpaint.data.wells import sum_site_lists
-from cellpaint.errors import CellpaintError
+from cellpaint.core.errors import CellpaintError
 
 PARTS = ("test", "val")                          # a prediction file of logits
 EMBEDDING_PARTS = ("train", "val", "test")       # an embeddings file: the reference wells too

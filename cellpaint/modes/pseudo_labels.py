@@ -17,10 +17,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cellpaint.submission import plates
+from cellpaint.data import plates
 from cellpaint.data.structure import Structure
 from cellpaint.data.wells import sum_sites
-from cellpaint.training.settings import PseudoLabelSettings
+from cellpaint.core.settings import PseudoLabelSettings
 
 log = logging.getLogger("cellpaint")
 

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cellpaint.training.distributed import World
+from cellpaint.engine.distributed import World
 
 log = logging.getLogger("cellpaint")
 

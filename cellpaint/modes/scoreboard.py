@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-    from cellpaint.submission.wells import Wells
+    from cellpaint.modes.submission_inputs import Wells
 
 
 class Stopwatch:
@@ -93,7 +93,7 @@ def plate_group_report(wells: Wells, well_groups: np.ndarray, class_group: np.nd
     """Plates whose inferred group matches their labelled wells, per split."""
     import numpy as np
 
-    from cellpaint.submission import plates
+    from cellpaint.data import plates
 
     plate = plates.plate_ids(wells.experiment, wells.plate)
     labelled = wells.label >= 0

@@ -14,15 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
-from cellpaint.errors import CellpaintError
+from cellpaint.core.errors import CellpaintError
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
     from cellpaint.data.structure import Structure
-    from cellpaint.prediction.prediction_file import WellSums
-    from cellpaint.submission.scoreboard import Scoreboard
+    from cellpaint.data.prediction_file import WellSums
+    from cellpaint.modes.scoreboard import Scoreboard
 
 
 class SubmissionError(CellpaintError, ValueError):
