@@ -13,9 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-# what main.py takes from here; the factory itself is cellpaint/networks/backbones.py
-from cellpaint.networks.backbones import (STEM_INITS, PretrainedUnavailable, build_backbone,  # noqa: F401
-                                 is_supported_backbone, supported_backbones)
+from cellpaint.networks.backbones import build_backbone
 
 
 def _set_bn_momentum(module: nn.Module, momentum: float) -> None:

@@ -30,7 +30,6 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cellpaint.data import metadata  # noqa: E402
 from cellpaint.data.folds import assign_folds  # noqa: E402
 from cellpaint.core.atomic import write_text  # noqa: E402
 from cellpaint.data.prediction_file import save_predictions  # noqa: E402

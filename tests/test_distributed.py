@@ -15,7 +15,8 @@ from torch.utils.data import RandomSampler
 
 from cellpaint.engine import distributed
 from cellpaint.data.prediction_file import load_predictions
-from synthetic import SyntheticConfig, generate
+from cellpaint.data.synthetic_config import SyntheticConfig
+from cellpaint.data.synthetic import generate
 from tests.conftest import ROOT, run
 
 # A data set on which the small CNN generalises within a dozen epochs, with 64 validation wells

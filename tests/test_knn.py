@@ -18,7 +18,8 @@ import make_submission  # noqa: E402
 from cellpaint.data import metadata  # noqa: E402
 from cellpaint.data.folds import assign_folds  # noqa: E402
 from cellpaint.data.structure import Structure, derive_structure  # noqa: E402
-import synthetic  # noqa: E402
+from cellpaint.data import synthetic_config  # noqa: E402
+from cellpaint.data import synthetic as synthetic_data  # noqa: E402
 from cellpaint.data.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_embeddings, save_predictions)
 
@@ -52,8 +53,8 @@ def fake_knn_set(tmp: Path, layout: str = "competition", noise: float = 0.9, dim
     shape = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), plates=4, classes=80,
                  positive_controls=3, negative_wells=1, drop_wells=0.01)
     shape.update(sizes)
-    config = synthetic.SyntheticConfig(layout=layout, cell_types=CELLS, leak=False, seed=seed, **shape)
-    wells, design = synthetic.write_metadata(tmp / "data", config)
+    config = synthetic_config.SyntheticConfig(layout=layout, cell_types=CELLS, leak=False, seed=seed, **shape)
+    wells, design = synthetic_data.write_metadata(tmp / "data", config)
     wells = wells.rename(columns={"dataset": "split"})
     assigned = assign_folds(wells, folds, seed)
     val_experiments = sorted(e for e, f in assigned.items() if f == 0)
@@ -157,7 +158,7 @@ def test_votes_are_similarity_weighted():
     scores, _ = knn.knn_scores(-query, ["A"], ref[:3], ["A"] * 3, labels[:3], {"A": 2}, 3, np.arange(3),
                                weight="relu-cos")
     assert scores[0].sum() == 2 and scores[0, 2] == 0
-    with pytest.raises(knn.KnnError, match="--knn-weight 'cos'"):
+    with pytest.raises(knn.KnnFlagError, match="--knn-weight 'cos'"):
         knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3), weight="cos")
 
 
@@ -228,7 +229,7 @@ def test_parse_k(text, expected):
     ("1,0,1,1", "at least 1 for HUVEC"),
 ])
 def test_parse_k_errors(text, message):
-    with pytest.raises(knn.KnnError, match=message):
+    with pytest.raises(knn.KnnFlagError, match=message):
         knn.parse_k(text, CELLS)
 
 
@@ -352,9 +353,10 @@ def test_cli_knn_control_wells_are_never_neighbours_nor_predicted(fake, tmp_path
     assert report["knn"]["ignored_train_controls"] == 5 and report["wells"]["ignored_controls"] == 3
 
 
-def expect_error(capsys, info, out, *extra, files=None, match=()) -> str:
+def expect_error(capsys, info, out, *extra, files=None, match=(), status=1) -> str:
+    """`status` 1: the input cannot be used; 2: a flag cannot work with this data."""
     rc, _, err = run(capsys, info, out, *extra, files=files)
-    assert rc == 1 and err.startswith("error: ") and "Traceback" not in err, err  # the input, not the flags
+    assert rc == status and err.startswith("error: ") and "Traceback" not in err, err
     for m in match:
         assert m in err, err
     assert not out.exists() and not Path(f"{out}.json").exists()
@@ -367,8 +369,8 @@ def test_cli_knn_errors(fake, tmp_path, capsys):
     save_embeddings(no_train, {"val": data["val"], "test": data["test"]})
     expect_error(capsys, fake, tmp_path / "a.csv", "--knn", "3", files=[no_train],
                  match=["no_train.embeddings", "no 'train' part", "--save-embeddings"])
-    expect_error(capsys, fake, tmp_path / "b.csv", "--knn", "3,3", match=["2 values for 4 cell types"])
-    expect_error(capsys, fake, tmp_path / "c.csv", "--knn", "HELA=3", match=["unknown cell type 'HELA'"])
+    expect_error(capsys, fake, tmp_path / "b.csv", "--knn", "3,3", match=["2 values for 4 cell types"], status=2)
+    expect_error(capsys, fake, tmp_path / "c.csv", "--knn", "HELA=3", match=["unknown cell type 'HELA'"], status=2)
     # an embeddings file without --knn: named, with the flag to use
     expect_error(capsys, fake, tmp_path / "d.csv", match=["net.embeddings", "--knn"])
     odd = tmp_path / "odd.embeddings"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, TypeVar
 
-from cellpaint.engine import autoselect
+from cellpaint.core.settings import AUTO
 from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
 
 T = TypeVar("T")
@@ -21,7 +21,7 @@ def bool_type(text: str) -> bool:
 
 
 def bool_or_auto(text: str) -> bool | str:
-    return autoselect.AUTO if text.lower() == autoselect.AUTO else bool_type(text)
+    return AUTO if text.lower() == AUTO else bool_type(text)
 
 
 def int_list(text: str) -> list[int] | None:

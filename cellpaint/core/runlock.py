@@ -13,10 +13,10 @@ import socket
 import time
 from typing import Iterator
 
-from cellpaint.data.metadata import DataError
+from cellpaint.core.errors import OutputError
 
 
-class Busy(DataError):
+class Busy(OutputError):
     """Another live run holds the lock."""
 
 

@@ -48,7 +48,9 @@ class LRSchedule:
         numbers = [self.values[0]]
         for bound, value in zip(self.bounds, self.values[1:]):
             numbers += [bound, value]
-        return ",".join([self.kind] + [f"{n:g}" for n in numbers])
+        # short where that is exact, else the shortest text that reads back as the same float:
+        # checkpoints store this text, and --resume must get the same schedule back
+        return ",".join([self.kind] + [f"{n:g}" if float(f"{n:g}") == n else repr(n) for n in numbers])
 
     def __call__(self, epoch: float, total_epochs: float) -> float:
         """The learning rate at (fractional) `epoch` of a run of `total_epochs`."""
@@ -83,6 +85,15 @@ class SizeFunction:
             raise ValueError(f"--pl-size-func {text!r}: not an arithmetic expression of x") from None
         self._check(self.tree)
         self(0.0), self(1.0)  # fail now, on a bad expression, not at the first pseudo-label epoch
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SizeFunction) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"SizeFunction({self.text!r})"
 
     def _check(self, node: ast.AST) -> None:
         ok = (

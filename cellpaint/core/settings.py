@@ -1,30 +1,30 @@
-"""The settings of a run, typed: the command line converted once, at the edge (main.py).
+"""The settings of a run, typed: what the command lines convert their arguments into, once.
 
-Library code takes these frozen dataclasses, never the argparse namespace. `settings_from_args`
-is the one place that reads the parsed arguments; it also resolves what depends on several of
-them (e.g. the pixel-statistics cache folder, which used to be derived from --save/--load deep in
-the data loading). `RunContext` holds what a run has besides settings: the process group, the
-device, the checkpoint loaded while parsing: runtime objects that are never saved.
+Library code takes these frozen dataclasses, never an argparse namespace (the conversion is
+cellpaint/cli/flags.py's). A checkpoint stores its run's settings as plain values
+(`settings_dict`), with every "auto" already settled (engine/setup.py `resolve`), and `--resume`
+and `--load` rebuild them from there (`settings_from_dict`) before applying what the user typed.
 
-A checkpoint keeps recording the plain parsed values (checkpoints.checkpoint_args): --resume and
---load (runconfig.py) restore flags from them. `save_settings` writes the resolved settings beside
-a training run as `<save>.args.json`, for people and tools to read.
+Groups: what data and how it is split (`DataSettings`), the network (`ModelSettings`), the
+objective and optimizer (`OptimSettings`), the train augmentation (`AugmentSettings`),
+pseudo-labelling, inference, where and how this invocation executes (`ExecSettings`: the
+machine may differ on --resume) and what it does and writes (`RunSettings`). The submission
+builder has its own (`SubmissionSettings`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-import dataset
 from cellpaint.core.atomic import atomic_write
-from cellpaint.engine.checkpoints import plain_value
-from cellpaint.engine.distributed import World
 from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
+
+AUTO = "auto"
+PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -42,37 +42,31 @@ class DataSettings:
     train_controls: bool = True
     finetune_cell_type: str | None = None
     normalization: str = "sample"
-    # where computed pixel statistics are cached: --cache-dir, else `cache` beside --save (or --load)
-    stats_cache: Path | None = None
-    image_cache: Path | None = None
-    skip_bad_images: bool = False
     batch_size: int = 24
-    num_workers: int = 0
-    seed: int = 0  # the shuffled order and the augmentation draws of each epoch
+
+
+# the fields of ModelSettings that decide the network's shape: --load takes them from the checkpoint
+ARCHITECTURE = ("backbone", "head_hidden", "concat_cell_type", "embedding_size", "bn_mom", "head")
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """The network and how the loops run it."""
-    backbone: str
+    """The network, and how fresh weights start."""
+    backbone: str = AUTO
     pretrained: str = "imagenet"
     embedding_size: int = 1024
     head_hidden: tuple[int, ...] | None = None
-    concat_cell_type: bool = True
+    concat_cell_type: bool | None = True  # None (from main.py's conversion): by the head
     bn_mom: float = 0.05
     stem_init: str = "random"
     head: str = "neck"
-    metric_loss_coeff: float = 0.2  # the ArcFace head's weight: 0 or 1 leaves a head without gradient
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False
 
 
 @dataclass(frozen=True)
 class OptimSettings:
     """The objective, the optimizer and the schedule of training."""
-    epochs: int
-    lr: LRSchedule
+    epochs: int = 90
+    lr: LRSchedule = LRSchedule.parse("cosine,1.5e-4")
     start_epoch: int = 0
     wd: float = 1e-5
     backbone_lr_mult: float = 1.0
@@ -81,20 +75,91 @@ class OptimSettings:
     accumulation: str = "sum"
     loss: str = "ce"
     loss_classes: str = "all"
+    # the ArcFace head's weight: 0 or 1 leaves a head without gradient; None (from main.py's conversion): by the head
+    metric_loss_coeff: float | None = 0.2
     label_smoothing: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
     mix_partners: str = "shared"
-    max_bad_steps: int = 50
-    disp_batches: int = 50
-    seed: int = 0  # the mixing draws
+
+
+ZOOM_MODES = ("nearest", "bilinear")
+ROTATE_BORDERS = ("zeros", "reflect", "reflect-101")
+FLIP_SETS = ("dihedral", "hv", "none")
+BC_SPACES = ("normalised", "raw")
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Train-time augmentation (SPEC): dihedral flips, zoom crop, per-channel gain/offset; optionally
+    (the 41st-place recipe, off by default) rescale, rotation, gamma, brightness and contrast,
+    each applied with probability `prob`. cellpaint/data/augment.py draws and applies them."""
+    flips: bool = True
+    min_scale: float = 1.0          # --scale-aug: zoom crop edge drawn from [min_scale, 1]
+    scale_std: float = 0.0          # --pw-aug first value
+    bias_std: float = 0.0           # --pw-aug second value
+    rotate: float = 0.0             # --rotate-aug: angle ~ U(-rotate, rotate) degrees
+    brightness: float = 0.0         # --brightness-aug: offset ~ U(-b, b) (times the mean in raw space)
+    contrast: float = 0.0           # --contrast-aug: factor ~ U(1-c, 1+c)
+    gamma: float = 0.0              # --gamma-aug: gamma = exp(U(-log(1+g), log(1+g)))
+    zoom_mode: str = "nearest"      # --zoom-interpolation: how the zoom crop is resized back
+    transposes: bool = True         # --flips dihedral (True) or hv (False): the 8 or the 4 flips
+    prob: float = 1.0               # --aug-prob: each of rescale, rotation, brightness/contrast, gamma
+    rescale: float = 0.0            # --rescale-aug: resized by U(1-r, 1+r) and back
+    rotate_border: str = "zeros"    # --rotate-border
+    bc_space: str = "normalised"    # --brightness-contrast-space
+    gamma_range: tuple[float, float] | None = None  # --gamma-range: gamma = 1 / U(lo, hi)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_scale <= 1:
+            raise ValueError(f"zoom scale must be in (0, 1], got {self.min_scale}")
+        if self.scale_std < 0 or self.bias_std < 0:
+            raise ValueError(f"augmentation std must be >= 0, got {self.scale_std}, {self.bias_std}")
+        # written so that NaN fails too
+        if not 0 <= self.rotate <= 180:
+            raise ValueError(f"--rotate-aug: rotation must be in [0, 180] degrees, got {self.rotate}")
+        if not 0 <= self.contrast < 1:
+            raise ValueError(f"--contrast-aug: contrast must be in [0, 1) (factor in (0, 2)), got {self.contrast}")
+        if not self.brightness >= 0:
+            raise ValueError(f"--brightness-aug: brightness must be >= 0, got {self.brightness}")
+        if not self.gamma >= 0:
+            raise ValueError(f"--gamma-aug: gamma must be >= 0, got {self.gamma}")
+        if self.zoom_mode not in ZOOM_MODES:
+            raise ValueError(f"--zoom-interpolation: {self.zoom_mode!r} is not one of {', '.join(ZOOM_MODES)}")
+        if not 0 <= self.prob <= 1:
+            raise ValueError(f"--aug-prob: a probability in [0, 1], got {self.prob}")
+        if not 0 <= self.rescale < 1:
+            raise ValueError(f"--rescale-aug: must be in [0, 1) (factor in (0, 2)), got {self.rescale}")
+        if self.rotate_border not in ROTATE_BORDERS:
+            raise ValueError(f"--rotate-border: {self.rotate_border!r} is not one of {', '.join(ROTATE_BORDERS)}")
+        if self.bc_space not in BC_SPACES:
+            raise ValueError(f"--brightness-contrast-space: {self.bc_space!r} is not one of {', '.join(BC_SPACES)}")
+        if self.gamma_range is not None:
+            lo, hi = self.gamma_range
+            if not 0 < lo <= hi:
+                raise ValueError(f"--gamma-range: need 0 < LO <= HI, got {lo},{hi}")
+            if self.gamma > 0:
+                raise ValueError("--gamma-range and --gamma-aug both draw the gamma: give one")
+
+    @property
+    def geometric(self) -> bool:
+        return self.flips or self.min_scale < 1
+
+    @property
+    def jitter(self) -> bool:
+        return self.scale_std > 0 or self.bias_std > 0
+
+    @property
+    def photometric(self) -> bool:
+        """Rescale, rotation, gamma, brightness or contrast on (they share one set of draws)."""
+        return (self.rotate > 0 or self.brightness > 0 or self.contrast > 0 or self.gamma > 0
+                or self.gamma_range is not None or self.rescale > 0)
 
 
 @dataclass(frozen=True)
 class PseudoLabelSettings:
-    first_epoch: int | None  # --pl-epoch; None: off
-    size_func: SizeFunction
-    epochs: int
+    first_epoch: int | None = None  # --pl-epoch; None: off
+    size_func: SizeFunction = SizeFunction("x")
     duplicates: str = "drop"
 
 
@@ -109,108 +174,149 @@ class InferenceSettings:
 
 
 @dataclass(frozen=True)
+class ExecSettings:
+    """Where and how this invocation executes, not what it computes: taken from this invocation,
+    never from the checkpoint of --resume (the machine may have changed)."""
+    device: str | None = None       # None: cuda if available; resolved: the device used ("cuda:0", "cpu")
+    precision: str = AUTO           # resolved: fp16, bf16 or fp32 (what autocast uses)
+    fp16: bool = True               # what `auto` precision means on CUDA
+    channels_last: bool | str = AUTO
+    compile: bool = False
+    sync_bn: bool = False
+    threads: int | None = None
+    num_workers: int = 0
+    image_cache: Path | None = None
+    stats_cache: Path | None = None  # where computed pixel statistics are cached
+    skip_bad_images: bool = False
+    disp_batches: int = 50
+    max_bad_steps: int = 50
+
+    @property
+    def autocast_dtype(self):
+        """Autocast's torch dtype once `precision` is resolved; None: fp32, no autocast."""
+        import torch  # here, not at the top: make_submission.py reads these settings and never needs torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[self.precision]
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """What this invocation does and where its outputs go."""
-    mode: str
+    mode: str = "train"
     save: str | None = None
     load: str | None = None
     resume: str | None = None
-    debug: bool = False
 
 
 @dataclass(frozen=True)
 class Settings:
     data: DataSettings
-    model: ModelSettings
-    optim: OptimSettings
-    augment: dataset.Augment
-    pseudo: PseudoLabelSettings
-    inference: InferenceSettings
-    run: RunSettings
+    model: ModelSettings = ModelSettings()
+    optim: OptimSettings = OptimSettings()
+    augment: AugmentSettings = AugmentSettings()
+    pseudo: PseudoLabelSettings = PseudoLabelSettings()
+    inference: InferenceSettings = InferenceSettings()
+    exec: ExecSettings = ExecSettings()
+    run: RunSettings = RunSettings()
+    seed: int | None = None  # the shuffled order, the augmentation and mixing draws; resolved: drawn once
+
+    def replace(self, **groups) -> "Settings":
+        """A copy with fields of groups replaced: `s.replace(model={"backbone": "x"}, seed=3)`."""
+        changes = {name: dataclasses.replace(getattr(self, name), **value) if isinstance(value, dict) else value
+                   for name, value in groups.items()}
+        return dataclasses.replace(self, **changes)
 
 
-@dataclass
-class RunContext:
-    """What a run holds besides its settings: runtime objects, passed explicitly and never saved."""
-    world: World = field(default_factory=World)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype | None = None  # autocast's, None: fp32
-    resume_state: dict | None = None  # the checkpoint of --resume, loaded while parsing
-    load_state: dict | None = None  # the checkpoint of --load, loaded while parsing
-    epoch_now: int | None = None  # the epoch being trained, for the message of an interruption
+# the submission's methods (make_submission.py offers them before it sets the BLAS thread count:
+# this module imports neither numpy nor torch)
+GROUP_METHODS = ("prob", "argmax", "mode")  # plate-group evidence: summed probabilities, arg-max counts, kNN mode
+KNN_WEIGHTS = ("sigmoid", "relu-cos")       # a neighbour's vote: sigmoid(cos) (the 41st place's), max(cos, 0)
+KNN_SEARCHES = ("group", "cell")            # where the K nearest are sought: in each plate group, in the cell type
+KNN_COMBINES = ("mean", "concat")           # several embeddings files: mean then normalise, or normalise and concatenate
+ASSIGN_SCORES = ("logsoftmax", "logits", "prob")  # what the per-plate assignment maximises
 
 
-def augment_from_args(args: argparse.Namespace) -> dataset.Augment:
-    """The train augmentation flags as settings (a ValueError names a flag with a bad value)."""
-    return dataset.Augment(min_scale=args.scale_aug, scale_std=args.pw_aug[0], bias_std=args.pw_aug[1],
-                           rotate=args.rotate_aug, brightness=args.brightness_aug, contrast=args.contrast_aug,
-                           gamma=args.gamma_aug, zoom_mode=args.zoom_interpolation,
-                           flips=args.flips != "none", transposes=args.flips == "dihedral", prob=args.aug_prob,
-                           rescale=args.rescale_aug, rotate_border=args.rotate_border,
-                           bc_space=args.brightness_contrast_space, gamma_range=args.gamma_range)
+@dataclass(frozen=True)
+class SubmissionSettings:
+    """make_submission.py: which files, how they are combined and scored, where the CSV goes."""
+    files: tuple[str, ...]
+    output: str
+    data: Path = Path("../data")
+    weights: tuple[float, ...] | None = None  # None: equal
+    group_method: str = "prob"
+    assign_scores: str = "logsoftmax"
+    knn: str | None = None  # K text: the files are embeddings files (the 41st place's kNN)
+    use_valid: bool = False
+    knn_search: str = "group"
+    knn_weight: str = "sigmoid"
+    knn_combine: str | None = None
 
 
-def stats_cache_dir(args: argparse.Namespace) -> Path | None:
-    """The pixel-statistics cache: --cache-dir, else the folder `cache` beside --save (or --load)."""
-    if args.cache_dir:
-        return Path(args.cache_dir)
-    where = args.save or args.load
-    return Path(where).parent / "cache" if where else None
+# ----------------------------------------------------------------------- as plain values and back
 
 
-def _tuple(v):
-    return None if v is None else tuple(v)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """The parsed (and checked) command line as typed settings: the one place that converts the
-    namespace (main.py calls it once, after resolving --device and --channels-last auto)."""
-    data = DataSettings(
-        root=Path(args.data), classes=args.classes, use_layout_leak=args.use_layout_leak, folds=args.folds,
-        cv_number=args.cv_number, data_split_seed=args.data_split_seed, val_experiments=_tuple(args.val_experiments),
-        val_last_experiment=args.val_last_experiment, all_controls_train=args.all_controls_train,
-        train_controls=args.train_controls, finetune_cell_type=args.finetune_cell_type,
-        normalization=args.data_normalization, stats_cache=stats_cache_dir(args), image_cache=args.image_cache,
-        skip_bad_images=args.skip_bad_images, batch_size=args.batch_size, num_workers=args.num_data_workers,
-        seed=args.seed)
-    model = ModelSettings(
-        backbone=args.backbone, pretrained=args.pretrained, embedding_size=args.embedding_size,
-        head_hidden=_tuple(args.head_hidden), concat_cell_type=args.concat_cell_type, bn_mom=args.bn_mom,
-        stem_init=args.stem_init, head=args.head, metric_loss_coeff=args.metric_loss_coeff,
-        channels_last=args.channels_last is True,  # 'auto' is resolved by main() before this
-        compile=args.compile, sync_bn=args.sync_bn)
-    optim = OptimSettings(
-        epochs=args.epochs, lr=args.lr, start_epoch=args.start_epoch, wd=args.wd,
-        backbone_lr_mult=args.backbone_lr_mult, lr_groups=args.lr_groups,
-        gradient_accumulation=args.gradient_accumulation, accumulation=args.accumulation, loss=args.loss,
-        loss_classes=args.loss_classes, label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix,
-        mix_partners=args.mix_partners, max_bad_steps=args.max_bad_steps, disp_batches=args.disp_batches,
-        seed=args.seed)
-    pseudo = PseudoLabelSettings(first_epoch=args.pl_epoch, size_func=args.pl_size_func, epochs=args.epochs,
-                                 duplicates=args.pl_duplicates)
-    inference = InferenceSettings(tta=args.tta, tta_size=args.tta_size, tta_random=args.tta_random,
-                                  val_unit=args.val_unit, save_embeddings=args.save_embeddings,
-                                  pred_suffix=args.pred_suffix)
-    run = RunSettings(mode=args.mode, save=args.save, load=args.load, resume=args.resume, debug=args.debug)
-    return Settings(data, model, optim, augment_from_args(args), pseudo, inference, run)
-
-
-def _plain(v):
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
+def plain_value(v):
+    """A setting as a plain JSON value: schedules as their text, paths as strings, tuples as lists."""
+    if isinstance(v, (LRGroups, LRSchedule, SizeFunction)):
+        return getattr(v, "text", None) or str(v)
+    if isinstance(v, Path):
+        return str(v)
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if v is None:
+        return [plain_value(x) for x in v]
+    return v
+
+
+def settings_dict(settings) -> dict:
+    """Settings (or one group) as plain JSON values, one object per group."""
+    def plain(v):
+        is_group = dataclasses.is_dataclass(v) and not isinstance(v, tuple(_PARSERS))
+        return settings_dict(v) if is_group else plain_value(v)
+
+    return {f.name: plain(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+
+
+_PARSERS = {LRSchedule: LRSchedule.parse, LRGroups: LRGroups.parse, SizeFunction: SizeFunction, Path: Path}
+
+
+def _typed(hint, value):
+    """`value` (plain, as `plain_value` wrote it) as the type `hint` of its field."""
+    if value is None:
         return None
-    plain = plain_value(v)
-    return str(v) if plain is None else plain
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        for kind in kinds:  # e.g. bool | str: the value's own type when it is one of them
+            if typing.get_origin(kind) is None and kind not in _PARSERS and isinstance(value, kind):
+                return value
+        return _typed(kinds[0], value)
+    if origin is tuple:
+        return tuple(_typed(args[0], v) for v in value)
+    if hint in _PARSERS:
+        return _PARSERS[hint](value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
-def settings_dict(settings: Settings) -> dict:
-    """The settings as plain JSON values, one object per group (schedules as their text)."""
-    return {f.name: _plain({g.name: getattr(getattr(settings, f.name), g.name)
-                            for g in dataclasses.fields(getattr(settings, f.name))})
-            for f in dataclasses.fields(settings)}
+def group_from_dict(cls, values: dict):
+    """One settings group from plain values; unknown keys are an error (ValueError naming them)."""
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - set(hints)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+    return cls(**{k: _typed(hints[k], v) for k, v in values.items()})
+
+
+def settings_from_dict(values: dict) -> Settings:
+    """`settings_dict`'s output back as Settings (a ValueError names what does not fit)."""
+    hints = typing.get_type_hints(Settings)
+    groups = {}
+    for name, value in values.items():
+        if name not in hints:
+            raise ValueError(f"unknown settings group {name!r}")
+        groups[name] = group_from_dict(hints[name], value) if dataclasses.is_dataclass(hints[name]) \
+            else _typed(hints[name], value)
+    return Settings(**groups)
 
 
 def save_settings(path: str, settings: Settings) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cellpaint.data.metadata import TREATMENT, DataError
+from cellpaint.core.errors import DataError
+from cellpaint.data.metadata import TREATMENT
 
 
 def assign_folds(table: pd.DataFrame, n_folds: int = 6, seed: int = 0) -> dict[str, int]:

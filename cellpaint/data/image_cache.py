@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from cellpaint.core.atomic import write_text
 from cellpaint.data import images, metadata
-from cellpaint.data.metadata import DataError
+from cellpaint.core.errors import DataError
 
 CACHE_FORMAT = "cellpaint-rcic-image-cache/1"
 CACHE_MANIFEST = "manifest.json"

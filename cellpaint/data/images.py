@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cellpaint.data.metadata import DataError
+from cellpaint.core.errors import DataError
 
 CHANNELS = 6
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

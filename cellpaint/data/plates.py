@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from cellpaint.modes.methods import GROUP_METHODS
+from cellpaint.core.settings import GROUP_METHODS
 
 _CHUNK = 4096  # rows per block in row-wise transforms: bounds temporaries to a few MB
 

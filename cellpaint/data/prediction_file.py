@@ -27,14 +27,14 @@ import numpy as np
 
 from cellpaint.core.atomic import atomic_write
 from cellpaint.data.wells import sum_site_lists
-from cellpaint.core.errors import CellpaintError
+from cellpaint.core.errors import InputError
 
 PARTS = ("test", "val")                          # a prediction file of logits
 EMBEDDING_PARTS = ("train", "val", "test")       # an embeddings file: the reference wells too
 KINDS = ("logits", "embeddings")
 
 
-class PredictionFileError(CellpaintError, ValueError):
+class PredictionFileError(InputError, ValueError):
     """A prediction file that is missing, unreadable, unsafe or malformed; the message names it."""
 
 

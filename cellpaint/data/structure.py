@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cellpaint.data.metadata import TREATMENT, DataError, wells_of
+from cellpaint.core.errors import DataError
+from cellpaint.data.metadata import TREATMENT, wells_of
 
 
 @dataclass(frozen=True)

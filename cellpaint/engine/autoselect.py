@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-AUTO = "auto"
 FAST, LEAN = "densenet161", "mem-densenet161"  # the same weights: see the module docstring
 
 GIB = 2 ** 30

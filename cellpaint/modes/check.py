@@ -1,17 +1,15 @@
 """Validate a data set before a long run: metadata, labels, and every image.
 
-    python main.py --mode check --data DIR      (or: python -m cellpaint.data.check DIR)
+    python main.py --mode check --data DIR [--num-data-workers N]
 
 Problems are collected rather than raised one by one, so a user sees all of them (the first
 `max_listed` of each kind) in one pass; the exit code is 1 if there is any.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import multiprocessing
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +19,7 @@ from tqdm import tqdm
 from cellpaint.data import metadata
 from cellpaint.data.structure import derive_structure
 from cellpaint.data.images import CHANNELS, ImageError, read_png
+from cellpaint.core.errors import DataError
 
 
 def _check_png(path: str) -> tuple[str | None, tuple[int, int] | None]:
@@ -56,7 +55,7 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
     problems: dict[str, list[str]] = defaultdict(list)
     try:
         table = metadata.load_table(data_dir)
-    except metadata.DataError as e:
+    except DataError as e:
         problems["metadata"].append(str(e))
         table = None
     if table is not None:
@@ -95,7 +94,7 @@ def _check_table(table, n_classes: int | None, problems: dict[str, list[str]]) -
     try:  # classes no well has, controls that are also treatments, no labels at all
         structure = derive_structure(table, max(n_classes, derived) if n_classes else None)
         n = n_classes or structure.n_classes
-    except metadata.DataError as e:
+    except DataError as e:
         problems["labels"].append(str(e))
         n = n_classes or derived
     bad_label = table[(table["sirna_true"] >= n) | (table["sirna_true"] < -1)]
@@ -126,17 +125,3 @@ def report(problems: dict[str, list[str]], max_listed: int = 20, out=None) -> in
         if len(items) > max_listed:
             print(f"  ... and {len(items) - max_listed} more", file=out)
     return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", type=Path)
-    p.add_argument("--classes", type=int, default=None)
-    p.add_argument("--max-listed", type=int, default=20)
-    p.add_argument("-j", "--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
-    args = p.parse_args(argv)
-    return report(check_data(args.data, args.classes, workers=args.workers), args.max_listed)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

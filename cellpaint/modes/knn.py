@@ -32,14 +32,19 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from cellpaint.core.errors import CellpaintError
-from cellpaint.modes.methods import KNN_WEIGHTS as WEIGHTS
+from cellpaint.core.errors import InputError, UsageError
+from cellpaint.core.settings import KNN_WEIGHTS as WEIGHTS
 _BLOCK_BYTES = 32 << 20  # similarity block [rows, references] per step: bounds the temporaries
 _MAX_ROWS = 2048
 
 
-class KnnError(CellpaintError, ValueError):
-    """A bad --knn setting or reference set; the message says what to change."""
+class KnnError(InputError, ValueError):
+    """Embeddings that cannot be scored by their neighbours (no reference wells of a cell type or
+    plate group, vectors of other sizes); the message says what is missing."""
+
+
+class KnnFlagError(UsageError, ValueError):
+    """A --knn or --knn-weight value that cannot work with this data; the message says what to change."""
 
 
 def parse_k(text: str, cell_types: Sequence[str]) -> dict[str, int]:
@@ -52,32 +57,32 @@ def parse_k(text: str, cell_types: Sequence[str]) -> dict[str, int]:
         try:
             k = int(value)
         except ValueError:
-            raise KnnError(f"--knn {text!r}: {value!r} is not an integer{where}") from None
+            raise KnnFlagError(f"--knn {text!r}: {value!r} is not an integer{where}") from None
         if k < 1:
-            raise KnnError(f"--knn {text!r}: K must be at least 1{where}, got {k}")
+            raise KnnFlagError(f"--knn {text!r}: K must be at least 1{where}, got {k}")
         return k
 
     named = ["=" in item for item in items]
     if any(named):
         if not all(named):
-            raise KnnError(f"--knn {text!r}: give every K as TYPE=K or none (cell types: {listed})")
+            raise KnnFlagError(f"--knn {text!r}: give every K as TYPE=K or none (cell types: {listed})")
         ks: dict[str, int] = {}
         for item in items:
             name, value = (part.strip() for part in item.split("=", 1))
             if name not in cell_types:
-                raise KnnError(f"--knn {text!r}: unknown cell type {name!r} (the metadata has {listed})")
+                raise KnnFlagError(f"--knn {text!r}: unknown cell type {name!r} (the metadata has {listed})")
             if name in ks:
-                raise KnnError(f"--knn {text!r}: cell type {name} given twice")
+                raise KnnFlagError(f"--knn {text!r}: cell type {name} given twice")
             ks[name] = as_k(value, f" for {name}")
         missing = [c for c in cell_types if c not in ks]
         if missing:
-            raise KnnError(f"--knn {text!r} gives no K for {', '.join(missing)} (cell types: {listed})")
+            raise KnnFlagError(f"--knn {text!r} gives no K for {', '.join(missing)} (cell types: {listed})")
         return ks
     if len(items) == 1:
         k = as_k(items[0], "")
         return {c: k for c in cell_types}
     if len(items) != len(cell_types):
-        raise KnnError(f"--knn {text!r} gives {len(items)} values for {len(cell_types)} cell types "
+        raise KnnFlagError(f"--knn {text!r} gives {len(items)} values for {len(cell_types)} cell types "
                        f"(one K for all, or one each in this order: {listed}; or TYPE=K,...)")
     return {c: as_k(v, f" for {c}") for c, v in zip(cell_types, items)}
 
@@ -127,7 +132,7 @@ def neighbour_weights(sim: np.ndarray, weight: str) -> np.ndarray:
     if weight == "sigmoid":
         return np.float32(1) / (np.float32(1) + np.exp(-sim))
     if weight != "relu-cos":
-        raise KnnError(f"--knn-weight {weight!r}: expected one of {', '.join(WEIGHTS)}")
+        raise KnnFlagError(f"--knn-weight {weight!r}: expected one of {', '.join(WEIGHTS)}")
     out = np.maximum(sim, 0)
     # a row whose neighbours all point away: let them vote equally rather than not at all
     out[out.sum(axis=1) == 0] = 1
@@ -175,7 +180,7 @@ def knn_scores(query: np.ndarray, query_cells: np.ndarray, reference: np.ndarray
     reference_labels = np.asarray(reference_labels, dtype=np.int64)
     candidates = np.asarray(candidates, dtype=np.int64)
     if weight not in WEIGHTS:
-        raise KnnError(f"--knn-weight {weight!r}: expected one of {', '.join(WEIGHTS)}")
+        raise KnnFlagError(f"--knn-weight {weight!r}: expected one of {', '.join(WEIGHTS)}")
     if query.shape[1:] != reference.shape[1:]:
         raise KnnError(f"query and reference vectors differ in size: {query.shape[1:]} vs {reference.shape[1:]}")
     if not np.isin(reference_labels, candidates).all():

@@ -5,20 +5,19 @@ matched to the metadata (the 'train' part becomes the labelled reference wells, 
 from the metadata), its sites summed, the files combined (`--knn-combine`), and each val/test
 well scored by its K nearest reference wells of its cell type, searched per plate group
 (`--knn-search group`, the original's) or over the whole cell type (`cell`). The plate stages
-(group inference, restriction, assignment) are make_submission.py's, shared with the logits path.
+(group inference, restriction, assignment) are submission.py's, shared with the logits path.
 
 numpy is imported inside the functions: make_submission.py sets the BLAS thread count first.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cellpaint.modes.scoreboard import Scoreboard, Stopwatch, argmax_over
-from cellpaint.modes.submission_inputs import (Ensemble, Reference, SubmissionError, Wells, check_same_wells, match_metadata,
-                                        match_reference)
+from cellpaint.core.settings import SubmissionSettings
+from cellpaint.modes.scoreboard import Ensemble, Scoreboard, Stopwatch, argmax_over
+from cellpaint.modes.submission_inputs import Reference, SubmissionError, Wells, match_reference, matched_files
 
 if TYPE_CHECKING:
     import numpy as np
@@ -96,7 +95,7 @@ def _vectors(sums: WellSums, ref: Reference, wells: Wells) -> np.ndarray:
                            sums.sums["test"][wells.keep["test"]]])
 
 
-def knn_ensemble(args: argparse.Namespace, weights: list[float], table: pd.DataFrame, structure: Structure,
+def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFrame, structure: Structure,
                  clock: Stopwatch) -> Ensemble:
     """The --knn path up to the plate stages: embeddings files -> per-well vectors (sites summed)
     -> one unit vector per well (--knn-combine: the files' weighted mean, then L2-normalised, or
@@ -106,43 +105,42 @@ def knn_ensemble(args: argparse.Namespace, weights: list[float], table: pd.DataF
     """
     import numpy as np
 
-    from cellpaint.data.prediction_file import EMBEDDING_ROWS, load_well_sums
-    from cellpaint.modes import knn
+    from cellpaint.data.prediction_file import EMBEDDING_ROWS
     from cellpaint.data import plates
+    from cellpaint.modes import knn
 
-    k = knn.parse_k(args.knn, structure.cell_types)
+    k = knn.parse_k(s.knn, structure.cell_types)
     masks, treatment = structure.group_masks(), structure.treatment_classes
-    class_group = plates.class_groups(masks) if args.knn_search == "group" else None
-    setup = board = first = None
+    class_group = plates.class_groups(masks) if s.knn_search == "group" else None
+    setup = board = ref = wells = None
     raw = []
-    for i, path in enumerate(args.files):
-        sums = load_well_sums(path, EMBEDDING_ROWS)
-        clock.lap("read files")
+
+    def has_train_part(_: int, sums: WellSums) -> None:
         if sums.ids["train"].size == 0:
-            raise SubmissionError(f"{path} has no 'train' part (the labelled training wells the neighbours "
+            raise SubmissionError(f"{sums.path} has no 'train' part (the labelled training wells the neighbours "
                                   "come from): --knn needs embeddings files from main.py --mode predict "
                                   "--save-embeddings")
-        if first is None:
-            first, wells = sums, match_metadata(sums, table)
+
+    for i, sums, wells in matched_files(s.files, table, EMBEDDING_ROWS, clock.lap, has_train_part, same_width=False):
+        if i == 0:
             ref = match_reference(sums, table, structure)
             board = Scoreboard(wells)
-            setup = KnnSetup(k, len(ref.keep), ref, wells, structure.n_classes, treatment, args.use_valid,
-                             class_group, args.knn_weight)
-        else:
-            check_same_wells(first, sums, EMBEDDING_ROWS, same_width=False)
-            if args.knn_combine == "mean" and sums.n_classes != first.n_classes:
-                raise SubmissionError(f"--knn-combine mean: {path} has vectors of {sums.n_classes} values but "
-                                      f"{first.path} of {first.n_classes}: only --knn-combine concat joins "
-                                      "files of different widths")
+            setup = KnnSetup(k, len(ref.keep), ref, wells, structure.n_classes, treatment, s.use_valid,
+                             class_group, s.knn_weight)
+            width, first_path = sums.n_classes, sums.path
+        elif s.knn_combine == "mean" and sums.n_classes != width:
+            raise SubmissionError(f"--knn-combine mean: {sums.path} has vectors of {sums.n_classes} values but "
+                                  f"{first_path} of {width}: only --knn-combine concat joins "
+                                  "files of different widths")
         raw.append(_vectors(sums, ref, wells))
         sums.sums, sums.matrix = {}, None  # the first file is kept for its ids only
-        if len(args.files) > 1:
+        if len(s.files) > 1:
             scores, _ = setup.scores(knn.l2_normalise(raw[-1].copy()), board.scored)
-            board.add(f"file {i + 1}: {Path(path).name}",
+            board.add(f"file {i + 1}: {Path(s.files[i]).name}",
                       argmax_over(scores, np.arange(len(scores)), treatment))
             del scores
             clock.lap("knn")
-    combine = args.knn_combine or ("mean" if len({b.shape[1] for b in raw}) == 1 else "concat")
+    combine = s.knn_combine or ("mean" if len({b.shape[1] for b in raw}) == 1 else "concat")
     if len(raw) == 1:
         features = knn.l2_normalise(raw[0])
     elif combine == "mean":
@@ -153,20 +151,20 @@ def knn_ensemble(args: argparse.Namespace, weights: list[float], table: pd.DataF
     clock.lap("normalise")
     scores, used = setup.scores(features, np.arange(setup.wells.n))
     del features
-    name = "knn" + (f" {combine} (w=" + ",".join(f"{w:g}" for w in weights) + ")" if len(args.files) > 1 else "")
-    board.add(name + (", test refs +val" if args.use_valid else ""), argmax_over(scores, board.scored, treatment))
+    name = "knn" + (f" {combine} (w=" + ",".join(f"{w:g}" for w in weights) + ")" if len(s.files) > 1 else "")
+    board.add(name + (", test refs +val" if s.use_valid else ""), argmax_over(scores, board.scored, treatment))
     clock.lap("knn")
     extra = {"knn": {
-        "k": k, "k_used": used, "k_short": short_of_k(k, used), "use_valid": args.use_valid,
-        "search": args.knn_search, "weight": args.knn_weight, "combine": combine if len(args.files) > 1 else None,
-        "reference_wells": {"val": setup.n_ref, "test": setup.n_ref + setup.wells.n_val * args.use_valid},
+        "k": k, "k_used": used, "k_short": short_of_k(k, used), "use_valid": s.use_valid,
+        "search": s.knn_search, "weight": s.knn_weight, "combine": combine if len(s.files) > 1 else None,
+        "reference_wells": {"val": setup.n_ref, "test": setup.n_ref + setup.wells.n_val * s.use_valid},
         "ignored_train_controls": ref.ignored_controls,
         "features": "per file: sites summed; files " + ("averaged (weighted), then L2-normalised"
                                                         if combine == "mean" else
                                                         "L2-normalised, concatenated, scaled by sqrt(w/sum w)"),
         "votes": ("K nearest of the same cell type " + ("in each plate group" if class_group is not None
                                                          else "over all its wells")
-                  + " by cosine, each voting " + ("sigmoid(cos)" if args.knn_weight == "sigmoid" else "max(cos, 0)")
+                  + " by cosine, each voting " + ("sigmoid(cos)" if s.knn_weight == "sigmoid" else "max(cos, 0)")
                   + "; score = summed votes"),
     }}
     return Ensemble(setup.wells, board, scores, masks, treatment, extra)

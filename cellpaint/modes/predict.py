@@ -1,6 +1,7 @@
 """The predict mode: per-site logits (and embeddings) of a checkpoint, written as a prediction file.
 
-main.py parses the command line and calls `predict` with typed settings and the run's context.
+main.py calls `predict` with the run's settings (the architecture taken from the checkpoint of
+--load), its context and that checkpoint.
 """
 from __future__ import annotations
 
@@ -8,20 +9,23 @@ import logging
 
 import numpy as np
 
+from cellpaint.core.errors import DataError
+from cellpaint.core.settings import Settings
 from cellpaint.data import metadata
-from cellpaint.data.wells import sites_by_well
 from cellpaint.data.prediction_file import save_embeddings, save_predictions
-from cellpaint.engine.setup import infer, make_dataset
-from cellpaint.modes.train import load_for_inference
-from cellpaint.core.settings import RunContext, Settings
+from cellpaint.data.wells import sites_by_well
+from cellpaint.engine.context import RunContext
+from cellpaint.engine.data import make_dataset
+from cellpaint.engine.inference import infer
+from cellpaint.engine.setup import model_for_inference
 
 log = logging.getLogger("cellpaint")
 
 
-def predict(s: Settings, ctx: RunContext) -> None:
+def predict(s: Settings, ctx: RunContext, state: dict | None = None) -> None:
     """Per-site logits of test and val wells (and, with --save-embeddings, embeddings of the
     labelled train treatment wells too: the kNN recipe's reference set)."""
-    s, data, model = load_for_inference(s, ctx)
+    s, data, model, _ = model_for_inference(s, ctx, state)
     load, suffix, with_embeddings = s.run.load, s.inference.pred_suffix, s.inference.save_embeddings
     output: dict[str, dict] = {}
     embeddings: dict[str, dict] = {}
@@ -30,7 +34,7 @@ def predict(s: Settings, ctx: RunContext) -> None:
     if with_embeddings:
         parts["train"] = train[(train["well_type"] == metadata.TREATMENT) & (train["split"] == "train")]
     for part, rows in parts.items():
-        result = infer(s, ctx, model, make_dataset(s.data, data, rows), embeddings=with_embeddings)
+        result = infer(s, ctx, model, make_dataset(s, data, rows), embeddings=with_embeddings)
         for key, target in (("logits", output), ("embedding", embeddings)):
             if key == "logits" and part == "train":
                 continue
@@ -39,7 +43,7 @@ def predict(s: Settings, ctx: RunContext) -> None:
             vectors = result.get(key)
             if vectors is None:
                 if len(rows):
-                    raise metadata.DataError(f"no readable image among the {len(rows)} {part} sites")
+                    raise DataError(f"no readable image among the {len(rows)} {part} sites")
                 target.setdefault(part, {})
                 continue
             values = target.setdefault(part, {})

@@ -17,10 +17,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from cellpaint.core.settings import PseudoLabelSettings
 from cellpaint.data import plates
 from cellpaint.data.structure import Structure
 from cellpaint.data.wells import sum_sites
-from cellpaint.core.settings import PseudoLabelSettings
 
 log = logging.getLogger("cellpaint")
 
@@ -106,12 +106,12 @@ def select(wells: pd.DataFrame, logits: np.ndarray, structure: Structure, labell
     return chosen
 
 
-def pseudo_label_epoch(p: PseudoLabelSettings, epoch: int, data, pseudo_labels: dict[str, int],
+def pseudo_label_epoch(p: PseudoLabelSettings, epochs: int, epoch: int, data, pseudo_labels: dict[str, int],
                        infer_sites: Callable[[pd.DataFrame], np.ndarray]) -> dict[str, int]:
-    """The wells (id_code -> class) to add before training `epoch`; logs counts and val errors."""
+    """The wells (id_code -> class) to add before training `epoch` of `epochs`; logs counts and val errors."""
     sites = candidate_sites(data.subsets)
     total = sites["id_code"].nunique()
-    count = round(pl_fraction(p.size_func, epoch, p.first_epoch, p.epochs) * total) - len(pseudo_labels)
+    count = round(pl_fraction(p.size_func, epoch, p.first_epoch, epochs) * total) - len(pseudo_labels)
     if count <= 0 or total == 0:
         log.info("pseudo-labels: none added at epoch %d (%d of %d wells labelled)", epoch, len(pseudo_labels), total)
         return {}

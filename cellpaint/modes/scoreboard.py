@@ -1,5 +1,6 @@
 """The scoreboard: validation (and, where the metadata has them, test) accuracies after every
-stage of make_submission.py, how many plates got their plate group right, and where the time goes.
+stage of a submission, how many plates got their plate group right, and where the time goes;
+and the `Ensemble` the plate stages read.
 
 numpy is imported inside the functions: make_submission.py sets the BLAS thread count before
 anything imports numpy.
@@ -73,6 +74,18 @@ class Scoreboard:
         for e in entries:
             lines.append(e["stage"].ljust(width) + "".join(f"{e[split][c]:9.4f}" for c in columns))
         return "\n".join(lines)
+
+
+@dataclass
+class Ensemble:
+    """What the plate stages read, from either path (logits or kNN): the files' combined scores per
+    treatment well, the scoreboard so far, and what goes with them."""
+    wells: Wells
+    board: Scoreboard
+    scores: np.ndarray        # float32 [wells, classes]
+    masks: np.ndarray         # plate groups over the classes
+    treatment: np.ndarray     # the classes treatment wells may get
+    extra: dict = field(default_factory=dict)  # what the report adds for this path (kNN settings)
 
 
 def argmax_over(scores: np.ndarray, rows: np.ndarray, classes: np.ndarray, chunk: int = 4096) -> np.ndarray:

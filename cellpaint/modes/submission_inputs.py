@@ -1,20 +1,21 @@
-"""The wells of prediction files, matched to the metadata.
+"""The wells of prediction files, matched to the metadata: what a submission is made from.
 
-make_submission.py reads prediction files into `Wells` (the rows every stage works on: val wells
-first, then test wells) and refuses files that do not match the metadata or each other
-(`SubmissionError`, one line naming the file); with --knn the embeddings files' 'train' part is
-matched the same way into the `Reference` wells the neighbours come from. `Ensemble` is what the
-plate stages read, from either path (logits in make_submission.py, kNN in knn_submission.py).
+`matched_files` reads the files one at a time (the logits path, submission.py, and the kNN path,
+knn_submission.py, share it): the first file's wells become the `Wells` every stage works on (val
+wells first, then test wells), and each other file must hold the same wells. Files that do not
+match the metadata or each other are refused (`SubmissionError`, one line naming the file); with
+--knn the embeddings files' 'train' part is matched the same way into the `Reference` wells the
+neighbours come from.
 
 numpy and pandas are imported inside the functions: make_submission.py sets the BLAS thread
 count before anything imports numpy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from cellpaint.core.errors import CellpaintError
+from cellpaint.core.errors import InputError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -22,11 +23,10 @@ if TYPE_CHECKING:
 
     from cellpaint.data.structure import Structure
     from cellpaint.data.prediction_file import WellSums
-    from cellpaint.modes.scoreboard import Scoreboard
 
 
-class SubmissionError(CellpaintError, ValueError):
-    """A problem with the command line or the prediction files, named in one line."""
+class SubmissionError(InputError, ValueError):
+    """Prediction files that cannot make a submission with this metadata, named in one line."""
 
 
 @dataclass
@@ -53,17 +53,6 @@ class Reference:
     cell_type: np.ndarray  # per kept well
     label: np.ndarray
     ignored_controls: int
-
-
-@dataclass
-class Ensemble:
-    """The files' weighted mean per treatment well, and what goes with it."""
-    wells: Wells
-    board: Scoreboard
-    scores: np.ndarray        # float32 [wells, classes]
-    masks: np.ndarray         # plate groups over the classes
-    treatment: np.ndarray     # the classes treatment wells may get
-    extra: dict = field(default_factory=dict)  # what the report adds for this path (kNN settings)
 
 
 def first_example(values: np.ndarray) -> str:
@@ -156,3 +145,28 @@ def check_same_wells(first: WellSums, other: WellSums, parts: Sequence[str] = ("
             only = only if only.size else np.setdiff1d(a, b)
             raise SubmissionError(f"{other.path} holds different {part} wells than {first.path} "
                                   f"({len(b)} vs {len(a)} wells; e.g. {first_example(only)} is in one only)")
+
+
+def matched_files(paths: Sequence[str], table: pd.DataFrame, parts: Sequence[str], lap: Callable[[str], None],
+                  check: Callable[[int, WellSums], None] | None = None,
+                  same_width: bool = True) -> Iterator[tuple[int, WellSums, Wells]]:
+    """(index, per-well sums, the wells) of each file in turn: the first file's wells matched to
+    the metadata, every other file checked to hold the same wells in `parts` (and, with
+    `same_width`, vectors of the same length). `check(index, sums)` looks at each file first;
+    `lap` times the reading (Stopwatch.lap).
+
+    One file's sums are read at a time: the caller reduces them (and empties them) before the next.
+    """
+    from cellpaint.data.prediction_file import load_well_sums
+
+    first = wells = None
+    for i, path in enumerate(paths):
+        sums = load_well_sums(path, parts)
+        lap("read files")
+        if check is not None:
+            check(i, sums)
+        if first is None:
+            first, wells = sums, match_metadata(sums, table)
+        else:
+            check_same_wells(first, sums, parts, same_width)
+        yield i, sums, wells

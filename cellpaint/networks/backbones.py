@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from cellpaint.core.errors import CellpaintError
+from cellpaint.core.errors import InputError
 
 _TV_PREFIXES = ("resnet", "resnext", "wide_resnet", "densenet", "efficientnet_")
 # pretrainedmodels' VGG/AlexNet put their fully connected layers inside features(), so they only
@@ -32,7 +32,7 @@ _OLD_DENSENET_KEY = re.compile(
 )
 
 
-class PretrainedUnavailable(CellpaintError, RuntimeError):
+class PretrainedUnavailable(InputError, RuntimeError):
     """Requested pretrained weights cannot be had: offline without a cache, or a bad local file."""
 
 
