@@ -43,9 +43,8 @@ from cellpaint.modes import check, pseudo_labels
 from cellpaint.modes.predict import predict
 from cellpaint.modes.train import train
 from cellpaint.modes.validate import validate
-from cellpaint.networks.backbones import STEM_INITS, is_supported_backbone, supported_backbones
-from dataset import tta_views
-from model import HEADS, LOSSES
+from cellpaint.networks.backbones import STEM_INITS
+from model import BOTTLENECK_BN, HEADS, LOSSES
 
 log = logging.getLogger("cellpaint")
 
@@ -79,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes the loss is taken over; treatment (the 41st place's outputs) needs "
                         "--train-controls false")
     g.add_argument("--embedding-size", type=int, default=1024)
-    g.add_argument("--bn-mom", type=float, default=0.05)
+    g.add_argument("--bn-mom", type=float, default=0.05, help="momentum of every BatchNorm's running statistics")
+    g.add_argument("--bottleneck-bn", choices=BOTTLENECK_BN, default="recomputed",
+                   help="DenseNets: each dense layer's bottleneck BN moves as in the 1st place's memory-efficient "
+                        "DenseNet161, which recomputed it and so updated it twice a step (recomputed: momentum "
+                        "1-(1-m)^2 on the plain net), or once a step at --bn-mom (once), whichever the variant")
     g.add_argument("--classes", type=int, default=None, help="output classes (default: from the metadata)")
     g.add_argument("--stem-init", choices=STEM_INITS, default="random",
                    help="the 6-channel input conv when ImageNet weights load: random (a fresh conv, as the "
@@ -207,49 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def problems(s: Settings) -> str | None:
-    """The first way the settings (flags merged with a checkpoint's) cannot work together, named by
-    their flags; None when they can."""
-    m, o, d, inf, x = s.model, s.optim, s.data, s.inference, s.exec
-    if m.head == "plain":
-        given = [flag for flag, on in (("--concat-cell-type true", m.concat_cell_type),
-                                       ("--metric-loss-coeff > 0", (o.metric_loss_coeff or 0) > 0),
-                                       ("--head-hidden", m.head_hidden)) if on]
-        if given:
-            return f"--head plain has no cell-type one-hot, ArcFace head or hidden layers: drop {', '.join(given)}"
-    if o.loss_classes == "treatment" and d.train_controls:
-        return "--loss-classes treatment leaves the control classes out of the loss: add --train-controls false"
-    if d.val_last_experiment and (d.val_experiments or d.cv_number == -1):
-        return "--val-last-experiment chooses the validation experiments: drop --val-experiments / --cv-number -1"
-    if inf.tta_random < 0 or (inf.tta_random and inf.tta > 1):
-        return "--tta-random N (N >= 0) replaces --tta: give one of them"
-    if x.num_workers < 0 or (x.threads is not None and x.threads < 1):
-        return f"--num-data-workers must be >= 0 and --threads >= 1, got {x.num_workers} and {x.threads}"
-    for flag, value in (("--epochs", o.epochs), ("--batch-size", d.batch_size),
-                        ("--gradient-accumulation", o.gradient_accumulation), ("--folds", d.folds),
-                        ("--disp-batches", x.disp_batches), ("--tta", inf.tta), ("--max-bad-steps", x.max_bad_steps)):
-        if value < 1:
-            return f"{flag} must be >= 1, got {value}"
-    if d.val_experiments and d.cv_number == -1:
-        return "--val-experiments names validation experiments; --cv-number -1 trains on all of them"
-    if not -1 <= d.cv_number < d.folds:
-        return f"--cv-number must be -1 or in [0, {d.folds}), got {d.cv_number}"
-    if s.pseudo.first_epoch is not None and not 0 <= s.pseudo.first_epoch < o.epochs:
-        return f"--pl-epoch must be in [0, {o.epochs}), got {s.pseudo.first_epoch}"
-    if o.backbone_lr_mult < 0:
-        return f"--backbone-lr-mult must be >= 0, got {o.backbone_lr_mult}"
-    if not 0 <= o.metric_loss_coeff <= 1 or not 0 <= o.label_smoothing < 1:
-        return "--metric-loss-coeff must be in [0, 1] and --label-smoothing in [0, 1)"
-    try:
-        tta_views(torch.zeros(1, 1, 8, 8), inf.tta, inf.tta_size)
-    except ValueError as e:
-        return str(e)
-    if m.backbone != AUTO and not is_supported_backbone(m.backbone):
-        return (f"--backbone {m.backbone!r} is not supported; choose from: auto, {', '.join(supported_backbones())}, "
-                "or timm-NAME for any NAME of timm.list_models()")
-    return None
-
-
 def saved_settings(state: dict, path: str) -> Settings | None:
     """The settings a checkpoint was made with (None for a bare weights file). A checkpoint of the
     first format recorded the parsed arguments instead: they are read back through this parser."""
@@ -276,6 +236,8 @@ def legacy_settings(saved: dict) -> Settings:
         if isinstance(value, str) and callable(kind) and kind is not str:
             value = kind(value)
         setattr(args, dest, value)
+    if "bottleneck_bn" not in saved:  # made before the option: continue with the statistics it trained with
+        args.bottleneck_bn = "recomputed" if str(args.backbone).startswith("mem-") else "once"
     return flags.complete(flags.settings_from_args(args))
 
 
@@ -325,7 +287,7 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
         raise UsageError(f"--save {save} names a directory; give a path prefix in it, "
                          f"e.g. --save {os.path.join(save, 'net')}")
     s = flags.complete(s)
-    problem = problems(s)
+    problem = flags.problems(s)
     if problem:
         p.error(problem)
     return Command(s, state, args.debug)

@@ -23,7 +23,7 @@ from tests.conftest import TINY
 from cellpaint.data import pixel_stats
 from cellpaint.data import augment
 from cellpaint.core.settings import AugmentSettings
-from cellpaint.core.errors import DataError
+from cellpaint.core.errors import DataError, UsageError
 
 
 def test_both_layouts_load_to_equal_tables(tiny_competition, tiny_release):
@@ -70,7 +70,7 @@ def test_derived_structure(tiny_competition):
         (group,) = set(group_of[rows["sirna"].to_numpy()].tolist())  # each labelled plate holds one group
         expected = info["groups"][info["plate_groups"][f"{experiment}_{plate}"]]
         assert structure.groups[group].tolist() == sorted(expected)
-    with pytest.raises(DataError, match="--classes 5"):
+    with pytest.raises(UsageError, match="--classes 5"):
         derive_structure(metadata.load_table(path), n_classes=5)
 
 
@@ -107,7 +107,7 @@ def test_subsets(tiny_competition):
     everything = split_subsets(table, folds, -1)
     assert everything["val"].empty
     assert set(treat(everything["train"])["experiment"]) >= {e for e in folds}
-    with pytest.raises(DataError, match="--cv-number 9"):
+    with pytest.raises(UsageError, match="--cv-number 9"):
         split_subsets(table, folds, 9)
 
 

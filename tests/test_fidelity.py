@@ -25,7 +25,7 @@ from cellpaint.engine.data import load_data
 from cellpaint.engine.epoch import train_one_epoch
 from cellpaint.engine.setup import make_optimizer
 from cellpaint.modes import pseudo_labels
-from cellpaint.core.errors import DataError
+from cellpaint.core.errors import DataError, UsageError
 from model import CellClassifier, combined_loss
 from tests.conftest import SMALL, resolved_settings, run
 
@@ -263,7 +263,7 @@ def test_val_experiments_by_name(tiny_competition):
     assert set(subsets["val"]["experiment"]) == {train[0], train[-1]}
     treated = subsets["train"][subsets["train"]["well_type"] == "treatment"]
     assert not set(treated["experiment"]) & {train[0], train[-1]}  # their controls may train
-    with pytest.raises(DataError, match="--val-experiments: NOPE-01 is not a train experiment"):
+    with pytest.raises(UsageError, match="--val-experiments: NOPE-01 is not a train experiment"):
         named_folds(table, ["NOPE-01"])
 
 
@@ -276,7 +276,7 @@ def test_val_experiments_flag_runs_and_refuses_unknown_names(tiny_competition, t
         in (tmp_path / "named.log").read_text()
     capsys.readouterr()
     assert run("--data", tiny_competition[0], "--save", tmp_path / "bad", "-e", 1, "--val-experiments", "NOPE-9",
-               *SMALL) != 0
+               *SMALL) == 2  # a flag that does not fit the data: usage
     errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "--val-experiments: NOPE-9 is not a train experiment" in errors[0]
     assert not (tmp_path / "bad.0").exists()
@@ -299,3 +299,38 @@ def test_validation_scores_sites_by_default(tiny_competition, monkeypatch):
     assert inference.evaluate(s, RunContext(), None, data)["acc"] == pytest.approx(0.5)
     s = s.replace(inference={"val_unit": "well"})
     assert inference.evaluate(s, RunContext(), None, data)["acc"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------- the bottleneck's BN statistics
+
+
+def _bn_buffers_after_a_step(backbone: str, rule: str) -> dict:
+    torch.manual_seed(3)
+    net = CellClassifier(backbone, 5, 2, embedding_size=16, bottleneck_bn=rule)
+    net.load_state_dict(_BASE.state_dict())
+    net.train()
+    x, cell = torch.randn(4, 6, 32, 32, generator=torch.Generator().manual_seed(4)), torch.eye(2)[[0, 1, 0, 1]]
+    out = net(x, cell)
+    (out["logits"].sum() + out["cosine"].sum()).backward()
+    return {k: v for k, v in net.state_dict().items() if "running" in k}
+
+
+_BASE = CellClassifier("densenet121", 5, 2, embedding_size=16)
+
+
+def test_bottleneck_statistics_move_as_in_the_memory_efficient_densenet():
+    """The original trained the memory-efficient DenseNet161, whose recomputed bottlenecks update
+    norm1 twice a step. By default the plain network's buffers after a step equal the
+    memory-efficient network's; `once` makes both a single update at --bn-mom."""
+    mem = _bn_buffers_after_a_step("mem-densenet121", "recomputed")
+    plain = _bn_buffers_after_a_step("densenet121", "recomputed")
+    assert mem.keys() == plain.keys() and all(torch.allclose(mem[k], plain[k], atol=1e-6) for k in mem)
+    once_plain = _bn_buffers_after_a_step("densenet121", "once")
+    once_mem = _bn_buffers_after_a_step("mem-densenet121", "once")
+    assert all(torch.allclose(once_mem[k], once_plain[k], atol=1e-6) for k in once_plain)
+    norm1 = [k for k in plain if ".norm1.running_mean" in k]
+    assert len(norm1) == 58 and all(not torch.allclose(plain[k], once_plain[k]) for k in norm1)
+    assert all(torch.equal(plain[k], once_plain[k]) for k in plain if ".norm1." not in k)  # nothing else changes
+    net = CellClassifier("densenet121", 5, 2, embedding_size=16, bn_mom=0.05)
+    layer = net.backbone.denseblock1.denselayer1
+    assert layer.norm1.momentum == pytest.approx(0.0975) and layer.norm2.momentum == 0.05

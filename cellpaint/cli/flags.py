@@ -10,7 +10,8 @@ the command line and the settings, so everything below is generic over it:
   how this invocation runs (the `exec` group, never taken from the checkpoint: the machine may
   have changed) and `MAY_CHANGE`; a typed flag that contradicts the checkpoint is refused;
 - `take_architecture`: --load builds the network as the checkpoint's was;
-- `complete`: the defaults that depend on other settings (the head's), once they are all known.
+- `complete`: the defaults that depend on other settings (the head's), once they are all known;
+- `problems`: settings that cannot work together, named by their flags.
 """
 from __future__ import annotations
 
@@ -19,10 +20,14 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from cellpaint.core.errors import UsageError
-from cellpaint.core.settings import (ARCHITECTURE, AugmentSettings, DataSettings, ExecSettings, InferenceSettings,
-                                     ModelSettings, OptimSettings, PseudoLabelSettings, RunSettings, Settings,
-                                     plain_value)
+from cellpaint.core.settings import (ARCHITECTURE, AUTO, AugmentSettings, DataSettings, ExecSettings,
+                                     InferenceSettings, ModelSettings, OptimSettings, PseudoLabelSettings, RunSettings,
+                                     Settings, plain_value)
+from cellpaint.networks.backbones import is_supported_backbone, supported_backbones
+from dataset import tta_views
 
 # flag (argparse dest) -> the settings it sets, as "group.field"
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -32,6 +37,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "backbone": ("model.backbone",), "pretrained": ("model.pretrained",), "head_hidden": ("model.head_hidden",),
     "head": ("model.head",), "concat_cell_type": ("model.concat_cell_type",),
     "embedding_size": ("model.embedding_size",), "bn_mom": ("model.bn_mom",), "stem_init": ("model.stem_init",),
+    "bottleneck_bn": ("model.bottleneck_bn",),
     # training
     "metric_loss_coeff": ("optim.metric_loss_coeff",), "loss": ("optim.loss",), "loss_classes": ("optim.loss_classes",),
     "epochs": ("optim.epochs",), "gradient_accumulation": ("optim.gradient_accumulation",),
@@ -217,6 +223,49 @@ def take_architecture(current: Settings, saved: Settings, typed: set[str], path:
                              "takes the architecture from the checkpoint")
         values[field] = get(saved, field)
     return with_fields(current, values)
+
+
+def problems(s: Settings) -> str | None:
+    """The first way the settings (flags merged with a checkpoint's) cannot work together, named by
+    their flags; None when they can."""
+    m, o, d, inf, x = s.model, s.optim, s.data, s.inference, s.exec
+    if m.head == "plain":
+        given = [flag for flag, on in (("--concat-cell-type true", m.concat_cell_type),
+                                       ("--metric-loss-coeff > 0", (o.metric_loss_coeff or 0) > 0),
+                                       ("--head-hidden", m.head_hidden)) if on]
+        if given:
+            return f"--head plain has no cell-type one-hot, ArcFace head or hidden layers: drop {', '.join(given)}"
+    if o.loss_classes == "treatment" and d.train_controls:
+        return "--loss-classes treatment leaves the control classes out of the loss: add --train-controls false"
+    if d.val_last_experiment and (d.val_experiments or d.cv_number == -1):
+        return "--val-last-experiment chooses the validation experiments: drop --val-experiments / --cv-number -1"
+    if inf.tta_random < 0 or (inf.tta_random and inf.tta > 1):
+        return "--tta-random N (N >= 0) replaces --tta: give one of them"
+    if x.num_workers < 0 or (x.threads is not None and x.threads < 1):
+        return f"--num-data-workers must be >= 0 and --threads >= 1, got {x.num_workers} and {x.threads}"
+    for flag, value in (("--epochs", o.epochs), ("--batch-size", d.batch_size),
+                        ("--gradient-accumulation", o.gradient_accumulation), ("--folds", d.folds),
+                        ("--disp-batches", x.disp_batches), ("--tta", inf.tta), ("--max-bad-steps", x.max_bad_steps)):
+        if value < 1:
+            return f"{flag} must be >= 1, got {value}"
+    if d.val_experiments and d.cv_number == -1:
+        return "--val-experiments names validation experiments; --cv-number -1 trains on all of them"
+    if not -1 <= d.cv_number < d.folds:
+        return f"--cv-number must be -1 or in [0, {d.folds}), got {d.cv_number}"
+    if s.pseudo.first_epoch is not None and not 0 <= s.pseudo.first_epoch < o.epochs:
+        return f"--pl-epoch must be in [0, {o.epochs}), got {s.pseudo.first_epoch}"
+    if o.backbone_lr_mult < 0:
+        return f"--backbone-lr-mult must be >= 0, got {o.backbone_lr_mult}"
+    if not 0 <= o.metric_loss_coeff <= 1 or not 0 <= o.label_smoothing < 1:
+        return "--metric-loss-coeff must be in [0, 1] and --label-smoothing in [0, 1)"
+    try:
+        tta_views(torch.zeros(1, 1, 8, 8), inf.tta, inf.tta_size)
+    except ValueError as e:
+        return str(e)
+    if m.backbone != AUTO and not is_supported_backbone(m.backbone):
+        return (f"--backbone {m.backbone!r} is not supported; choose from: auto, {', '.join(supported_backbones())}, "
+                "or timm-NAME for any NAME of timm.list_models()")
+    return None
 
 
 def may_change_flags() -> list[str]:

@@ -60,6 +60,7 @@ class ModelSettings:
     bn_mom: float = 0.05
     stem_init: str = "random"
     head: str = "neck"
+    bottleneck_bn: str = "recomputed"  # how DenseNet bottleneck BN statistics move (model.set_bottleneck_bn)
 
 
 @dataclass(frozen=True)

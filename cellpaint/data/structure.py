@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cellpaint.core.errors import DataError
+from cellpaint.core.errors import DataError, UsageError
 from cellpaint.data.metadata import TREATMENT, wells_of
 
 
@@ -70,7 +70,7 @@ def derive_structure(table: pd.DataFrame, n_classes: int | None = None) -> Struc
         raise DataError("the metadata has no labelled wells: nothing to train on or score against")
     derived = int(max(wells["sirna"].max(), wells["sirna_true"].max())) + 1
     if n_classes is not None and n_classes < derived:
-        raise DataError(f"--classes {n_classes} is smaller than the {derived} classes in the metadata")
+        raise UsageError(f"--classes {n_classes} is smaller than the {derived} classes in the metadata")
     if not ((known["well_type"] == TREATMENT) & (known["split"] == "train")).any():
         raise DataError("the metadata has no labelled treatment wells in train: nothing to train on "
                         "(an empty train.csv, or a metadata.csv without train treatment rows?)")

@@ -99,7 +99,7 @@ def build_model(m: ModelSettings, n_classes: int, n_cell_types: int, pretrained:
     return CellClassifier(m.backbone, n_classes, n_cell_types, embedding_size=m.embedding_size,
                           head_hidden=None if m.head_hidden is None else list(m.head_hidden),
                           concat_cell_type=m.concat_cell_type, bn_mom=m.bn_mom, pretrained=pretrained,
-                          stem_init=m.stem_init, head=m.head)
+                          stem_init=m.stem_init, head=m.head, bottleneck_bn=m.bottleneck_bn)
 
 
 def loss_classes(o: OptimSettings, data: Data) -> torch.Tensor | None:
