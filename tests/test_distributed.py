@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
 from cellpaint.training import distributed
 from cellpaint.prediction.prediction_file import load_predictions
@@ -51,18 +51,49 @@ def runs(tmp_path_factory):
     return root
 
 
+def one_process_batches(n: int, batch: int, seed: int) -> list[list[int]]:
+    """The batches of a plain single-process training loader: a seeded shuffle, the last partial
+    batch dropped when there is more than one batch."""
+    order = RandomSampler(range(n), generator=torch.Generator().manual_seed(seed))
+    return [b.tolist() for b in DataLoader(range(n), batch_size=batch, sampler=order, drop_last=n > batch)]
+
+
 def test_shards_make_up_the_single_process_batches():
     n, batch = 103, 4
     single = list(RandomSampler(range(n), generator=torch.Generator().manual_seed(42)))
     one = distributed.ShardSampler(n, distributed.World(), seed=42)
     assert list(one) == single and len(one) == n  # one process: the order of a plain shuffled loader
-    shards = [list(distributed.ShardSampler(n, distributed.World(r, 3, distributed=True), seed=42)) for r in range(3)]
-    assert {len(s) for s in shards} == {35}  # padded to equal length: every process runs as many steps
-    for step in range(35 // batch):
+    shards = [list(distributed.ShardSampler(n, distributed.World(r, 3, distributed=True), seed=42, batch=batch))
+              for r in range(3)]
+    assert {len(s) for s in shards} == {n // (3 * batch) * batch}  # whole global batches, in every process
+    for step in range(len(shards[0]) // batch):
         together = {i for s in shards for i in s[step * batch:(step + 1) * batch]}
         assert together == set(single[step * 3 * batch:(step + 1) * 3 * batch])
     inference = [list(distributed.ShardSampler(n, distributed.World(r, 3, distributed=True))) for r in range(3)]
     assert sorted(i for s in inference for i in s) == list(range(n))  # inference: each row once, no padding
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_shards_never_make_a_step_the_single_process_run_would_not(processes):
+    """For every size up to a few global batches: the same number of steps as one process at a
+    batch `processes` times as large, each step the same samples, none twice (31 sites, 2
+    processes, -b 8 once made 2 steps, the second repeating a site, where one process at -b 16 runs
+    one). Only fewer sites than processes are padded, one step in which every process has a site."""
+    seed = 7
+    for batch in (1, 3, 8):
+        for n in range(1, 4 * processes * batch + 2):
+            single = one_process_batches(n, processes * batch, seed)
+            samplers = [distributed.ShardSampler(n, distributed.World(r, processes, distributed=True), seed, batch)
+                        for r in range(processes)]
+            shards = [[b.tolist() for b in DataLoader(range(n), batch_size=batch, sampler=s)] for s in samplers]
+            assert [len(s) for s in samplers] == [sum(map(len, b)) for b in shards]
+            assert [len(b) for b in shards] == [len(single)] * processes, (n, batch)
+            for step, expected in enumerate(single):
+                together = [i for b in shards for i in b[step]]
+                if n >= processes:
+                    assert sorted(together) == sorted(expected), (n, batch, step)
+                else:
+                    assert set(together) == set(expected) and len(together) == processes, (n, batch)
 
 
 def test_outputs_are_written_once(runs):

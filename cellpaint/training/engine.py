@@ -108,13 +108,15 @@ def make_dataset(d: DataSettings, data: Data, rows: pd.DataFrame, augment: datas
 def make_loader(d: DataSettings, world: distributed.World, ds: dataset.SiteDataset,
                 epoch: int | None = None) -> DataLoader:
     """This process's share of `ds`: shuffled (seeded by seed and epoch, so a resumed run draws the
-    same order) when `epoch` is given, in order otherwise."""
+    same order) when `epoch` is given, in order otherwise. A training sampler holds whole batches
+    only (the trailing partial one is dropped, unless it is all there is): see ShardSampler."""
     if epoch is not None:
         ds.set_epoch(epoch)
-    sampler = distributed.ShardSampler(len(ds), world, None if epoch is None else d.seed * 100_003 + epoch)
+        sampler = distributed.ShardSampler(len(ds), world, d.seed * 100_003 + epoch, batch=d.batch_size)
+    else:
+        sampler = distributed.ShardSampler(len(ds), world)
     # batches drop (and count, logging the count per pass) sites whose images are unreadable (--skip-bad-images)
     return dataset.SkippingLoader(ds, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers,
-                                  drop_last=epoch is not None and len(sampler) > d.batch_size,
                                   pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
                                   description="inference" if epoch is None else f"epoch {epoch}")
 
