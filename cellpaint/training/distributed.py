@@ -140,6 +140,20 @@ def all_true(flag: bool, world: World) -> bool:
     return sum_all([float(not flag)], world)[0] == 0
 
 
+def broadcast_buffers(module: torch.nn.Module, world: World) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) in every process's `module`.
+
+    DistributedDataParallel copies them from rank 0 only at the start of each training forward,
+    so after the last training batch every process holds statistics updated by its own share of
+    that batch. Inference (validation, pseudo-labelling) must see one network, the one rank 0
+    saves: each process scores its shard, and the checkpoint's `--mode val` must give the same.
+    """
+    if not world.distributed:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def from_main(obj, world: World):
     """Rank 0's `obj` in every process: decisions made once and shared (e.g. pseudo-labels)."""
     if not world.distributed:
