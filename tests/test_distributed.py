@@ -1,5 +1,10 @@
-"""Several processes (torchrun, gloo on the CPU): sharding, one set of outputs, resume, and the
-same results as one process with the same global batch."""
+"""Several processes (torchrun, gloo on the CPU): the same steps and gradients as one process with
+the same global batch, one network at inference, sharding, one set of outputs, resume, prediction.
+
+Distributed training is checked by exact properties, not by comparing accuracies: a dozen epochs
+scored on 64 sites vary by about +-0.1 between seeds (and between CPUs), which hides any real
+defect, while Adam ignores the scale of a gradient, so a sum-vs-mean slip across processes would
+not show in weights or accuracy either. What is compared is what the optimizer is handed."""
 from __future__ import annotations
 
 import os
@@ -30,7 +35,18 @@ ARGS = ["--device", "cpu", "--backbone", "smallcnn", "--pretrained", "none", "--
         "--lr", "cosine,3e-3", "--pl-epoch", "10", "--pl-size-func", "0.5", "--disp-batches", "1000"]
 PROCESSES = 2
 PROBE = ROOT / "tests" / "ddp_probe.py"
-TOLERANCE = 0.15  # |accuracy difference|, mean of the last 3 epochs' validation accuracy (measured: 0.07)
+
+# The parity runs: one epoch on 83 training sites (one site a well, 20% of the wells dropped), 2
+# processes at -b 7 against one at -b 14, accumulating 2 batches a step. 83 = 5 * 14 + 13 is what
+# the padding sampler got wrong: ceil(83 / 2) = 42 sites a process made 6 batches, and 3 steps,
+# where one process runs 5 batches and 2 steps (the 6th batch repeating a sample).
+PARITY = SyntheticConfig(layout="competition", cell_types=("HEPG2", "HUVEC"), train_experiments=(2, 2),
+                         test_experiments=(1, 1), classes=8, positive_controls=2, negative_wells=1, image_size=16,
+                         sites=1, drop_wells=0.2, leak=False, seed=7)
+PARITY_SITES, PARITY_BATCH = 83, 7
+PARITY_ARGS = ["--device", "cpu", "--backbone", "smallcnn", "--pretrained", "none", "--embedding-size", "32",
+               "--num-data-workers", "0", "--seed", "5", "--threads", "1", "--folds", "2", "--cv-number", "0",
+               "--cutmix", "0", "--gradient-accumulation", "2", "-e", "1", "--lr", "cosine,3e-3"]
 
 
 def torchrun(*argv, ok: bool = True, script=ROOT / "main.py", env=None) -> subprocess.CompletedProcess:
@@ -63,6 +79,19 @@ def runs(tmp_path_factory):
     probe(root / "probe", "--data", root / "data", "--save", root / "ddp" / "net", "-b", 8, *ARGS, processes=PROCESSES)
     assert run("--data", root / "data", "--save", root / "one" / "net", "-b", 16, *ARGS) == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    """One epoch with BatchNorm as identity (batch-independent), 2 processes at -b 7 and 1 at -b 14."""
+    root = tmp_path_factory.mktemp("parity")
+    generate(root / "data", PARITY, progress=False)
+    identity = {"PROBE_BN": "identity"}
+    ddp = probe(root / "ddp", "--data", root / "data", "--save", root / "ddp" / "net", "-b", PARITY_BATCH,
+                *PARITY_ARGS, processes=PROCESSES, env=identity)
+    one = probe(root / "one", "--data", root / "data", "--save", root / "one" / "net", "-b", PROCESSES * PARITY_BATCH,
+                *PARITY_ARGS, processes=1, env=identity)[0]
+    return root, ddp, one
 
 
 def one_process_batches(n: int, batch: int, seed: int) -> list[list[int]]:
@@ -110,6 +139,57 @@ def test_shards_never_make_a_step_the_single_process_run_would_not(processes):
                     assert set(together) == set(expected) and len(together) == processes, (n, batch)
 
 
+def test_distributed_gradient_equals_one_process_gradient(parity):
+    """What the optimizer gets at the first step (after one accumulation group of 2 batches): DDP's
+    gradient, averaged over the processes, equals the single-process gradient of the same global
+    batch. Same weights at the start; BatchNorm an identity in both (see ddp_probe.py)."""
+    _, ddp, one = parity
+    first = [record["first_step"] for record in ddp]
+    reference = one["first_step"]
+    assert first[0]["names"] == reference["names"] and len(reference["names"]) > 10
+    assert all(torch.equal(a, b) for a, b in zip(first[0]["params"], reference["params"]))  # the same start
+    # every process steps with the same, reduced gradient
+    assert all(torch.equal(a, b) for a, b in zip(first[0]["grads"], first[1]["grads"]))
+    assert all(g is not None for g in reference["grads"])
+    assert gradients_match(first[0]["grads"], reference["grads"], reference["names"])
+    # the check sees a gradient summed over the processes instead of averaged
+    assert not gradients_match([g * PROCESSES for g in first[0]["grads"]], reference["grads"], reference["names"])
+
+
+def gradients_match(got: list[torch.Tensor], expected: list[torch.Tensor], names: list[str]) -> bool:
+    """Each parameter's gradient within float summation error of the expected one, and the total
+    norms within 1e-5 of each other. Measured, with and without ATEN_CPU_CAPABILITY=default: the
+    largest difference 1.0e-6 of the parameter's largest entry, the norm ratio 1 +- 1e-8; a
+    gradient scaled by the number of processes is off by 100%."""
+    for name, a, b in zip(names, got, expected):
+        if not torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max())):
+            print(f"{name}: largest difference {float((a - b).abs().max()):.3g} of {float(b.abs().max()):.3g}")
+            return False
+    ratio = float(torch.sqrt(sum((g.double() ** 2).sum() for g in got)) /
+                  torch.sqrt(sum((g.double() ** 2).sum() for g in expected)))
+    print(f"gradient norm ratio - 1: {ratio - 1:.3g}")
+    return abs(ratio - 1) <= 1e-5
+
+
+def test_an_epoch_has_the_same_steps_rates_and_samples(parity):
+    """A whole epoch: as many optimizer steps as one process, each after the same batches and at the
+    same learning rates, each batch of the processes together the one process's batch."""
+    root, ddp, one = parity
+    for name in ("ddp", "one"):  # the data set is still the one described above
+        assert f"sites: train {PARITY_SITES}," in (root / name / "net.log").read_text()
+    assert len(one["batches"]) == PARITY_SITES // (PROCESSES * PARITY_BATCH) == 5
+    for record in ddp:
+        assert record["steps"] == one["steps"] and len(one["steps"]) == 2
+    assert [len(r["batches"]) for r in ddp] == [len(one["batches"])] * PROCESSES
+    for k, expected in enumerate(one["batches"]):
+        together = [i for record in ddp for i in record["batches"][k]]
+        assert sorted(together) == sorted(expected), k
+    # the logged training loss is the mean over every process's samples, not rank 0's alone (the
+    # networks differ by rounding only: the same batches, forward passes and gradients; measured 1e-8)
+    losses = [pd.read_csv(root / name / "net.metrics.csv")["train_loss"].iloc[0] for name in ("ddp", "one")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 def test_ranks_hold_one_network_when_inference_starts(runs):
     """Validation and pseudo-labelling are sharded: every process must score with the same weights
     and BatchNorm statistics, rank 0's (those its checkpoint saves), after every epoch."""
@@ -139,15 +219,16 @@ def test_logged_validation_accuracy_equals_val_mode_on_the_checkpoint(runs, capl
             assert value == pytest.approx(logged[key].iloc[epoch], abs=5e-5), (epoch, key)
 
 
-def test_validation_accuracy_matches_one_process(runs):
+def test_the_distributed_run_learns(runs):
+    """Above chance on validation, a falling training loss (summed over the processes' samples):
+    whether training works at all, not how well, which varies by about +-0.1 between seeds and CPUs.
+    Measured for seeds 0-7, each with and without ATEN_CPU_CAPABILITY=default (16 runs): mean of the
+    last 3 validation accuracies 0.29-0.50 (mean 0.42, sd 0.06; chance 0.125), last/first training
+    loss 0.45-0.52. (The 2.5 x chance this asserted before failed for seed 7 without AVX: 0.29.)"""
     ddp = pd.read_csv(runs / "ddp" / "net.metrics.csv")
-    one = pd.read_csv(runs / "one" / "net.metrics.csv")
     chance = 1 / LEARNABLE.classes
-    a, b = ddp["acc"].tail(3).mean(), one["acc"].tail(3).mean()
-    assert a > 2.5 * chance and b > 2.5 * chance, (a, b)  # both learn
-    assert abs(a - b) <= TOLERANCE, (a, b)
-    # the processes' training losses are summed over all samples, not rank 0's alone
-    assert ddp["train_loss"].iloc[-1] < 0.6 * ddp["train_loss"].iloc[0]
+    assert ddp["acc"].tail(3).mean() > 1.5 * chance, ddp["acc"].tolist()
+    assert ddp["train_loss"].iloc[-1] < 0.7 * ddp["train_loss"].iloc[0], ddp["train_loss"].tolist()
 
 
 def test_resume_continues_the_distributed_run(runs, tmp_path):
