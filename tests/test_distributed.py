@@ -8,6 +8,7 @@ not show in weights or accuracy either. What is compared is what the optimizer i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -217,6 +218,21 @@ def test_logged_validation_accuracy_equals_val_mode_on_the_checkpoint(runs, capl
         assert set(reported) == {"acc", "acc_HEPG2", "acc_HUVEC"}
         for key, value in reported.items():  # logged to 4 decimals; one site of 64 is 0.0156
             assert value == pytest.approx(logged[key].iloc[epoch], abs=5e-5), (epoch, key)
+
+
+def test_outputs_are_written_once(runs):
+    files = sorted(p.name for p in (runs / "ddp").iterdir())
+    assert files == sorted(p.name for p in (runs / "one").iterdir())
+    assert {"net", "net.0", f"net.{EPOCHS - 1}", "net.log", "net.metrics.csv"} <= set(files)
+    log = (runs / "ddp" / "net.log").read_text()
+    assert log.count("epoch 0: train_loss") == 1 and "[rank 1]" not in log  # one log, by rank 0
+    assert log.count("pseudo-labels at epoch 10:") == 1
+    # the checkpoint holds the pseudo-labels rank 0 logged choosing. How many depends on the model
+    # (a well whose class went to a more confident well of its plate is dropped, not replaced), so
+    # the count is checked against the log and the schedule, not against the one-process run's
+    labelled = re.findall(r"pseudo-labels at epoch \d+: .*, (\d+) of (\d+) wells labelled", log)
+    state = torch.load(runs / "ddp" / f"net.{EPOCHS - 1}", weights_only=True)
+    assert 0 < len(state["pseudo_labels"]) == int(labelled[-1][0]) <= round(0.5 * int(labelled[-1][1]))
 
 
 def test_the_distributed_run_learns(runs):
