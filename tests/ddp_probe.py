@@ -15,10 +15,12 @@ only look, through hooks that need no change to production code:
 PROBE_BN=identity builds the network with every BatchNorm an identity: its output then no longer
 depends on the other samples of the batch, so N processes at `-b B` and one at `-b N*B` compute
 the same function. (A "ghost" BatchNorm in the one-process run, statistics over each process's
-share, is the same function only up to float rounding, and rounding differences of 1e-6 flip
-near-ties of max-pooling and ReLU, which moves whole gradient entries: measured 1e-3 relative on
-the first layers. With identities the forward passes are bitwise equal, and the gradients differ
-only by the order of the batch sums.) The record goes to DIR/rank<RANK>.pt.
+share, is the same function only up to float rounding: activations differed by up to 1.7e-6,
+enough to flip a near-tie of the first max-pooling (one 2x2 window of 21,504 within 1e-5), which
+sends a whole gradient entry elsewhere: the first layers' gradients then differed by up to 8e-3
+of their largest entry. With identities the forward passes are bitwise equal, with and without
+ATEN_CPU_CAPABILITY=default, and the gradients differ only by the order of the batch sums.)
+The record goes to DIR/rank<RANK>.pt.
 """
 from __future__ import annotations
 
