@@ -97,7 +97,9 @@ def test_zoom_box_edge_is_a_uniform_whole_number():
     edges = np.array([b[2] for b in boxes])
     assert all(b[2] == b[3] for b in boxes)
     assert set(edges.tolist()) == set(range(24, 49))
-    assert abs(edges.mean() - 36) < 0.3
+    # the mean of 4000 uniform edges has sd 7.2 / sqrt(4000) = 0.114: 0.3 failed for 7 of seeds 0-299,
+    # 0.45 (about 4 sd) for none; a wrong range is caught by the set of edges above
+    assert abs(edges.mean() - 36) < 0.45
     assert all(0 <= b[0] <= 48 - b[2] and 0 <= b[1] <= 48 - b[3] for b in boxes)
 
 

@@ -104,14 +104,16 @@ def make_dataset(s: Settings, data: Data, rows: pd.DataFrame, augment: AugmentSe
 def make_loader(s: Settings, world: distributed.World, ds: dataset.SiteDataset,
                 epoch: int | None = None) -> DataLoader:
     """This process's share of `ds`: shuffled (seeded by seed and epoch, so a resumed run draws the
-    same order) when `epoch` is given, in order otherwise."""
+    same order) when `epoch` is given, in order otherwise. A training sampler holds whole batches
+    only (the trailing partial one is dropped, unless it is all there is): see ShardSampler."""
+    batch_size = s.data.batch_size
     if epoch is not None:
         ds.set_epoch(epoch)
-    sampler = distributed.ShardSampler(len(ds), world, None if epoch is None else s.seed * 100_003 + epoch)
-    batch_size = s.data.batch_size
+        sampler = distributed.ShardSampler(len(ds), world, s.seed * 100_003 + epoch, batch=batch_size)
+    else:
+        sampler = distributed.ShardSampler(len(ds), world)
     # batches drop (and count, logging the count per pass) sites whose images are unreadable (--skip-bad-images)
     return dataset.SkippingLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=s.exec.num_workers,
-                                  drop_last=epoch is not None and len(sampler) > batch_size,
                                   pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
                                   description="inference" if epoch is None else f"epoch {epoch}",
                                   size_hint=f"; python main.py --mode check --data {s.data.root} names the images")

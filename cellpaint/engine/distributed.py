@@ -66,22 +66,33 @@ def shutdown() -> None:
 
 
 class ShardSampler(Sampler[int]):
-    """This process's share of the data set: indices rank, rank + N, rank + 2N, ...
+    """This process's share of the data set: positions rank, rank + N, rank + 2N, ... of an order.
 
-    With `seed` the indices are those of a seeded permutation, padded (by repeating its start) to
-    a multiple of N so every process runs the same number of steps; consecutive batches of the N
-    processes then together hold exactly the samples of a single-process batch N times as large.
-    Without `seed` (inference) the order is the data set's and nothing is padded.
+    With `seed` (training) the order is a seeded permutation cut to the steps a single process
+    would run with a batch N times this process's `batch`: whole global batches (N * batch), the
+    rest dropped as a single-process loader's drop_last drops it, or all samples in one step when
+    they do not fill a global batch. Consecutive batches of the N processes then together hold
+    exactly the samples of a single-process batch, every process runs the same number of steps,
+    and no step holds a sample twice (padding to a multiple of N would: with N = 2, `-b 8` and 31
+    samples, 2 batches of 8 per process, the second repeating a sample, where one process at
+    `-b 16` runs one). Only fewer samples than processes are padded (by repeating), so that every
+    process has one. `batch` None: no cut (all samples in one global batch).
+    Without `seed` (inference) the order is the data set's and nothing is cut or padded.
     """
 
-    def __init__(self, n: int, world: World, seed: int | None = None) -> None:
-        self.n, self.world, self.seed = n, world, seed
+    def __init__(self, n: int, world: World, seed: int | None = None, batch: int | None = None) -> None:
+        self.n, self.world, self.seed, self.batch = n, world, seed, batch
+
+    def _kept(self) -> int:
+        """How many samples of the seeded order the processes run together (before padding)."""
+        full = self.n if self.batch is None else self.batch * self.world.size
+        return self.n - self.n % full if self.n > full else self.n
 
     def indices(self) -> list[int]:
         if self.seed is None:
             return list(range(self.world.rank, self.n, self.world.size))
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        pad = -len(order) % self.world.size
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()[:self._kept()]
+        pad = max(self.world.size - len(order), 0)
         order += (order * (pad // max(len(order), 1) + 1))[:pad]
         return order[self.world.rank::self.world.size]
 
@@ -89,9 +100,10 @@ class ShardSampler(Sampler[int]):
         return iter(self.indices())
 
     def __len__(self) -> int:
-        if self.seed is None:
-            return len(range(self.world.rank, self.n, self.world.size))
-        return -(-self.n // self.world.size)
+        kept = self.n if self.seed is None else self._kept()
+        if self.seed is not None and 0 < kept < self.world.size:
+            kept = self.world.size  # padded
+        return len(range(self.world.rank, kept, self.world.size))
 
 
 def gather_rows(parts: dict[str, np.ndarray], indices: np.ndarray, n: int, world: World) -> dict[str, np.ndarray]:
@@ -126,6 +138,20 @@ def sum_all(values: list[float], world: World) -> list[float]:
 def all_true(flag: bool, world: World) -> bool:
     """Whether `flag` holds in every process: steps must be skipped by all or none."""
     return sum_all([float(not flag)], world)[0] == 0
+
+
+def broadcast_buffers(module: torch.nn.Module, world: World) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) in every process's `module`.
+
+    DistributedDataParallel copies them from rank 0 only at the start of each training forward,
+    so after the last training batch every process holds statistics updated by its own share of
+    that batch. Inference (validation, pseudo-labelling) must see one network, the one rank 0
+    saves: each process scores its shard, and the checkpoint's `--mode val` must give the same.
+    """
+    if not world.distributed:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def from_main(obj, world: World):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import dataset
@@ -23,6 +24,8 @@ def infer(s: Settings, ctx: RunContext, model, ds: dataset.SiteDataset,
     training would, so a run is reproducible). Sites skipped as unreadable (--skip-bad-images)
     get NaN rows, which `sum_sites` leaves out."""
     tta_random = s.inference.tta_random
+    if isinstance(model, DistributedDataParallel):  # every process scores its shard with rank 0's network
+        distributed.broadcast_buffers(model.module, ctx.world)
     if not tta_random:
         return infer_pass(s, ctx, model, ds, embeddings)
     saved = ds.augment, ds.epoch
