@@ -31,6 +31,7 @@ from cellpaint.cli.flag_types import (args_file_line, bool_or_auto, bool_type, f
                                       lr_type, name_list, size_func_type)
 from cellpaint.cli.runlog import set_log_handlers, setup_logging
 from cellpaint.core import runlock
+from cellpaint.core.bounds import BoundError
 from cellpaint.core.errors import InputError, Interrupted, UsageError
 from cellpaint.core.schedule import LRSchedule, SizeFunction
 from cellpaint.core.settings import (AUTO, BC_SPACES, FLIP_SETS, PRECISIONS, ROTATE_BORDERS, ZOOM_MODES, Settings,
@@ -218,6 +219,8 @@ def saved_settings(state: dict, path: str) -> Settings | None:
             return settings_from_dict(state["settings"])
         if state.get("format") in LEGACY_FORMATS:
             return legacy_settings(state.get("args") or {})
+    except BoundError:
+        raise
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
         raise InputError(f"{path}: its settings do not read back ({e})") from None
     return None
@@ -263,21 +266,24 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
         p.error(f"--mode {args.mode} needs --load CKPT")
     try:
         s = flags.settings_from_args(args)
-    except ValueError as e:  # a value the settings refuse (the augmentation's ranges)
-        p.error(str(e))
+    except ValueError as e:  # a value outside its domain (core/bounds.py), or values that exclude each other
+        aliases = {a.dest: a.option_strings for a in p._actions}  # the command line's own parser
+        p.error(f"{e} ({flags.origin(getattr(e, 'flag', None), argv, aliases)})")
     typed = flags.typed_flags(build_parser, argv)
     state = None
+    checkpoint = args.resume if args.resume and args.mode == "train" else args.load
+    if checkpoint:
+        state = load_checkpoint(checkpoint)
+        try:
+            saved = saved_settings(state, checkpoint)
+        except BoundError as e:
+            p.error(f"{e} (from the checkpoint {checkpoint}, not typed here)")
     if args.resume and args.mode == "train":
-        state = load_checkpoint(args.resume)
-        saved = saved_settings(state, args.resume)
         if "optimizer" not in state or saved is None:
             raise InputError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
         s = flags.resume(s, saved, typed, args.resume)
-    elif args.load:
-        state = load_checkpoint(args.load)
-        saved = saved_settings(state, args.load)
-        if saved is not None:
-            s = flags.take_architecture(s, saved, typed, args.load)
+    elif args.load and saved is not None:
+        s = flags.take_architecture(s, saved, typed, args.load)
     save = s.run.save
     if args.resume and not save:
         save = re.sub(r"\.\d+$", "", args.resume)

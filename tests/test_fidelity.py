@@ -25,7 +25,7 @@ from cellpaint.engine.data import load_data
 from cellpaint.engine.epoch import train_one_epoch
 from cellpaint.engine.setup import make_optimizer
 from cellpaint.modes import pseudo_labels
-from cellpaint.core.errors import DataError, UsageError
+from cellpaint.core.errors import UsageError
 from model import CellClassifier, combined_loss
 from tests.conftest import SMALL, resolved_settings, run
 

@@ -250,7 +250,7 @@ def test_val_mode_reports_accuracy(trained, tiny_competition, caplog):
     (["--lr", "cosine,1e-3,5"], "odd count"),
     (["--pl-size-func", "__import__('os')"], "is not allowed"),
     (["--cv-number", "7"], "--cv-number"),
-    (["-b", "0"], "--batch-size must be >= 1"),
+    (["-b", "0"], "--batch-size 0: must be an integer >= 1 (on the command line)"),
     (["--tta", "9"], "--tta 9"),
     (["--concat-cell-type", "maybe"], "expected true/false"),
 ])

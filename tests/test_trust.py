@@ -231,11 +231,12 @@ def test_save_naming_a_directory_is_refused(tiny_competition, tmp_path, caplog, 
     assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["keep"]
 
 
-@pytest.mark.parametrize("flag, value", [("--num-data-workers", -1), ("--threads", -2)])
-def test_negative_workers_or_threads_are_refused(tmp_path, capsys, flag, value):
+@pytest.mark.parametrize("flag, value, domain", [("--num-data-workers", -1, "an integer >= 0"),
+                                                  ("--threads", -2, "an integer >= 1")])
+def test_negative_workers_or_threads_are_refused(tmp_path, capsys, flag, value, domain):
     with pytest.raises(SystemExit) as e:
         main.parse_settings(["--save", str(tmp_path / "x"), flag, str(value)])
-    assert e.value.code == 2 and "--num-data-workers must be >= 0 and --threads >= 1" in capsys.readouterr().err
+    assert e.value.code == 2 and f"{flag} {value}: must be {domain} (on the command line)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["predict", "val"])

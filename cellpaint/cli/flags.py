@@ -175,6 +175,16 @@ def typed_flags(build_parser: Callable[[], argparse.ArgumentParser], argv: Seque
     return {dest for dest, value in vars(parsed).items() if value is not marker}
 
 
+def origin(flag: str | None, argv: Sequence[str], aliases: dict[str, list[str]]) -> str:
+    """Where a flag's value came from: typed on the command line (under any of its `aliases`,
+    dest -> option strings), read from an @file, or its default."""
+    names = aliases.get((flag or "").lstrip("-").replace("-", "_"), [flag] if flag else [])
+    if flag is None or any(a == name or a.startswith(name + "=") for a in argv for name in names):
+        return "on the command line"
+    files = [a[1:] for a in argv if a.startswith("@")]
+    return f"from {', '.join('@' + f for f in files)}" if files else "its default"
+
+
 def _show(value) -> str:
     value = plain_value(value)
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
@@ -228,7 +238,7 @@ def take_architecture(current: Settings, saved: Settings, typed: set[str], path:
 def problems(s: Settings) -> str | None:
     """The first way the settings (flags merged with a checkpoint's) cannot work together, named by
     their flags; None when they can."""
-    m, o, d, inf, x = s.model, s.optim, s.data, s.inference, s.exec
+    m, o, d, inf = s.model, s.optim, s.data, s.inference
     if m.head == "plain":
         given = [flag for flag, on in (("--concat-cell-type true", m.concat_cell_type),
                                        ("--metric-loss-coeff > 0", (o.metric_loss_coeff or 0) > 0),
@@ -241,23 +251,12 @@ def problems(s: Settings) -> str | None:
         return "--val-last-experiment chooses the validation experiments: drop --val-experiments / --cv-number -1"
     if inf.tta_random < 0 or (inf.tta_random and inf.tta > 1):
         return "--tta-random N (N >= 0) replaces --tta: give one of them"
-    if x.num_workers < 0 or (x.threads is not None and x.threads < 1):
-        return f"--num-data-workers must be >= 0 and --threads >= 1, got {x.num_workers} and {x.threads}"
-    for flag, value in (("--epochs", o.epochs), ("--batch-size", d.batch_size),
-                        ("--gradient-accumulation", o.gradient_accumulation), ("--folds", d.folds),
-                        ("--disp-batches", x.disp_batches), ("--tta", inf.tta), ("--max-bad-steps", x.max_bad_steps)):
-        if value < 1:
-            return f"{flag} must be >= 1, got {value}"
     if d.val_experiments and d.cv_number == -1:
         return "--val-experiments names validation experiments; --cv-number -1 trains on all of them"
     if not -1 <= d.cv_number < d.folds:
         return f"--cv-number must be -1 or in [0, {d.folds}), got {d.cv_number}"
     if s.pseudo.first_epoch is not None and not 0 <= s.pseudo.first_epoch < o.epochs:
         return f"--pl-epoch must be in [0, {o.epochs}), got {s.pseudo.first_epoch}"
-    if o.backbone_lr_mult < 0:
-        return f"--backbone-lr-mult must be >= 0, got {o.backbone_lr_mult}"
-    if not 0 <= o.metric_loss_coeff <= 1 or not 0 <= o.label_smoothing < 1:
-        return "--metric-loss-coeff must be in [0, 1] and --label-smoothing in [0, 1)"
     try:
         tta_views(torch.zeros(1, 1, 8, 8), inf.tta, inf.tta_size)
     except ValueError as e:

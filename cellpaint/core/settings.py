@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cellpaint.core.atomic import atomic_write
+from cellpaint.core.bounds import bounded, check_bounds, seed_bound
 from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
 
 AUTO = "auto"
@@ -31,18 +32,21 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 class DataSettings:
     """What data a run reads and how it is split, normalised and batched."""
     root: Path  # --data
-    classes: int | None = None
+    classes: int | None = bounded(None, "--classes", low=1, integer=True)
     use_layout_leak: bool = True
-    folds: int = 6
-    cv_number: int = 0
-    data_split_seed: int = 0
+    folds: int = bounded(6, "--folds", low=1)
+    cv_number: int = bounded(0, "--cv-number", low=-1)
+    data_split_seed: int = seed_bound(0, "--data-split-seed")
     val_experiments: tuple[str, ...] | None = None
     val_last_experiment: bool = False
     all_controls_train: bool = True
     train_controls: bool = True
     finetune_cell_type: str | None = None
     normalization: str = "sample"
-    batch_size: int = 24
+    batch_size: int = bounded(24, "--batch-size", low=1)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 # the fields of ModelSettings that decide the network's shape: --load takes them from the checkpoint
@@ -54,34 +58,40 @@ class ModelSettings:
     """The network, and how fresh weights start."""
     backbone: str = AUTO
     pretrained: str = "imagenet"
-    embedding_size: int = 1024
-    head_hidden: tuple[int, ...] | None = None
+    embedding_size: int = bounded(1024, "--embedding-size", low=1)
+    head_hidden: tuple[int, ...] | None = bounded(None, "--head-hidden", low=1, integer=True)
     concat_cell_type: bool | None = True  # None (from main.py's conversion): by the head
-    bn_mom: float = 0.05
+    bn_mom: float = bounded(0.05, "--bn-mom", 0, 1, low_open=True)
     stem_init: str = "random"
     head: str = "neck"
     bottleneck_bn: str = "recomputed"  # how DenseNet bottleneck BN statistics move (model.set_bottleneck_bn)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass(frozen=True)
 class OptimSettings:
     """The objective, the optimizer and the schedule of training."""
-    epochs: int = 90
+    epochs: int = bounded(90, "--epochs", low=1)
     lr: LRSchedule = LRSchedule.parse("cosine,1.5e-4")
-    start_epoch: int = 0
-    wd: float = 1e-5
-    backbone_lr_mult: float = 1.0
+    start_epoch: int = bounded(0, "--start-epoch", low=0)
+    wd: float = bounded(1e-5, "--wd", low=0)
+    backbone_lr_mult: float = bounded(1.0, "--backbone-lr-mult", low=0)
     lr_groups: LRGroups | None = None
-    gradient_accumulation: int = 1
+    gradient_accumulation: int = bounded(1, "--gradient-accumulation", low=1)
     accumulation: str = "sum"
     loss: str = "ce"
     loss_classes: str = "all"
     # the ArcFace head's weight: 0 or 1 leaves a head without gradient; None (from main.py's conversion): by the head
-    metric_loss_coeff: float | None = 0.2
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    metric_loss_coeff: float | None = bounded(0.2, "--metric-loss-coeff", 0, 1)
+    label_smoothing: float = bounded(0.0, "--label-smoothing", 0, 1, high_open=True)
+    mixup: float = bounded(0.0, "--mixup", low=0)
+    cutmix: float = bounded(0.0, "--cutmix", low=0)
     mix_partners: str = "shared"
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 ZOOM_MODES = ("nearest", "bilinear")
@@ -96,41 +106,29 @@ class AugmentSettings:
     (the 41st-place recipe, off by default) rescale, rotation, gamma, brightness and contrast,
     each applied with probability `prob`. cellpaint/data/augment.py draws and applies them."""
     flips: bool = True
-    min_scale: float = 1.0          # --scale-aug: zoom crop edge drawn from [min_scale, 1]
-    scale_std: float = 0.0          # --pw-aug first value
-    bias_std: float = 0.0           # --pw-aug second value
-    rotate: float = 0.0             # --rotate-aug: angle ~ U(-rotate, rotate) degrees
-    brightness: float = 0.0         # --brightness-aug: offset ~ U(-b, b) (times the mean in raw space)
-    contrast: float = 0.0           # --contrast-aug: factor ~ U(1-c, 1+c)
-    gamma: float = 0.0              # --gamma-aug: gamma = exp(U(-log(1+g), log(1+g)))
+    # zoom crop edge drawn from [min_scale, 1]
+    min_scale: float = bounded(1.0, "--scale-aug", 0, 1, low_open=True)
+    scale_std: float = bounded(0.0, "--pw-aug", low=0)  # its first value
+    bias_std: float = bounded(0.0, "--pw-aug", low=0)   # its second value
+    rotate: float = bounded(0.0, "--rotate-aug", 0, 180)  # angle ~ U(-rotate, rotate) degrees
+    # offset ~ U(-b, b) (times the mean in raw space)
+    brightness: float = bounded(0.0, "--brightness-aug", low=0)
+    contrast: float = bounded(0.0, "--contrast-aug", 0, 1, high_open=True)  # factor ~ U(1-c, 1+c)
+    gamma: float = bounded(0.0, "--gamma-aug", low=0)  # gamma = exp(U(-log(1+g), log(1+g)))
     zoom_mode: str = "nearest"      # --zoom-interpolation: how the zoom crop is resized back
     transposes: bool = True         # --flips dihedral (True) or hv (False): the 8 or the 4 flips
-    prob: float = 1.0               # --aug-prob: each of rescale, rotation, brightness/contrast, gamma
-    rescale: float = 0.0            # --rescale-aug: resized by U(1-r, 1+r) and back
+    # each of rescale, rotation, brightness/contrast, gamma applied with this probability
+    prob: float = bounded(1.0, "--aug-prob", 0, 1)
+    rescale: float = bounded(0.0, "--rescale-aug", 0, 1, high_open=True)  # resized by U(1-r, 1+r) and back
     rotate_border: str = "zeros"    # --rotate-border
     bc_space: str = "normalised"    # --brightness-contrast-space
-    gamma_range: tuple[float, float] | None = None  # --gamma-range: gamma = 1 / U(lo, hi)
+    # gamma = 1 / U(lo, hi)
+    gamma_range: tuple[float, float] | None = bounded(None, "--gamma-range", low=0, low_open=True, integer=False)
 
     def __post_init__(self) -> None:
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"zoom scale must be in (0, 1], got {self.min_scale}")
-        if self.scale_std < 0 or self.bias_std < 0:
-            raise ValueError(f"augmentation std must be >= 0, got {self.scale_std}, {self.bias_std}")
-        # written so that NaN fails too
-        if not 0 <= self.rotate <= 180:
-            raise ValueError(f"--rotate-aug: rotation must be in [0, 180] degrees, got {self.rotate}")
-        if not 0 <= self.contrast < 1:
-            raise ValueError(f"--contrast-aug: contrast must be in [0, 1) (factor in (0, 2)), got {self.contrast}")
-        if not self.brightness >= 0:
-            raise ValueError(f"--brightness-aug: brightness must be >= 0, got {self.brightness}")
-        if not self.gamma >= 0:
-            raise ValueError(f"--gamma-aug: gamma must be >= 0, got {self.gamma}")
+        check_bounds(self)
         if self.zoom_mode not in ZOOM_MODES:
             raise ValueError(f"--zoom-interpolation: {self.zoom_mode!r} is not one of {', '.join(ZOOM_MODES)}")
-        if not 0 <= self.prob <= 1:
-            raise ValueError(f"--aug-prob: a probability in [0, 1], got {self.prob}")
-        if not 0 <= self.rescale < 1:
-            raise ValueError(f"--rescale-aug: must be in [0, 1) (factor in (0, 2)), got {self.rescale}")
         if self.rotate_border not in ROTATE_BORDERS:
             raise ValueError(f"--rotate-border: {self.rotate_border!r} is not one of {', '.join(ROTATE_BORDERS)}")
         if self.bc_space not in BC_SPACES:
@@ -159,19 +157,25 @@ class AugmentSettings:
 
 @dataclass(frozen=True)
 class PseudoLabelSettings:
-    first_epoch: int | None = None  # --pl-epoch; None: off
+    first_epoch: int | None = bounded(None, "--pl-epoch", low=0, integer=True)  # None: off
     size_func: SizeFunction = SizeFunction("x")
     duplicates: str = "drop"
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    tta: int = 1
-    tta_size: float = 1.0
-    tta_random: int = 0
+    tta: int = bounded(1, "--tta", low=1)
+    tta_size: float = bounded(1.0, "--tta-size", 0, 1, low_open=True)
+    tta_random: int = bounded(0, "--tta-random", low=0)
     val_unit: str = "site"
     save_embeddings: bool = False
     pred_suffix: str = ""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass(frozen=True)
@@ -184,13 +188,16 @@ class ExecSettings:
     channels_last: bool | str = AUTO
     compile: bool = False
     sync_bn: bool = False
-    threads: int | None = None
-    num_workers: int = 0
+    threads: int | None = bounded(None, "--threads", low=1, integer=True)
+    num_workers: int = bounded(0, "--num-data-workers", low=0)
     image_cache: Path | None = None
     stats_cache: Path | None = None  # where computed pixel statistics are cached
     skip_bad_images: bool = False
-    disp_batches: int = 50
-    max_bad_steps: int = 50
+    disp_batches: int = bounded(50, "--disp-batches", low=1)
+    max_bad_steps: int = bounded(50, "--max-bad-steps", low=1)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
     @property
     def autocast_dtype(self):
@@ -219,7 +226,11 @@ class Settings:
     inference: InferenceSettings = InferenceSettings()
     exec: ExecSettings = ExecSettings()
     run: RunSettings = RunSettings()
-    seed: int | None = None  # the shuffled order, the augmentation and mixing draws; resolved: drawn once
+    # the shuffled order, the augmentation and mixing draws; resolved: drawn once
+    seed: int | None = seed_bound(None, "--seed")
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
     def replace(self, **groups) -> "Settings":
         """A copy with fields of groups replaced: `s.replace(model={"backbone": "x"}, seed=3)`."""
