@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, TypeVar
 
-from cellpaint.core.settings import AUTO
+from cellpaint.core.settings import AUTO, plain_value
 from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
 
 T = TypeVar("T")
@@ -69,3 +69,23 @@ def args_file_line(line: str) -> list[str]:
     return [] if not line or line.startswith("#") else [line]
 
 
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default after its help, as it would be typed (`cosine,0.00015`,
+    `0.1,0.1`, `../data`); the description keeps its own line breaks. Flags whose default is
+    "not given" (None, empty, a switch's False) say nothing more, or what their help says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.nargs == 0 or "%(default)" in text
+                or default is None or default is argparse.SUPPRESS or default == ""):
+            return text
+        value = plain_value(default)
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        shown = str(value).replace("%", "%%")  # the help text is %-formatted after this
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"

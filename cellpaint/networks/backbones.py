@@ -109,8 +109,9 @@ def _build_imagenet(name: str, url: str, build: Callable[[], nn.Module]) -> nn.M
     except Exception as err:  # URLError, HTTPError, a corrupt cache file, a hash mismatch ...
         raise PretrainedUnavailable(
             f"ImageNet weights for {name!r} unavailable: tried the torch hub cache {cached} and "
-            f"downloading {url} ({_first_line(err)}); copy the file there (or set TORCH_HOME) "
-            f"or pass a local state-dict file as pretrained=PATH"
+            f"downloading {url} ({_first_line(err)}); copy the file there (or set TORCH_HOME), "
+            f"give a local state-dict file with --pretrained PATH, or train from random weights "
+            f"with --pretrained none"
         ) from err
 
 
