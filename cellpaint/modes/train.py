@@ -9,6 +9,7 @@ one `<save>`, the metrics and the curves. Every checkpoint carries the resolved 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -101,12 +102,24 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
             if is_best:
                 save_checkpoint(save, checkpoint)
             write_metrics(f"{save}.metrics.csv", state["history"])
-    if not ctx.world.main:
-        return
-    try:  # pictures are a convenience: never fail a finished run over them
-        plot_training_curves(Path(f"{save}.metrics.csv"), Path(f"{save}.curves.png"))
-    except OSError as e:
-        log.warning("training curves not drawn: %s", e)
+            draw_curves(save, quiet=True)  # a long run shows its picture while it runs
+    if ctx.world.main:
+        draw_curves(save, quiet=False)
+
+
+def draw_curves(save: str, quiet: bool) -> None:
+    """SAVE.curves.png from SAVE.metrics.csv, written atomically. A picture is a convenience: it
+    never fails a run (a warning says why it was not drawn)."""
+    try:
+        plot_training_curves(Path(f"{save}.metrics.csv"), Path(f"{save}.curves.png"), quiet=quiet)
+    except Exception as e:  # noqa: BLE001 - whatever matplotlib or the disk raise, training goes on
+        log.warning("training curves not drawn: %s: %s", type(e).__name__, " ".join(str(e).split())[:200])
+
+
+def recorded(s: Settings) -> Settings:
+    """The settings a checkpoint and SAVE.args.json record: this run's paths absolute (the data's
+    already are, cli/flags.py), so that a run resumed or read from another folder finds them."""
+    return s.replace(run={k: os.path.abspath(v) for k in ("save", "load", "resume") if (v := getattr(s.run, k))})
 
 
 def interrupted_message(save: str, epoch: int | None) -> str:
