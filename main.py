@@ -282,6 +282,7 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
         p.error(f"{e} ({flags.origin(getattr(e, 'flag', None), argv, aliases)})")
     typed = flags.typed_flags(build_parser, argv)
     state = None
+    notes: list[str] = []  # what the log should say about where settings came from
     checkpoint = args.resume if args.resume and args.mode == "train" else args.load
     if checkpoint:
         state = load_checkpoint(checkpoint)
@@ -293,8 +294,18 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
         if "optimizer" not in state or saved is None:
             raise InputError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
         s = flags.resume(s, saved, typed, args.resume)
+        if "data" not in typed and not Path(s.data.root).is_dir():
+            relative = "" if Path(s.data.root).is_absolute() else ", relative to the folder that run was started in"
+            raise DataError(f"--resume {args.resume}: its data directory {s.data.root} (recorded in the checkpoint"
+                            f"{relative}) does not exist here; give --data DIR of the same data set (its "
+                            "fingerprint is checked)")
     elif args.load and saved is not None:
         s = flags.take_architecture(s, saved, typed, args.load)
+        if args.mode in ("val", "predict"):
+            s, taken = flags.take_trained_on(s, saved, typed)
+            if taken:
+                notes.append(f"--load {args.load}: as it was trained, {', '.join(taken)} (type a flag to choose "
+                             "otherwise)")
     save = s.run.save
     if args.resume and not save:
         save = re.sub(r"\.\d+$", "", args.resume)
@@ -307,7 +318,7 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
     problem = flags.problems(s)
     if problem:
         p.error(problem)
-    return Command(s, state, args.debug)
+    return Command(s, state, args.debug, tuple(notes))
 
 
 def parse_settings(argv: list[str]) -> Settings:

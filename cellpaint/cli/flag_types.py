@@ -51,7 +51,15 @@ def _from_parser(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 
 lr_type = _from_parser(LRSchedule.parse)
-lr_groups_type = _from_parser(LRGroups.parse)
+_lr_groups = _from_parser(LRGroups.parse)
+
+
+def lr_groups_type(text: str) -> LRGroups | None:
+    """--lr-groups P,Q=M,...; `none` clears groups set earlier (by a recipe's @file): the whole
+    backbone then runs at --backbone-lr-mult."""
+    return None if text.strip().lower() == "none" else _lr_groups(text)
+
+
 size_func_type = _from_parser(SizeFunction)
 
 

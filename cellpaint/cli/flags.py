@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -84,6 +85,13 @@ MAY_CHANGE = ("data.root", "inference.tta", "inference.tta_size", "inference.pre
               "inference.save_embeddings")
 # the groups of one invocation: never taken from a checkpoint
 THIS_INVOCATION = ("exec", "run")
+# --mode val and predict take what the checkpoint of --load was trained on, unless typed: its split
+# (so that the validation wells, scored and written as the 'val' part of a prediction file, are
+# the ones it held out) and the classes its loss trained (modes/predict.py masks the others).
+# One of SPLIT_CHOICE picks the validation experiments: typing any of them picks them all.
+SPLIT_CHOICE = ("data.cv_number", "data.val_experiments", "data.val_last_experiment")
+TRAINED_ON = ("data.folds", "data.data_split_seed", "data.use_layout_leak", "data.train_controls",
+              "optim.loss_classes")
 
 
 def flag_name(dest: str) -> str:
@@ -107,7 +115,8 @@ def _convert(dest: str, value):
     if isinstance(value, list):
         value = tuple(value)
     if dest in ("data", "image_cache", "cache_dir") and value is not None:
-        value = Path(value)
+        # absolute: checkpoints record them, and --resume from another folder must find the same data
+        value = Path(os.path.abspath(value))
     return (value,)
 
 
@@ -157,7 +166,7 @@ def complete(settings: Settings) -> Settings:
     if exec_.stats_cache is None:
         where = settings.run.save or settings.run.load
         if where:
-            changes["exec.stats_cache"] = Path(where).parent / "cache"
+            changes["exec.stats_cache"] = Path(os.path.abspath(where)).parent / "cache"
     return with_fields(settings, changes)
 
 
@@ -235,6 +244,28 @@ def take_architecture(current: Settings, saved: Settings, typed: set[str], path:
     return with_fields(current, values)
 
 
+def take_trained_on(current: Settings, saved: Settings, typed: set[str]) -> tuple[Settings, list[str]]:
+    """--mode val/predict with --load: the checkpoint's split and trained classes (SPLIT_CHOICE,
+    TRAINED_ON) where not typed; also the flags taken that differ from this command line's
+    values, as `--flag value` for the log."""
+    typed_fields = {f for dest in typed for f in FIELDS.get(dest, ())}
+    fields = list(TRAINED_ON) + ([] if typed_fields & set(SPLIT_CHOICE) else list(SPLIT_CHOICE))
+    values = {f: get(saved, f) for f in fields if f not in typed_fields}
+    taken = [_as_typed(f, v) for f, v in values.items() if plain_value(v) != plain_value(get(current, f))]
+    return with_fields(current, values), taken
+
+
+SWITCHES = ("data.val_last_experiment",)  # flags that take no value: on when typed
+
+
+def _as_typed(field: str, value) -> str:
+    """A setting as the flag that gives it, e.g. `--cv-number -1`, `--train-controls false`."""
+    flag = flags_of(field)[0]
+    if field in SWITCHES:
+        return flag if value else f"no {flag}"
+    return f"{flag} {str(value).lower() if isinstance(value, bool) else _show(value)}"
+
+
 def problems(s: Settings) -> str | None:
     """The first way the settings (flags merged with a checkpoint's) cannot work together, named by
     their flags; None when they can."""
@@ -255,8 +286,6 @@ def problems(s: Settings) -> str | None:
         return "--val-experiments names validation experiments; --cv-number -1 trains on all of them"
     if not -1 <= d.cv_number < d.folds:
         return f"--cv-number must be -1 or in [0, {d.folds}), got {d.cv_number}"
-    if s.pseudo.first_epoch is not None and not 0 <= s.pseudo.first_epoch < o.epochs:
-        return f"--pl-epoch must be in [0, {o.epochs}), got {s.pseudo.first_epoch}"
     try:
         tta_views(torch.zeros(1, 1, 8, 8), inf.tta, inf.tta_size)
     except ValueError as e:

@@ -36,10 +36,14 @@ class Data:
     image_cache: ImageCache | None = None  # --image-cache, opened and checked once per run
 
 
-def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool = True) -> Data:
+def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool = True,
+              pixel_statistics: bool = True) -> Data:
     """Metadata table, derived structure, layout coincidences and the train/val/test subsets
     (`training`: warn when fine-tuning one cell type leaves nothing to validate); the pixel
-    statistics and the image cache where `x` asks for them."""
+    statistics and the image cache where `x` asks for them. Without `pixel_statistics` the
+    statistics (computed over every image when the data set has no pixel_stats.csv: minutes on
+    the real data) are left for `add_pixel_stats`, so that a run can build its network and check
+    its flags against it first."""
     table = metadata.load_table(d.root)
     matches = find_layout_matches(table)
     for m in matches:
@@ -48,12 +52,7 @@ def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool 
     if d.use_layout_leak and matches:
         table = apply_layout_matches(table, matches)
     structure = derive_structure(table, d.classes)
-    if d.val_last_experiment:  # the 41st place's split: each cell type's last train experiment
-        folds, cv_number = named_folds(table, last_experiments(table)), 0
-    elif d.val_experiments:
-        folds, cv_number = named_folds(table, d.val_experiments), 0
-    else:
-        folds, cv_number = assign_folds(table, d.folds, d.data_split_seed), d.cv_number
+    folds, cv_number = choose_folds(table, d)
     subsets = split_subsets(table, folds, cv_number, d.all_controls_train)
     if not d.train_controls:  # treatment wells only (the 41st place trained on train.csv alone)
         train = subsets["train"]
@@ -73,14 +72,35 @@ def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool 
              "sites: train %d, val %d, test %d", d.root, len(table), structure.n_classes,
              len(structure.treatment_classes), structure.n_groups, ",".join(structure.cell_types),
              *(len(subsets[k]) for k in ("train", "val", "test")))
-    stats = None
-    if d.normalization != "sample":
-        if x.stats_cache is None:
-            raise UsageError(f"--data-normalization {d.normalization} needs a folder for the pixel "
-                             "statistics: give --cache-dir")
-        stats = pixel_stats.load_pixel_stats(d.root, table, x.stats_cache)
+    if d.normalization != "sample" and x.stats_cache is None:
+        raise UsageError(f"--data-normalization {d.normalization} needs a folder for the pixel "
+                         "statistics: give --cache-dir")
     cache = ImageCache.open(x.image_cache, d.root, table) if x.image_cache else None
-    return Data(table, structure, subsets, stats, cache)
+    data = Data(table, structure, subsets, None, cache)
+    return add_pixel_stats(data, d, x) if pixel_statistics else data
+
+
+def choose_folds(table: pd.DataFrame, d: DataSettings) -> tuple[dict[str, int], int]:
+    """The fold of each train experiment and the validation fold's number, as `d` chooses them."""
+    if d.val_last_experiment:  # the 41st place's split: each cell type's last train experiment
+        return named_folds(table, last_experiments(table)), 0
+    if d.val_experiments:
+        return named_folds(table, d.val_experiments), 0
+    return assign_folds(table, d.folds, d.data_split_seed), d.cv_number
+
+
+def validation_experiments(table: pd.DataFrame, d: DataSettings) -> set[str]:
+    """The train experiments `d` holds out for validation (none with --cv-number -1)."""
+    folds, cv_number = choose_folds(table, d)
+    return {e for e, fold in folds.items() if fold == cv_number} if cv_number >= 0 else set()
+
+
+def add_pixel_stats(data: Data, d: DataSettings, x: ExecSettings) -> Data:
+    """`data` with the pixel statistics its normalisation needs (none for `sample`): read from the
+    data set or the cache, computed and cached otherwise."""
+    if d.normalization != "sample" and data.pixel_stats is None:
+        data.pixel_stats = pixel_stats.load_pixel_stats(d.root, data.table, x.stats_cache)
+    return data
 
 
 def site_image_size(data: Data) -> tuple[int, int] | None:

@@ -23,10 +23,11 @@ from cellpaint.engine import distributed
 from cellpaint.engine.checkpoints import (CHECKPOINT_FORMAT, check_classes, check_data_set, made_with,
                                           restore_weights, save_checkpoint)
 from cellpaint.engine.context import RunContext
-from cellpaint.engine.data import load_data, make_dataset, make_loader
+from cellpaint.engine.data import add_pixel_stats, load_data, make_dataset, make_loader, site_image_size
 from cellpaint.engine.epoch import train_one_epoch
 from cellpaint.engine.inference import evaluate, infer
-from cellpaint.engine.setup import build_model, loss_classes, make_optimizer, prepare_model, resolve
+from cellpaint.engine.setup import (build_model, check_input_size, loss_classes, make_optimizer, prepare_model,
+                                    resolve)
 from cellpaint.modes import pseudo_labels
 from cellpaint.modes.curves import plot_training_curves
 
@@ -46,13 +47,17 @@ def train(s: Settings, ctx: RunContext, resume: dict | None = None, init: dict |
 
 def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None, progress: dict) -> None:
     save = s.run.save
-    data = load_data(s.data, s.exec, training=True)
+    # the pixel statistics (minutes on the real data) wait until the network is built and the
+    # flags that need it (--lr-groups, --backbone against the image size) are checked
+    data = load_data(s.data, s.exec, training=True, pixel_statistics=False)
     checkpoint_in = resume or init
     s = resolve(s, ctx, data, made_with=made_with(checkpoint_in), training=True)
     torch.manual_seed(s.seed)
     pretrained = "none" if checkpoint_in else s.model.pretrained
     model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), pretrained).to(ctx.device)
     optimizer = make_optimizer(s.optim, model)
+    check_input_size(model, s.model.backbone, site_image_size(data), ctx.device)
+    data = add_pixel_stats(data, s.data, s.exec)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=s.exec.autocast_dtype == torch.float16)
     state = {"epoch": s.optim.start_epoch - 1, "best_acc": -1.0, "pseudo_labels": {}, "history": []}
     if resume is not None:
@@ -67,9 +72,14 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
     fingerprint = check_data_set(s, data, checkpoint_in)
     del resume, init, checkpoint_in  # the optimizer state is not kept twice
     runner = prepare_model(s, ctx, model, training=True)
+    record = recorded(s)
     if ctx.world.main:
-        save_settings(f"{save}.args.json", s)
+        save_settings(f"{save}.args.json", record)
 
+    if s.pseudo.first_epoch is not None and s.pseudo.first_epoch >= s.optim.epochs:
+        # allowed, so that a recipe can be tried for a few epochs as written (tests/test_newcomer.py)
+        log.warning("--pl-epoch %d is not below --epochs %d: no pseudo-labels in this run",
+                    s.pseudo.first_epoch, s.optim.epochs)
     guard = {"bad_steps": 0}
     for epoch in range(state["epoch"] + 1, s.optim.epochs):
         progress["epoch"] = epoch
@@ -90,7 +100,7 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in metrics.items()))
         checkpoint = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scaler": scaler.state_dict(), "settings": settings_dict(s),
+                      "scaler": scaler.state_dict(), "settings": settings_dict(record),
                       "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types),
                       "data_fingerprint": fingerprint}
         acc = metrics.get("acc", epoch)  # without validation the latest epoch counts as the best
