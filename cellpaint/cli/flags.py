@@ -16,7 +16,6 @@ the command line and the settings, so everything below is generic over it:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -72,10 +71,6 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "cache_dir": ("exec.stats_cache",), "skip_bad_images": ("exec.skip_bad_images",),
     "disp_batches": ("exec.disp_batches",), "max_bad_steps": ("exec.max_bad_steps",),
 }
-class FlagError(UsageError):
-    """A flag that contradicts the checkpoint it is used with (exit status 2, like argparse)."""
-
-
 # flags of the command line itself, not settings
 COMMAND_ONLY = ("debug",)
 # settings --resume takes from what the user typed when given (else from the checkpoint): the data
@@ -86,13 +81,12 @@ MAY_CHANGE = ("data.root", "inference.tta", "inference.tta_size", "inference.pre
 THIS_INVOCATION = ("exec", "run")
 
 
+class FlagError(UsageError):
+    """A flag that contradicts the checkpoint it is used with (exit status 2, like argparse)."""
+
+
 def flag_name(dest: str) -> str:
     return "--" + dest.replace("_", "-")
-
-
-def flags_of(field: str) -> list[str]:
-    """The flags that set a setting ("group.field"), e.g. ['--data'] for 'data.root'."""
-    return [flag_name(dest) for dest, fields in FIELDS.items() if field in fields]
 
 
 # ------------------------------------------------------------------------------- the conversion
@@ -271,7 +265,3 @@ def may_change_flags() -> list[str]:
     """The flags --resume accepts with another value than the checkpoint's (listed in --help)."""
     return [flag_name(dest) for dest, fields in FIELDS.items()
             if fields[0].split(".")[0] == "exec" or all(f in MAY_CHANGE for f in fields)]
-
-
-def defaults_of(cls) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
