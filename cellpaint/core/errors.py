@@ -90,12 +90,14 @@ def exit_status(error: BaseException) -> int:
 
 
 def one_line(error: BaseException) -> str:
-    """An expected failure as one line. An OSError that names a file (a read-only directory, a full
-    disk) says which; a data-loader worker's error comes back wrapped in the worker's traceback
-    (torch re-raises it with the traceback as the message): only its last line is kept.
-    Otherwise the message's first line."""
+    """An expected failure as one line. Reads and writes are labelled where they happen ("cannot
+    read PATH", "cannot write PATH": core/atomic.py and the readers raise InputError, DataError or
+    OutputError); an OSError that still gets here unlabelled names its file and reason, without
+    guessing whether it was read or written. A data-loader worker's error comes back wrapped in the
+    worker's traceback (torch re-raises it with the traceback as the message): only its last line
+    is kept. Otherwise the message's first line."""
     if isinstance(error, OSError) and error.filename and error.strerror:
-        return f"cannot write {error.filename}: {error.strerror}"
+        return f"{error.filename}: {error.strerror}"
     text = str(error)
     if "Original Traceback" in text:
         text = [line for line in text.splitlines() if line.strip()][-1]
