@@ -18,7 +18,7 @@ import dataset
 from cellpaint.core.errors import UsageError
 from cellpaint.core.settings import AugmentSettings, DataSettings, ExecSettings, Settings
 from cellpaint.data import images, metadata, pixel_stats
-from cellpaint.data.folds import assign_folds, last_experiments, named_folds, split_subsets
+from cellpaint.data.folds import assign_folds, last_experiments, named_folds, only_experiments, split_subsets
 from cellpaint.data.image_cache import ImageCache
 from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
 from cellpaint.data.structure import Structure, derive_structure
@@ -50,6 +50,11 @@ def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool 
     structure = derive_structure(table, d.classes)
     if d.val_last_experiment:  # the 41st place's split: each cell type's last train experiment
         folds, cv_number = named_folds(table, last_experiments(table)), 0
+        alone = only_experiments(table)
+        if training and alone:
+            log.warning("--val-last-experiment validates on %s, the only train experiment of %s: no treatment well "
+                        "of %s is trained on (use --val-experiments to choose others)", ", ".join(alone.values()),
+                        ", ".join(alone), "that cell type" if len(alone) == 1 else "those cell types")
     elif d.val_experiments:
         folds, cv_number = named_folds(table, d.val_experiments), 0
     else:

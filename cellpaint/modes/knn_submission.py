@@ -95,6 +95,21 @@ def _vectors(sums: WellSums, ref: Reference, wells: Wells) -> np.ndarray:
                            sums.sums["test"][wells.keep["test"]]])
 
 
+def _check_zero_rows(vectors: np.ndarray, sums: WellSums, n_ref: int) -> int:
+    """Refuse a file whose embeddings are all zero, or whose reference (train) wells include one
+    (a neighbour without a direction: predict never writes one); return how many val/test wells
+    are all zero (what predict writes for a well without a readable image), for a warning."""
+    import numpy as np
+
+    zero = ~vectors.any(axis=1)
+    if zero.all():
+        raise SubmissionError(f"{sums.path}: every embedding is all zero: nothing to find neighbours by")
+    if zero[:n_ref].any():
+        raise SubmissionError(f"{sums.path}: {int(zero[:n_ref].sum())} train (reference) well(s) have an all-zero "
+                              "embedding: a neighbour without a direction")
+    return int(zero[n_ref:].sum())
+
+
 def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFrame, structure: Structure,
                  clock: Stopwatch) -> Ensemble:
     """The --knn path up to the plate stages: embeddings files -> per-well vectors (sites summed)
@@ -114,6 +129,7 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
     class_group = plates.class_groups(masks) if s.knn_search == "group" else None
     setup = board = ref = wells = None
     raw = []
+    zero_wells = 0
 
     def has_train_part(_: int, sums: WellSums) -> None:
         if sums.ids["train"].size == 0:
@@ -133,6 +149,7 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
                                   f"{first_path} of {width}: only --knn-combine concat joins "
                                   "files of different widths")
         raw.append(_vectors(sums, ref, wells))
+        zero_wells = max(zero_wells, _check_zero_rows(raw[-1], sums, len(ref.keep)))
         sums.sums, sums.matrix = {}, None  # the first file is kept for its ids only
         if len(s.files) > 1:
             scores, _ = setup.scores(knn.l2_normalise(raw[-1].copy()), board.scored)
@@ -158,7 +175,7 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
         "k": k, "k_used": used, "k_short": short_of_k(k, used), "use_valid": s.use_valid,
         "search": s.knn_search, "weight": s.knn_weight, "combine": combine if len(s.files) > 1 else None,
         "reference_wells": {"val": setup.n_ref, "test": setup.n_ref + setup.wells.n_val * s.use_valid},
-        "ignored_train_controls": ref.ignored_controls,
+        "ignored_train_controls": ref.ignored_controls, "zero_wells": zero_wells,
         "features": "per file: sites summed; files " + ("averaged (weighted), then L2-normalised"
                                                         if combine == "mean" else
                                                         "L2-normalised, concatenated, scaled by sqrt(w/sum w)"),
