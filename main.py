@@ -269,6 +269,8 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
         p.error("training needs --save PATH (or --resume CKPT)")
     if args.mode in ("val", "predict") and not args.load:
         p.error(f"--mode {args.mode} needs --load CKPT")
+    if args.overwrite and flags.overwrite_problem(args.mode, args.resume):  # before any checkpoint is read
+        p.error(flags.overwrite_problem(args.mode, args.resume))
     try:
         s = flags.settings_from_args(args)
     except ValueError as e:  # a value outside its domain (core/bounds.py), or values that exclude each other

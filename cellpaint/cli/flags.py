@@ -236,6 +236,15 @@ def take_architecture(current: Settings, saved: Settings, typed: set[str], path:
     return with_fields(current, values)
 
 
+def overwrite_problem(mode: str, resume: str | None) -> str | None:
+    """--overwrite is for a new training run only (checked before a checkpoint is read, too)."""
+    if mode == "train" and not resume:
+        return None
+    return ("--overwrite starts a new training run at --save afresh: it does not go with "
+            + ("--resume (to branch a run from an earlier epoch, --resume it with --save NEW_PREFIX)"
+               if resume else f"--mode {mode}"))
+
+
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
@@ -267,10 +276,10 @@ def problems(s: Settings) -> str | None:
     device = device_problem(s.exec.device)
     if device:
         return device
-    if s.run.overwrite and (s.run.mode != "train" or s.run.resume):
-        return ("--overwrite starts a new training run at --save afresh: it does not go with "
-                + ("--resume (to branch a run from an earlier epoch, --resume it with --save NEW_PREFIX)"
-                   if s.run.resume else f"--mode {s.run.mode}"))
+    if s.run.overwrite:
+        problem = overwrite_problem(s.run.mode, s.run.resume)
+        if problem:
+            return problem
     if m.head == "plain":
         given = [flag for flag, on in (("--concat-cell-type true", m.concat_cell_type),
                                        ("--metric-loss-coeff > 0", (o.metric_loss_coeff or 0) > 0),
