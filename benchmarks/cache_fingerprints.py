@@ -62,9 +62,9 @@ def main() -> int:
             from cellpaint.data.synthetic import generate
             from cellpaint.data.synthetic_config import SyntheticConfig
             data = Path(tmp) / "data"
-            generate(data, SyntheticConfig(layout="competition", classes=8, train_experiments=(1, 1, 1, 1),
-                                           test_experiments=(1, 1, 1, 1), image_size=args.image_size, seed=1),
-                     progress=False)
+            generate(data, SyntheticConfig(layout="competition", cell_types=("HEPG2",), classes=8,
+                                           train_experiments=(2,), test_experiments=(1,),
+                                           image_size=args.image_size, leak=False, seed=1), progress=False)
         table = metadata.load_table(data)
         pngs = len(table) * images.CHANNELS
         size = sum(Path(f"{p}_w1.png").stat().st_size for p in table["image_prefix"]) / len(table)

@@ -306,14 +306,18 @@ def test_val_last_experiment_names_a_cell_type_it_leaves_untrained(tiny_competit
 # ------------------------------------------------------------------------------ checkpoints and files
 
 
-def test_a_checkpoint_whose_settings_are_a_string(trained, tiny_competition, tmp_path, caplog):
-    """Issue 20: a checkpoint whose recorded settings are a string was an AttributeError traceback."""
-    state = torch.load(f"{trained}.1", weights_only=True)
-    state["settings"] = "abc"
-    torch.save(state, tmp_path / "odd.1")
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: {**s, "settings": "abc"}, "its recorded settings are not a dict of setting groups (found str): "
+                                         "an edited or foreign checkpoint"),
+    (lambda s: {**{k: v for k, v in s.items() if k != "settings"}, "format": "cellpaint-rcic/1", "args": "abc"},
+     "its recorded arguments are not a dict (found str)"),
+])
+def test_a_checkpoint_whose_settings_are_a_string(trained, tiny_competition, tmp_path, caplog, edit, message):
+    """Issue 20: a checkpoint whose recorded settings (or, in the first format, arguments) are a string
+    was an AttributeError traceback."""
+    torch.save(edit(torch.load(f"{trained}.1", weights_only=True)), tmp_path / "odd.1")
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "odd.1", *WHERE) == 1
-    assert errors_of(caplog) == [f"{tmp_path / 'odd.1'}: its recorded settings are not a dict of setting groups "
-                                 "(found str): an edited or foreign checkpoint"]
+    assert errors_of(caplog) == [f"{tmp_path / 'odd.1'}: {message}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.1"]
 
 
@@ -384,3 +388,21 @@ def test_all_zero_embeddings_are_named(tmp_path, capsys, zero, status, message):
     captured = capsys.readouterr()
     assert rc == status and message in (captured.err if status else captured.out)
     assert (tmp_path / "s.csv").exists() == (status == 0)
+
+
+def test_a_timm_weights_file_of_another_model_is_refused(tiny_competition, tmp_path, capsys):
+    """Issue 20: `--backbone timm-... --pretrained FILE` of another model: a 1,300-character 'Unexpected
+    keys' line, then training from random weights (the torchvision path refuses such a file)."""
+    timm = pytest.importorskip("timm")
+    torch.save(timm.create_model("resnet10t").state_dict(), tmp_path / "resnet.pth")
+    save = tmp_path / "run" / "net"
+    assert run("--data", tiny_competition[0], "--save", save, "-e", 1, *SMALL, "--backbone", "timm-regnetx_002",
+               "--pretrained", tmp_path / "resnet.pth") == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if " ERROR: " in line]
+    others = [line for line in err.splitlines() if " INFO: arguments: " not in line]  # the settings, logged first
+    assert len(errors) == 1 and "Unexpected keys" not in err and max(map(len, others)) < 400
+    assert errors[0].endswith(f"pretrained weights file {tmp_path / 'resnet.pth'} does not fit timm backbone "
+                              "'regnetx_002': 219 of its 264 weights are not in the file (e.g. stem.bn.weight); "
+                              "86 others are")
+    assert sorted(p.name for p in save.parent.iterdir()) == ["net.log"]

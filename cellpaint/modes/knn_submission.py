@@ -175,7 +175,7 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
         "k": k, "k_used": used, "k_short": short_of_k(k, used), "use_valid": s.use_valid,
         "search": s.knn_search, "weight": s.knn_weight, "combine": combine if len(s.files) > 1 else None,
         "reference_wells": {"val": setup.n_ref, "test": setup.n_ref + setup.wells.n_val * s.use_valid},
-        "ignored_train_controls": ref.ignored_controls, "zero_wells": zero_wells,
+        "ignored_train_controls": ref.ignored_controls,
         "features": "per file: sites summed; files " + ("averaged (weighted), then L2-normalised"
                                                         if combine == "mean" else
                                                         "L2-normalised, concatenated, scaled by sqrt(w/sum w)"),
@@ -184,4 +184,6 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
                   + " by cosine, each voting " + ("sigmoid(cos)" if s.knn_weight == "sigmoid" else "max(cos, 0)")
                   + "; score = summed votes"),
     }}
+    if zero_wells:  # only then: the report of a sound file stays as it was
+        extra["knn"]["zero_wells"] = zero_wells
     return Ensemble(setup.wells, board, scores, masks, treatment, extra)
