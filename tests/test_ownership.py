@@ -193,3 +193,21 @@ def test_the_demo_replaces_only_its_own_earlier_run(tmp_path):
     Path(f"{save}.args.json").write_text(json.dumps({"data": {"root": str(data)}, "model": {"backbone": "smallcnn"}}))
     assert demo.earlier_demo_run(save, data)
     assert not demo.earlier_demo_run(save, tmp_path / "other")
+
+
+def test_a_run_made_before_run_ids_resumes_at_its_prefix(trained, tmp_path):
+    """A checkpoint and args.json without ids (made before them) are one run: --resume continues it
+    there (and it gets an id from then on); a new run still refuses the prefix."""
+    save = copy_run(trained, tmp_path, epochs=(0,))
+    for path in (save, Path(f"{save}.0")):
+        state = torch.load(path, weights_only=True)
+        del state["run_id"]
+        torch.save(state, path)
+    settings = json.loads(Path(f"{save}.args.json").read_text())
+    del settings["run_id"]
+    Path(f"{save}.args.json").write_text(json.dumps(settings))
+    state = torch.load(f"{save}.0", weights_only=True)
+    assert run_owner.resume_prefix(f"{save}.0", state, None) == str(save)
+    assert run_owner.claim(str(save), "new id", {"path": f"{save}.0", "state": state}, False, {}, 2, 0) is None
+    with pytest.raises(OutputError, match="holds another run's files"):
+        run_owner.claim(str(save), "new id", None, False, {}, 2, 0)

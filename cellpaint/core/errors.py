@@ -9,7 +9,8 @@ it) and ends with the status `exit_status` gives it. The kinds:
       InputError        a file given to a command (checkpoint, prediction file,    1
                         metrics CSV) that is missing, unreadable or refused
       OutputError       an output that cannot be written (full disk, read-only      1
-                        directory) or that another run holds
+                        directory), that another run holds, or that is one of
+                        the command's own inputs
       Diverged          a training run whose loss stopped being finite               1
       UsageError        the command line cannot work as written: a flag's value,    2
                         flags together, a flag that contradicts its checkpoint or
@@ -48,7 +49,8 @@ class InputError(CellpaintError):
 
 
 class OutputError(CellpaintError):
-    """An output that cannot be written, or that another run holds; the message names it."""
+    """An output that cannot be written, that another run holds, or that would replace one of the
+    command's inputs; the message names it."""
 
 
 class Diverged(CellpaintError, FloatingPointError):

@@ -125,7 +125,9 @@ def claim(prefix: str, run_id: str, resumed: dict | None, overwrite: bool, input
                                                                               ".args.json")]
     check_not_inputs(outputs, inputs, f"--save {prefix}")
     if resumed is not None:
-        why = _unusable(prefix, resumed["path"], run_id, int(resumed["state"].get("epoch", -1)), epochs, False)
+        # the checkpoint's own id: a run made before ids (LEGACY) gets a new one only from now on
+        why = _unusable(prefix, resumed["path"], run_id_of(resumed["state"]), int(resumed["state"].get("epoch", -1)),
+                        epochs, False)
         if why:
             raise OutputError(f"--resume {resumed['path']}: {why}; give --save PREFIX to continue the run there")
         return None
