@@ -25,19 +25,16 @@ from typing import Iterator
 
 import torch
 
-from cellpaint.cli import entry, flags
+from cellpaint.cli import entry, flags, run_outputs
 from cellpaint.cli.flag_types import (ArgsFileParser, args_file_line, bool_or_auto, bool_type, float_pair, int_list, lr_groups_type,
                                       lr_type, name_list, size_func_type)
 from cellpaint.cli.runlog import set_log_handlers, setup_logging
-from cellpaint.core import runlock
 from cellpaint.core.bounds import BoundError
-from cellpaint.core.errors import InputError, Interrupted, OutputError, UsageError
-from cellpaint.core.outputs import check_not_inputs
+from cellpaint.core.errors import InputError, Interrupted, UsageError
 from cellpaint.core.schedule import LRSchedule, SizeFunction
 from cellpaint.core.settings import (AUTO, BC_SPACES, FLIP_SETS, PRECISIONS, ROTATE_BORDERS, ZOOM_MODES, Settings,
                                      settings_dict, settings_from_dict)
 from cellpaint.data.pixel_stats import NORMALIZATIONS
-from cellpaint.data import metadata
 from cellpaint.engine import distributed, mixing, run_owner
 from cellpaint.engine.checkpoints import LEGACY_FORMATS, load_checkpoint
 from cellpaint.engine.context import RunContext
@@ -353,39 +350,6 @@ def run(argv: list[str] | None) -> int:
     return 0
 
 
-def inputs_of(s: Settings) -> dict[str, str]:
-    """The files this invocation reads (path -> what reads it): none may be one of its outputs."""
-    inputs = {str(path): "the metadata of --data" for path in metadata.input_files(s.data.root)}
-    if s.run.mode == "train" and s.run.resume:
-        inputs[s.run.resume] = "--resume"
-    elif s.run.load:
-        inputs[s.run.load] = "--load"
-    if s.run.mode == "train" and s.model.pretrained not in ("imagenet", "none") and Path(s.model.pretrained).is_file():
-        inputs[s.model.pretrained] = "--pretrained"
-    return inputs
-
-
-def hold_outputs(s: Settings, stack: contextlib.ExitStack, checkpoint: dict | None, run_id: str) -> str | None:
-    """Lock the outputs of train and predict (one run per output: a second would interleave the log
-    and overwrite checkpoints), then make sure they are this run's to write (engine/run_owner.py):
-    nothing here is written before that. Returns a note for the run's log."""
-    mode, save = s.run.mode, s.run.save
-    output = f"{s.run.load}.output{s.inference.pred_suffix}"
-    target = (save, f"--save {save}") if mode == "train" else (output, f"the prediction file {output}")
-    try:
-        Path(target[0]).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot write {target[0]}: {e.strerror or e}") from None
-    stack.enter_context(runlock.hold(f"{target[0]}.lock", target[1]))
-    if mode == "predict":
-        outputs = [output, f"{output}.log", f"{s.run.load}.embeddings{s.inference.pred_suffix}"]
-        check_not_inputs(outputs, inputs_of(s), "--mode predict")
-        return None
-    resumed = {"path": s.run.resume, "state": checkpoint} if s.run.resume else None
-    return run_owner.claim(save, run_id, resumed, s.run.overwrite, inputs_of(s), s.optim.epochs,
-                           s.optim.start_epoch)
-
-
 def run_mode(s: Settings, ctx: RunContext, checkpoint: dict | None) -> None:
     """The mode of `s`, holding its output and logging to its file."""
     mode, save, load = s.run.mode, s.run.save, s.run.load
@@ -393,7 +357,7 @@ def run_mode(s: Settings, ctx: RunContext, checkpoint: dict | None) -> None:
     # a resumed run keeps its id; a new one (a fine-tuning of --load too) gets its own
     run_id = (run_owner.run_id_of(checkpoint) if s.run.resume else "") or run_owner.new_run_id()
     with contextlib.ExitStack() as stack:
-        note = hold_outputs(s, stack, checkpoint, run_id) if ctx.world.main and mode in ("train", "predict") else None
+        note = run_outputs.hold(s, stack, checkpoint, run_id) if ctx.world.main and mode in ("train", "predict") else None
         # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
         log_path = {"train": f"{save}.log", "predict": f"{output}.log"}.get(mode)
         staged_log = setup_logging(log_path, ctx.world, staged=mode == "predict", append=bool(s.run.resume),

@@ -20,7 +20,6 @@ from cellpaint.core import atomic
 from cellpaint.data import metadata
 from cellpaint.data.prediction_file import load_predictions, save_embeddings, save_predictions
 from cellpaint.engine.data import load_data
-from cellpaint.modes.check import check_data
 from tests.conftest import ROOT, SMALL, run
 from tests.test_submission import make
 

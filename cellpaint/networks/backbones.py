@@ -6,20 +6,18 @@ count); model.py puts the neck and heads on top.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import re
-import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
 from cellpaint.core.errors import InputError
+from cellpaint.networks.timm_weights import quiet_timm, timm_file_problem
 
 _TV_PREFIXES = ("resnet", "resnext", "wide_resnet", "densenet", "efficientnet_")
 # pretrainedmodels' VGG/AlexNet put their fully connected layers inside features(), so they only
@@ -363,7 +361,7 @@ def build_timm_backbone(name: str, pretrained: str = "none", in_channels: int = 
     options = ({"dynamic_img_size": True, "dynamic_img_pad": True}, {"dynamic_img_size": True}, {})
     for extra in options:
         try:
-            with _quiet_timm(pretrained not in ("none", "imagenet")):
+            with quiet_timm(pretrained not in ("none", "imagenet")):
                 model = timm.create_model(name, **kwargs, **extra)
             break
         except Exception as err:  # offline, a missing cache entry, a file of another model ...
@@ -372,8 +370,9 @@ def build_timm_backbone(name: str, pretrained: str = "none", in_channels: int = 
             if pretrained == "none":
                 raise  # nothing to fetch or fit: a bug, shown as one
             raise PretrainedUnavailable(_timm_load_error(name, pretrained, err)) from err
-    if pretrained not in ("none", "imagenet"):
-        _check_timm_file(model, name, pretrained)
+    problem = timm_file_problem(model, name, pretrained) if pretrained not in ("none", "imagenet") else None
+    if problem:
+        raise PretrainedUnavailable(problem)
     if pretrained != "none" and stem_init != "rgb-copy":
         stem = model.get_submodule(model.pretrained_cfg["first_conv"])
         if stem_init == "random":
@@ -383,59 +382,6 @@ def build_timm_backbone(name: str, pretrained: str = "none", in_channels: int = 
                 stem.weight.mul_(in_channels / 3)
     n_features = getattr(model, "head_hidden_size", None) or model.num_features
     return _TimmFeatures(model), int(n_features)
-
-
-@contextlib.contextmanager
-def _quiet_timm(quiet: bool) -> Iterator[None]:
-    """Without timm's warning listing every key of a weights file that does not fit (a line of
-    thousands of characters): `_check_timm_file` says it in one line instead."""
-    logger = logging.getLogger("timm")
-    level = logger.level
-    if quiet:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _read_weights_file(path: str) -> Mapping:
-    """A weights file as timm reads it: safetensors, or a torch file (weights only) whose state dict may
-    sit under 'state_dict_ema', 'model_ema', 'state_dict' or 'model', with DDP's 'module.' prefixes."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        obj = load_file(path)
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-            break
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()} if isinstance(obj, Mapping) else {}
-
-
-def _check_timm_file(model: nn.Module, name: str, path: str) -> None:
-    """timm loads a file of another model's weights with a warning listing the keys and goes on with
-    random weights (it loads non-strictly once the classifier is dropped): refuse that here, as the
-    torchvision path does. Every weight of the model but its stem (adapted to the channels) must be
-    in the file, after the model family's own key conversion where timm has one."""
-    try:
-        state = _read_weights_file(path)
-    except Exception as err:  # noqa: BLE001 - timm read it a moment ago; any failure now is the file's
-        raise PretrainedUnavailable(f"pretrained weights file {path} cannot be read again ({_first_line(err)})") from err
-    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if convert is not None:
-        try:
-            state = convert(state, model)
-        except Exception:  # noqa: BLE001 - a converter for other layouts: the names are compared as they are
-            pass
-    stems = model.pretrained_cfg.get("first_conv") or ()
-    stems = {f"{stem}.weight" for stem in ((stems,) if isinstance(stems, str) else stems)}
-    absent = [k for k in model.state_dict() if k not in state and k not in stems and not k.endswith("num_batches_tracked")]
-    if absent:
-        raise PretrainedUnavailable(
-            f"pretrained weights file {path} does not fit timm backbone {name!r}: {len(absent)} of its "
-            f"{len(model.state_dict())} weights are not in the file (e.g. {absent[0]}); {len(state)} others are")
 
 
 def _timm_load_error(name: str, pretrained: str, err: BaseException) -> str:
