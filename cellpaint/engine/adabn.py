@@ -28,6 +28,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import dataset
+from cellpaint.core.errors import UsageError
 from cellpaint.core.settings import AugmentSettings, Settings
 from cellpaint.data.sampling import domain_keys
 from cellpaint.engine import distributed
@@ -72,6 +73,8 @@ def per_domain(s: Settings, ctx: RunContext, model: torch.nn.Module, ds: dataset
     keys = ds.domain_keys(by)
     table_keys = domain_keys(data.table, by)
     net = copy.deepcopy(model)
+    if not backbone_norms(net):
+        raise UsageError(f"--adabn {by}: the backbone has no BatchNorm layers whose statistics could be recomputed")
     for key in np.unique(keys):
         sites = data.table[table_keys == key]
         stats_loader = make_loader(s, distributed.World(), make_dataset(s, data, sites))  # every site, every process

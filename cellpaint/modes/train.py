@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from cellpaint.core.atomic import atomic_write
-from cellpaint.core.errors import Interrupted, UsageError
+from cellpaint.core.errors import InputError, Interrupted, UsageError
 from cellpaint.core.settings import Settings, save_settings, settings_dict
 from cellpaint.engine import distributed
 from cellpaint.engine.checkpoints import (CHECKPOINT_FORMAT, check_classes, check_data_set, made_with,
@@ -66,13 +66,18 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
     check_classes(data, checkpoint_in)
     fingerprint = check_data_set(s, data, checkpoint_in)
     check_size_schedule(s, data)
-    ema = None
-    if s.optim.model_ema is not None:  # after the weights are restored: the average starts from them
-        ema = WeightAverage(model, s.optim.model_ema)
-        if resume is not None:
-            ema.load_state_dict(resume["model_ema"])
+    ema_state = None if resume is None or s.optim.model_ema is None else resume.get("model_ema")
+    if resume is not None and s.optim.model_ema is not None and ema_state is None:
+        raise InputError(f"--resume {s.run.resume}: the run keeps EMA weights (--model-ema) but this checkpoint "
+                         "holds none")
     del resume, init, checkpoint_in  # the optimizer state is not kept twice
     runner = prepare_model(s, ctx, model, training=True)
+    ema = None
+    if s.optim.model_ema is not None:  # a copy of the prepared network (restored, channels-last, SyncBN)
+        ema = WeightAverage(model, s.optim.model_ema)
+        if ema_state is not None:
+            ema.load_state_dict(ema_state)
+        del ema_state
     if ctx.world.main:
         save_settings(f"{save}.args.json", s)
 
