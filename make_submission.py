@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build a submission from one or more prediction files (SPEC, "Submission").
 
-    ./make_submission.py -o sub.csv [--data DIR] [-w W1,W2,...] [-t THREADS] FILE [FILE ...]
+    ./make_submission.py -o sub.csv [--data DIR] [-w W1,W2,...] [-t THREADS] [--balance sinkhorn[,ITERS]|columns]
+                         FILE [FILE ...]
     ./make_submission.py --knn K [--use-valid] [--knn-search group|cell] [--knn-weight sigmoid|relu-cos]
                          [--knn-combine mean|concat] -o sub.csv [--data DIR] [-w ...] EMB_FILE [EMB_FILE ...]
 
@@ -9,7 +10,8 @@ Per file the sites of a well are summed; the files are ensembled (weighted); the
 plate design of the metadata (plates.py):
   1. per experiment, which plate group each plate holds (best joint ordering),
   2. only that group's classes stay candidates,
-  3. per plate, a linear assignment so each class goes to at most one well.
+  3. per plate, a linear assignment so each class goes to at most one well (with --balance, each
+     plate's probabilities balanced first: plates.balance_plates).
 Validation accuracy (wells of the files' 'val' part, labels from the metadata) is printed after
 every stage, per cell type, and test accuracy too where the metadata knows test labels. The CSV
 (`id_code,sirna`, every test treatment well once) and the same scores as JSON (`<output>.json`)

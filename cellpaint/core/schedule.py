@@ -1,4 +1,5 @@
-"""Parsing of the schedule-like flags: the multi-span learning rate and the pseudo-label size function.
+"""Parsing of the schedule-like flags: the multi-span learning rate, the pseudo-label size function,
+the layer-wise learning-rate groups and the progressive-resizing schedule.
 
 Both are strings from the command line, so both are parsed, never evaluated: the size function
 goes through a small arithmetic evaluator over an AST whitelist, not `eval`.
