@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +25,18 @@ from typing import Iterator
 
 import torch
 
-from cellpaint.cli import entry, flags
-from cellpaint.cli.flag_types import (HelpFormatter, args_file_line, bool_or_auto, bool_type, float_pair, int_list,
-                                      lr_groups_type, lr_type, name_list, size_func_type)
+from cellpaint.cli import entry, flags, run_outputs
+from cellpaint.cli.flag_types import (ArgsFileParser, HelpFormatter, args_file_line, bool_or_auto, bool_type, float_pair,
+                                      int_list, lr_groups_type, lr_type, name_list, size_func_type, size_schedule_type)
 from cellpaint.cli.runlog import set_log_handlers, setup_logging
-from cellpaint.core import runlock
 from cellpaint.core.bounds import BoundError
 from cellpaint.core.errors import DataError, InputError, Interrupted, UsageError
 from cellpaint.core.schedule import LRSchedule, SizeFunction
-from cellpaint.core.settings import (AUTO, BC_SPACES, FLIP_SETS, PRECISIONS, ROTATE_BORDERS, ZOOM_MODES, Settings,
-                                     settings_dict, settings_from_dict)
+from cellpaint.core.settings import (ADABN_DOMAINS, AUTO, BATCH_SAMPLINGS, BC_SPACES, FLIP_SETS, INFERENCE_WEIGHTS,
+                                     PRECISIONS, ROTATE_BORDERS, ZOOM_MODES, Settings, settings_dict,
+                                     settings_from_dict)
 from cellpaint.data.pixel_stats import NORMALIZATIONS
-from cellpaint.engine import distributed, mixing
+from cellpaint.engine import distributed, mixing, run_owner
 from cellpaint.engine.checkpoints import LEGACY_FORMATS, load_checkpoint
 from cellpaint.engine.context import RunContext
 from cellpaint.modes import check, pseudo_labels
@@ -55,8 +54,8 @@ log = logging.getLogger("cellpaint")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                fromfile_prefix_chars="@")  # recipes/*.args: one argument per line
+    p = ArgsFileParser(description=__doc__, formatter_class=HelpFormatter,
+                       fromfile_prefix_chars="@")  # recipes/*.args: one argument per line
     p.convert_arg_line_to_args = args_file_line
     p.add_argument("-m", "--mode", default="train", choices=("train", "val", "predict", "check"),
                    help="train; val: the validation accuracy of --load; predict: its prediction file; check: "
@@ -119,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mix-partners", choices=mixing.PARTNER_RULES, default="shared",
                    help="with mixup and cutmix both on: one partner permutation for both (shared, the 1st "
                         "place) or one each (separate)")
+    g.add_argument("--model-ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (timm's ModelEmaV3) after every "
+                        "optimizer step t, at decay min(DECAY, 1 - t^(-2/3)) (warm-up; the first step copies), "
+                        "e.g. 0.999; validation and pseudo-labelling use it, checkpoints keep it beside the "
+                        "weights and --mode val/predict use it by default (see --inference-weights); default off")
+    g.add_argument("--image-size-schedule", type=size_schedule_type, default=None, metavar="SIZE:EPOCH,...",
+                   help="progressive resizing: training images resized on the device to edge SIZE from epoch "
+                        "EPOCH on, e.g. 224:0,384:30,512:60 (sizes and epochs rising, the first at epoch 0, "
+                        "none above the data's size); validation and prediction at the data's size; default off")
     g.add_argument("--pw-aug", type=float_pair, default=(0.1, 0.1), help="per-channel scale std,bias std")
     g.add_argument("--scale-aug", type=float, default=0.5, help="zoom crop edge drawn from [scale, 1]")
     g.add_argument("--zoom-interpolation", choices=ZOOM_MODES, default="nearest",
@@ -179,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate on these train experiments (by name) instead of fold --cv-number")
     g.add_argument("--val-last-experiment", action="store_true",
                    help="validate on the last train experiment (in name order) of each cell type (the 41st place)")
+    g.add_argument("--batch-sampling", choices=BATCH_SAMPLINGS, default="random",
+                   help="random: batches from the whole shuffled training set (the 1st place); plate or "
+                        "experiment: every training batch (every global batch under torchrun) from one plate or "
+                        "one experiment, in a seeded order (the 5th place); needs --concat-cell-type false")
     g.add_argument("--data-split-seed", type=int, default=0, help="seed of the shuffle before the folds are dealt")
     g.add_argument("--data-normalization", choices=NORMALIZATIONS, default="sample",
                    help="sample: each image by its own statistics; experiment, global, global-pooled: from "
@@ -201,12 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of stopping with an error naming the file; in prediction a well with no "
                         "readable site gets an all-zero vector")
     g = p.add_argument_group("prediction and output")
-    g.add_argument("--save", default=None, help="checkpoint path: <save>.<epoch> each epoch, <save> the best")
+    g.add_argument("--save", default=None, help="checkpoint path: <save>.<epoch> each epoch, <save> the best; "
+                                                "refused when it holds another run's files (see --overwrite)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="training: remove the files of the earlier run at --save first (its checkpoints, log, "
+                        "metrics, curves, settings and the prediction files made from its checkpoints)")
     g.add_argument("--load", default=None, help="checkpoint (or bare weights) for val, predict or fine-tuning")
     g.add_argument("--tta", type=int, default=1, help="test-time views: flips/transposes, then shifted crops")
     g.add_argument("--tta-size", type=float, default=1.0, help="crop fraction of the TTA views")
     g.add_argument("--tta-random", type=int, default=0, metavar="N",
                    help="instead of --tta: average N passes of the training augmentation (the 41st place: 10)")
+    g.add_argument("--adabn", choices=ADABN_DOMAINS, default="off",
+                   help="at validation, pseudo-labelling and prediction, recompute the backbone's BatchNorm "
+                        "statistics on all sites of each plate (experiment) before its logits are taken "
+                        "(AdaBN, the 5th place); the weights are untouched; default off")
+    g.add_argument("--inference-weights", choices=INFERENCE_WEIGHTS, default="auto",
+                   help="which weights validation, pseudo-labelling and prediction use: auto (the EMA weights "
+                        "when the run or checkpoint has them, see --model-ema), ema, or raw (the trained ones)")
     g.add_argument("--pred-suffix", default="", help="prediction file is <load>.output<suffix>")
     g.add_argument("--save-embeddings", action="store_true", help="also write <load>.embeddings<suffix>")
     g.add_argument("--channels-last", type=bool_or_auto, default=AUTO,
@@ -275,6 +298,8 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
         p.error("training needs --save PATH (or --resume CKPT)")
     if args.mode in ("val", "predict") and not args.load:
         p.error(f"--mode {args.mode} needs --load CKPT")
+    if args.overwrite and flags.overwrite_problem(args.mode, args.resume):  # before any checkpoint is read
+        p.error(flags.overwrite_problem(args.mode, args.resume))
     try:
         s = flags.settings_from_args(args)
     except ValueError as e:  # a value outside its domain (core/bounds.py), or values that exclude each other
@@ -306,19 +331,29 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
             if taken:
                 notes.append(f"--load {args.load}: as it was trained, {', '.join(taken)} (type a flag to choose "
                              "otherwise)")
-    save = s.run.save
-    if args.resume and not save:
-        save = re.sub(r"\.\d+$", "", args.resume)
-        s = s.replace(run={"save": save})
-    if args.mode == "train" and (save.endswith(os.sep) or Path(save).is_dir()):
-        # outputs are <save>.<epoch>, <save>.log, ...: a directory would hide them as DIR/.0 or fail to hold <save>
-        raise UsageError(f"--save {save} names a directory; give a path prefix in it, "
-                         f"e.g. --save {os.path.join(save, 'net')}")
+    if args.mode == "train":
+        if s.run.save:
+            check_save(s.run.save)
+        if args.resume:  # the run's own prefix (engine/run_owner.py), or --save when given
+            done = int(state.get("epoch", -1)) + 1
+            if done >= s.optim.epochs:
+                raise UsageError(f"--resume {args.resume}: its run already did all its {s.optim.epochs} epochs; to "
+                                 f"train on, start a new run from it: --load {args.resume} --start-epoch {done} "
+                                 f"-e MORE --save NEW_PREFIX")
+            s = s.replace(run={"save": run_owner.resume_prefix(args.resume, state, s.run.save)})
+            check_save(s.run.save)
     s = flags.complete(s)
     problem = flags.problems(s)
     if problem:
         p.error(problem)
     return Command(s, state, args.debug, tuple(notes))
+
+
+def check_save(save: str) -> None:
+    if save.endswith(os.sep) or Path(save).is_dir():
+        # outputs are <save>.<epoch>, <save>.log, ...: a directory would hide them as DIR/.0 or fail to hold <save>
+        raise UsageError(f"--save {save} names a directory; give a path prefix in it, "
+                         f"e.g. --save {os.path.join(save, 'net')}")
 
 
 def parse_settings(argv: list[str]) -> Settings:
@@ -364,21 +399,21 @@ def run_mode(s: Settings, ctx: RunContext, checkpoint: dict | None, notes: tuple
     """The mode of `s`, holding its output and logging to its file."""
     mode, save, load = s.run.mode, s.run.save, s.run.load
     output = f"{load}.output{s.inference.pred_suffix}"
+    # a resumed run keeps its id; a new one (a fine-tuning of --load too) gets its own
+    run_id = (run_owner.run_id_of(checkpoint) if s.run.resume else "") or run_owner.new_run_id()
     with contextlib.ExitStack() as stack:
-        if ctx.world.main and mode in ("train", "predict"):
-            # one run per output: a second would interleave the log and overwrite checkpoints
-            target = (save, f"--save {save}") if mode == "train" else (output, f"the prediction file {output}")
-            Path(target[0]).parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(runlock.hold(f"{target[0]}.lock", target[1]))
+        note = run_outputs.hold(s, stack, checkpoint, run_id) if ctx.world.main and mode in ("train", "predict") else None
         # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
         log_path = {"train": f"{save}.log", "predict": f"{output}.log"}.get(mode)
         staged_log = setup_logging(log_path, ctx.world, staged=mode == "predict", append=bool(s.run.resume),
                                    arguments=settings_dict(s))
-        for note in notes:
-            log.info("%s", note)
+        for line in notes:
+            log.info("%s", line)
+        if note:
+            log.warning("%s", note)
         if mode == "train":
             train(s, ctx, resume=checkpoint if s.run.resume else None,
-                  init=None if s.run.resume else checkpoint)
+                  init=None if s.run.resume else checkpoint, run_id=run_id)
         else:
             try:
                 {"val": validate, "predict": predict}[mode](s, ctx, checkpoint)

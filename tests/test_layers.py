@@ -15,6 +15,7 @@ is a dependency too). benchmarks/ and tests/ sit above everything and are not ch
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -144,3 +145,22 @@ def test_the_checks_see_upward_imports_and_circles_wherever_they_stand():
     assert upward_imports(graph) == ["cellpaint.data.metadata (domain) imports cellpaint.engine.setup (engine)"]
     ring = {"cellpaint.modes.a": {"cellpaint.modes.b"}, "cellpaint.modes.b": {"cellpaint.modes.a"}}
     assert circles(ring) == [["cellpaint.modes.a", "cellpaint.modes.b"]]
+
+
+def test_the_readme_module_map_names_every_module():
+    """README.md's "Repository" map is the tree: every folder of the package stands under its layer,
+    and every module in it is named in the folder's entry."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Repository"):]
+    lines = block[:block.index("\n## ", 1)].split("\n")
+    for folder, layer in PACKAGE.items():
+        start = next(i for i, line in enumerate(lines) if f"cellpaint/{folder}/" in line)
+        under = next(line.split()[0] for line in reversed(lines[:start + 1]) if line.split()[:1] and
+                     line.split()[0] in LAYERS)
+        assert under == layer, (folder, under)
+        entry = [lines[start]] + [line for line in lines[start + 1:start + 6] if line.startswith(" " * 20)
+                                  and "cellpaint/" not in line]
+        words = set(re.findall(r"[a-z_]+", " ".join(entry)))
+        missing = [m.name for m in sorted((ROOT / "cellpaint" / folder).glob("*.py"))
+                   if m.stem != "__init__" and m.stem not in words]
+        assert not missing, f"README's map lacks cellpaint/{folder}/: {missing}"

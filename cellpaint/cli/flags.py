@@ -16,7 +16,6 @@ the command line and the settings, so everything below is generic over it:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +32,7 @@ from dataset import tta_views
 # flag (argparse dest) -> the settings it sets, as "group.field"
 FIELDS: dict[str, tuple[str, ...]] = {
     "mode": ("run.mode",), "save": ("run.save",), "load": ("run.load",), "resume": ("run.resume",),
+    "overwrite": ("run.overwrite",),
     "seed": ("seed",),
     # the model
     "backbone": ("model.backbone",), "pretrained": ("model.pretrained",), "head_hidden": ("model.head_hidden",),
@@ -45,7 +45,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "accumulation": ("optim.accumulation",), "lr": ("optim.lr",), "backbone_lr_mult": ("optim.backbone_lr_mult",),
     "lr_groups": ("optim.lr_groups",), "wd": ("optim.wd",), "label_smoothing": ("optim.label_smoothing",),
     "mixup": ("optim.mixup",), "cutmix": ("optim.cutmix",), "mix_partners": ("optim.mix_partners",),
-    "start_epoch": ("optim.start_epoch",),
+    "start_epoch": ("optim.start_epoch",), "model_ema": ("optim.model_ema",),
+    "image_size_schedule": ("optim.image_size_schedule",),
     # augmentation
     "pw_aug": ("augment.scale_std", "augment.bias_std"), "scale_aug": ("augment.min_scale",),
     "zoom_interpolation": ("augment.zoom_mode",), "rotate_aug": ("augment.rotate",),
@@ -61,11 +62,12 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "data_split_seed": ("data.data_split_seed",), "data_normalization": ("data.normalization",),
     "all_controls_train": ("data.all_controls_train",), "train_controls": ("data.train_controls",),
     "use_layout_leak": ("data.use_layout_leak",), "finetune_cell_type": ("data.finetune_cell_type",),
-    "batch_size": ("data.batch_size",),
+    "batch_size": ("data.batch_size",), "batch_sampling": ("data.batch_sampling",),
     # inference
     "tta": ("inference.tta",), "tta_size": ("inference.tta_size",), "tta_random": ("inference.tta_random",),
     "val_unit": ("inference.val_unit",), "pred_suffix": ("inference.pred_suffix",),
-    "save_embeddings": ("inference.save_embeddings",),
+    "save_embeddings": ("inference.save_embeddings",), "adabn": ("inference.adabn",),
+    "inference_weights": ("inference.weights",),
     # where and how this invocation runs
     "device": ("exec.device",), "fp16": ("exec.fp16",), "precision": ("exec.precision",),
     "channels_last": ("exec.channels_last",), "compile": ("exec.compile",), "sync_bn": ("exec.sync_bn",),
@@ -73,10 +75,6 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "cache_dir": ("exec.stats_cache",), "skip_bad_images": ("exec.skip_bad_images",),
     "disp_batches": ("exec.disp_batches",), "max_bad_steps": ("exec.max_bad_steps",),
 }
-class FlagError(UsageError):
-    """A flag that contradicts the checkpoint it is used with (exit status 2, like argparse)."""
-
-
 # flags of the command line itself, not settings
 COMMAND_ONLY = ("debug",)
 # settings --resume takes from what the user typed when given (else from the checkpoint): the data
@@ -94,13 +92,12 @@ TRAINED_ON = ("data.folds", "data.data_split_seed", "data.use_layout_leak", "dat
               "optim.loss_classes")
 
 
+class FlagError(UsageError):
+    """A flag that contradicts the checkpoint it is used with (exit status 2, like argparse)."""
+
+
 def flag_name(dest: str) -> str:
     return "--" + dest.replace("_", "-")
-
-
-def flags_of(field: str) -> list[str]:
-    """The flags that set a setting ("group.field"), e.g. ['--data'] for 'data.root'."""
-    return [flag_name(dest) for dest, fields in FIELDS.items() if field in fields]
 
 
 # ------------------------------------------------------------------------------- the conversion
@@ -260,16 +257,54 @@ SWITCHES = ("data.val_last_experiment",)  # flags that take no value: on when ty
 
 def _as_typed(field: str, value) -> str:
     """A setting as the flag that gives it, e.g. `--cv-number -1`, `--train-controls false`."""
-    flag = flags_of(field)[0]
+    flag = next(flag_name(dest) for dest, fields in FIELDS.items() if field in fields)
     if field in SWITCHES:
         return flag if value else f"no {flag}"
     return f"{flag} {str(value).lower() if isinstance(value, bool) else _show(value)}"
+def overwrite_problem(mode: str, resume: str | None) -> str | None:
+    """--overwrite is for a new training run only (checked before a checkpoint is read, too)."""
+    if mode == "train" and not resume:
+        return None
+    return ("--overwrite starts a new training run at --save afresh: it does not go with "
+            + ("--resume (to branch a run from an earlier epoch, --resume it with --save NEW_PREFIX)"
+               if resume else f"--mode {mode}"))
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def device_problem(text: str | None) -> str | None:
+    """Why `--device text` cannot run here (None: it can, or none was given: cuda if available)."""
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except RuntimeError:  # torch's own parse of the name: any text it cannot read as a device
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        return f"--device {text}: not a device this trainer runs on; choose cpu, cuda, cuda:N or mps"
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            return f"--device {text}: no CUDA GPU is visible here (torch.cuda.is_available() is False); use --device cpu"
+        if device.index is not None and device.index >= count:
+            return f"--device {text}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {text}: Apple's MPS is not available here; use --device cpu"
+    return None
 
 
 def problems(s: Settings) -> str | None:
     """The first way the settings (flags merged with a checkpoint's) cannot work together, named by
     their flags; None when they can."""
     m, o, d, inf = s.model, s.optim, s.data, s.inference
+    device = device_problem(s.exec.device)
+    if device:
+        return device
+    if s.run.overwrite:
+        problem = overwrite_problem(s.run.mode, s.run.resume)
+        if problem:
+            return problem
     if m.head == "plain":
         given = [flag for flag, on in (("--concat-cell-type true", m.concat_cell_type),
                                        ("--metric-loss-coeff > 0", (o.metric_loss_coeff or 0) > 0),
@@ -286,6 +321,18 @@ def problems(s: Settings) -> str | None:
         return "--val-experiments names validation experiments; --cv-number -1 trains on all of them"
     if not -1 <= d.cv_number < d.folds:
         return f"--cv-number must be -1 or in [0, {d.folds}), got {d.cv_number}"
+    if s.run.mode == "train" and not s.run.resume and o.start_epoch >= o.epochs:
+        return f"--start-epoch {o.start_epoch} leaves no epoch to train: it must be below --epochs {o.epochs}"
+    training = s.run.mode == "train"
+    if training and d.batch_sampling != "random" and m.concat_cell_type:
+        return (f"--batch-sampling {d.batch_sampling} gives batches of one cell type, where the neck's BatchNorm "
+                "over the cell-type one-hot sees no variance (its statistics would break inference): add "
+                "--concat-cell-type false")
+    if training and o.image_size_schedule is not None and o.image_size_schedule.last_epoch >= o.epochs:
+        return (f"--image-size-schedule {o.image_size_schedule}: epoch {o.image_size_schedule.last_epoch} is not "
+                f"before the end of training (-e/--epochs {o.epochs})")
+    if training and inf.weights == "ema" and o.model_ema is None:
+        return "--inference-weights ema needs --model-ema DECAY in training (there are no EMA weights otherwise)"
     try:
         tta_views(torch.zeros(1, 1, 8, 8), inf.tta, inf.tta_size)
     except ValueError as e:
@@ -300,7 +347,3 @@ def may_change_flags() -> list[str]:
     """The flags --resume accepts with another value than the checkpoint's (listed in --help)."""
     return [flag_name(dest) for dest, fields in FIELDS.items()
             if fields[0].split(".")[0] == "exec" or all(f in MAY_CHANGE for f in fields)]
-
-
-def defaults_of(cls) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}

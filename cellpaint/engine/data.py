@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -18,7 +20,7 @@ import dataset
 from cellpaint.core.errors import UsageError
 from cellpaint.core.settings import AugmentSettings, DataSettings, ExecSettings, Settings
 from cellpaint.data import images, metadata, pixel_stats
-from cellpaint.data.folds import assign_folds, last_experiments, named_folds, split_subsets
+from cellpaint.data.folds import assign_folds, last_experiments, named_folds, only_experiments, split_subsets
 from cellpaint.data.image_cache import ImageCache
 from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
 from cellpaint.data.structure import Structure, derive_structure
@@ -53,6 +55,11 @@ def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool 
         table = apply_layout_matches(table, matches)
     structure = derive_structure(table, d.classes)
     folds, cv_number = choose_folds(table, d)
+    alone = only_experiments(table) if d.val_last_experiment and training else {}
+    if alone:
+        log.warning("--val-last-experiment validates on %s, the only train experiment of %s: no treatment well "
+                    "of %s is trained on (use --val-experiments to choose others)", ", ".join(alone.values()),
+                    ", ".join(alone), "that cell type" if len(alone) == 1 else "those cell types")
     subsets = split_subsets(table, folds, cv_number, d.all_controls_train)
     if not d.train_controls:  # treatment wells only (the 41st place trained on train.csv alone)
         train = subsets["train"]
@@ -122,18 +129,28 @@ def make_dataset(s: Settings, data: Data, rows: pd.DataFrame, augment: AugmentSe
 
 
 def make_loader(s: Settings, world: distributed.World, ds: dataset.SiteDataset,
-                epoch: int | None = None) -> DataLoader:
+                epoch: int | None = None, subset: np.ndarray | None = None) -> DataLoader:
     """This process's share of `ds`: shuffled (seeded by seed and epoch, so a resumed run draws the
-    same order) when `epoch` is given, in order otherwise. A training sampler holds whole batches
-    only (the trailing partial one is dropped, unless it is all there is): see ShardSampler."""
+    same order) when `epoch` is given, in order otherwise (only the positions `subset`, when
+    given). A training sampler holds whole batches only (the trailing partial one is dropped,
+    unless it is all there is): see ShardSampler; with --batch-sampling plate|experiment each
+    batch comes from one plate (experiment): see GroupBatchSampler."""
     batch_size = s.data.batch_size
+    batching: dict = {"batch_size": batch_size}
     if epoch is not None:
         ds.set_epoch(epoch)
-        sampler = distributed.ShardSampler(len(ds), world, s.seed * 100_003 + epoch, batch=batch_size)
+        seed = s.seed * 100_003 + epoch
+        if s.data.batch_sampling == "random":
+            batching["sampler"] = distributed.ShardSampler(len(ds), world, seed, batch=batch_size)
+        else:
+            batching = {"batch_sampler": distributed.GroupBatchSampler(
+                ds.domain_keys(s.data.batch_sampling), world, seed, batch_size)}
+    elif subset is None:
+        batching["sampler"] = distributed.ShardSampler(len(ds), world)
     else:
-        sampler = distributed.ShardSampler(len(ds), world)
+        batching["sampler"] = np.asarray(subset)[world.rank::world.size].tolist()
     # batches drop (and count, logging the count per pass) sites whose images are unreadable (--skip-bad-images)
-    return dataset.SkippingLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=s.exec.num_workers,
+    return dataset.SkippingLoader(ds, **batching, num_workers=s.exec.num_workers,
                                   pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
                                   description="inference" if epoch is None else f"epoch {epoch}",
                                   size_hint=f"; python main.py --mode check --data {s.data.root} names the images")
@@ -145,3 +162,18 @@ def _worker_init(_: int) -> None:
     # and shuts the workers down; each worker's own KeyboardInterrupt traceback would bury that line
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the same for a SIGTERM sent to the whole group (cli/entry.py)
+    sys.excepthook = _quiet_when_main_stops
+
+
+def _quiet_when_main_stops(kind, error, trace) -> None:
+    """A worker hands each batch's tensors over through multiprocessing's resource sharer; when the
+    main process stops (Ctrl-C, SIGTERM) in the middle of such a hand-over, the sharer's thread in
+    the worker reports the broken connection through sys.excepthook, a traceback under the run's one
+    line. Only that case is silenced: the worker loop's own errors reach the main process anyway."""
+    frames, step = [], trace
+    while step is not None:
+        frames.append(step.tb_frame.f_code.co_filename)
+        step = step.tb_next
+    if issubclass(kind, (EOFError, ConnectionError)) and any(f.endswith("resource_sharer.py") for f in frames):
+        return
+    sys.__excepthook__(kind, error, trace)

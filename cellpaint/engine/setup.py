@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from cellpaint.core.errors import UsageError
+from cellpaint.core.errors import InputError, UsageError
 from cellpaint.core.settings import AUTO, ModelSettings, OptimSettings, Settings, settings_from_dict
-from cellpaint.data.images import CHANNELS
 from cellpaint.engine import autoselect, distributed
 from cellpaint.engine.checkpoints import (check_classes, check_data_set, load_checkpoint, made_with, restore_weights,
                                           split_flags, trained_on_validation)
@@ -106,43 +105,35 @@ def build_model(m: ModelSettings, n_classes: int, n_cell_types: int, pretrained:
                           stem_init=m.stem_init, head=m.head, bottleneck_bn=m.bottleneck_bn)
 
 
-# sizes tried, after a dry forward at the data's own size failed, to tell "too small" from a bug
-_TRIAL_SIZES = (32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-
-
-def _forwards(backbone: torch.nn.Module, size: tuple[int, int], device: torch.device) -> bool:
-    x = torch.zeros(1, CHANNELS, *size, device=device)
-    try:
-        backbone(x)
-    except (RuntimeError, ValueError, AssertionError, IndexError):  # what convolutions, pools and timm's checks raise
-        return False
-    return True
-
-
-@torch.inference_mode()
-def check_input_size(model: CellClassifier, backbone: str, size: tuple[int, int] | None,
-                     device: torch.device) -> None:
-    """A dry forward of one blank image at the data's `size` through the backbone (in eval mode:
-    no statistics move), so that images too small for it stop the run in one line, naming
-    --backbone and the size, before any data is read rather than in a traceback inside the first
-    batch. When a larger size works the size is the problem (a UsageError); when none does, the
-    first failure is re-raised: a bug, not the user's."""
+def check_input_sizes(s: Settings, model: CellClassifier, data: Data, device: torch.device) -> None:
+    """Refuse (UsageError, one line) a backbone too deep for the run's images, or for the crops of
+    --tta-size: its feature map would shrink below one pixel in the first batch, as a traceback.
+    One forward pass of a blank site per size, in eval mode (no statistics move, no random draw)."""
+    size = site_image_size(data)
     if size is None:
         return
-    was_training = model.training
-    model.eval()
+    sizes = [tuple(size)]
+    if s.inference.tta_size < 1:  # dataset.tta_views: crops of that fraction of the edge
+        sizes.append(tuple(max(1, round(v * s.inference.tta_size)) for v in size))
+    backbone = model.backbone
+    was_training = backbone.training
+    backbone.eval()
     try:
-        if _forwards(model.backbone, size, device):
-            return
-        works = next((t for t in _TRIAL_SIZES if t > max(size) and _forwards(model.backbone, (t, t), device)), None)
-        if works is None:
-            model.backbone(torch.zeros(1, CHANNELS, *size, device=device))  # the original error, with its traceback
-            return  # it passed this time after all
-        raise UsageError(f"--backbone {backbone} cannot take the data's {size[0]}x{size[1]} images (it downsamples "
-                         f"them to nothing; it does take {works}x{works}): choose a backbone with fewer "
-                         "downsampling stages (e.g. --backbone smallcnn), or use larger images")
+        with torch.no_grad():
+            for h, w in sizes:
+                try:
+                    backbone(torch.zeros(1, model.in_channels, h, w, device=device))
+                except torch.OutOfMemoryError:
+                    raise
+                except (RuntimeError, ValueError, AssertionError) as e:  # the input's size is all that can be wrong
+                    what = (f"{h}x{w} images" if (h, w) == sizes[0] else
+                            f"the {h}x{w} crops of --tta-size {s.inference.tta_size} (images {size[0]}x{size[1]})")
+                    raise UsageError(f"--backbone {s.model.backbone} cannot take {what}: "
+                                     f"{(str(e).splitlines() or [type(e).__name__])[0][:160]}; choose a shallower "
+                                     "backbone or larger images" + (", or a larger --tta-size" if len(sizes) > 1 else "")
+                                     ) from None
     finally:
-        model.train(was_training)
+        backbone.train(was_training)
 
 
 def loss_classes(o: OptimSettings, data: Data) -> torch.Tensor | None:
@@ -253,8 +244,24 @@ def model_for_inference(s: Settings, ctx: RunContext, state: dict | None = None
                     split_flags(settings_from_dict(state["settings"]).data), split_flags(s.data))
     s = resolve(s, ctx, data, made_with=made_with(state), training=False)
     model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), "none")
-    restore_weights(model, state, s.run.load)
+    restore_weights(model, inference_weights(state, s.inference.weights, s.run.load), s.run.load)
     model = model.to(ctx.device)
-    check_input_size(model, s.model.backbone, site_image_size(data), ctx.device)
-    data = add_pixel_stats(data, s.data, s.exec)
+    check_input_sizes(s, model, data, ctx.device)
+    data = add_pixel_stats(data, s.data, s.exec)  # after the checks: computed over every image when not cached
     return s, data, prepare_model(s, ctx, model, training=False), state
+
+
+def inference_weights(state: dict, which: str, path: str) -> dict:
+    """`state` with the weights --inference-weights chooses as its "model": a checkpoint trained
+    with --model-ema holds the average beside the trained weights, and `auto` takes the average."""
+    average = state.get("model_ema")
+    if which == "raw" or (which == "auto" and average is None):
+        if average is not None:
+            log.info("%s: inferring with the trained weights, not the EMA weights it also holds (--inference-weights "
+                     "raw)", path)
+        return state
+    if average is None:
+        raise InputError(f"--inference-weights ema: {path} holds no EMA weights (it was trained without --model-ema)")
+    log.info("%s: inferring with its EMA weights (after %d steps; --inference-weights raw takes the trained ones)",
+             path, average["steps"])
+    return {**state, "model": average["weights"]}

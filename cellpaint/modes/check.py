@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import multiprocessing
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from cellpaint.data import metadata
 from cellpaint.data.layout_matches import find_layout_matches
 from cellpaint.data.structure import derive_structure
-from cellpaint.data.images import CHANNELS, ImageError, read_png
+from cellpaint.data.images import CHANNELS, ImageError, decoding_pool, read_png
 from cellpaint.core.errors import DataError
 
 
@@ -60,7 +59,9 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
     except DataError as e:
         problems["metadata"].append(str(e))
         table = None
-    if table is not None:
+    if table is not None and table.empty:
+        problems["metadata"].append(f"{data_dir}: the metadata lists no wells (a file with only its header?)")
+    elif table is not None:
         _check_table(table, n_classes, problems)
     sizes: dict[tuple[int, int], int] = defaultdict(int)
     if images and (table is not None or Path(data_dir).is_dir()):
@@ -72,7 +73,7 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
         with contextlib.ExitStack() as stack:
             sites = map(check_one, jobs)
             if workers > 1:
-                pool = stack.enter_context(multiprocessing.Pool(workers))
+                pool = stack.enter_context(decoding_pool(workers))
                 sites = pool.imap(check_one, jobs, chunksize=32)  # in order: a stable report
             for path, problem, size in itertools.chain.from_iterable(
                     tqdm(sites, total=len(jobs), desc="checking images", unit="site", disable=None)):

@@ -95,6 +95,19 @@ def _vectors(sums: WellSums, ref: Reference, wells: Wells) -> np.ndarray:
                            sums.sums["test"][wells.keep["test"]]])
 
 
+def _check_zero_rows(vectors: np.ndarray, sums: WellSums, n_ref: int) -> int:
+    """Refuse a file whose embeddings are all zero, or whose reference (train) wells include one
+    (a neighbour without a direction: predict never writes one); return how many val/test wells
+    are all zero (what predict writes for a well without a readable image), for a warning."""
+    zero = ~vectors.any(axis=1)
+    if zero.all():
+        raise SubmissionError(f"{sums.path}: every embedding is all zero: nothing to find neighbours by")
+    if zero[:n_ref].any():
+        raise SubmissionError(f"{sums.path}: {int(zero[:n_ref].sum())} train (reference) well(s) have an all-zero "
+                              "embedding: a neighbour without a direction")
+    return int(zero[n_ref:].sum())
+
+
 def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFrame, structure: Structure,
                  clock: Stopwatch) -> Ensemble:
     """The --knn path up to the plate stages: embeddings files -> per-well vectors (sites summed)
@@ -114,12 +127,21 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
     class_group = plates.class_groups(masks) if s.knn_search == "group" else None
     setup = board = ref = wells = None
     raw = []
+    zero_wells = 0
 
     def has_train_part(_: int, sums: WellSums) -> None:
         if sums.ids["train"].size == 0:
             raise SubmissionError(f"{sums.path} has no 'train' part (the labelled training wells the neighbours "
                                   "come from): --knn needs embeddings files from main.py --mode predict "
                                   "--save-embeddings")
+
+    def unit_rows(x: np.ndarray) -> np.ndarray:
+        """Unit rows for the search (--knn-center plate: centred per plate first, normalised again)."""
+        if s.knn_center is None:
+            return x
+        plate = plates.plate_ids(np.concatenate([ref.experiment, wells.experiment]),
+                                 np.concatenate([ref.plate, wells.plate]))
+        return knn.l2_normalise(knn.center_by_group(x, plate))
 
     for i, sums, wells in matched_files(s.files, table, EMBEDDING_ROWS, clock.lap, has_train_part, same_width=False):
         if i == 0:
@@ -133,9 +155,10 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
                                   f"{first_path} of {width}: only --knn-combine concat joins "
                                   "files of different widths")
         raw.append(_vectors(sums, ref, wells))
+        zero_wells = max(zero_wells, _check_zero_rows(raw[-1], sums, len(ref.keep)))
         sums.sums, sums.matrix = {}, None  # the first file is kept for its ids only
         if len(s.files) > 1:
-            scores, _ = setup.scores(knn.l2_normalise(raw[-1].copy()), board.scored)
+            scores, _ = setup.scores(unit_rows(knn.l2_normalise(raw[-1].copy())), board.scored)
             board.add(f"file {i + 1}: {Path(s.files[i]).name}",
                       argmax_over(scores, np.arange(len(scores)), treatment))
             del scores
@@ -148,6 +171,7 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
     else:
         features = knn.concatenate([knn.l2_normalise(b) for b in raw], weights)
     del raw
+    features = unit_rows(features)
     clock.lap("normalise")
     scores, used = setup.scores(features, np.arange(setup.wells.n))
     del features
@@ -159,6 +183,7 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
         "search": s.knn_search, "weight": s.knn_weight, "combine": combine if len(s.files) > 1 else None,
         "reference_wells": {"val": setup.n_ref, "test": setup.n_ref + setup.wells.n_val * s.use_valid},
         "ignored_train_controls": ref.ignored_controls,
+        **({"center": s.knn_center} if s.knn_center else {}),  # only when asked: reports stay as they were
         "features": "per file: sites summed; files " + ("averaged (weighted), then L2-normalised"
                                                         if combine == "mean" else
                                                         "L2-normalised, concatenated, scaled by sqrt(w/sum w)"),
@@ -167,4 +192,6 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
                   + " by cosine, each voting " + ("sigmoid(cos)" if s.knn_weight == "sigmoid" else "max(cos, 0)")
                   + "; score = summed votes"),
     }}
+    if zero_wells:  # only then: the report of a sound file stays as it was
+        extra["knn"]["zero_wells"] = zero_wells
     return Ensemble(setup.wells, board, scores, masks, treatment, extra)
