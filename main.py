@@ -3,6 +3,7 @@
     python main.py --save results/dn161_0 [...]                 train (checkpoint per epoch, best, log)
     python main.py --mode val --load results/dn161_0            validation accuracy of a checkpoint
     python main.py --mode predict --tta 8 --load CKPT           prediction file CKPT.output<suffix>
+    python main.py --mode eval --load CKPT --data WILDS_DIR     RxRx1-WILDS figures of it: CKPT.output<suffix>.wilds.json
 
     torchrun --nproc_per_node N main.py ...                    any of these on N GPUs
 
@@ -37,10 +38,11 @@ from cellpaint.core.schedule import LRSchedule, SizeFunction
 from cellpaint.core.settings import (AUTO, BC_SPACES, FLIP_SETS, PRECISIONS, ROTATE_BORDERS, ZOOM_MODES, Settings,
                                      settings_dict, settings_from_dict)
 from cellpaint.data.pixel_stats import NORMALIZATIONS
+from cellpaint.data.wilds import SCHEMES as WILDS_SCHEMES
 from cellpaint.engine import distributed, mixing
 from cellpaint.engine.checkpoints import LEGACY_FORMATS, load_checkpoint
 from cellpaint.engine.context import RunContext
-from cellpaint.modes import check, pseudo_labels
+from cellpaint.modes import check, pseudo_labels, wilds_eval
 from cellpaint.modes.predict import predict
 from cellpaint.modes.train import train
 from cellpaint.modes.validate import validate
@@ -58,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 fromfile_prefix_chars="@")  # recipes/*.args: one argument per line
     p.convert_arg_line_to_args = args_file_line
-    p.add_argument("-m", "--mode", default="train", choices=("train", "val", "predict", "check"))
+    p.add_argument("-m", "--mode", default="train", choices=("train", "val", "predict", "check", "eval"),
+                   help="eval: score the prediction file of --load as RxRx1-WILDS does (CKPT.output<suffix>.wilds.json)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default=AUTO,
@@ -172,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate on these train experiments (by name) instead of fold --cv-number")
     g.add_argument("--val-last-experiment", action="store_true",
                    help="validate on the last train experiment (in name order) of each cell type (the 41st place)")
+    g.add_argument("--split", choices=(AUTO, "folds", *WILDS_SCHEMES), default=AUTO,
+                   help="auto: the layout's own; folds: validation experiments dealt in folds (--cv-number: the "
+                        "competition and release layouts); official or mixed-to-test: the RxRx1-WILDS splits (the "
+                        "wilds layout, official by default)")
     g.add_argument("--data-split-seed", type=int, default=0)
     g.add_argument("--data-normalization", choices=NORMALIZATIONS, default="sample")
     g.add_argument("--all-controls-train", type=bool_type, default=True,
@@ -262,7 +269,7 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
     args = p.parse_args(argv)
     if args.mode == "train" and not (args.save or args.resume):
         p.error("training needs --save PATH (or --resume CKPT)")
-    if args.mode in ("val", "predict") and not args.load:
+    if args.mode in ("val", "predict", "eval") and not args.load:
         p.error(f"--mode {args.mode} needs --load CKPT")
     try:
         s = flags.settings_from_args(args)
@@ -326,6 +333,9 @@ def run(argv: list[str] | None) -> int:
     s = command.settings
     if s.run.mode == "check":
         return check.report(check.check_data(s.data.root, s.data.classes, workers=s.exec.num_workers))
+    if s.run.mode == "eval":  # numbers from a prediction file: no network, no device
+        wilds_eval.evaluate_file(s, command.checkpoint)
+        return 0
     with torch_threads(s.exec.threads):
         # under torchrun each process takes its own GPU (cuda:LOCAL_RANK)
         world, device = distributed.init(torch.device(s.exec.device or ("cuda" if torch.cuda.is_available() else "cpu")))

@@ -60,7 +60,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "data_split_seed": ("data.data_split_seed",), "data_normalization": ("data.normalization",),
     "all_controls_train": ("data.all_controls_train",), "train_controls": ("data.train_controls",),
     "use_layout_leak": ("data.use_layout_leak",), "finetune_cell_type": ("data.finetune_cell_type",),
-    "batch_size": ("data.batch_size",),
+    "batch_size": ("data.batch_size",), "split": ("data.split",),
     # inference
     "tta": ("inference.tta",), "tta_size": ("inference.tta_size",), "tta_random": ("inference.tta_random",),
     "val_unit": ("inference.val_unit",), "pred_suffix": ("inference.pred_suffix",),

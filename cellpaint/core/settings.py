@@ -44,6 +44,9 @@ class DataSettings:
     finetune_cell_type: str | None = None
     normalization: str = "sample"
     batch_size: int = bounded(24, "--batch-size", low=1)
+    # how train/val/test are made: "folds" (validation experiments dealt in folds: the competition
+    # and release layouts) or an RxRx1-WILDS scheme ("official", "mixed-to-test"); auto: the layout's own
+    split: str = AUTO
 
     def __post_init__(self) -> None:
         check_bounds(self)

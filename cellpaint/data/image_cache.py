@@ -2,7 +2,7 @@
 (`build_cache`, the work of `python prepare.py`) and read back site by site (`ImageCache`, what
 `main.py --image-cache` reads).
 
-Decoding the 6 PNGs of a site is nearly all the CPU work of the input pipeline; reading a decoded
+Decoding the PNGs of a site (six per site in the competition layout) is nearly all the CPU work of the input pipeline; reading a decoded
 site back from the page cache or a fast disk is about ten times cheaper. The cache holds, per
 plate, ``{experiment}/Plate{plate}.npy`` [sites, C, H, W] uint8 (1.5 MB a site at 512 px: about
 190 GB for all of RxRx1's 125,510 sites) and, written last, ``manifest.json`` (data directory,
@@ -74,8 +74,9 @@ class ImageCache:
 
     @classmethod
     def open(cls, root: Path | str, data_dir: Path | str | None = None,
-             table: pd.DataFrame | None = None) -> "ImageCache":
-        """The cache in `root`, checked against the data directory and its site table when given.
+             table: pd.DataFrame | None = None, files: images.SiteFiles | None = None) -> "ImageCache":
+        """The cache in `root`, checked against the data directory and its site table when given
+        (and how the data stores its sites, `files`; None: as the sites' files say).
 
         Every mismatch is a `CacheError` with one line saying what is wrong.
         """
@@ -100,7 +101,11 @@ class ImageCache:
                 raise CacheError(f"image cache {root} holds {manifest['sites']} sites but the data at "
                                  f"{manifest['data']} has {len(table)}: the data changed; rebuild it with prepare.py")
             if len(table):
-                first = f"{table['image_prefix'].iat[0]}_w1.png"
+                files = files or images.discover(table["image_prefix"].to_numpy())
+                if files.channels != cache.channels:
+                    raise CacheError(f"image cache {root} holds {cache.channels}-channel sites but the data at "
+                                     f"{manifest['data']} has {files.channels} channels: rebuild it with prepare.py")
+                first = files.first(table["image_prefix"].iat[0])
                 size = images.png_size(first)
                 if size is not None and size != cache.size:
                     raise CacheError(f"image cache {root} holds {cache.size[0]}x{cache.size[1]} images but "
@@ -185,10 +190,10 @@ class ImageCache:
 # ------------------------------------------------------------------------------------ building
 
 
-def _decode(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
-    prefix, channels = job
+def _decode(job: tuple[str, images.SiteFiles]) -> tuple[np.ndarray | None, str | None]:
+    prefix, files = job
     try:
-        return images.read_site(prefix, channels), None
+        return images.read_site(prefix, files), None
     except images.ImageError as e:
         return None, str(e)
 
@@ -262,10 +267,12 @@ def _write_plate(cache_dir: Path, entry: dict, results, size: tuple[int, int] | 
 
 
 def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = None, workers: int = 1,
-                skip_bad_images: bool = False, progress: bool = True, channels: int = images.CHANNELS) -> dict:
+                skip_bad_images: bool = False, progress: bool = True) -> dict:
     """Build (or complete) the image cache of `data_dir` in `cache_dir`; returns a summary."""
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     table = metadata.load_table(data_dir) if table is None else table
+    files = images.discover(table["image_prefix"].to_numpy())  # how the sites are stored, their channel count
+    channels = files.channels
     data = str(data_dir.resolve())
     manifest_path = cache_dir / CACHE_MANIFEST
     if manifest_path.is_file():
@@ -291,7 +298,7 @@ def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = No
                "sites_decoded": sum(len(plates[i][0]["sites"]) for i in todo), "bad": 0}
     if not todo and manifest_path.is_file():
         try:
-            ImageCache.open(cache_dir, data_dir, table)
+            ImageCache.open(cache_dir, data_dir, table, files)
             return summary
         except CacheError:
             pass  # complete plates but a stale manifest: write it again below
@@ -305,7 +312,7 @@ def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = No
     try:
         for i in todo:
             entry, prefixes = plates[i]
-            jobs = [(p, channels) for p in prefixes]
+            jobs = [(p, files) for p in prefixes]
             results = pool.imap(_decode, jobs, chunksize=2) if pool else map(_decode, jobs)
             bar.set_postfix_str(f"{entry['experiment']} plate {entry['plate']}")
             size, bad = _write_plate(cache_dir, entry, results, size, channels, skip_bad_images, bar)

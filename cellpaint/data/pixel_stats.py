@@ -10,18 +10,21 @@ from tqdm import tqdm
 
 from cellpaint.core.atomic import atomic_write
 from cellpaint.core.errors import DataError
-from cellpaint.data.images import CHANNELS, read_site
+from cellpaint.data.images import SiteFiles, discover, read_site
 from cellpaint.data.metadata import read_csv
 
 NORMALIZATIONS = ("sample", "experiment", "global", "global-pooled")
 MIN_STD = 0.5  # in grey levels: keeps a flat (e.g. empty) channel from being blown up by 1/std
 
 
-def compute_pixel_stats(table: pd.DataFrame, channels: int = CHANNELS) -> pd.DataFrame:
-    """Per-image channel mean and std, in the format of the competition's pixel_stats.csv."""
+def compute_pixel_stats(table: pd.DataFrame, files: SiteFiles | None = None) -> pd.DataFrame:
+    """Per-image channel mean and std, in the format of the competition's pixel_stats.csv, for the
+    channels of `files` (None: as the sites' files say)."""
+    files = files or discover(table["image_prefix"].to_numpy())
+    channels = files.channels
     rows = []
     for r in tqdm(table.itertuples(), total=len(table), desc="pixel stats", unit="site"):
-        img = read_site(r.image_prefix, channels).reshape(channels, -1).astype(np.float64)
+        img = read_site(r.image_prefix, files).reshape(channels, -1).astype(np.float64)
         for c in range(channels):
             rows.append((r.id_code, r.experiment, r.plate, r.well, r.site, c + 1,
                          img[c].mean(), img[c].std()))
@@ -29,7 +32,8 @@ def compute_pixel_stats(table: pd.DataFrame, channels: int = CHANNELS) -> pd.Dat
                                        "mean", "std"])
 
 
-def load_pixel_stats(data_dir: Path, table: pd.DataFrame, cache_dir: Path | None) -> pd.DataFrame:
+def load_pixel_stats(data_dir: Path, table: pd.DataFrame, cache_dir: Path | None,
+                     files: SiteFiles | None = None) -> pd.DataFrame:
     """pixel_stats.csv of the data set if present, else computed once and cached in `cache_dir`."""
     required = ["id_code", "site", "channel", "mean", "std"]
     given = Path(data_dir) / "pixel_stats.csv"
@@ -38,9 +42,10 @@ def load_pixel_stats(data_dir: Path, table: pd.DataFrame, cache_dir: Path | None
     cached = Path(cache_dir) / "pixel_stats.csv" if cache_dir else None
     if cached and cached.exists():
         stats = read_csv(cached, required)
-        if len(stats) == len(table) * CHANNELS:
+        files = files or discover(table["image_prefix"].to_numpy())
+        if len(stats) == len(table) * files.channels:
             return stats
-    stats = compute_pixel_stats(table)
+    stats = compute_pixel_stats(table, files)
     if cached:
         with atomic_write(cached, "w") as f:
             stats.to_csv(f, index=False)

@@ -19,7 +19,7 @@ from cellpaint.core.atomic import atomic_write
 from cellpaint.core.errors import Interrupted
 from cellpaint.core.settings import Settings, save_settings, settings_dict
 from cellpaint.engine import distributed
-from cellpaint.engine.checkpoints import (CHECKPOINT_FORMAT, check_classes, check_data_set, made_with,
+from cellpaint.engine.checkpoints import (CHECKPOINT_FORMAT, check_channels, check_classes, check_data_set, made_with,
                                           restore_weights, save_checkpoint)
 from cellpaint.engine.context import RunContext
 from cellpaint.engine.data import load_data, make_dataset, make_loader
@@ -50,7 +50,9 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
     s = resolve(s, ctx, data, made_with=made_with(checkpoint_in), training=True)
     torch.manual_seed(s.seed)
     pretrained = "none" if checkpoint_in else s.model.pretrained
-    model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), pretrained).to(ctx.device)
+    check_channels(data, checkpoint_in, s.run.resume or s.run.load)
+    model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), pretrained,
+                        in_channels=data.channels).to(ctx.device)
     optimizer = make_optimizer(s.optim, model)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=s.exec.autocast_dtype == torch.float16)
     state = {"epoch": s.optim.start_epoch - 1, "best_acc": -1.0, "pseudo_labels": {}, "history": []}
@@ -91,6 +93,7 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
         checkpoint = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scaler": scaler.state_dict(), "settings": settings_dict(s),
                       "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types),
+                      "channels": data.channels,
                       "data_fingerprint": fingerprint}
         acc = metrics.get("acc", epoch)  # without validation the latest epoch counts as the best
         is_best = acc >= state["best_acc"]  # a tie goes to the later epoch, as in the 1st place's code
