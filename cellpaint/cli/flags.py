@@ -32,6 +32,7 @@ from dataset import tta_views
 # flag (argparse dest) -> the settings it sets, as "group.field"
 FIELDS: dict[str, tuple[str, ...]] = {
     "mode": ("run.mode",), "save": ("run.save",), "load": ("run.load",), "resume": ("run.resume",),
+    "normalise": ("run.normalise",), "evaluate": ("run.evaluate",),
     "seed": ("seed",),
     # the model
     "backbone": ("model.backbone",), "pretrained": ("model.pretrained",), "head_hidden": ("model.head_hidden",),

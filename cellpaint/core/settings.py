@@ -217,6 +217,8 @@ class RunSettings:
     save: str | None = None
     load: str | None = None
     resume: str | None = None
+    normalise: str = "controls"     # --mode profiles: none, controls or tvn (cellpaint/data/profiles.py)
+    evaluate: str = "none"          # --mode profiles: none, or map (copairs' replicate retrieval)
 
 
 @dataclass(frozen=True)
