@@ -275,3 +275,29 @@ def test_41st_place_args_files(monkeypatch, tmp_path):
     assert (pred.run.mode, pred.inference.tta_random, pred.inference.tta, pred.inference.save_embeddings) == (
         "predict", 10, 1, True)
     assert pred.augment == FORTY_FIRST and pred.data.val_last_experiment
+
+
+def test_wilds_args_files(monkeypatch, tiny_competition):
+    """The standard file is a valid standard-track entry (nothing of val or test in training, no
+    test-time views, no plate stages in what it reports); the transductive one is the 1st place whole."""
+    from cellpaint.modes.wilds_eval import training_track
+
+    table = metadata.load_table(tiny_competition[0])  # one with a layout coincidence: the leak flag matters
+    standard = _recipe(monkeypatch, "@recipes/wilds-standard.args", "--save", "results/wilds_std")
+    assert (standard.data.split, standard.data.all_controls_train, standard.data.use_layout_leak) == ("official", False, False)
+    assert standard.pseudo.first_epoch is None and standard.inference.tta == 1 and standard.inference.tta_random == 0
+    assert (standard.optim.epochs, standard.optim.lr) == (90, LRSchedule.parse("cosine,1.5e-4"))
+    assert training_track({"settings": settings_dict(standard)}, table, "official") == ("standard", [])
+    whole = _recipe(monkeypatch, "@recipes/wilds-transductive.args", "--save", "results/wilds_tr")
+    first = _recipe(monkeypatch, "@recipes/1st-place.args", "--save", "results/dn161_0")
+    assert (whole.data.split, whole.data.all_controls_train, whole.data.use_layout_leak) == ("official", True, True)
+    assert (whole.optim.epochs, whole.pseudo.first_epoch, whole.optim.lr, whole.pseudo.size_func.text) == (
+        first.optim.epochs, first.pseudo.first_epoch, first.optim.lr, first.pseudo.size_func.text)
+    track, reasons = training_track({"settings": settings_dict(whole)}, table, "official")
+    assert track == "non-standard" and len(reasons) == 3
+
+
+def test_every_recipe_file_is_checked():
+    checked = {"1st-place.args", "41st-place-common.args", "41st-place-train.args", "41st-place-finetune.args",
+               "41st-place-predict.args", "wilds-standard.args", "wilds-transductive.args"}
+    assert {p.name for p in (ROOT / "recipes").glob("*")} == checked
