@@ -32,7 +32,7 @@ from dataset import tta_views
 # flag (argparse dest) -> the settings it sets, as "group.field"
 FIELDS: dict[str, tuple[str, ...]] = {
     "mode": ("run.mode",), "save": ("run.save",), "load": ("run.load",), "resume": ("run.resume",),
-    "overwrite": ("run.overwrite",),
+    "overwrite": ("run.overwrite",), "normalise": ("run.normalise",), "evaluate": ("run.evaluate",),
     "seed": ("seed",),
     # the model
     "backbone": ("model.backbone",), "pretrained": ("model.pretrained",), "head_hidden": ("model.head_hidden",),
@@ -62,7 +62,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "data_split_seed": ("data.data_split_seed",), "data_normalization": ("data.normalization",),
     "all_controls_train": ("data.all_controls_train",), "train_controls": ("data.train_controls",),
     "use_layout_leak": ("data.use_layout_leak",), "finetune_cell_type": ("data.finetune_cell_type",),
-    "batch_size": ("data.batch_size",), "batch_sampling": ("data.batch_sampling",),
+    "batch_size": ("data.batch_size",), "batch_sampling": ("data.batch_sampling",), "split": ("data.split",),
     # inference
     "tta": ("inference.tta",), "tta_size": ("inference.tta_size",), "tta_random": ("inference.tta_random",),
     "val_unit": ("inference.val_unit",), "pred_suffix": ("inference.pred_suffix",),
@@ -87,7 +87,7 @@ THIS_INVOCATION = ("exec", "run")
 # (so that the validation wells, scored and written as the 'val' part of a prediction file, are
 # the ones it held out) and the classes its loss trained (modes/predict.py masks the others).
 # One of SPLIT_CHOICE picks the validation experiments: typing any of them picks them all.
-SPLIT_CHOICE = ("data.cv_number", "data.val_experiments", "data.val_last_experiment")
+SPLIT_CHOICE = ("data.split", "data.cv_number", "data.val_experiments", "data.val_last_experiment")
 TRAINED_ON = ("data.folds", "data.data_split_seed", "data.use_layout_leak", "data.train_controls",
               "optim.loss_classes")
 

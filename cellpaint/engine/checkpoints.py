@@ -16,7 +16,7 @@ import torch
 
 from cellpaint.core.atomic import atomic_write
 from cellpaint.core.errors import DataError, InputError, OutputError, UsageError
-from cellpaint.core.settings import Settings, settings_from_dict
+from cellpaint.core.settings import AUTO, Settings, settings_from_dict
 from cellpaint.data import metadata
 from cellpaint.engine.data import Data, validation_experiments
 
@@ -109,6 +109,15 @@ def check_classes(data: Data, state: dict | None) -> None:
                         f"{data.structure.n_classes} (see --classes)")
 
 
+def check_channels(data: Data, state: dict | None, path: str | None) -> None:
+    """A checkpoint's stem takes the channel count of the data it was trained on (recorded since
+    checkpoints record it; an older one fails on its stem's shape in `restore_weights`)."""
+    made_for = (state or {}).get("channels")
+    if made_for is not None and made_for != data.channels:
+        raise DataError(f"{path} was trained on {made_for}-channel images but the sites of this data set have "
+                        f"{data.channels} channels ({data.files.describe()})")
+
+
 def check_data_set(s: Settings, data: Data, state: dict | None) -> str:
     """The data set's fingerprint; a checkpoint made on another data set is refused on --resume (its
     pseudo-labels and history name wells of that one) and named on --load (fine-tuning or
@@ -131,10 +140,13 @@ def trained_on_validation(s: Settings, data: Data, state: dict | None, fingerpri
     own split held them in training): a score on them is no held-out score. Empty when the
     checkpoint records no settings or was made on another data set (check_data_set says so)."""
     saved = (state or {}).get("settings")
-    if not saved or state.get("data_fingerprint") not in (None, fingerprint):
-        return []
+    if not saved or state.get("data_fingerprint") not in (None, fingerprint) or data.wilds:
+        return []  # (an RxRx1-WILDS split's val experiments are never trained on)
     try:
-        held_out = validation_experiments(data.table, settings_from_dict(saved).data)
+        trained_with = settings_from_dict(saved).data
+        if trained_with.split not in (AUTO, "folds"):
+            return []
+        held_out = validation_experiments(data.table, trained_with)
     except (UsageError, ValueError):  # its split does not apply to this data: nothing to compare
         return []
     return sorted(set(data.subsets["val"]["experiment"].astype(str)) - held_out)

@@ -95,8 +95,9 @@ def accuracy_by_cell_type(wells: pd.DataFrame, predicted: np.ndarray) -> dict[st
 
 def evaluate(s: Settings, ctx: RunContext, model, data: Data) -> dict[str, float]:
     """Validation accuracy per cell type among treatment classes only: of each site alone
-    (`--val-unit site`, the 1st place's score) or of wells, their sites' logits summed; and the
-    validation loss (`val_loss`, see `validation_loss`)."""
+    (`--val-unit site`, the 1st place's score) or of wells, their sites' logits summed. On an
+    RxRx1-WILDS split as WILDS scores its val part: every well, over all classes. Also the
+    validation loss (`val_loss`, see `validation_loss`) over the same classes."""
     rows = data.subsets["val"]
     if rows.empty:
         return {}
@@ -107,21 +108,22 @@ def evaluate(s: Settings, ctx: RunContext, model, data: Data) -> dict[str, float
     else:
         wells, logits = sum_sites(rows, site_logits)
     mask = np.full(logits.shape[1], -np.inf, dtype=np.float32)
-    mask[data.structure.treatment_classes] = 0
+    scored = np.arange(logits.shape[1]) if data.wilds else data.structure.treatment_classes
+    mask[scored] = 0
     metrics = accuracy_by_cell_type(wells, (logits + mask).argmax(1))
-    metrics["val_loss"] = validation_loss(site_logits[read], rows["sirna_true"].to_numpy()[read],
-                                          data.structure.treatment_classes, s.optim.loss)
+    metrics["val_loss"] = validation_loss(site_logits[read], rows["sirna_true"].to_numpy()[read], scored,
+                                          s.optim.loss)
     return metrics
 
 
-def validation_loss(site_logits: np.ndarray, labels: np.ndarray, treatment: np.ndarray, loss: str) -> float:
+def validation_loss(site_logits: np.ndarray, labels: np.ndarray, classes: np.ndarray, loss: str) -> float:
     """The training objective's classification term on validation sites, each alone: `--loss` (ce
-    or bce) over the treatment classes (the validation wells are treatment wells), on one-hot
-    targets: no label smoothing, mixing or ArcFace term (train_loss has them: the two curves are
-    comparable in their trend, not in their level)."""
+    or bce) over `classes` (the treatment classes: the validation wells are treatment wells; all
+    on an RxRx1-WILDS split), on one-hot targets: no label smoothing, mixing or ArcFace term
+    (train_loss has them: the two curves are comparable in their trend, not in their level)."""
     if not len(labels):
         return float("nan")
-    classes = torch.as_tensor(treatment, dtype=torch.long)
+    scored = torch.as_tensor(classes, dtype=torch.long)
     target = torch.zeros(len(labels), site_logits.shape[1])
     target[torch.arange(len(labels)), torch.as_tensor(labels, dtype=torch.long)] = 1.0
-    return float(training_loss({"logits": torch.from_numpy(site_logits)}, target, loss, 0.0, classes))
+    return float(training_loss({"logits": torch.from_numpy(site_logits)}, target, loss, 0.0, scored))
