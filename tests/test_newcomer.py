@@ -133,7 +133,7 @@ def _groups(net, *argv) -> list[tuple[float, list[int]]]:
 def test_recipe_stem_groups_are_the_41st_place_groups_on_densenet201(monkeypatch):
     monkeypatch.chdir(ROOT)
     net = M.CellClassifier("densenet201", 11, 4, pretrained="none", embedding_size=16, concat_cell_type=False,
-                           head="plain")
+                           head="plain", in_channels=6)
     theirs = _groups(net, "--lr-groups", "conv0,norm0=1/3,denseblock,transition,norm5=1/2")
     ours = _groups(net, "@recipes/41st-place-train.args")  # its own --lr (const,1e-3) and groups
     # the same parameters, in the same order, at the same rates (only the groups' names differ)
@@ -143,7 +143,7 @@ def test_recipe_stem_groups_are_the_41st_place_groups_on_densenet201(monkeypatch
 
 def test_stem_names_the_small_networks_stem():
     net = M.CellClassifier("smallcnn", 11, 4, pretrained="none", embedding_size=16, concat_cell_type=False,
-                           head="plain")
+                           head="plain", in_channels=6)
     (stem_lr, stem), (rest_lr, rest), (head_lr, _) = _groups(net, "--lr-groups", "STEM=1/3",
                                                             "--backbone-lr-mult", "0.5")
     first_conv, first_norm = net.backbone[0], net.backbone[1]

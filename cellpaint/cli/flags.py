@@ -22,10 +22,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from cellpaint.core.errors import UsageError
+from cellpaint.core.errors import DataError, UsageError
 from cellpaint.core.settings import (ARCHITECTURE, AUTO, AugmentSettings, DataSettings, ExecSettings,
                                      InferenceSettings, ModelSettings, OptimSettings, PseudoLabelSettings, RunSettings,
                                      Settings, plain_value)
+from cellpaint.data import metadata
 from cellpaint.networks.backbones import is_supported_backbone, supported_backbones
 from dataset import tta_views
 
@@ -248,8 +249,23 @@ def take_trained_on(current: Settings, saved: Settings, typed: set[str]) -> tupl
     typed_fields = {f for dest in typed for f in FIELDS.get(dest, ())}
     fields = list(TRAINED_ON) + ([] if typed_fields & set(SPLIT_CHOICE) else list(SPLIT_CHOICE))
     values = {f: get(saved, f) for f in fields if f not in typed_fields}
-    taken = [_as_typed(f, v) for f, v in values.items() if plain_value(v) != plain_value(get(current, f))]
+    taken = [_as_typed(f, v) for f, v in values.items() if not _same_in_effect(f, v, current)]
     return with_fields(current, values), taken
+
+
+def _same_in_effect(field: str, saved, current: Settings) -> bool:
+    """Whether the checkpoint's value of `field` is what this command line already gives: equal, or
+    the split `--split auto` stands for on this data (engine/data.py::split_scheme)."""
+    now = get(current, field)
+    if plain_value(saved) == plain_value(now):
+        return True
+    if field != "data.split" or now != AUTO:
+        return False
+    try:
+        layout = metadata.detect_layout(current.data.root)
+    except (DataError, OSError):  # no data here: the run says so itself
+        return False
+    return saved == ("official" if layout == "wilds" else "folds")
 
 
 SWITCHES = ("data.val_last_experiment",)  # flags that take no value: on when typed
