@@ -67,7 +67,8 @@ def forty_first(recipe_data, tmp_path_factory) -> Path:
 
 
 RECIPES_RUN_HERE = {"1st-place.args", "41st-place-common.args", "41st-place-train.args",
-                    "41st-place-finetune.args", "41st-place-predict.args"}
+                    "41st-place-finetune.args", "41st-place-predict.args", "wilds-standard.args",
+                    "wilds-transductive.args"}
 
 
 def test_every_recipe_file_is_run_small_here():
@@ -102,6 +103,17 @@ def test_41st_recipes_run_small(forty_first, recipe_data, tmp_path, monkeypatch)
     assert all(code.startswith("HUVEC") for part in embeddings.values() for code in part)
     assert run("@recipes/41st-place-common.args", "--data", data, "--save", tmp_path / "common", "-e", 2,
                *SMALLER, *EXEC) == 0
+
+
+@pytest.mark.parametrize("recipe", ["wilds-standard.args", "wilds-transductive.args"])
+def test_wilds_recipes_run_small(recipe, tmp_path, monkeypatch):
+    data = tmp_path / "wilds"
+    generate(data, SyntheticConfig(**{**TINY, "layout": "wilds", "val_experiments": (1, 1, 1, 1),
+                                      "pixel_stats": False}), progress=False)
+    monkeypatch.chdir(ROOT)
+    save = tmp_path / "net"
+    assert run(f"@recipes/{recipe}", "--data", data, "--save", save, "-e", 2, *SMALLER, *EXEC) == 0
+    assert len(pd.read_csv(f"{save}.metrics.csv")) == 2
 
 
 def test_recipe_flags_are_checked_before_the_pixel_statistics(recipe_data, tmp_path, monkeypatch, capsys):
