@@ -249,6 +249,8 @@ def take_trained_on(current: Settings, saved: Settings, typed: set[str]) -> tupl
     typed_fields = {f for dest in typed for f in FIELDS.get(dest, ())}
     fields = list(TRAINED_ON) + ([] if typed_fields & set(SPLIT_CHOICE) else list(SPLIT_CHOICE))
     values = {f: get(saved, f) for f in fields if f not in typed_fields}
+    if values.get("data.split") == "folds":  # what auto is on a folds layout; on other data, not its split
+        del values["data.split"]
     taken = [_as_typed(f, v) for f, v in values.items() if not _same_in_effect(f, v, current)]
     return with_fields(current, values), taken
 

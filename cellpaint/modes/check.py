@@ -21,7 +21,7 @@ from cellpaint.data import metadata
 from cellpaint.data.layout_matches import find_layout_matches
 from cellpaint.data.structure import derive_structure
 from cellpaint.data.images import ImageError, SiteFiles, decoding_pool, png_planes, read_composite, read_png
-from cellpaint.core.errors import DataError
+from cellpaint.core.errors import DataError, UsageError
 
 
 def _check_png(path: str, planes: int = 1) -> tuple[str | None, tuple[int, int] | None]:
@@ -133,8 +133,8 @@ def describe(data_dir: Path, table, n_classes: int | None, sizes: dict[tuple[int
         structure = derive_structure(table, n_classes)
         lines.append(f"classes: {structure.n_classes} ({len(structure.treatment_classes)} treatment in "
                      f"{structure.n_groups} plate groups, {len(structure.control_classes)} control)")
-    except DataError:
-        pass  # reported among the problems
+    except (DataError, UsageError):  # labels that do not fit (--classes): reported among the problems
+        pass
     if sizes is not None:
         shown = ", ".join(f"{n} of {h}x{w}" for (h, w), n in sorted(sizes.items(), key=lambda kv: -kv[1]))
         lines.append(f"images: {sum(sizes.values())} PNGs decoded ({channels} channels a site): {shown or 'none'}")
