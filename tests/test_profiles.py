@@ -168,8 +168,8 @@ def test_profiles_without_negative_controls_name_the_file(tiny_competition, trai
 
 def test_plates_are_centred_apart_whatever_pandas_strings_are():
     """Each plate is centred on its own controls: two plates of one experiment whose controls differ
-    end with their own controls at zero (a joined string key with a NUL separator merged them under
-    pandas' pyarrow-backed strings)."""
+    end with their own controls at zero, with pyarrow-backed strings too (a key joined with a NUL
+    separator lost it under pandas 3's string dtype on an install without pyarrow)."""
     profiles = planted(np.random.default_rng(4))
     profiles["Metadata_experiment"] = profiles["Metadata_experiment"].astype("string[pyarrow]")
     out = P.normalise(profiles, "controls", FILES)

@@ -69,7 +69,7 @@ def _plate_centres(profiles: pd.DataFrame, x: np.ndarray, control_files: Mapping
     negative = (profiles["Metadata_well_type"] == NEGATIVE).to_numpy()
     centres = np.empty_like(x)
     # grouped by the two columns themselves: a joined string key is only as safe as its separator
-    # (a NUL one was cut by pandas' pyarrow-backed strings, putting an experiment's plates together)
+    # (a NUL one was lost under pandas 3's string dtype on an install without pyarrow)
     plates = profiles[["Metadata_experiment", "Metadata_plate"]].astype(str)
     for (experiment, plate), index in plates.groupby(["Metadata_experiment", "Metadata_plate"]).indices.items():
         controls = index[negative[index]]
