@@ -164,3 +164,16 @@ def test_profiles_without_negative_controls_name_the_file(tiny_competition, trai
     assert errors == [f"{data / 'train_controls.csv'}: HEPG2-01 plate 1 has no negative-control well; "
                       "--normalise controls centres each plate on its own negative controls"]
     assert not list(trained.parent.glob("*.profiles_x.parquet"))
+
+
+def test_plates_are_centred_apart_whatever_pandas_strings_are():
+    """Each plate is centred on its own controls: two plates of one experiment whose controls differ
+    end with their own controls at zero, with pyarrow-backed strings too (a key joined with a NUL
+    separator lost it under pandas 3's string dtype on an install without pyarrow)."""
+    profiles = planted(np.random.default_rng(4))
+    profiles["Metadata_experiment"] = profiles["Metadata_experiment"].astype("string[pyarrow]")
+    out = P.normalise(profiles, "controls", FILES)
+    columns = P.feature_columns(out)
+    for _, plate in out.groupby(["Metadata_experiment", "Metadata_plate"]):
+        controls = plate[plate["Metadata_well_type"] == "negative_control"][columns].to_numpy()
+        np.testing.assert_allclose(controls.mean(axis=0), 0, atol=1e-5)

@@ -206,7 +206,7 @@ def test_uint8_path_equals_float_path_with_the_41st_augmentations(tiny_competiti
 def test_random_tta_averages_n_passes_of_the_training_augmentation(monkeypatch):
     seen = []
 
-    def one_pass(s, ctx, model, ds, embeddings=False, settings=None):
+    def one_pass(s, ctx, model, ds, embeddings=False, settings=None, data=None):
         seen.append((ds.epoch, ds.augment, settings))
         return {"logits": np.full((2, 3), float(ds.epoch)), "embedding": np.full((2, 4), 2.0 * ds.epoch)}
 

@@ -67,13 +67,13 @@ def _plate_centres(profiles: pd.DataFrame, x: np.ndarray, control_files: Mapping
                    method: str) -> tuple[np.ndarray, np.ndarray]:
     """(each well's plate centre: its plate's negative-control mean, mask of negative controls)."""
     negative = (profiles["Metadata_well_type"] == NEGATIVE).to_numpy()
-    keys = profiles["Metadata_experiment"].astype(str) + "\0" + profiles["Metadata_plate"].astype(str)
     centres = np.empty_like(x)
-    for key, index in keys.groupby(keys).groups.items():
-        index = profiles.index.get_indexer(index)
+    # grouped by the two columns themselves: a joined string key is only as safe as its separator
+    # (a NUL one was lost under pandas 3's string dtype on an install without pyarrow)
+    plates = profiles[["Metadata_experiment", "Metadata_plate"]].astype(str)
+    for (experiment, plate), index in plates.groupby(["Metadata_experiment", "Metadata_plate"]).indices.items():
         controls = index[negative[index]]
         if not len(controls):
-            experiment, plate = key.split("\0")
             split = str(profiles["Metadata_split"].iat[index[0]])
             raise DataError(f"{control_files.get(split, '?')}: {experiment} plate {plate} has no negative-control well; "
                             f"--normalise {method} centres each plate on its own negative controls")
