@@ -28,11 +28,11 @@ from typing import Iterator
 import torch
 
 from cellpaint.cli import entry, flags, run_outputs
-from cellpaint.cli.flag_types import (ArgsFileParser, args_file_line, bool_or_auto, bool_type, float_pair, int_list,
-                                      lr_groups_type, lr_type, name_list, size_func_type, size_schedule_type)
+from cellpaint.cli.flag_types import (ArgsFileParser, HelpFormatter, args_file_line, bool_or_auto, bool_type, float_pair,
+                                      int_list, lr_groups_type, lr_type, name_list, size_func_type, size_schedule_type)
 from cellpaint.cli.runlog import set_log_handlers, setup_logging
 from cellpaint.core.bounds import BoundError
-from cellpaint.core.errors import InputError, Interrupted, UsageError
+from cellpaint.core.errors import DataError, InputError, Interrupted, UsageError
 from cellpaint.core.schedule import LRSchedule, SizeFunction
 from cellpaint.core.settings import (ADABN_DOMAINS, AUTO, BATCH_SAMPLINGS, BC_SPACES, FLIP_SETS, INFERENCE_WEIGHTS,
                                      PRECISIONS, ROTATE_BORDERS, ZOOM_MODES, Settings, settings_dict,
@@ -59,12 +59,14 @@ log = logging.getLogger("cellpaint")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgsFileParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgsFileParser(description=__doc__, formatter_class=HelpFormatter,
                        fromfile_prefix_chars="@")  # recipes/*.args: one argument per line
     p.convert_arg_line_to_args = args_file_line
     p.add_argument("-m", "--mode", default="train", choices=("train", "val", "predict", "check", "eval", "profiles"),
-                   help="eval: score the prediction file of --load as RxRx1-WILDS does (CKPT.output<suffix>.wilds.json); "
-                        "profiles: every well's embedding, normalised, as CKPT.profiles<suffix>.parquet")
+                   help="train; val: the validation accuracy of --load; predict: its prediction file; check: "
+                        "the data set (metadata, labels, every image); eval: score the prediction file of --load as "
+                        "RxRx1-WILDS does (CKPT.output<suffix>.wilds.json); profiles: every well's embedding, "
+                        "normalised, as CKPT.profiles<suffix>.parquet")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default=AUTO,
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-classes", choices=("all", "treatment"), default="all",
                    help="classes the loss is taken over; treatment (the 41st place's outputs) needs "
                         "--train-controls false")
-    g.add_argument("--embedding-size", type=int, default=1024)
+    g.add_argument("--embedding-size", type=int, default=1024, help="width of the embedding (the neck's output)")
     g.add_argument("--bn-mom", type=float, default=0.05, help="momentum of every BatchNorm's running statistics")
     g.add_argument("--bottleneck-bn", choices=BOTTLENECK_BN, default="recomputed",
                    help="DenseNets: each dense layer's bottleneck BN moves as in the 1st place's memory-efficient "
@@ -96,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "1st place), rgb-copy (channel i starts from RGB kernel i mod 3, scaled by 3/6) or "
                         "rgb-tile (the same unscaled, as the 41st place)")
     g = p.add_argument_group("training")
-    g.add_argument("-e", "--epochs", type=int, default=90)
-    g.add_argument("-b", "--batch_size", "--batch-size", dest="batch_size", type=int, default=24)
-    g.add_argument("--gradient-accumulation", type=int, default=2)
+    g.add_argument("-e", "--epochs", type=int, default=90, help="epochs of training (the last is epochs-1)")
+    g.add_argument("-b", "--batch_size", "--batch-size", dest="batch_size", type=int, default=24,
+                   help="sites per batch (per process under torchrun)")
+    g.add_argument("--gradient-accumulation", type=int, default=2, help="batches per optimizer step")
     g.add_argument("--accumulation-mode", dest="accumulation", choices=("sum", "mean"),
                    default="sum", help="sum: each batch's gradient at full weight, a trailing partial group "
                                        "dropped (the 1st place); mean: the loss divided by the group size, "
@@ -109,11 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the backbone's learning rate as a multiple of --lr (layer-wise learning rates)")
     g.add_argument("--lr-groups", type=lr_groups_type, default=None, metavar="P,Q=M,...",
                    help="backbone parameters whose names start with P or Q at M times --lr (M may be a "
-                        "fraction p/q); the rest of the backbone at --backbone-lr-mult")
+                        "fraction p/q; STEM: the backbone's first convolution and its normalisation, "
+                        "whatever their names); the rest of the backbone at --backbone-lr-mult; none: no "
+                        "groups (clears a recipe's)")
     g.add_argument("--finetune-cell-type", default=None,
                    help="train/validate/predict one cell type only (with --load of a general model)")
-    g.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-5)
-    g.add_argument("--label-smoothing", "--ls", dest="label_smoothing", type=float, default=0.0)
+    g.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-5, help="Adam's weight decay")
+    g.add_argument("--label-smoothing", "--ls", dest="label_smoothing", type=float, default=0.0,
+                   help="target 1-s on the label, s spread over the other classes")
     g.add_argument("--mixup", type=float, default=0.0, help="Beta alpha of mixup (0: off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="Beta alpha of cutmix (0: off)")
     g.add_argument("--mix-partners", choices=mixing.PARTNER_RULES, default="shared",
@@ -177,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a chosen well whose class a more confident well of its plate got this epoch: dropped "
                         "(fewer wells added, the 1st place) or replaced by the next-ranked well (refill)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", type=Path, default=Path("../data"))
+    g.add_argument("--data", type=Path, default=Path("../data"),
+                   help="the data set: competition layout (train.csv) or RxRx1 release (metadata.csv)")
     g.add_argument("--cv-number", type=int, default=0, help="validation fold, -1: train on everything")
-    g.add_argument("--folds", type=int, default=6)
+    g.add_argument("--folds", type=int, default=6, help="validation folds, dealt by experiment within each cell type")
     g.add_argument("--val-unit", choices=("site", "well"), default="site",
                    help="validation accuracy (and the best checkpoint) over sites, each alone (the 1st place), "
                         "or over wells with their sites' logits summed (as the submission predicts)")
@@ -195,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the layout's own; folds: validation experiments dealt in folds (--cv-number: the "
                         "competition and release layouts); official or mixed-to-test: the RxRx1-WILDS splits (the "
                         "wilds layout, official by default)")
-    g.add_argument("--data-split-seed", type=int, default=0)
-    g.add_argument("--data-normalization", choices=NORMALIZATIONS, default="sample")
+    g.add_argument("--data-split-seed", type=int, default=0, help="seed of the shuffle before the folds are dealt")
+    g.add_argument("--data-normalization", choices=NORMALIZATIONS, default="sample",
+                   help="sample: each image by its own statistics; experiment, global, global-pooled: from "
+                        "pixel_stats.csv or computed once (see --cache-dir)")
     g.add_argument("--all-controls-train", type=bool_type, default=True,
                    help="train on the control wells of validation and test experiments too")
     g.add_argument("--train-controls", type=bool_type, default=True,
@@ -206,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="where computed pixel statistics are cached (--data-normalization other than sample); "
                         "default: the folder 'cache' beside --save (or --load)")
-    g.add_argument("--num-data-workers", type=int, default=min(8, os.cpu_count() or 1))
+    g.add_argument("--num-data-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="loader processes decoding PNGs (default: min(8, cores) = %(default)s here)")
     g.add_argument("--image-cache", type=Path, default=None,
                    help="decoded-image cache built by prepare.py, read instead of the PNGs")
     g.add_argument("--skip-bad-images", action="store_true",
@@ -290,6 +300,7 @@ class Command:
     settings: Settings
     checkpoint: dict | None = None
     debug: bool = False
+    notes: tuple[str, ...] = ()  # logged once the run's log is open
 
 
 def parse_command_line(argv: list[str] | None = None) -> Command:
@@ -313,6 +324,7 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
         p.error(f"{e} ({flags.origin(getattr(e, 'flag', None), argv, aliases)})")
     typed = flags.typed_flags(build_parser, argv)
     state = None
+    notes: list[str] = []  # what the log should say about where settings came from
     checkpoint = args.resume if args.resume and args.mode == "train" else args.load
     if checkpoint:
         state = load_checkpoint(checkpoint)
@@ -324,8 +336,18 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
         if "optimizer" not in state or saved is None:
             raise InputError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
         s = flags.resume(s, saved, typed, args.resume)
+        if "data" not in typed and not Path(s.data.root).is_dir():
+            relative = "" if Path(s.data.root).is_absolute() else ", relative to the folder that run was started in"
+            raise DataError(f"--resume {args.resume}: its data directory {s.data.root} (recorded in the checkpoint"
+                            f"{relative}) does not exist here; give --data DIR of the same data set (its "
+                            "fingerprint is checked)")
     elif args.load and saved is not None:
         s = flags.take_architecture(s, saved, typed, args.load)
+        if args.mode in ("val", "predict"):
+            s, taken = flags.take_trained_on(s, saved, typed)
+            if taken:
+                notes.append(f"--load {args.load}: as it was trained, {', '.join(taken)} (type a flag to choose "
+                             "otherwise)")
     if args.mode == "train":
         if s.run.save:
             check_save(s.run.save)
@@ -341,7 +363,7 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
     problem = flags.problems(s)
     if problem:
         p.error(problem)
-    return Command(s, state, args.debug)
+    return Command(s, state, args.debug, tuple(notes))
 
 
 def check_save(save: str) -> None:
@@ -377,7 +399,9 @@ def run(argv: list[str] | None) -> int:
     command = parse_command_line(argv)
     s = command.settings
     if s.run.mode == "check":
-        return check.report(check.check_data(s.data.root, s.data.classes, workers=s.exec.num_workers))
+        summary: list[str] = []
+        problems = check.check_data(s.data.root, s.data.classes, workers=s.exec.num_workers, summary=summary)
+        return check.report(problems, summary=summary)
     if s.run.mode == "eval":  # numbers from a prediction file: no network, no device
         wilds_eval.evaluate_file(s, command.checkpoint)
         return 0
@@ -385,13 +409,13 @@ def run(argv: list[str] | None) -> int:
         # under torchrun each process takes its own GPU (cuda:LOCAL_RANK)
         world, device = distributed.init(torch.device(s.exec.device or ("cuda" if torch.cuda.is_available() else "cpu")))
         try:
-            run_mode(s, RunContext(world, device), command.checkpoint)
+            run_mode(s, RunContext(world, device), command.checkpoint, command.notes)
         finally:
             distributed.shutdown()
     return 0
 
 
-def run_mode(s: Settings, ctx: RunContext, checkpoint: dict | None) -> None:
+def run_mode(s: Settings, ctx: RunContext, checkpoint: dict | None, notes: tuple[str, ...] = ()) -> None:
     """The mode of `s`, holding its output and logging to its file."""
     mode, save, load = s.run.mode, s.run.save, s.run.load
     output = f"{load}.output{s.inference.pred_suffix}"
@@ -403,6 +427,8 @@ def run_mode(s: Settings, ctx: RunContext, checkpoint: dict | None) -> None:
         log_path = {"train": f"{save}.log", "predict": f"{output}.log"}.get(mode)
         staged_log = setup_logging(log_path, ctx.world, staged=mode == "predict", append=bool(s.run.resume),
                                    arguments=settings_dict(s))
+        for line in notes:
+            log.info("%s", line)
         if note:
             log.warning("%s", note)
         if mode == "train":

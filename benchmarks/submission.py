@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="signal strengths for the group-method sweep")
     p.add_argument("--group-seeds", type=int, default=3, help="data sets per signal in the group-method sweep")
     p.add_argument("--small", action="store_true", help="a tiny data set (a smoke test of this script)")
+    p.add_argument("--timing-only", action="store_true",
+                   help="stop after the timed runs and their accuracy table (the README's figure)")
     a = p.parse_args(argv)
     sizes = dict(folds=FOLDS)
     if a.small:
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         for stage, acc in accuracy(work / "timed.csv"):
             print(f"| {stage} | {acc:.4f} |")
         print()
+        if a.timing_only:
+            print(f"load average at end: {load()}")
+            return 0
 
         print("group inference alone: plates given the right group, test experiments of fresh data sets\n")
         print("| signal | plates | " + " | ".join(plates.GROUP_METHODS) + " |")

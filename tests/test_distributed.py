@@ -216,7 +216,7 @@ def test_logged_validation_accuracy_equals_val_mode_on_the_checkpoint(runs, capl
             assert run("--mode", "val", "--data", runs / "data", "--load", runs / "ddp" / f"net.{epoch}", *ARGS) == 0
         line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("validation: "))
         reported = {k: float(v) for k, v in (item.split() for item in line[len("validation: "):].split(", "))}
-        assert set(reported) == {"acc", "acc_HEPG2", "acc_HUVEC"}
+        assert set(reported) == {"acc", "acc_HEPG2", "acc_HUVEC", "val_loss"}  # val_loss: issue 21
         for key, value in reported.items():  # logged to 4 decimals; one site of 64 is 0.0156
             assert value == pytest.approx(logged[key].iloc[epoch], abs=5e-5), (epoch, key)
 

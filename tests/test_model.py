@@ -169,7 +169,8 @@ def test_imagenet_offline_is_a_clear_error(name: str) -> None:
     with pytest.raises(B.PretrainedUnavailable) as err:
         B.build_backbone(name, pretrained="imagenet", in_channels=6)
     msg = str(err.value)
-    assert "\n" not in msg and name in msg and "https://" in msg and "pretrained=PATH" in msg
+    assert "\n" not in msg and name in msg and "https://" in msg
+    assert "--pretrained PATH" in msg and "--pretrained none" in msg  # the flags that fix it, as typed
     assert os.environ["TORCH_HOME"] in msg  # names the cache location it looked in
 
 

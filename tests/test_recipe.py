@@ -259,8 +259,9 @@ def test_41st_place_args_files(monkeypatch, tmp_path):
         "bce", "treatment", False, 0.0)
     assert (train.optim.lr, train.optim.wd, train.optim.epochs, train.data.batch_size, train.optim.cutmix) == (
         LRSchedule.parse("const,1e-3"), 0, 75, 64, 0)
-    assert train.optim.lr_groups.groups == ((("conv0", "norm0"), 1 / 3),
-                                            (("denseblock", "transition", "norm5"), 0.5))
+    # the stem (conv0, norm0 of a DenseNet) at 1/3, the rest of the backbone at 1/2: tests/test_newcomer.py
+    # checks these are the groups `conv0,norm0=1/3,denseblock,transition,norm5=1/2` make of DenseNet201
+    assert (train.optim.lr_groups.groups, train.optim.backbone_lr_mult) == (((("STEM",), 1 / 3),), 0.5)
     aug = train.augment
     assert aug == FORTY_FIRST and (aug.min_scale, aug.scale_std, aug.bias_std) == (1.0, 0.0, 0.0)
     assert train.data.val_last_experiment and train.data.normalization == "global"

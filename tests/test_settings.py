@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import typing
 from pathlib import Path
@@ -24,7 +25,9 @@ from tests.conftest import ROOT, SMALL, run
 def test_settings_are_typed_frozen_and_converted_once():
     s = main.parse_settings(["--save", "runs/x", "--lr", "const,1e-3", "--pl-epoch", "3", "--head-hidden", "8,4",
                              "--val-experiments", "A,B", "--flips", "hv", "--tta", "2", "--seed", "7"])
-    assert (s.data.root, s.data.val_experiments, s.model.head_hidden) == (Path("../data"), ("A", "B"), (8, 4))
+    # paths absolute (issue 21): checkpoints record them, a run resumed from another folder finds its data
+    assert (s.data.root, s.data.val_experiments, s.model.head_hidden) == (
+        Path(os.path.abspath("../data")), ("A", "B"), (8, 4))
     assert (s.optim.lr(0, 10), s.pseudo.first_epoch, s.optim.epochs, s.inference.tta) == (1e-3, 3, 90, 2)
     assert s.augment.flips and not s.augment.transposes
     assert s.run.mode == "train" and s.run.save == "runs/x" and s.seed == 7
@@ -47,11 +50,11 @@ def test_the_pixel_stats_cache_is_an_explicit_setting():
     def cache(*argv):
         return main.parse_settings(list(argv)).exec.stats_cache
 
-    assert cache("--save", "runs/x") == Path("runs/cache")  # beside the outputs, as before
+    assert cache("--save", "runs/x") == Path(os.path.abspath("runs/cache"))  # beside the outputs, absolute
     assert cache("--save", "runs/x", "--cache-dir", "/tmp/stats") == Path("/tmp/stats")
     s = main.parse_settings(["--save", "runs/x"])
     assert flags.complete(s.replace(run={"save": None, "load": "ckpts/net.3"}, exec={"stats_cache": None})
-                          ).exec.stats_cache == Path("ckpts/cache")
+                          ).exec.stats_cache == Path(os.path.abspath("ckpts/cache"))
 
 
 def test_settings_read_back_as_themselves():

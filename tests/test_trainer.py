@@ -235,12 +235,16 @@ def test_val_mode_reports_accuracy(trained, tiny_competition, caplog):
     treatment = derive_structure(table).treatment_classes
     wells = table.drop_duplicates("id_code").set_index("id_code")
     hits: dict[str, list[bool]] = {}
+    losses = []  # each site's cross-entropy over the treatment classes (the default --loss ce)
     for code, sites in val.items():
         for logits in sites:
             hit = treatment[int(np.argmax(logits[treatment]))] == wells.at[code, "sirna"]
             hits.setdefault("acc", []).append(hit)
             hits.setdefault(f"acc_{wells.at[code, 'cell_type']}", []).append(hit)
+            log_p = torch.log_softmax(torch.as_tensor(logits[treatment], dtype=torch.float64), 0)
+            losses.append(-float(log_p[list(treatment).index(wells.at[code, "sirna"])]))
     assert len(hits["acc"]) == len(table[table["id_code"].isin(val)]) > 0  # every val site, once
+    assert reported.pop("val_loss") == pytest.approx(np.mean(losses), rel=1e-4)  # issue 21: the validation loss
     assert set(reported) == set(hits) and len(hits) >= 2  # overall and per cell type
     for key, values in hits.items():
         assert reported[key] == pytest.approx(np.mean(values), abs=5e-5), key

@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Callable, TypeVar
 
-from cellpaint.core.settings import AUTO
+from cellpaint.core.settings import AUTO, plain_value
 from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction, SizeSchedule
 
 T = TypeVar("T")
@@ -52,7 +52,15 @@ def _from_parser(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 
 lr_type = _from_parser(LRSchedule.parse)
-lr_groups_type = _from_parser(LRGroups.parse)
+_lr_groups = _from_parser(LRGroups.parse)
+
+
+def lr_groups_type(text: str) -> LRGroups | None:
+    """--lr-groups P,Q=M,...; `none` clears groups set earlier (by a recipe's @file): the whole
+    backbone then runs at --backbone-lr-mult."""
+    return None if text.strip().lower() == "none" else _lr_groups(text)
+
+
 size_func_type = _from_parser(SizeFunction)
 size_schedule_type = _from_parser(SizeSchedule.parse)
 
@@ -118,3 +126,23 @@ class ArgsFileParser(argparse.ArgumentParser):
     _names: tuple[str, ...] = ()
 
 
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default after its help, as it would be typed (`cosine,0.00015`,
+    `0.1,0.1`, `../data`); the description keeps its own line breaks. Flags whose default is
+    "not given" (None, empty, a switch's False) say nothing more, or what their help says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.nargs == 0 or "%(default)" in text
+                or default is None or default is argparse.SUPPRESS or default == ""):
+            return text
+        value = plain_value(default)
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        shown = str(value).replace("%", "%%")  # the help text is %-formatted after this
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"

@@ -16,15 +16,17 @@ the command line and the settings, so everything below is generic over it:
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from cellpaint.core.errors import UsageError
+from cellpaint.core.errors import DataError, UsageError
 from cellpaint.core.settings import (ARCHITECTURE, AUTO, AugmentSettings, DataSettings, ExecSettings,
                                      InferenceSettings, ModelSettings, OptimSettings, PseudoLabelSettings, RunSettings,
                                      Settings, plain_value)
+from cellpaint.data import metadata
 from cellpaint.networks.backbones import is_supported_backbone, supported_backbones
 from dataset import tta_views
 
@@ -82,6 +84,13 @@ MAY_CHANGE = ("data.root", "inference.tta", "inference.tta_size", "inference.pre
               "inference.save_embeddings")
 # the groups of one invocation: never taken from a checkpoint
 THIS_INVOCATION = ("exec", "run")
+# --mode val and predict take what the checkpoint of --load was trained on, unless typed: its split
+# (so that the validation wells, scored and written as the 'val' part of a prediction file, are
+# the ones it held out) and the classes its loss trained (modes/predict.py masks the others).
+# One of SPLIT_CHOICE picks the validation experiments: typing any of them picks them all.
+SPLIT_CHOICE = ("data.split", "data.cv_number", "data.val_experiments", "data.val_last_experiment")
+TRAINED_ON = ("data.folds", "data.data_split_seed", "data.use_layout_leak", "data.train_controls",
+              "optim.loss_classes")
 
 
 class FlagError(UsageError):
@@ -104,7 +113,8 @@ def _convert(dest: str, value):
     if isinstance(value, list):
         value = tuple(value)
     if dest in ("data", "image_cache", "cache_dir") and value is not None:
-        value = Path(value)
+        # absolute: checkpoints record them, and --resume from another folder must find the same data
+        value = Path(os.path.abspath(value))
     return (value,)
 
 
@@ -154,7 +164,7 @@ def complete(settings: Settings) -> Settings:
     if exec_.stats_cache is None:
         where = settings.run.save or settings.run.load
         if where:
-            changes["exec.stats_cache"] = Path(where).parent / "cache"
+            changes["exec.stats_cache"] = Path(os.path.abspath(where)).parent / "cache"
     return with_fields(settings, changes)
 
 
@@ -232,6 +242,43 @@ def take_architecture(current: Settings, saved: Settings, typed: set[str], path:
     return with_fields(current, values)
 
 
+def take_trained_on(current: Settings, saved: Settings, typed: set[str]) -> tuple[Settings, list[str]]:
+    """--mode val/predict with --load: the checkpoint's split and trained classes (SPLIT_CHOICE,
+    TRAINED_ON) where not typed; also the flags taken that differ from this command line's
+    values, as `--flag value` for the log."""
+    typed_fields = {f for dest in typed for f in FIELDS.get(dest, ())}
+    fields = list(TRAINED_ON) + ([] if typed_fields & set(SPLIT_CHOICE) else list(SPLIT_CHOICE))
+    values = {f: get(saved, f) for f in fields if f not in typed_fields}
+    if values.get("data.split") == "folds":  # what auto is on a folds layout; on other data, not its split
+        del values["data.split"]
+    taken = [_as_typed(f, v) for f, v in values.items() if not _same_in_effect(f, v, current)]
+    return with_fields(current, values), taken
+
+
+def _same_in_effect(field: str, saved, current: Settings) -> bool:
+    """Whether the checkpoint's value of `field` is what this command line already gives: equal, or
+    the split `--split auto` stands for on this data (engine/data.py::split_scheme)."""
+    now = get(current, field)
+    if plain_value(saved) == plain_value(now):
+        return True
+    if field != "data.split" or now != AUTO:
+        return False
+    try:
+        layout = metadata.detect_layout(current.data.root)
+    except (DataError, OSError):  # no data here: the run says so itself
+        return False
+    return saved == ("official" if layout == "wilds" else "folds")
+
+
+SWITCHES = ("data.val_last_experiment",)  # flags that take no value: on when typed
+
+
+def _as_typed(field: str, value) -> str:
+    """A setting as the flag that gives it, e.g. `--cv-number -1`, `--train-controls false`."""
+    flag = next(flag_name(dest) for dest, fields in FIELDS.items() if field in fields)
+    if field in SWITCHES:
+        return flag if value else f"no {flag}"
+    return f"{flag} {str(value).lower() if isinstance(value, bool) else _show(value)}"
 def overwrite_problem(mode: str, resume: str | None) -> str | None:
     """--overwrite is for a new training run only (checked before a checkpoint is read, too)."""
     if mode == "train" and not resume:
@@ -294,8 +341,6 @@ def problems(s: Settings) -> str | None:
         return f"--cv-number must be -1 or in [0, {d.folds}), got {d.cv_number}"
     if s.run.mode == "train" and not s.run.resume and o.start_epoch >= o.epochs:
         return f"--start-epoch {o.start_epoch} leaves no epoch to train: it must be below --epochs {o.epochs}"
-    if s.pseudo.first_epoch is not None and not 0 <= s.pseudo.first_epoch < o.epochs:
-        return f"--pl-epoch must be in [0, {o.epochs}), got {s.pseudo.first_epoch}"
     training = s.run.mode == "train"
     if training and d.batch_sampling != "random" and m.concat_cell_type:
         return (f"--batch-sampling {d.batch_sampling} gives batches of one cell type, where the neck's BatchNorm "

@@ -161,7 +161,8 @@ def _multiplier(text: str) -> float:
 class LRGroups:
     """`--lr-groups "conv0,norm0=1/3,denseblock,transition,norm5=1/2"`: name prefixes (of the
     backbone's parameters) gathered up to each `=MULT`, which sets their learning rate to MULT
-    times the schedule's. A parameter takes the first group whose prefix it starts with."""
+    times the schedule's. A parameter takes the first group whose prefix it starts with; the name
+    STEM stands for the backbone's stem (engine/setup.py)."""
     groups: tuple[tuple[tuple[str, ...], float], ...]
     text: str = ""  # as given: what a checkpoint records
 

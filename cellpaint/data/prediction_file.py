@@ -10,6 +10,10 @@ has the same structure with per-site embedding vectors instead of logits, and ma
 part, 'train': the labelled treatment wells of the training subset, the kNN recipe's reference
 set (`knn.py`). A file of logits may still hold only 'test' and 'val'.
 
+Outputs the network was never trained on (the control classes under `--loss-classes treatment`,
+the 41st place's recipe) hold MASKED_LOGIT at every site, so that no arg-max or softmax of the
+file picks them; a finite value, so that sums, ensembles and the NaN/inf check still work.
+
 A pickle can run arbitrary code when loaded, and prediction files get passed around, so they
 are read with an unpickler that only rebuilds containers, numbers, strings and numpy arrays;
 anything else is refused before it is called. The structure is checked on load, with errors
@@ -32,6 +36,7 @@ from cellpaint.data.wells import sum_site_lists
 from cellpaint.core.errors import InputError
 
 PARTS = ("test", "val")                          # a prediction file of logits
+MASKED_LOGIT = -1e4  # an untrained class's logit: softmax exp(-1e4) is 0 in float32, sums of many stay finite
 OPTIONAL_PARTS = ("id_test",)                    # ... and, on the official RxRx1-WILDS split, its ID test
 EMBEDDING_PARTS = ("train", "val", "test")       # an embeddings file: the reference wells too
 KINDS = ("logits", "embeddings")

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from cellpaint.core.atomic import atomic_write
-from cellpaint.core.errors import DataError, InputError, OutputError
-from cellpaint.core.settings import Settings
+from cellpaint.core.errors import DataError, InputError, OutputError, UsageError
+from cellpaint.core.settings import AUTO, Settings, settings_from_dict
 from cellpaint.data import metadata
-from cellpaint.engine.data import Data
+from cellpaint.engine.data import Data, validation_experiments
 
 log = logging.getLogger("cellpaint")
 
@@ -133,3 +133,31 @@ def check_data_set(s: Settings, data: Data, state: dict | None) -> str:
         log.warning("--load %s was trained on another data set (%s, fingerprint %s) than --data %s (fingerprint %s)",
                     s.run.load, where, made_on, s.data.root, fingerprint)
     return fingerprint
+
+
+def trained_on_validation(s: Settings, data: Data, state: dict | None, fingerprint: str) -> list[str]:
+    """The validation experiments of this run that the checkpoint of --load was trained on (its
+    own split held them in training): a score on them is no held-out score. Empty when the
+    checkpoint records no settings or was made on another data set (check_data_set says so)."""
+    saved = (state or {}).get("settings")
+    if not saved or state.get("data_fingerprint") not in (None, fingerprint) or data.wilds:
+        return []  # (an RxRx1-WILDS split's val experiments are never trained on)
+    try:
+        trained_with = settings_from_dict(saved).data
+        if trained_with.split not in (AUTO, "folds"):
+            return []
+        held_out = validation_experiments(data.table, trained_with)
+    except (UsageError, ValueError):  # its split does not apply to this data: nothing to compare
+        return []
+    return sorted(set(data.subsets["val"]["experiment"].astype(str)) - held_out)
+
+
+def split_flags(d) -> str:
+    """The flags that choose a DataSettings' validation experiments, as a user would type them."""
+    if d.val_last_experiment:
+        return "--val-last-experiment"
+    if d.val_experiments:
+        return "--val-experiments " + ",".join(d.val_experiments)
+    if d.cv_number < 0:
+        return "--cv-number -1"
+    return f"--cv-number {d.cv_number} --folds {d.folds} --data-split-seed {d.data_split_seed}"

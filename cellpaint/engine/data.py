@@ -70,10 +70,14 @@ def split_scheme(d: DataSettings, layout: str) -> str:
     return split
 
 
-def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool = True) -> Data:
+def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool = True,
+              pixel_statistics: bool = True) -> Data:
     """Metadata table, derived structure, layout coincidences and the train/val/test subsets
     (`training`: warn when fine-tuning one cell type leaves nothing to validate); the pixel
-    statistics and the image cache where `x` asks for them."""
+    statistics and the image cache where `x` asks for them. Without `pixel_statistics` the
+    statistics (computed over every image when the data set has no pixel_stats.csv: minutes on
+    the real data) are left for `add_pixel_stats`, so that a run can build its network and check
+    its flags against it first."""
     table = metadata.load_table(d.root)
     split = split_scheme(d, metadata.detect_layout(d.root))
     try:
@@ -102,18 +106,13 @@ def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool 
             log.warning("RxRx1-WILDS %s split: training also on %s: not a standard-track entry (the standard track "
                         "uses no val or test data in training; recipes/wilds-standard.args)", split, " and ".join(extras))
     else:
-        if d.val_last_experiment:  # the 41st place's split: each cell type's last train experiment
-            folds, cv_number = named_folds(table, last_experiments(table)), 0
-            alone = only_experiments(table)
-            if training and alone:
-                log.warning("--val-last-experiment validates on %s, the only train experiment of %s: no treatment "
-                            "well of %s is trained on (use --val-experiments to choose others)",
-                            ", ".join(alone.values()), ", ".join(alone),
-                            "that cell type" if len(alone) == 1 else "those cell types")
-        elif d.val_experiments:
-            folds, cv_number = named_folds(table, d.val_experiments), 0
-        else:
-            folds, cv_number = assign_folds(table, d.folds, d.data_split_seed), d.cv_number
+        folds, cv_number = choose_folds(table, d)
+        alone = only_experiments(table) if d.val_last_experiment and training else {}
+        if alone:
+            log.warning("--val-last-experiment validates on %s, the only train experiment of %s: no treatment "
+                        "well of %s is trained on (use --val-experiments to choose others)",
+                        ", ".join(alone.values()), ", ".join(alone),
+                        "that cell type" if len(alone) == 1 else "those cell types")
         subsets = split_subsets(table, folds, cv_number, d.all_controls_train)
     if not d.train_controls:  # treatment wells only (the 41st place trained on train.csv alone)
         train = subsets["train"]
@@ -136,13 +135,34 @@ def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool 
     if split != "folds":
         log.info("RxRx1-WILDS %s split: %s; images: %s", split,
                  ", ".join(f"{k} {len(v)} sites" for k, v in subsets.items()), files.describe())
-    stats = None
-    if d.normalization != "sample":
-        if x.stats_cache is None:
-            raise UsageError(f"--data-normalization {d.normalization} needs a folder for the pixel "
-                             "statistics: give --cache-dir")
-        stats = pixel_stats.load_pixel_stats(d.root, table, x.stats_cache, files)
-    return Data(table, structure, subsets, stats, cache, files, split)
+    if d.normalization != "sample" and x.stats_cache is None:
+        raise UsageError(f"--data-normalization {d.normalization} needs a folder for the pixel "
+                         "statistics: give --cache-dir")
+    data = Data(table, structure, subsets, None, cache, files, split)
+    return add_pixel_stats(data, d, x) if pixel_statistics else data
+
+
+def choose_folds(table: pd.DataFrame, d: DataSettings) -> tuple[dict[str, int], int]:
+    """The fold of each train experiment and the validation fold's number, as `d` chooses them."""
+    if d.val_last_experiment:  # the 41st place's split: each cell type's last train experiment
+        return named_folds(table, last_experiments(table)), 0
+    if d.val_experiments:
+        return named_folds(table, d.val_experiments), 0
+    return assign_folds(table, d.folds, d.data_split_seed), d.cv_number
+
+
+def validation_experiments(table: pd.DataFrame, d: DataSettings) -> set[str]:
+    """The train experiments `d` holds out for validation (none with --cv-number -1)."""
+    folds, cv_number = choose_folds(table, d)
+    return {e for e, fold in folds.items() if fold == cv_number} if cv_number >= 0 else set()
+
+
+def add_pixel_stats(data: Data, d: DataSettings, x: ExecSettings) -> Data:
+    """`data` with the pixel statistics its normalisation needs (none for `sample`): read from the
+    data set or the cache, computed and cached otherwise."""
+    if d.normalization != "sample" and data.pixel_stats is None:
+        data.pixel_stats = pixel_stats.load_pixel_stats(d.root, data.table, x.stats_cache, data.files)
+    return data
 
 
 def site_image_size(data: Data) -> tuple[int, int] | None:

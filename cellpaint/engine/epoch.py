@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 import dataset
 from cellpaint.core.errors import Diverged
+from cellpaint.core.progress import Heartbeat
 from cellpaint.core.settings import Settings
 from cellpaint.data.augment import resize_batch
 from cellpaint.engine import distributed, mixing
@@ -34,6 +35,7 @@ def train_one_epoch(s: Settings, ctx: RunContext, model, loader, optimizer, scal
     tic = time.time()
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if world.main else True)
+    heartbeat = Heartbeat(log, f"epoch {epoch}", steps, enabled=None if world.main else False)  # where no bar shows
     settings = s.augment
     classes = None if classes is None else classes.to(device)
     # "sum" (the 1st place): each batch's gradient is added at full weight, so an update sees the
@@ -80,10 +82,10 @@ def train_one_epoch(s: Settings, ctx: RunContext, model, loader, optimizer, scal
             if ema is not None:
                 ema.update()
         total_loss += loss.item() * len(x)
-        correct += (out["logits"].argmax(1) == target.argmax(1)).sum().item()
+        correct += correct_predictions(out["logits"], target, classes)
         seen += len(x)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{lr:.2e}")
-        if (i + 1) % ex.disp_batches == 0:
+        if (i + 1) % ex.disp_batches == 0 or heartbeat.due():
             log.info("epoch %d batch %d/%d: loss %.4f, acc %.4f, lr %.3g, %.1f samples/s", epoch, i + 1,
                      steps, total_loss / seen, correct / seen, lr, seen / (time.time() - tic))
     optimizer.zero_grad(set_to_none=True)  # a trailing partial group ("sum") never steps
@@ -91,3 +93,9 @@ def train_one_epoch(s: Settings, ctx: RunContext, model, loader, optimizer, scal
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr if steps else 0.0}
 
 
+def correct_predictions(logits: torch.Tensor, target: torch.Tensor, classes: torch.Tensor | None = None) -> int:
+    """How many rows' arg-max is their target's, both taken over `classes` (the loss's: outputs
+    it never trains, e.g. the control classes under --loss-classes treatment, must not win)."""
+    if classes is not None:
+        logits, target = logits[:, classes], target[:, classes]
+    return int((logits.argmax(1) == target.argmax(1)).sum().item())

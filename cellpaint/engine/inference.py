@@ -2,6 +2,8 @@
 validation accuracy computed from them."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import torch
@@ -9,12 +11,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import dataset
+from cellpaint.core.progress import Heartbeat
 from cellpaint.core.settings import AugmentSettings, Settings
 from cellpaint.data.wells import sum_sites
 from cellpaint.engine import adabn, distributed
 from cellpaint.engine.context import RunContext
 from cellpaint.engine.data import Data, make_dataset, make_loader
 from cellpaint.engine.setup import unwrap
+from model import training_loss
+
+log = logging.getLogger("cellpaint")
 
 
 def infer(s: Settings, ctx: RunContext, model, ds: dataset.SiteDataset,
@@ -57,6 +63,10 @@ def infer_pass(s: Settings, ctx: RunContext, model, ds: dataset.SiteDataset, emb
     # one network for all sites, or with --adabn one per plate (experiment), each for its sites
     parts = [(model, make_loader(s, world, ds))] if s.inference.adabn == "off" else \
         adabn.per_domain(s, ctx, model, ds, data)
+    # this process's share of the sites (the loaders of --adabn come one domain at a time)
+    heartbeat = Heartbeat(log, "inference", -(-len(ds) // world.size), unit="sites",
+                          enabled=None if world.main else False)
+    seen = 0
     for net, loader in parts:
         for x, cell, index, _ in tqdm(loader, desc="infer", leave=False, disable=None if world.main else True):
             done.append(index.numpy())
@@ -69,6 +79,8 @@ def infer_pass(s: Settings, ctx: RunContext, model, ds: dataset.SiteDataset, emb
                     sums[key] = sums.get(key, 0) + out[key].float()
             for key, value in sums.items():
                 outputs[key].append((value / tta).cpu().numpy())
+            seen += len(index)
+            heartbeat.beat(seen)
     result = {k: np.concatenate(v) for k, v in outputs.items() if v}
     rows = np.concatenate(done) if done else np.zeros(0, dtype=np.int64)
     return distributed.gather_rows(result, rows, len(ds), world)
@@ -84,16 +96,34 @@ def accuracy_by_cell_type(wells: pd.DataFrame, predicted: np.ndarray) -> dict[st
 def evaluate(s: Settings, ctx: RunContext, model, data: Data) -> dict[str, float]:
     """Validation accuracy per cell type among treatment classes only: of each site alone
     (`--val-unit site`, the 1st place's score) or of wells, their sites' logits summed. On an
-    RxRx1-WILDS split as WILDS scores its val part: every well, over all classes."""
+    RxRx1-WILDS split as WILDS scores its val part: every well, over all classes. Also the
+    validation loss (`val_loss`, see `validation_loss`) over the same classes."""
     rows = data.subsets["val"]
     if rows.empty:
         return {}
     site_logits = infer(s, ctx, model, make_dataset(s, data, rows), data=data)["logits"]
+    read = ~np.isnan(site_logits).any(1)  # sites skipped as unreadable (--skip-bad-images) are not scored
     if s.inference.val_unit == "site":
-        read = ~np.isnan(site_logits).any(1)  # sites skipped as unreadable (--skip-bad-images) are not scored
         wells, logits = rows[read], site_logits[read]
     else:
         wells, logits = sum_sites(rows, site_logits)
     mask = np.full(logits.shape[1], -np.inf, dtype=np.float32)
-    mask[np.arange(logits.shape[1]) if data.wilds else data.structure.treatment_classes] = 0
-    return accuracy_by_cell_type(wells, (logits + mask).argmax(1))
+    scored = np.arange(logits.shape[1]) if data.wilds else data.structure.treatment_classes
+    mask[scored] = 0
+    metrics = accuracy_by_cell_type(wells, (logits + mask).argmax(1))
+    metrics["val_loss"] = validation_loss(site_logits[read], rows["sirna_true"].to_numpy()[read], scored,
+                                          s.optim.loss)
+    return metrics
+
+
+def validation_loss(site_logits: np.ndarray, labels: np.ndarray, classes: np.ndarray, loss: str) -> float:
+    """The training objective's classification term on validation sites, each alone: `--loss` (ce
+    or bce) over `classes` (the treatment classes: the validation wells are treatment wells; all
+    on an RxRx1-WILDS split), on one-hot targets: no label smoothing, mixing or ArcFace term
+    (train_loss has them: the two curves are comparable in their trend, not in their level)."""
+    if not len(labels):
+        return float("nan")
+    scored = torch.as_tensor(classes, dtype=torch.long)
+    target = torch.zeros(len(labels), site_logits.shape[1])
+    target[torch.arange(len(labels)), torch.as_tensor(labels, dtype=torch.long)] = 1.0
+    return float(training_loss({"logits": torch.from_numpy(site_logits)}, target, loss, 0.0, scored))

@@ -10,16 +10,18 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cellpaint.core.errors import InputError, UsageError
-from cellpaint.core.settings import AUTO, ModelSettings, OptimSettings, Settings
+from cellpaint.core.settings import AUTO, ModelSettings, OptimSettings, Settings, settings_from_dict
 from cellpaint.engine import autoselect, distributed
 from cellpaint.engine.checkpoints import (check_channels, check_classes, check_data_set, load_checkpoint, made_with,
-                                          restore_weights)
+                                          restore_weights, split_flags, trained_on_validation)
 from cellpaint.engine.context import RunContext
-from cellpaint.engine.data import Data, load_data, site_image_size
+from cellpaint.engine.data import Data, add_pixel_stats, load_data, site_image_size
+from cellpaint.networks.backbones import stem_parameter_names
 from model import CellClassifier
 
 log = logging.getLogger("cellpaint")
@@ -145,23 +147,43 @@ def loss_classes(o: OptimSettings, data: Data) -> torch.Tensor | None:
     return torch.as_tensor(data.structure.treatment_classes, dtype=torch.long)
 
 
+def untrained_classes(o: OptimSettings, data: Data) -> np.ndarray:
+    """The classes whose outputs the loss never trains (none with `--loss-classes all`)."""
+    trained = loss_classes(o, data)
+    if trained is None:
+        return np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(data.structure.n_classes), trained.numpy())
+
+
+STEM = "STEM"  # in --lr-groups: the backbone's stem, whatever its parameters are called
+
+
 def lr_param_groups(o: OptimSettings, model: CellClassifier) -> list[dict]:
     """Parameter groups with their `lr_mult`: the backbone's parameters named by `--lr-groups`
     prefixes at those multipliers (the 41st place: stem 1/3, dense blocks 1/2), the rest of the
-    backbone at `--backbone-lr-mult`, neck and heads at 1x. A prefix matching no parameter name
-    is an error (a typo would otherwise silently train at the wrong rate)."""
+    backbone at `--backbone-lr-mult`, neck and heads at 1x. The name STEM stands for the stem of
+    any backbone (`stem_parameter_names`), so that a recipe's groups fit every network. A prefix
+    matching no parameter name is an error (a typo would otherwise silently train at the wrong
+    rate)."""
     named = list(model.backbone.named_parameters())
     spec = o.lr_groups.groups if o.lr_groups else ()
+    stem = set(stem_parameter_names(model.backbone)) if any(STEM in p for p, _ in spec) else set()
+
+    def matches(prefix: str, name: str) -> bool:
+        return name in stem if prefix == STEM else name.startswith(prefix)
+
     for prefixes, _ in spec:
         for prefix in prefixes:
-            if not any(name.startswith(prefix) for name, _ in named):
+            if not any(matches(prefix, name) for name, _ in named):
                 tops = sorted({name.split(".")[0] for name, _ in named})
-                raise UsageError(f"--lr-groups: no backbone parameter name starts with {prefix!r} "
-                                 f"(top-level names: {', '.join(tops[:12])})")
+                what = "the backbone has no stem convolution" if prefix == STEM else \
+                    f"no backbone parameter name starts with {prefix!r}"
+                raise UsageError(f"--lr-groups: {what} (top-level names: {', '.join(tops[:12])}); give prefixes "
+                                 f"of this backbone's names or {STEM}, or --lr-groups none for none")
     buckets: list[list] = [[] for _ in spec]
     rest = []
     for name, param in named:
-        index = o.lr_groups.group_of(name) if spec else None
+        index = next((i for i, (prefixes, _) in enumerate(spec) if any(matches(p, name) for p in prefixes)), None)
         (rest if index is None else buckets[index]).append(param)
     groups = [{"params": b, "lr_mult": mult, "name": ",".join(prefixes)} for b, (prefixes, mult) in zip(buckets, spec)]
     if rest:
@@ -215,16 +237,23 @@ def model_for_inference(s: Settings, ctx: RunContext, state: dict | None = None
     """The data and the network of --load, ready for inference (val and predict): (the settings
     resolved, the data, the module, the checkpoint read)."""
     state = state or load_checkpoint(s.run.load)
-    data = load_data(s.data, s.exec, training=False)
+    data = load_data(s.data, s.exec, training=False, pixel_statistics=False)
     check_classes(data, state)
     check_channels(data, state, s.run.load)
-    check_data_set(s, data, state)
+    trained = trained_on_validation(s, data, state, check_data_set(s, data, state))
+    if trained:
+        log.warning("--load %s was trained on %d of the %d validation experiments here (%s; it was made with %s, "
+                    "this run validates with %s): scores of their wells are not held out", s.run.load,
+                    len(trained), data.subsets["val"]["experiment"].nunique(), ", ".join(trained),
+                    split_flags(settings_from_dict(state["settings"]).data), split_flags(s.data))
     s = resolve(s, ctx, data, made_with=made_with(state), training=False)
     model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), "none",
                         in_channels=data.channels)
     restore_weights(model, inference_weights(state, s.inference.weights, s.run.load), s.run.load)
-    check_input_sizes(s, model.to(ctx.device), data, ctx.device)
-    return s, data, prepare_model(s, ctx, model.to(ctx.device), training=False), state
+    model = model.to(ctx.device)
+    check_input_sizes(s, model, data, ctx.device)
+    data = add_pixel_stats(data, s.data, s.exec)  # after the checks: computed over every image when not cached
+    return s, data, prepare_model(s, ctx, model, training=False), state
 
 
 def inference_weights(state: dict, which: str, path: str) -> dict:

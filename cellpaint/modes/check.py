@@ -18,9 +18,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cellpaint.data import metadata
+from cellpaint.data.layout_matches import find_layout_matches
 from cellpaint.data.structure import derive_structure
 from cellpaint.data.images import ImageError, SiteFiles, decoding_pool, png_planes, read_composite, read_png
-from cellpaint.core.errors import DataError
+from cellpaint.core.errors import DataError, UsageError
 
 
 def _check_png(path: str, planes: int = 1) -> tuple[str | None, tuple[int, int] | None]:
@@ -57,9 +58,10 @@ def _all_pngs(data_dir: Path) -> list[str]:
 
 
 def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True,
-               workers: int = 0) -> dict[str, list[str]]:
+               workers: int = 0, summary: list[str] | None = None) -> dict[str, list[str]]:
     """Problems found, by kind (empty dict: the data set is sound). `workers` > 1 decodes the images
     in that many processes (RxRx1 has 750,000 PNGs); the problems come out in the same order.
+    `summary`, when given, receives lines saying what was checked (`describe`).
 
     A metadata problem does not stop the check: the images are still decoded (every PNG found,
     when the metadata cannot say which ones it needs), so one pass lists everything."""
@@ -78,12 +80,12 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
             files = metadata.site_files(data_dir, table)
         except DataError as e:
             problems["images"].append(str(e))
+    sizes: dict[tuple[int, int], int] = defaultdict(int)
     if images and (files is not None or table is None and Path(data_dir).is_dir()):
         if table is not None:
             jobs, check_one = table["image_prefix"].tolist(), functools.partial(_check_site, files=files)
         else:
             jobs, check_one = _all_pngs(data_dir), _check_file
-        sizes: dict[tuple[int, int], int] = defaultdict(int)
         first_of_size: dict[tuple[int, int], str] = {}
         with contextlib.ExitStack() as stack:
             sites = map(check_one, jobs)
@@ -103,7 +105,44 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
                 if size != common:
                     problems["images"].append(f"{count} image(s) of size {size[0]}x{size[1]} instead of "
                                               f"{common[0]}x{common[1]}, e.g. {first_of_size[size]}")
+    if summary is not None and table is not None and not table.empty:
+        summary.extend(describe(data_dir, table, n_classes, sizes if images and files is not None else None,
+                                files.channels if files is not None else 0))
     return dict(problems)
+
+
+def describe(data_dir: Path, table, n_classes: int | None, sizes: dict[tuple[int, int], int] | None,
+             channels: int = 0) -> list[str]:
+    """What a check of `table` covered, in a few lines: the experiments, plates, wells and sites
+    by split, the classes and plate groups training would derive, the images decoded and their
+    size, and the layout coincidences found."""
+    lines = [f"layout: {metadata.detect_layout(data_dir)} ({data_dir})"]
+    wells = metadata.wells_of(table)
+    parts = []
+    for split in ("train", "test"):
+        rows = table[table["split"] == split]
+        parts.append(f"{split} {rows['experiment'].nunique()} experiments, "
+                     f"{rows[['experiment', 'plate']].drop_duplicates().shape[0]} plates, "
+                     f"{rows['id_code'].nunique()} wells, {len(rows)} sites")
+    cells = ", ".join(f"{c} {n}" for c, n in wells.drop_duplicates("experiment")["cell_type"].value_counts()
+                      .sort_index().items())
+    lines.append(f"{'; '.join(parts)}; experiments per cell type: {cells}")
+    treatment = (wells["well_type"] == metadata.TREATMENT).sum()
+    lines.append(f"wells: {treatment} treatment, {len(wells) - treatment} control")
+    try:
+        structure = derive_structure(table, n_classes)
+        lines.append(f"classes: {structure.n_classes} ({len(structure.treatment_classes)} treatment in "
+                     f"{structure.n_groups} plate groups, {len(structure.control_classes)} control)")
+    except (DataError, UsageError):  # labels that do not fit (--classes): reported among the problems
+        pass
+    if sizes is not None:
+        shown = ", ".join(f"{n} of {h}x{w}" for (h, w), n in sorted(sizes.items(), key=lambda kv: -kv[1]))
+        lines.append(f"images: {sum(sizes.values())} PNGs decoded ({channels} channels a site): {shown or 'none'}")
+    matches = find_layout_matches(table)
+    lines.append("layout coincidences: " + ("; ".join(
+        f"test {m.test} repeats train {m.train} with plates shifted by {m.shift} ({m.wells_compared} control "
+        "wells compared)" for m in matches) if matches else "none found"))
+    return lines
 
 
 def _check_table(table, n_classes: int | None, problems: dict[str, list[str]]) -> None:
@@ -130,9 +169,11 @@ def _check_table(table, n_classes: int | None, problems: dict[str, list[str]]) -
             problems["labels"].append(f"{key[0]} plate {key[1]}: siRNA(s) {repeated[:5].tolist()} in several wells")
 
 
-def report(problems: dict[str, list[str]], max_listed: int = 20, out=None) -> int:
-    """Print a summary; return the exit code (0 sound, 1 problems)."""
+def report(problems: dict[str, list[str]], max_listed: int = 20, out=None, summary: list[str] = ()) -> int:
+    """Print what was checked (`summary`) and the problems; return the exit code (0 sound, 1 problems)."""
     out = out or sys.stdout
+    for line in summary:
+        print(line, file=out)
     if not problems:
         print("data set OK", file=out)
         return 0

@@ -1,6 +1,7 @@
 """Training curves: a run's `<save>.metrics.csv` (one row per epoch) drawn as one PNG.
 
-Four panels: training loss; accuracy (train, and validation overall and per cell type: the `acc` and
+Four panels: loss (training, and validation when the run has a validation fold: the `val_loss`
+column); accuracy (train, and validation overall and per cell type: the `acc` and
 `acc_<CELLTYPE>` columns, absent when training on everything); learning rate; pseudo-labelled wells in
 training. Columns a run does not have are left out of their panel.
 
@@ -63,7 +64,7 @@ def _minor_log_label(v: float, _pos=None) -> str:
 def draw(history: pd.DataFrame, title: str = ""):
     """The four-panel matplotlib Figure of a metrics table (needs matplotlib)."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     x = _series(history, "epoch")
     x = np.arange(len(history), dtype=float) if x is None else x
@@ -71,17 +72,24 @@ def draw(history: pd.DataFrame, title: str = ""):
     (ax_loss, ax_acc), (ax_lr, ax_pl) = fig.subplots(2, 2, sharex=True)
     marker = "o" if len(x) <= 40 else None
 
-    loss = _series(history, "train_loss")
-    if loss is None:
+    loss, val_loss = _series(history, "train_loss"), _series(history, "val_loss")
+    if loss is None and val_loss is None:
         _empty(ax_loss, "no train_loss column")
     else:
-        ax_loss.plot(x, loss, marker=marker, ms=3, color="C0", label="train")
-        positive = loss[np.isfinite(loss)]
+        drawn = []
+        if loss is not None:
+            ax_loss.plot(x, loss, marker=marker, ms=3, color="C0", label="train")
+            drawn.append(loss)
+        if val_loss is not None:
+            ax_loss.plot(x, val_loss, marker=marker, ms=3, color="k", label="validation (treatment classes)")
+            drawn.append(val_loss)
+        values = np.concatenate(drawn)
+        positive = values[np.isfinite(values)]
         if positive.size and positive.min() > 0 and positive.max() / positive.min() > 20:
             ax_loss.set_yscale("log")
             ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax_loss.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
-        ax_loss.legend(loc="upper right")
+        ax_loss.legend(loc="best", fontsize=8)
     ax_loss.set_title("loss")
 
     train_acc = _series(history, "train_acc")
@@ -93,7 +101,8 @@ def draw(history: pd.DataFrame, title: str = ""):
         best = int(np.nanargmax(val))
         ax_acc.annotate(f"best {val[best]:.4f}\nepoch {x[best]:g}", (x[best], val[best]),
                         xytext=(0, -28), textcoords="offset points", ha="center", fontsize=8,
-                        arrowprops=dict(arrowstyle="-", color="0.5"))
+                        bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.85),
+                        arrowprops=dict(arrowstyle="-", color="0.5"), zorder=5)
     cell_types = sorted(c for c in history.columns if c.startswith("acc_"))
     for i, column in enumerate(cell_types):
         values = _series(history, column)
@@ -104,7 +113,8 @@ def draw(history: pd.DataFrame, title: str = ""):
         _empty(ax_acc, "no accuracy columns")
     else:
         ax_acc.set_ylim(-0.02, 1.02)
-        ax_acc.legend(loc="lower right", fontsize=8, ncol=2)
+        # beside the panel: inside, it would cover the curves' end and the note on the best epoch
+        ax_acc.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
         if val is None:
             ax_acc.text(0.02, 0.97, "no validation fold (--cv-number -1)", transform=ax_acc.transAxes,
                         va="top", fontsize=8, color="0.45")
@@ -128,6 +138,7 @@ def draw(history: pd.DataFrame, title: str = ""):
             _empty(ax_pl, "no pseudo-labels")
     ax_pl.set_title("pseudo-labelled wells in training")
 
+    ax_pl.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole (the x axis is shared)
     for ax in (ax_loss, ax_acc, ax_lr, ax_pl):
         ax.grid(alpha=0.3)
     for ax in (ax_lr, ax_pl):
@@ -153,22 +164,24 @@ def _title(metrics_csv: Path, history: pd.DataFrame) -> str:
     return ", ".join(parts)
 
 
-def plot_training_curves(metrics_csv: Path, out_png: Path) -> bool:
+def plot_training_curves(metrics_csv: Path, out_png: Path, quiet: bool = False) -> bool:
     """Draw `metrics_csv` into `out_png` (written atomically). False, with a one-line note in the log, when
-    matplotlib is not installed or the CSV is missing or has no rows."""
+    matplotlib is not installed or the CSV is missing or has no rows. `quiet` (the redraw after each
+    epoch of a training run) logs neither the note nor the file written."""
     metrics_csv, out_png = Path(metrics_csv), Path(out_png)
+    note = (lambda *a: None) if quiet else log.warning
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        log.warning("training curves skipped: matplotlib is not installed (pip install matplotlib)")
+        note("training curves skipped: matplotlib is not installed (pip install matplotlib)")
         return False
     try:
         history = read_metrics(metrics_csv)
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        log.warning("training curves skipped: cannot read %s (%s)", metrics_csv, " ".join(str(e).split()))
+        note("training curves skipped: cannot read %s (%s)", metrics_csv, " ".join(str(e).split()))
         return False
     if history.empty:
-        log.warning("training curves skipped: %s has no rows yet", metrics_csv)
+        note("training curves skipped: %s has no rows yet", metrics_csv)
         return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -176,5 +189,6 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> bool:
     FigureCanvasAgg(fig)
     with atomic_write(out_png, "wb") as f:
         fig.savefig(f, format="png")
-    log.info("wrote training curves to %s", out_png)
+    if not quiet:
+        log.info("wrote training curves to %s", out_png)
     return True

@@ -12,12 +12,12 @@ import numpy as np
 from cellpaint.core.errors import DataError
 from cellpaint.core.settings import Settings
 from cellpaint.data import metadata
-from cellpaint.data.prediction_file import save_embeddings, save_predictions
+from cellpaint.data.prediction_file import MASKED_LOGIT, save_embeddings, save_predictions
 from cellpaint.data.wells import sites_by_well
 from cellpaint.engine.context import RunContext
 from cellpaint.engine.data import make_dataset
 from cellpaint.engine.inference import infer
-from cellpaint.engine.setup import model_for_inference
+from cellpaint.engine.setup import model_for_inference, untrained_classes
 
 log = logging.getLogger("cellpaint")
 
@@ -39,8 +39,14 @@ def predict(s: Settings, ctx: RunContext, state: dict | None = None) -> None:
         parts["id_test"] = data.subsets["id_test"]
     if with_embeddings:
         parts["train"] = train[(train["well_type"] == metadata.TREATMENT) & (train["split"] == "train")]
+    untrained = untrained_classes(s.optim, data)
+    if len(untrained):
+        log.info("classes %s: never trained (--loss-classes %s), written as %g so that no arg-max picks them",
+                 _ranges(untrained), s.optim.loss_classes, MASKED_LOGIT)
     for part, rows in parts.items():
         result = infer(s, ctx, model, make_dataset(s, data, rows), embeddings=with_embeddings, data=data)
+        if "logits" in result:
+            result["logits"][:, untrained] = MASKED_LOGIT
         for key, target in (("logits", output), ("embedding", embeddings)):
             if key == "logits" and part == "train":
                 continue
@@ -70,3 +76,15 @@ def predict(s: Settings, ctx: RunContext, state: dict | None = None) -> None:
         save_embeddings(f"{load}.embeddings{suffix}", embeddings)
         log.info("wrote %s.embeddings%s (train %d, val %d, test %d wells)", load, suffix,
                  *(len(embeddings[k]) for k in ("train", "val", "test")))
+
+
+def _ranges(classes: np.ndarray) -> str:
+    """[1108, 1109, ..., 1138] as '1108-1138' (runs of consecutive ids)."""
+    runs, start = [], None
+    for i, c in enumerate(classes):
+        if start is None:
+            start = c
+        if i + 1 == len(classes) or classes[i + 1] != c + 1:
+            runs.append(f"{start}" if start == c else f"{start}-{c}")
+            start = None
+    return ",".join(runs)

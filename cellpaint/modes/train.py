@@ -9,6 +9,7 @@ one `<save>`, the metrics and the curves. Every checkpoint carries the resolved 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -16,14 +17,14 @@ import pandas as pd
 import torch
 
 from cellpaint.core.atomic import atomic_write
-from cellpaint.core.errors import InputError, Interrupted, OutputError, UsageError
+from cellpaint.core.errors import InputError, Interrupted, UsageError
 from cellpaint.core.settings import Settings, save_settings, settings_dict
 from cellpaint.data import metadata
 from cellpaint.engine import distributed
 from cellpaint.engine.checkpoints import (CHECKPOINT_FORMAT, check_channels, check_classes, check_data_set, made_with,
                                           restore_weights, save_checkpoint)
 from cellpaint.engine.context import RunContext
-from cellpaint.engine.data import load_data, make_dataset, make_loader, site_image_size
+from cellpaint.engine.data import add_pixel_stats, load_data, make_dataset, make_loader, site_image_size
 from cellpaint.engine.ema import WeightAverage
 from cellpaint.engine.epoch import train_one_epoch
 from cellpaint.engine.inference import evaluate, infer
@@ -51,7 +52,9 @@ def train(s: Settings, ctx: RunContext, resume: dict | None = None, init: dict |
 def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None, progress: dict,
            run_id: str) -> None:
     save = s.run.save
-    data = load_data(s.data, s.exec, training=True)
+    # the pixel statistics (minutes on the real data) wait until the network is built and the
+    # flags that need it (--lr-groups, --backbone against the image size) are checked
+    data = load_data(s.data, s.exec, training=True, pixel_statistics=False)
     checkpoint_in = resume or init
     s = resolve(s, ctx, data, made_with=made_with(checkpoint_in), training=True)
     torch.manual_seed(s.seed)
@@ -61,6 +64,7 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
                         in_channels=data.channels).to(ctx.device)
     check_input_sizes(s, model, data, ctx.device)
     optimizer = make_optimizer(s.optim, model)
+    data = add_pixel_stats(data, s.data, s.exec)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=s.exec.autocast_dtype == torch.float16)
     state = {"epoch": s.optim.start_epoch - 1, "best_acc": -1.0, "pseudo_labels": {}, "history": []}
     if resume is not None:
@@ -87,9 +91,14 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
         if ema_state is not None:
             ema.load_state_dict(ema_state)
         del ema_state
+    record = recorded(s)
     if ctx.world.main:
-        save_settings(f"{save}.args.json", s, run_id)
+        save_settings(f"{save}.args.json", record, run_id)
 
+    if s.pseudo.first_epoch is not None and s.pseudo.first_epoch >= s.optim.epochs:
+        # allowed, so that a recipe can be tried for a few epochs as written (tests/test_newcomer.py)
+        log.warning("--pl-epoch %d is not below --epochs %d: no pseudo-labels in this run",
+                    s.pseudo.first_epoch, s.optim.epochs)
     guard = {"bad_steps": 0}
     for epoch in range(state["epoch"] + 1, s.optim.epochs):
         progress["epoch"] = epoch
@@ -112,7 +121,7 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
                                                  for k, v in metrics.items()))
         checkpoint = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(),
-                      "scaler": scaler.state_dict(), "settings": settings_dict(s),
+                      "scaler": scaler.state_dict(), "settings": settings_dict(record),
                       "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types),
                       "channels": data.channels,
                       "data_fingerprint": fingerprint}
@@ -127,12 +136,24 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
             if is_best:
                 save_checkpoint(save, checkpoint)
             write_metrics(f"{save}.metrics.csv", state["history"])
-    if not ctx.world.main:
-        return
-    try:  # pictures are a convenience: never fail a finished run over them
-        plot_training_curves(Path(f"{save}.metrics.csv"), Path(f"{save}.curves.png"))
-    except (OSError, OutputError) as e:
-        log.warning("training curves not drawn: %s", e)
+            draw_curves(save, quiet=True)  # a long run shows its picture while it runs
+    if ctx.world.main:
+        draw_curves(save, quiet=False)
+
+
+def draw_curves(save: str, quiet: bool) -> None:
+    """SAVE.curves.png from SAVE.metrics.csv, written atomically. A picture is a convenience: it
+    never fails a run (a warning says why it was not drawn)."""
+    try:
+        plot_training_curves(Path(f"{save}.metrics.csv"), Path(f"{save}.curves.png"), quiet=quiet)
+    except Exception as e:  # noqa: BLE001 - whatever matplotlib or the disk raise, training goes on
+        log.warning("training curves not drawn: %s: %s", type(e).__name__, " ".join(str(e).split())[:200])
+
+
+def recorded(s: Settings) -> Settings:
+    """The settings a checkpoint and SAVE.args.json record: this run's paths absolute (the data's
+    already are, cli/flags.py), so that a run resumed or read from another folder finds them."""
+    return s.replace(run={k: os.path.abspath(v) for k in ("save", "load", "resume") if (v := getattr(s.run, k))})
 
 
 def check_trainable(s: Settings, data, processes: int, labelled: dict) -> None:

@@ -17,6 +17,10 @@ def validate(s: Settings, ctx: RunContext, state: dict | None = None) -> dict[st
     s, data, model, _ = model_for_inference(s, ctx, state)
     metrics = evaluate(s, ctx, model, data)
     if not metrics:
+        if s.data.cv_number == -1:
+            raise UsageError(f"no validation experiments: --cv-number -1 (the split --load {s.run.load} was trained "
+                             "with, unless typed) holds none out; --cv-number N validates on fold N (of wells it "
+                             "trained on, if it was trained with -1)")
         raise UsageError("no validation experiments: choose a fold with --cv-number (not -1)")
     log.info("validation: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics

@@ -110,8 +110,9 @@ def _build_imagenet(name: str, url: str, build: Callable[[], nn.Module]) -> nn.M
     except Exception as err:  # URLError, HTTPError, a corrupt cache file, a hash mismatch ...
         raise PretrainedUnavailable(
             f"ImageNet weights for {name!r} unavailable: tried the torch hub cache {cached} and "
-            f"downloading {url} ({_first_line(err)}); copy the file there (or set TORCH_HOME) "
-            f"or pass a local state-dict file as pretrained=PATH"
+            f"downloading {url} ({_first_line(err)}); copy the file there (or set TORCH_HOME), "
+            f"give a local state-dict file with --pretrained PATH, or train from random weights "
+            f"with --pretrained none"
         ) from err
 
 
@@ -222,6 +223,26 @@ def _swap_stem(model: nn.Module, in_channels: int, from_rgb: bool, tile: bool = 
                 new.bias.copy_(old.bias)
     parent_name, _, attr = path.rpartition(".")
     setattr(model.get_submodule(parent_name), attr, new)
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def stem_parameter_names(backbone: nn.Module) -> list[str]:
+    """The backbone's stem, as `--lr-groups STEM=M` names it: the parameters of its first
+    convolution and of a normalisation layer right after it in the same module (DenseNet's
+    conv0/norm0, ResNet's conv1/bn1, the small CNN's first conv and BatchNorm, ConvNeXt's
+    stem.0/stem.1). Empty for a backbone without a convolution."""
+    modules = [(n, m) for n, m in backbone.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    first = next((i for i, (_, m) in enumerate(modules) if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is None:
+        return []
+    stem = [modules[first]]
+    if first + 1 < len(modules):
+        name, module = modules[first + 1]
+        if isinstance(module, _NORMS) and name.rpartition(".")[0] == modules[first][0].rpartition(".")[0]:
+            stem.append((name, module))
+    return [f"{n}.{p}" if n else p for n, m in stem for p, _ in m.named_parameters(recurse=False)]
 
 
 class _PretrainedModelsFeatures(nn.Module):
