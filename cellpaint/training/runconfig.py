@@ -50,7 +50,11 @@ def _from_saved(parser: argparse.ArgumentParser, dest: str, value):
     action = next((a for a in parser._actions if a.dest == dest), None)
     if value is None or action is None:
         return value
-    if isinstance(value, list) and isinstance(action.default, tuple):
+    if isinstance(value, list) and callable(action.type) and action.type is not str:
+        # a list flag saved as its values (int_list, name_list, float_pair): its text parsed again
+        # gives back the flag's own type (a pair is a tuple, as typed), not the plain list
+        value = ",".join(map(str, value))
+    elif isinstance(value, list) and isinstance(action.default, tuple):
         return tuple(value)
     if isinstance(value, str) and callable(action.type) and action.type is not str:
         try:

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 SCHEDULES = ("cosine", "const")
 
 
+def _exact(n: float) -> str:
+    """`n` short (%g: 90, 6e-05) where that reads back as `n`, else with every digit it needs."""
+    short = f"{n:g}"
+    if float(short) == n:
+        return short
+    return str(int(n)) if n.is_integer() else repr(n)
+
+
 @dataclass(frozen=True)
 class LRSchedule:
     """`schedule,v1,e1,v2,e2,...,vn`: in epochs [0,e1) start at v1, [e1,e2) at v2, ..., [e(n-1), end) at vn.
@@ -45,10 +53,11 @@ class LRSchedule:
         return cls(kind, values, bounds)
 
     def __str__(self) -> str:
+        """The text `parse` reads back as this schedule (what settings and checkpoints record)."""
         numbers = [self.values[0]]
         for bound, value in zip(self.bounds, self.values[1:]):
             numbers += [bound, value]
-        return ",".join([self.kind] + [f"{n:g}" for n in numbers])
+        return ",".join([self.kind] + [_exact(n) for n in numbers])
 
     def __call__(self, epoch: float, total_epochs: float) -> float:
         """The learning rate at (fractional) `epoch` of a run of `total_epochs`."""
