@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Mutation testing of the scientific core: does the suite fail when the science is wrong?
+
+    make mutation                       # builds .venv-mutation, runs every module, writes MUTATION.md
+    .venv-mutation/bin/python benchmarks/mutation.py [--module plates ...] [--jobs 2] [--report-only]
+
+For each module of MODULES, one at a time: a fresh copy of the project's files (tracked and
+untracked, not ignored: the code as it is now) in `mutants/<slug>/`, a `setup.cfg` that has
+mutmut 3 mutate that one module and select the tests that reach it, `mutmut run` there, and the
+outcome of every mutant (with the diff of each survivor) saved as `mutants/<slug>.json`.
+Then `benchmarks/MUTATION.md` is written from all the saved outcomes: per module the mutants,
+killed, survived, timeouts, the survivors listed as equivalent in `mutation_equivalent.toml`
+(each with its reason), the strict score and the score with those set aside, and every survivor
+that is *not* listed (a test is missing, or the list is). `--report-only` rewrites the report
+from the saved outcomes; `--module` runs only the named modules (by slug or path), keeping the
+others' saved outcomes.
+
+When modules move (the layers issue), edit MODULES only: the source path and its tests. The
+equivalent list is keyed by module path, function and the mutated line, never by mutmut's
+mutant numbers, so it survives edits elsewhere; entries that no longer match a survivor are
+reported as stale.
+
+Runs under the mutation venv (mutmut 3.8.1 beside the project's .venv, see the Makefile).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from mutation_report import Mutant, load_equivalents, render_report  # noqa: E402
+
+# ------------------------------------------------------------------------- the table to edit
+# module -> the tests that check it: test files, or single tests as pytest node ids ("file::test").
+# In-process tests only (mutmut sees the calls made in its own process), and fast ones: every
+# mutant that survives reruns all the tests that reached its function, so a training run here
+# would cost minutes per equivalent mutant; the end-to-end tests stay in `make test`.
+TRAINER = "tests/test_trainer.py::"
+MODULES: dict[str, list[str]] = {
+    "cellpaint/submission/plates.py": ["tests/test_plates.py", "tests/test_chunked_sizes.py",
+                                       "tests/test_recipe_boundaries.py"],
+    "cellpaint/training/schedule.py": [TRAINER + "test_lr_schedule_matches_the_formula",
+                                       TRAINER + "test_lr_schedule_rejects_bad_text",
+                                       TRAINER + "test_size_function_is_evaluated_safely",
+                                       TRAINER + "test_pl_fraction_follows_the_original_schedule",
+                                       "tests/test_setting_round_trips.py"],
+    "cellpaint/training/pseudo_labels.py": [TRAINER + "test_pl_fraction_follows_the_original_schedule",
+                                            TRAINER + "test_pseudo_label_selection_respects_plates",
+                                            "tests/test_pseudo_labelling.py", "tests/test_recipe_boundaries.py"],
+    "cellpaint/data/folds.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py"],
+    "cellpaint/submission/knn.py": ["tests/test_knn.py", "tests/test_chunked_sizes.py"],
+    "cellpaint/data/augment.py": ["tests/test_augment_flags.py", "tests/test_recipe.py", "tests/test_data.py"],
+    "cellpaint/submission/wells.py": ["tests/test_submission.py", "tests/test_knn.py"],
+    "cellpaint/prediction/prediction_file.py": ["tests/test_submission.py", "tests/test_knn.py"],
+    "cellpaint/data/metadata.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py"],
+    "cellpaint/data/structure.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py"],
+}
+SOURCE_ROOT = "cellpaint"          # the package mutmut copies into its mutants/ folder
+EQUIVALENT = ROOT / "benchmarks" / "mutation_equivalent.toml"
+REPORT = ROOT / "benchmarks" / "MUTATION.md"
+WORK = ROOT / "mutants"            # gitignored: copies, mutmut's state, saved outcomes, logs
+
+MUTMUT_SETTINGS = {
+    # torch and pytest in one process that then forks: keep the forking process free of both
+    "process_isolation": "forkserver",
+    # the copy in mutants/<slug> is no git checkout
+    "use_git_change_detection": "false",
+}
+
+
+# A pytest plugin for the runs on mutants: the tests in the order of their measured duration, fastest
+# first. mutmut stops a mutant's run at its first failing test, so a killed mutant then costs the
+# fastest test that kills it rather than whatever ran first; the outcome is the same.
+ORDER_PLUGIN = "mutation_test_order"
+ORDER_PLUGIN_SOURCE = '''"""Written by benchmarks/mutation.py: run the fastest tests first (mutmut's measured durations)."""
+import json
+from pathlib import Path
+
+
+def pytest_collection_modifyitems(items):
+    stats = Path("mutmut-stats.json")
+    if stats.exists():  # absent while mutmut measures the durations
+        duration = json.loads(stats.read_text()).get("duration_by_test", {})
+        items.sort(key=lambda item: duration.get(item.nodeid, 0.0))
+'''
+
+
+def slug(module: str) -> str:
+    return Path(module).with_suffix("").as_posix().replace("/", "_")
+
+
+def project_files() -> list[str]:
+    """The files of the project as they are now: tracked and untracked, not ignored."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                         cwd=ROOT, capture_output=True, check=True).stdout.decode()
+    return sorted(p for p in set(out.split("\0")) if p and (ROOT / p).is_file() and not (ROOT / p).is_symlink())
+
+
+def prepare(module: str, tests: list[str], work: Path) -> None:
+    """A fresh copy of the project in `work` with a setup.cfg for mutating `module` alone."""
+    if work.exists():
+        shutil.rmtree(work)
+    files = project_files()
+    for rel in files:
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, work / rel)
+    missing = [t for t in [module, *tests] if not (work / t.split("::")[0]).is_file()]
+    if missing:
+        raise SystemExit(f"mutation: {', '.join(missing)} not found: update MODULES in {Path(__file__).name}")
+    # everything at the top level beside the package and the tests, which mutmut copies itself:
+    # the scripts the tests import (main.py, synthetic.py, ...), recipes/, tools/, ...
+    also_copy = sorted({rel.split("/")[0] for rel in files} - {SOURCE_ROOT, "tests"})
+
+    (work / f"{ORDER_PLUGIN}.py").write_text(ORDER_PLUGIN_SOURCE)
+    also_copy.append(f"{ORDER_PLUGIN}.py")
+
+    def listing(values: list[str]) -> str:
+        return "".join(f"\n    {v}" for v in values)
+
+    settings = {"source_paths": listing([SOURCE_ROOT]), "only_mutate": listing([module]),
+                "also_copy": listing(also_copy), "pytest_add_cli_args_test_selection": listing(tests),
+                "pytest_add_cli_args": listing(["-p", "no:cacheprovider", "-p", ORDER_PLUGIN]), **MUTMUT_SETTINGS}
+    (work / "setup.cfg").write_text("[mutmut]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+
+
+def run_mutmut(work: Path, jobs: int, log: Path) -> None:
+    mutmut = Path(sys.executable).parent / "mutmut"
+    if not mutmut.exists():
+        raise SystemExit(f"mutation: no mutmut beside {sys.executable}: run `make mutation`")
+    with open(log, "w") as out:
+        rc = subprocess.run([str(mutmut), "run", "--max-children", str(jobs)], cwd=work, stdout=out,
+                            stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise SystemExit(f"mutation: mutmut failed in {work} (exit {rc}); end of {log}:\n{tail}")
+
+
+def diff_lines(diff: str) -> tuple[str, str]:
+    """(removed lines, added lines) of a unified diff, each stripped and joined by newlines."""
+    body = [line for line in diff.splitlines() if not line.startswith(("---", "+++", "@@"))]
+    removed = [line[1:].strip() for line in body if line.startswith("-")]
+    added = [line[1:].strip() for line in body if line.startswith("+")]
+    return "\n".join(removed), "\n".join(added)
+
+
+def collect(module: str, work: Path) -> list[Mutant]:
+    """Every mutant of `module` with its status; the diff of each one that was not killed."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+    from mutmut.utils.format_utils import orig_function_and_class_names_from_key
+
+    meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
+    mutants = []
+    here = os.getcwd()
+    os.chdir(work)  # mutmut reads the mutated file relative to the project it ran in
+    try:
+        for name, code in sorted(meta["exit_code_by_key"].items()):
+            status = status_by_exit_code[code]
+            function, cls = orig_function_and_class_names_from_key(name)
+            before = after = ""
+            if status != "killed":
+                before, after = diff_lines(get_diff_for_mutant(name, path=module))
+            mutants.append(Mutant(name=name, function=f"{cls}.{function}" if cls else function,
+                                  status=status, before=before, after=after))
+    finally:
+        os.chdir(here)
+    return mutants
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return f"{os.cpu_count()} cores ({model}), {memory:.0f} GiB, Python {platform.python_version()}"
+
+
+def code_version() -> str:
+    run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return run("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if run("status", "--porcelain",
+                                                                                  "--untracked-files=no") else "")
+
+
+def run_module(module: str, jobs: int) -> dict:
+    work = WORK / slug(module)
+    start = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    prepare(module, MODULES[module], work)
+    run_mutmut(work, jobs, WORK / f"{slug(module)}.log")
+    mutants = collect(module, work)
+    result = {"module": module, "tests": MODULES[module], "wall_s": time.perf_counter() - start,
+              "code": code_version(), "date": datetime.date.today().isoformat(), "machine": machine(),
+              "load": [load_before, os.getloadavg()[0]], "jobs": jobs,
+              "mutants": [m.__dict__ for m in mutants]}
+    (WORK / f"{slug(module)}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def saved_results() -> list[dict]:
+    results = []
+    for module in MODULES:
+        path = WORK / f"{slug(module)}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--module", action="append", default=[],
+                        help="run only this module (slug or path; repeatable); default: all of MODULES")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from saved outcomes")
+    parser.add_argument("--report", type=Path, default=REPORT)
+    args = parser.parse_args(argv)
+    by_name = {**{slug(m): m for m in MODULES}, **{m: m for m in MODULES},
+               **{Path(m).stem: m for m in MODULES}}
+    unknown = [m for m in args.module if m not in by_name]
+    if unknown:
+        parser.error(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(MODULES)}")
+    chosen = [by_name[m] for m in args.module] or list(MODULES)
+    WORK.mkdir(exist_ok=True)
+    if not args.report_only:
+        for module in chosen:
+            print(f"mutation: {module} ...", flush=True)
+            result = run_module(module, args.jobs)
+            print(f"mutation: {module}: {len(result['mutants'])} mutants in {result['wall_s']:.0f} s", flush=True)
+    results = saved_results()
+    report, problems = render_report(results, load_equivalents(EQUIVALENT), modules=list(MODULES))
+    args.report.write_text(report)
+    print(f"mutation: wrote {args.report.relative_to(ROOT) if args.report.is_relative_to(ROOT) else args.report}")
+    for problem in problems:
+        print(f"mutation: {problem}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
