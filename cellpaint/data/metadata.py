@@ -154,7 +154,9 @@ def _finish(table: pd.DataFrame, keys: list[str], columns: list[str],
     table = table.sort_values(["split", "experiment", "plate", "well"] + keys[4:], kind="stable")
     duplicated = table.duplicated(keys)
     if duplicated.any():
-        raise DataError(f"duplicate entry in the metadata: {table[duplicated].iloc[0][keys].tolist()}")
+        # plain values: a row's numbers are numpy scalars, which numpy 2 shows as np.int64(1)
+        entry = ", ".join(f"{k} {v}" for k, v in table[duplicated].iloc[0][keys].items())
+        raise DataError(f"duplicate entry in the metadata: {entry}")
     # prediction files and submissions are keyed by id_code: one code in two places (train and test,
     # a treatment and a control row) would make one well's predictions overwrite another's
     same_code = table.duplicated(["id_code"] + keys[4:], keep=False)
