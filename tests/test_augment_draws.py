@@ -1,0 +1,198 @@
+"""augment.py's draws and transforms against independent references: the photometric draws of a
+seed by their documented formulas, the zoom window on non-square images, nearest zoom as integer
+indexing, rotation with a mirrored border equal to rotating the mirror-padded image, and the
+message of every refused setting (it names the flag and the value)."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from cellpaint.data import augment
+from cellpaint.data.augment import Augment
+
+
+def refused(message: str):
+    return pytest.raises(ValueError, match="^" + re.escape(message) + "$")
+
+
+# ---------------------------------------------------------------------------------- the draws
+
+
+def test_photometric_draws_follow_their_formulas():
+    settings = Augment(rotate=30.0, gamma=0.5, contrast=0.2, brightness=0.3)
+    u = np.random.default_rng(4).uniform(-1, 1, 4)
+    drawn = settings.draw_photometric(np.random.default_rng(4))
+    want = [30 * u[0], np.exp(np.log(1.5) * u[1]), 1 + 0.2 * u[2], 0.3 * u[3]]
+    assert drawn.dtype == torch.float32 and drawn.shape == (4,)
+    np.testing.assert_allclose(drawn.numpy(), want, rtol=1e-6)
+    # the rescale factor comes after the four, and leaves them as they were
+    rng = np.random.default_rng(4)
+    rng.uniform(-1, 1, 4)
+    factor = 1 + 0.1 * rng.uniform(-1, 1)
+    with_rescale = Augment(rotate=30.0, gamma=0.5, contrast=0.2, brightness=0.3, rescale=0.1)
+    np.testing.assert_allclose(with_rescale.draw_photometric(np.random.default_rng(4)).numpy(), want + [factor],
+                               rtol=1e-6)
+    # --gamma-range: 1 / U(lo, hi) from the same second draw
+    ranged = Augment(gamma_range=(0.8, 1.2)).draw_photometric(np.random.default_rng(4))
+    np.testing.assert_allclose(ranged.numpy(), [0, 1 / (0.8 + 0.4 * (u[1] + 1) / 2), 1, 0], rtol=1e-6)
+
+
+def test_each_coin_of_aug_prob_sets_its_own_neutral_value():
+    settings = Augment(rotate=30.0, gamma=0.5, contrast=0.2, brightness=0.3, rescale=0.1, prob=0.5)
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        rng.uniform(-1, 1, 4)
+        rng.uniform(-1, 1)
+        rotate_on, gamma_on, bc_on, rescale_on = rng.random(4) < 0.5
+        full = Augment(rotate=30.0, gamma=0.5, contrast=0.2, brightness=0.3, rescale=0.1)
+        value = full.draw_photometric(np.random.default_rng(seed)).tolist()
+        drawn = settings.draw_photometric(np.random.default_rng(seed)).tolist()
+        keep = [rotate_on, gamma_on, bc_on, bc_on, rescale_on]
+        assert drawn == [v if k else n for v, k, n in zip(value, keep, [0.0, 1.0, 1.0, 0.0, 1.0])], seed
+
+
+def test_which_kinds_of_augmentation_are_on():
+    assert Augment().geometric and not Augment(flips=False).geometric and Augment(flips=False, min_scale=0.9).geometric
+    assert not Augment().jitter and Augment(scale_std=0.1).jitter and Augment(bias_std=0.1).jitter
+    assert not Augment().photometric
+    for flag in (dict(rotate=1.0), dict(brightness=0.1), dict(contrast=0.1), dict(gamma=0.1),
+                 dict(gamma_range=(1.0, 1.0)), dict(rescale=0.1)):
+        assert Augment(**flag).photometric, flag
+
+
+# --------------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("h, w, scale", [(20, 32, 0.5), (32, 20, 0.25), (9, 9, 0.1), (40, 12, 0.3)])
+def test_the_zoom_window(h, w, scale):
+    """An edge drawn uniformly from [round(scale*h), h], the width following the height's scale,
+    placed uniformly: every size and position happens, nothing leaves the image."""
+    heights, tops, lefts = set(), set(), set()
+    rng = np.random.default_rng(0)
+    for _ in range(4000):
+        top, left, ch, cw = augment.draw_zoom_box(rng, h, w, scale)
+        assert max(1, round(h * scale)) <= ch <= h
+        assert cw == (w if ch == h else max(1, min(w, round(w * ch / h))))
+        assert 0 <= top <= h - ch and 0 <= left <= w - cw
+        heights.add(ch)
+        tops.add(top)
+        lefts.add(left)
+    assert heights == set(range(max(1, round(h * scale)), h + 1))
+    assert tops == set(range(h - max(1, round(h * scale)) + 1))
+    assert lefts == set(range(w - max(1, min(w, round(w * max(1, round(h * scale)) / h))) + 1))
+    assert augment.draw_zoom_box(np.random.default_rng(0), h, w, 1.0) == (0, 0, h, w)
+
+
+def test_nearest_zoom_copies_pixel_floor_of_i_times_crop_over_size():
+    img = torch.arange(5 * 7).reshape(1, 5, 7)
+    out = augment.zoom(img, (1, 2, 3, 4), "nearest")
+    rows = [1 + i * 3 // 5 for i in range(5)]
+    cols = [2 + j * 4 // 7 for j in range(7)]
+    assert out.tolist() == [[[int(img[0, r, c]) for c in cols] for r in rows]]
+    assert augment.zoom(img, (0, 0, 5, 7)) is not None and torch.equal(augment.zoom(img, (0, 0, 5, 7)), img)
+    smooth = augment.zoom(img.float(), (1, 2, 3, 4), "bilinear")
+    assert smooth.shape == (1, 5, 7) and not torch.equal(smooth, out.float())
+    with refused("unknown zoom interpolation 'cubic' (choose from nearest, bilinear)"):
+        augment.zoom(img, (1, 2, 3, 4), "cubic")
+
+
+def test_geometry_of_a_batch_is_each_samples_own():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    geometry = torch.tensor([[0, 0, 0, 4, 4], [5, 1, 0, 2, 2]])
+    out = augment.apply_geometry(x, geometry)
+    assert torch.equal(out[0], x[0])
+    assert torch.equal(out[1], augment.zoom(augment.dihedral(x[1], 5), (1, 0, 2, 2)))
+    assert augment.apply_geometry(x, torch.tensor([[0, 0, 0, 4, 4]] * 2)) is x
+
+
+@pytest.mark.parametrize("border, numpy_mode", [("reflect", "symmetric"), ("reflect-101", "reflect")])
+@pytest.mark.parametrize("h, w", [(12, 12), (10, 16)])
+def test_a_mirrored_border_is_the_rotation_of_the_mirror_padded_image(border, numpy_mode, h, w):
+    """cv2's BORDER_REFLECT is numpy's 'symmetric' padding, BORDER_REFLECT_101 numpy's 'reflect':
+    rotating the image with the mirrored border equals rotating the mirror-padded image (zeros
+    never reached) and cutting out the middle."""
+    rng = np.random.default_rng(h + w)
+    x = rng.random((2, 3, h, w)).astype(np.float32)
+    pad = max(h, w)
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode=numpy_mode)
+    angles = torch.tensor([23.0, -131.0])
+    want = augment.rotate(torch.from_numpy(padded), angles, "zeros")[..., pad:pad + h, pad:pad + w]
+    got = augment.rotate(torch.from_numpy(x), angles, border)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_reflected_coordinates_refuse_an_unknown_border():
+    with refused("unknown rotation border 'wrap' (choose from zeros, reflect, reflect-101)"):
+        augment.reflect_coordinates(torch.zeros(3), 4, "wrap")
+    assert augment.reflect_coordinates(torch.tensor([-0.5, 0.5]), 1, "reflect-101").tolist() == [0.0, 0.0]
+
+
+def test_rescale_and_gamma_shortcuts_and_per_image_factors():
+    x = torch.rand(3, 2, 10, 10) * 255
+    out = augment.rescale(x, torch.tensor([1.0, 0.5, 1.0]))
+    assert torch.equal(out[0], x[0]) and torch.equal(out[2], x[2]) and not torch.equal(out[1], x[1])
+    half = torch.nn.functional.interpolate(x[1:2], size=(5, 5), mode="bilinear", align_corners=False)
+    back = torch.nn.functional.interpolate(half, size=(10, 10), mode="bicubic", align_corners=False).clamp(0, 255)
+    assert torch.allclose(out[1], back[0])
+    assert augment.rescale(x, torch.ones(3)) is x
+    # int() truncates: 10 * 0.99 -> 9 pixels, not 10
+    assert not torch.equal(augment.rescale(x[:1], torch.tensor([0.99])), x[:1])
+    gamma = augment.adjust_gamma(x, torch.tensor([2.0, 1.0, 0.5]))
+    assert torch.allclose(gamma[0], 255 * (x[0] / 255) ** 2) and torch.equal(gamma[1], x[1])
+    assert torch.allclose(augment.adjust_gamma(torch.tensor([[[[300.0, -5.0]]]]), torch.tensor([2.0])),
+                          torch.tensor([[[[255.0, 0.0]]]]))  # clipped to [0, 255] first
+    assert augment.adjust_gamma(x, torch.ones(3)) is x
+
+
+def test_photometric_steps_use_the_settings_border_and_space():
+    x = torch.rand(1, 2, 9, 9) * 200 + 20
+    photo = torch.tensor([[40.0, 1.0, 1.5, 0.0]])
+    for border in augment.ROTATE_BORDERS:
+        assert torch.equal(augment.raw_photometric(x, photo, Augment(rotate=40.0, rotate_border=border)),
+                           augment.rotate(x, photo[:, 0], border))
+    assert torch.equal(augment.raw_photometric(x, photo, None), augment.rotate(x, photo[:, 0], "zeros"))
+    raw = Augment(contrast=0.5, bc_space="raw")
+    assert torch.equal(augment.raw_photometric(x, torch.tensor([[0.0, 1.0, 1.5, 0.0]]), raw), (x * 1.5).clamp(0, 255))
+    assert torch.equal(augment.normalised_photometric(x, photo, raw), x)
+    assert torch.equal(augment.normalised_photometric(x, photo, Augment(contrast=0.5)), x * 1.5)
+    assert torch.equal(augment.normalised_photometric(x, photo, None), x * 1.5)
+    assert torch.equal(augment.raw_photometric(x, torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.5]]), Augment(rescale=0.5)),
+                       augment.rescale(x, torch.tensor([0.5])))
+
+
+# --------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("flag, message", [
+    (dict(min_scale=0.0), "zoom scale must be in (0, 1], got 0.0"),
+    (dict(min_scale=1.5), "zoom scale must be in (0, 1], got 1.5"),
+    (dict(scale_std=-0.1), "augmentation std must be >= 0, got -0.1, 0.0"),
+    (dict(bias_std=-0.1), "augmentation std must be >= 0, got 0.0, -0.1"),
+    (dict(rotate=-1.0), "--rotate-aug: rotation must be in [0, 180] degrees, got -1.0"),
+    (dict(rotate=181.0), "--rotate-aug: rotation must be in [0, 180] degrees, got 181.0"),
+    (dict(contrast=1.0), "--contrast-aug: contrast must be in [0, 1) (factor in (0, 2)), got 1.0"),
+    (dict(contrast=-0.1), "--contrast-aug: contrast must be in [0, 1) (factor in (0, 2)), got -0.1"),
+    (dict(brightness=-0.1), "--brightness-aug: brightness must be >= 0, got -0.1"),
+    (dict(gamma=-0.1), "--gamma-aug: gamma must be >= 0, got -0.1"),
+    (dict(zoom_mode="area"), "--zoom-interpolation: 'area' is not one of nearest, bilinear"),
+    (dict(prob=1.5), "--aug-prob: a probability in [0, 1], got 1.5"),
+    (dict(prob=-0.5), "--aug-prob: a probability in [0, 1], got -0.5"),
+    (dict(rescale=1.0), "--rescale-aug: must be in [0, 1) (factor in (0, 2)), got 1.0"),
+    (dict(rescale=-0.2), "--rescale-aug: must be in [0, 1) (factor in (0, 2)), got -0.2"),
+    (dict(rotate_border="wrap"), "--rotate-border: 'wrap' is not one of zeros, reflect, reflect-101"),
+    (dict(bc_space="hsv"), "--brightness-contrast-space: 'hsv' is not one of normalised, raw"),
+    (dict(gamma_range=(0.0, 1.0)), "--gamma-range: need 0 < LO <= HI, got 0.0,1.0"),
+    (dict(gamma_range=(1.2, 0.8)), "--gamma-range: need 0 < LO <= HI, got 1.2,0.8"),
+    (dict(gamma_range=(0.8, 1.2), gamma=0.1), "--gamma-range and --gamma-aug both draw the gamma: give one"),
+])
+def test_refused_settings_name_the_flag_and_value(flag, message):
+    with refused(message):
+        Augment(**flag)
+
+
+def test_the_edges_of_each_range_are_allowed():
+    Augment(min_scale=1.0, rotate=0.0, contrast=0.0, prob=0.0, rescale=0.0)
+    Augment(rotate=180.0, prob=1.0, gamma_range=(1.0, 1.0), brightness=0.0, gamma=0.0)
