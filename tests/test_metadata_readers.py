@@ -77,7 +77,7 @@ def test_the_competition_layout_as_wells(tmp_path):
                                            "positive_control", "treatment", "treatment"]
     assert wells["sirna"].tolist() == [-1, -1, 5, 0, 1, 4, 2, 3]  # test treatments unlabelled, controls known
     assert wells["sirna_true"].tolist() == wells["sirna"].tolist()
-    assert set(wells["cell_type"]) == {"HEPG2"} and not wells["leaked"].any()
+    assert set(wells["cell_type"]) == {"HEPG2"} and wells["leaked"].dtype == bool and not wells["leaked"].any()
     assert wells["plate"].dtype == np.int64 and wells["sirna"].dtype == np.int64
     assert all(isinstance(v, str) for c in ("id_code", "experiment", "well", "well_type", "split")
                for v in wells[c])
@@ -106,7 +106,31 @@ def test_the_release_layout(tmp_path):
     assert shown.loc[shown["split"] == "test", "sirna"].tolist() == [1, 1, 0, 0, 3, 3]
     wells = metadata.load_wells(tmp_path)
     assert len(wells) == 6 and list(wells.columns) == metadata.WELL_COLUMNS
+    assert wells.loc[wells["split"] == "test", "sirna"].tolist() == [-1, -1, 3]  # hidden by default here too
+    assert metadata.load_wells(tmp_path, True).loc[wells["split"] == "test", "sirna"].tolist() == [1, 0, 3]
     assert metadata.fingerprint(table) == metadata.fingerprint(wells)
+    # nor does the row numbering count: a data set is its wells, not a table's index
+    assert metadata.fingerprint(wells.set_axis(range(100, 106))) == metadata.fingerprint(wells)
+
+
+def test_release_sites_in_site_order_and_a_wells_row_from_its_first_site(tmp_path):
+    """metadata.csv may list a well's sites in any order; where its sites disagree (here the
+    label), the well is its first site, whichever view of the table is taken."""
+    write(tmp_path / "metadata.csv", RELEASE_HEADER
+          + "RPE-01_1_B02_2,RPE-01_1_B02,RPE,train,RPE-01,1,B02,2,treatment,s0,0\n"
+          + "RPE-01_1_B02_1,RPE-01_1_B02,RPE,train,RPE-01,1,B02,1,treatment,s1,1\n")
+    table = metadata.load_table(tmp_path)
+    assert table["site"].tolist() == [1, 2] and table["sirna"].tolist() == [1, 0]
+    assert metadata.wells_of(table)["sirna"].tolist() == metadata.load_wells(tmp_path)["sirna"].tolist() == [1]
+
+
+def test_whole_numbers_written_as_decimals_load_as_integers(tmp_path):
+    root = competition(tmp_path, train_extra="HEPG2-01_2_B04,HEPG2-01,2.0,B04,2.0\n", images=True)
+    wells = metadata.load_wells(root).set_index("id_code")
+    assert wells.loc["HEPG2-01_2_B04", ["plate", "sirna"]].tolist() == [2, 2]
+    assert wells["plate"].dtype == np.int64 and wells["sirna"].dtype == np.int64
+    prefixes = metadata.load_table(root).set_index("id_code")["image_prefix"]
+    assert prefixes.loc["HEPG2-01_2_B04"].tolist() == [f"{root.as_posix()}/train/HEPG2-01/Plate2/B04_s{s}" for s in (1, 3)]
 
 
 def test_an_unlabelled_release_row_reads_as_minus_one(tmp_path):
@@ -144,6 +168,9 @@ def test_refusals_of_the_competition_files(tmp_path):
     write(root / "test.csv", "id_code,experiment,well\nA_1_B02,A,B02")
     with refused(f"{root / 'test.csv'}: missing column(s) plate (found: id_code, experiment, well)"):
         metadata.load_wells(root)
+    write(root / "test.csv", "id_code,well\nA_1_B02,B02")
+    with refused(f"{root / 'test.csv'}: missing column(s) experiment, plate (found: id_code, well)"):
+        metadata.load_wells(root)
     (root / "test.csv").unlink()
     with refused(f"missing file: {root / 'test.csv'}"):
         metadata.load_wells(root)
@@ -174,6 +201,14 @@ def test_refusals_of_values_and_duplicates(tmp_path):
     # (numpy 2 showed the plate as np.int64(1) in this line)
     with refused("duplicate entry in the metadata: split train, experiment HEPG2-01, plate 1, well B02"):
         metadata.load_wells(root)
+    root = competition(tmp_path / "b2", train_extra="HEPG2-01_1_B02x,HEPG2-01,1,B02,3\n")  # the same well, relabelled
+    with refused("duplicate entry in the metadata: split train, experiment HEPG2-01, plate 1, well B02"):
+        metadata.load_wells(root)
+    root = competition(tmp_path / "c2", controls_extra="HEPG2-02_1_B02,HEPG2-01,1,B06,4,positive_control\n"
+                                                      "HEPG2-01_1_B03,HEPG2-01,1,B07,4,positive_control\n")
+    with refused("id_code HEPG2-02_1_B02 names 2 wells (test treatment, train positive_control); "
+                 "2 id_code(s) are used more than once"):
+        metadata.load_wells(root)
     root = competition(tmp_path / "c", controls_extra="HEPG2-01_1_B02,HEPG2-01,1,B06,4,positive_control\n")
     with refused("id_code HEPG2-01_1_B02 names 2 wells (train treatment, train positive_control); "
                  "1 id_code(s) are used more than once"):
@@ -184,9 +219,12 @@ def test_refusals_of_values_and_duplicates(tmp_path):
         allowed = "train, test" if bad == "treatment" else "treatment, positive_control, negative_control"
         with refused(f"{r / 'metadata.csv'}: unexpected value {value!r} (expected one of {allowed})"):
             metadata.load_wells(r)
-    r = release(tmp_path / "site", "RPE-09_1_B02_x,RPE-09_1_B02,RPE,train,RPE-09,1,B02,1.5,treatment,s0,0\n")
-    with refused(f"{r / 'metadata.csv'} line 14, column site: '1.5' is not an integer"):
-        metadata.load_table(r)
+    for column, row in (("site", "RPE-09,1,B02,1.5,treatment,s0,0"), ("plate", "RPE-09,x,B02,1,treatment,s0,0"),
+                        ("sirna_id", "RPE-09,1,B02,1,treatment,s0,0.5")):
+        r = release(tmp_path / column, f"RPE-09_1_B02_x,RPE-09_1_B02,RPE,train,{row}\n")
+        shown = {"site": "'1.5'", "plate": "'x'", "sirna_id": "'0.5'"}[column]
+        with refused(f"{r / 'metadata.csv'} line 14, column {column}: {shown} is not an integer"):
+            metadata.load_table(r)
 
 
 def test_no_images_is_refused(tmp_path):
