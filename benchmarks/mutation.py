@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mutation_report import Mutant, load_equivalents, render_report  # noqa: E402
+from mutation_report import Mutant, load_equivalents, render_report, unlisted_entries  # noqa: E402
 
 # ------------------------------------------------------------------------- the table to edit
 # module -> the tests that check it: test files, or single tests as pytest node ids ("file::test").
@@ -47,23 +47,27 @@ from mutation_report import Mutant, load_equivalents, render_report  # noqa: E40
 # would cost minutes per equivalent mutant; the end-to-end tests stay in `make test`.
 TRAINER = "tests/test_trainer.py::"
 MODULES: dict[str, list[str]] = {
-    "cellpaint/submission/plates.py": ["tests/test_plates.py", "tests/test_chunked_sizes.py",
+    "cellpaint/submission/plates.py": ["tests/test_plates.py", "tests/test_plates_contract.py", "tests/test_chunked_sizes.py",
                                        "tests/test_recipe_boundaries.py"],
     "cellpaint/training/schedule.py": [TRAINER + "test_lr_schedule_matches_the_formula",
                                        TRAINER + "test_lr_schedule_rejects_bad_text",
                                        TRAINER + "test_size_function_is_evaluated_safely",
                                        TRAINER + "test_pl_fraction_follows_the_original_schedule",
-                                       "tests/test_setting_round_trips.py"],
+                                       "tests/test_schedules.py", "tests/test_setting_round_trips.py"],
     "cellpaint/training/pseudo_labels.py": [TRAINER + "test_pl_fraction_follows_the_original_schedule",
                                             TRAINER + "test_pseudo_label_selection_respects_plates",
                                             "tests/test_pseudo_labelling.py", "tests/test_recipe_boundaries.py"],
     "cellpaint/data/folds.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py"],
-    "cellpaint/submission/knn.py": ["tests/test_knn.py", "tests/test_chunked_sizes.py"],
-    "cellpaint/data/augment.py": ["tests/test_augment_flags.py", "tests/test_recipe.py", "tests/test_data.py"],
-    "cellpaint/submission/wells.py": ["tests/test_submission.py", "tests/test_knn.py"],
-    "cellpaint/prediction/prediction_file.py": ["tests/test_submission.py", "tests/test_knn.py"],
-    "cellpaint/data/metadata.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py"],
-    "cellpaint/data/structure.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py"],
+    "cellpaint/submission/knn.py": ["tests/test_knn.py", "tests/test_knn_contract.py", "tests/test_chunked_sizes.py"],
+    "cellpaint/data/augment.py": ["tests/test_augment_draws.py", "tests/test_augment_flags.py", "tests/test_recipe.py",
+                                  "tests/test_data.py"],
+    "cellpaint/submission/wells.py": ["tests/test_submission_wells.py", "tests/test_submission.py", "tests/test_knn.py"],
+    "cellpaint/prediction/prediction_file.py": ["tests/test_prediction_file_format.py", "tests/test_submission.py",
+                                                "tests/test_knn.py"],
+    "cellpaint/data/metadata.py": ["tests/test_metadata_readers.py", "tests/test_data.py",
+                                   "tests/test_recipe_boundaries.py"],
+    "cellpaint/data/structure.py": ["tests/test_metadata_readers.py", "tests/test_data.py",
+                                    "tests/test_recipe_boundaries.py"],
 }
 SOURCE_ROOT = "cellpaint"          # the package mutmut copies into its mutants/ folder
 EQUIVALENT = ROOT / "benchmarks" / "mutation_equivalent.toml"
@@ -78,20 +82,43 @@ MUTMUT_SETTINGS = {
 }
 
 
-# A pytest plugin for the runs on mutants: the tests in the order of their measured duration, fastest
-# first. mutmut stops a mutant's run at its first failing test, so a killed mutant then costs the
-# fastest test that kills it rather than whatever ran first; the outcome is the same.
+# A pytest plugin for the runs on mutants: the tests cheapest first, by mutmut's measured duration of
+# each test plus what its fixtures cost to set up (measured by this plugin in mutmut's first, full
+# run; a session fixture such as a synthetic data set is made again in every mutant's run). mutmut
+# stops a mutant's run at its first failing test, so a killed mutant then costs the cheapest test
+# that kills it rather than whatever ran first; the outcome is the same.
 ORDER_PLUGIN = "mutation_test_order"
-ORDER_PLUGIN_SOURCE = '''"""Written by benchmarks/mutation.py: run the fastest tests first (mutmut's measured durations)."""
+ORDER_PLUGIN_SOURCE = '''"""Written by benchmarks/mutation.py: run the cheapest tests first."""
 import json
+import time
 from pathlib import Path
+
+import pytest
+
+STATS, COSTS = Path("mutmut-stats.json"), Path("mutation-fixture-costs.json")
+measured = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    start = time.perf_counter()
+    yield
+    name = fixturedef.argname
+    measured[name] = max(measured.get(name, 0.0), time.perf_counter() - start)
+
+
+def pytest_sessionfinish(session):
+    # mutmut's first run of the tests, which measures their durations (not a collect-only session)
+    if measured and not STATS.exists() and not COSTS.exists():
+        COSTS.write_text(json.dumps(measured))
 
 
 def pytest_collection_modifyitems(items):
-    stats = Path("mutmut-stats.json")
-    if stats.exists():  # absent while mutmut measures the durations
-        duration = json.loads(stats.read_text()).get("duration_by_test", {})
-        items.sort(key=lambda item: duration.get(item.nodeid, 0.0))
+    if STATS.exists() and COSTS.exists():
+        duration = json.loads(STATS.read_text()).get("duration_by_test", {})
+        cost = json.loads(COSTS.read_text())
+        items.sort(key=lambda item: duration.get(item.nodeid, 0.0)
+                   + sum(cost.get(name, 0.0) for name in item.fixturenames))
 '''
 
 
@@ -241,11 +268,18 @@ def main(argv: list[str] | None = None) -> int:
             result = run_module(module, args.jobs)
             print(f"mutation: {module}: {len(result['mutants'])} mutants in {result['wall_s']:.0f} s", flush=True)
     results = saved_results()
-    report, problems = render_report(results, load_equivalents(EQUIVALENT), modules=list(MODULES))
+    equivalents = load_equivalents(EQUIVALENT)
+    report, problems = render_report(results, equivalents, modules=list(MODULES))
     args.report.write_text(report)
+    (WORK / "unlisted.toml").write_text(unlisted_entries(results, equivalents))
     print(f"mutation: wrote {args.report.relative_to(ROOT) if args.report.is_relative_to(ROOT) else args.report}")
-    for problem in problems:
+    for problem in problems[:20]:
         print(f"mutation: {problem}")
+    if len(problems) > 20:
+        print(f"mutation: ... {len(problems) - 20} more (all in {args.report.name})")
+    if problems:
+        print(f"mutation: the unlisted survivors as list entries (to kill with a test, or to complete with "
+              f"the reason they are equivalent and add to {EQUIVALENT.name}): {WORK / 'unlisted.toml'}")
     return 1 if problems else 0
 
 

@@ -9,6 +9,7 @@ the equivalent list (it cannot change behaviour; the list says why) or it is a f
 """
 from __future__ import annotations
 
+import json
 import tomllib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -59,6 +60,15 @@ def load_equivalents(path: Path) -> list[Equivalent]:
     return out
 
 
+def toml_entry(module: str, m: Mutant, kind: str = "", why: str = "") -> str:
+    """A survivor as an `[[equivalent]]` entry of the list (JSON strings are TOML basic strings)."""
+    def q(text: str) -> str:
+        return json.dumps(text, ensure_ascii=False)
+    reason = f"kind = {q(kind)}" if kind else f"why = {q(why)}"
+    return (f"[[equivalent]]\nmodule = {q(module)}\nfunction = {q(m.function)}\n"
+            f"before = {q(m.before)}\nafter = {q(m.after)}\n{reason}\n")
+
+
 def _score(detected: int, total: int) -> float:
     return 100.0 * detected / total if total else 100.0
 
@@ -89,6 +99,12 @@ def summarise(result: dict, equivalents: list[Equivalent]) -> dict:
             "survived": total - detected, "no_tests": counts["no tests"], "equivalent": equivalent,
             "unlisted": unlisted, "stale": [e for k, e in listed.items() if k not in matched],
             "strict": _score(detected, total), "set_aside": _score(detected, total - len(equivalent))}
+
+
+def unlisted_entries(results: list[dict], equivalents: list[Equivalent]) -> str:
+    """Every unlisted survivor as a list entry without a reason yet: to paste and complete, or
+    to kill with a test."""
+    return "\n".join(toml_entry(r["module"], m) for r in results for m in summarise(r, equivalents)["unlisted"])
 
 
 def render_report(results: list[dict], equivalents: list[Equivalent], modules: list[str]) -> tuple[str, list[str]]:
