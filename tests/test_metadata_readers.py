@@ -245,6 +245,7 @@ def test_structure_of_the_competition_files(tmp_path):
     assert structure.cell_types == ("HEPG2",)
     assert structure.group_masks().tolist() == [[True, True, False, False, False, False],
                                                 [False, False, True, True, False, False]]
+    assert structure.group_masks().dtype == bool
     assert structure.group_masks(8).shape == (2, 8)  # over a prediction file's columns
     assert derive_structure(metadata.load_wells(tmp_path), n_classes=9).n_classes == 9
 
@@ -253,6 +254,29 @@ def test_plate_groups_join_classes_that_share_any_plate(tmp_path):
     """Plate 3 holds classes of both groups of plates 1 and 2: they are one group."""
     root = competition(tmp_path, train_extra="HEPG2-01_3_B02,HEPG2-01,3,B02,1\nHEPG2-01_3_B03,HEPG2-01,3,B03,3\n")
     assert [g.tolist() for g in derive_structure(metadata.load_wells(root)).groups] == [[0, 1, 2, 3]]
+
+
+def table_of(*wells: tuple) -> pd.DataFrame:
+    """Wells (split, experiment, plate, well_type, sirna, sirna_true) as a metadata table."""
+    return pd.DataFrame([{"id_code": f"{e}_{p}_{i}", "split": s, "experiment": e, "plate": p, "well": str(i),
+                          "well_type": t, "cell_type": e.split("-")[0], "sirna": l, "sirna_true": tl, "leaked": False}
+                         for i, (s, e, p, t, l, tl) in enumerate(wells)])
+
+
+def test_a_class_known_only_as_ground_truth_or_only_through_a_layout_match_has_a_well():
+    base = [("train", "A-1", 1, "treatment", 1, 1), ("train", "A-1", 1, "treatment", 2, 2)]
+    hidden = derive_structure(table_of(*base, ("test", "A-2", 1, "treatment", -1, 0)))  # a release test label
+    leaked = derive_structure(table_of(*base, ("test", "A-2", 1, "treatment", 0, -1)))  # a layout match
+    assert hidden.n_classes == leaked.n_classes == 3
+    assert hidden.treatment_classes.tolist() == [1, 2] and leaked.treatment_classes.tolist() == [0, 1, 2]
+
+
+def test_a_group_of_one_class_and_the_order_of_groups():
+    """Plates holding {9} alone, {0, 7} and {1, 2}: groups in the order of their smallest class."""
+    structure = derive_structure(table_of(("train", "A-1", 1, "treatment", 9, 9), ("train", "A-1", 2, "treatment", 7, 7),
+                                          ("train", "A-1", 2, "treatment", 0, 0), ("train", "A-1", 3, "treatment", 2, 2),
+                                          ("train", "A-1", 3, "treatment", 1, 1)), n_classes=10)
+    assert [g.tolist() for g in structure.groups] == [[0, 7], [1, 2], [9]]
 
 
 def test_groups_are_ordered_by_their_smallest_class(tmp_path):
@@ -273,6 +297,10 @@ def test_structure_refusals(tmp_path):
     with refused("the metadata has no labelled treatment wells in train: nothing to train on (an empty "
                  "train.csv, or a metadata.csv without train treatment rows?)"):
         derive_structure(wells[wells["well_type"] != "treatment"])
+    six = table_of(*[("train", "A-1", 1, "treatment", c, c) for c in range(7)],
+                   *[("train", "A-1", 2, "positive_control", c, c) for c in range(7)])
+    with refused("classes [0, 1, 2, 3, 4] occur both as treatment and as control"):  # the first five named
+        derive_structure(six)
     with refused("classes [4] occur both as treatment and as control"):
         derive_structure(wells.assign(sirna=wells["sirna"].replace({3: 4}), sirna_true=wells["sirna_true"].replace({3: 4})),
                          n_classes=6)
@@ -281,6 +309,11 @@ def test_structure_refusals(tmp_path):
     with refused("labels leave 35 class(es) without any well (3, 6..39): is label 40 of train well HEPG2-01_2_B03 "
                  "a typo? (3 well(s) above the gap; --classes N allows classes that no well has)"):
         derive_structure(far)
+    three = table_of(("train", "A-1", 1, "treatment", 0, 0), ("train", "A-1", 1, "treatment", 2, 2),
+                     ("train", "A-1", 1, "treatment", 4, 4), ("test", "A-2", 1, "treatment", -1, 9))
+    with refused("labels leave 6 class(es) without any well (1, 3, 5..8): is label 9 of test well A-2_1_3 a typo? "
+                 "(3 well(s) above the gap; --classes N allows classes that no well has)"):
+        derive_structure(three)  # exactly three spans: no "..."; the highest label a hidden test label
     gaps = wells.copy()
     for code, label in (("HEPG2-01_1_B03", 7), ("HEPG2-01_2_B02", 9), ("HEPG2-01_2_B03", 13), ("HEPG2-01_1_B02", 15)):
         gaps.loc[gaps["id_code"] == code, ["sirna", "sirna_true"]] = label
