@@ -66,7 +66,7 @@ def test_which_kinds_of_augmentation_are_on():
 # --------------------------------------------------------------------------------- geometry
 
 
-@pytest.mark.parametrize("h, w, scale", [(20, 32, 0.5), (32, 20, 0.25), (9, 9, 0.1), (40, 12, 0.3)])
+@pytest.mark.parametrize("h, w, scale", [(20, 32, 0.5), (32, 20, 0.25), (9, 9, 0.1), (40, 12, 0.3), (40, 3, 0.25)])
 def test_the_zoom_window(h, w, scale):
     """An edge drawn uniformly from [round(scale*h), h], the width following the height's scale,
     placed uniformly: every size and position happens, nothing leaves the image."""
@@ -83,8 +83,36 @@ def test_the_zoom_window(h, w, scale):
     assert heights == set(range(max(1, round(h * scale)), h + 1))
     assert tops == set(range(h - max(1, round(h * scale)) + 1))
     assert lefts == set(range(w - max(1, min(w, round(w * max(1, round(h * scale)) / h))) + 1))
-    assert augment.draw_zoom_box(np.random.default_rng(0), h, w, 1.0) == (0, 0, h, w)
+    # no zoom: the whole image, and no draw taken from the generator (the later draws stay as they were)
+    rng, fresh = np.random.default_rng(7), np.random.default_rng(7)
+    assert augment.draw_zoom_box(rng, h, w, 1.0) == (0, 0, h, w)
+    assert rng.random() == fresh.random()
 
+
+def test_dihedral_views_are_numpys_flips_and_transpose():
+    x = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    for k in range(8):
+        want = x
+        if k & 1:
+            want = want[..., ::-1]
+        if k & 2:
+            want = want[..., ::-1, :]
+        if k & 4:
+            want = np.swapaxes(want, -1, -2)
+        assert augment.dihedral(torch.from_numpy(x), k).tolist() == want.tolist(), k
+
+
+def test_jitter_is_exactly_a_gain_and_an_offset_per_channel():
+    draws = augment.jitter_draws((3, 4), 0.2, 0.5, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    gains, offsets = 1 + 0.2 * torch.randn((3, 4), generator=g), 0.5 * torch.randn((3, 4), generator=g)
+    assert draws.shape == (3, 2, 4) and torch.equal(draws, torch.stack([gains, offsets], dim=-2))
+    x = torch.rand(3, 4, 5, 5)
+    assert torch.equal(augment.channel_jitter(x, draws=draws),
+                       x * gains[:, :, None, None] + offsets[:, :, None, None])
+    assert augment.channel_jitter(x) is x and augment.channel_jitter(x, 0.0, 0.0) is x  # off: no draw, no copy
+    jittered = augment.channel_jitter(x, 0.2, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(jittered, x * gains[:, :, None, None] + offsets[:, :, None, None])
 
 def test_nearest_zoom_copies_pixel_floor_of_i_times_crop_over_size():
     img = torch.arange(5 * 7).reshape(1, 5, 7)
@@ -109,7 +137,7 @@ def test_geometry_of_a_batch_is_each_samples_own():
 
 
 @pytest.mark.parametrize("border, numpy_mode", [("reflect", "symmetric"), ("reflect-101", "reflect")])
-@pytest.mark.parametrize("h, w", [(12, 12), (10, 16)])
+@pytest.mark.parametrize("h, w", [(12, 12), (10, 16), (2, 5)])
 def test_a_mirrored_border_is_the_rotation_of_the_mirror_padded_image(border, numpy_mode, h, w):
     """cv2's BORDER_REFLECT is numpy's 'symmetric' padding, BORDER_REFLECT_101 numpy's 'reflect':
     rotating the image with the mirrored border equals rotating the mirror-padded image (zeros
@@ -122,6 +150,18 @@ def test_a_mirrored_border_is_the_rotation_of_the_mirror_padded_image(border, nu
     want = augment.rotate(torch.from_numpy(padded), angles, "zeros")[..., pad:pad + h, pad:pad + w]
     got = augment.rotate(torch.from_numpy(x), angles, border)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("border, numpy_mode", [("reflect", "symmetric"), ("reflect-101", "reflect")])
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_reflected_coordinates_fold_any_coordinate_as_numpy_pads(border, numpy_mode, size):
+    """Integer coordinates up to three widths outside the image land on the pixel numpy's
+    padding puts there."""
+    far = 3 * size
+    padded = np.pad(np.arange(size), far, mode=numpy_mode)
+    coords = torch.arange(-far, size + far, dtype=torch.float64)
+    folded = augment.reflect_coordinates(coords, size, border)
+    assert folded.tolist() == padded.astype(float).tolist()
 
 
 def test_reflected_coordinates_refuse_an_unknown_border():
@@ -145,6 +185,28 @@ def test_rescale_and_gamma_shortcuts_and_per_image_factors():
     assert torch.allclose(augment.adjust_gamma(torch.tensor([[[[300.0, -5.0]]]]), torch.tensor([2.0])),
                           torch.tensor([[[[255.0, 0.0]]]]))  # clipped to [0, 255] first
     assert augment.adjust_gamma(x, torch.ones(3)) is x
+    tiny = augment.rescale(x[:1], torch.tensor([0.1]))  # 10 * 0.1 -> 1 pixel: a flat image
+    one = torch.nn.functional.interpolate(x[:1], size=(1, 1), mode="bilinear", align_corners=False)
+    assert torch.allclose(tiny, one.expand_as(tiny))
+    edge = torch.zeros(1, 1, 12, 12)
+    edge[..., 6:] = 255  # bicubic overshoots at a sharp edge: clipped to [0, 255]
+    shrunk = augment.rescale(edge, torch.tensor([0.7]))
+    small = torch.nn.functional.interpolate(edge, size=(8, 8), mode="bilinear", align_corners=False)
+    raw = torch.nn.functional.interpolate(small, size=(12, 12), mode="bicubic", align_corners=False)
+    assert raw.min() < 0 and raw.max() > 255 and torch.equal(shrunk, raw.clamp(0, 255))
+
+
+def test_per_image_values_follow_the_images_dtype_and_no_op_values_return_the_input():
+    """The per-image factors are moved to the batch's dtype and device (float16 here: on a GPU the
+    batch is on the device and the draws are not)."""
+    x = (torch.rand(2, 3, 4, 4) * 255).half()
+    ones, zeros, gamma = torch.ones(2), torch.zeros(2), torch.tensor([0.8, 1.2])
+    assert augment.brightness_contrast(x, gamma, zeros + 0.5).dtype == torch.float16
+    assert augment.raw_brightness_contrast(x, gamma, zeros + 0.5).dtype == torch.float16
+    assert augment.adjust_gamma(x, gamma).dtype == torch.float16
+    assert augment.channel_jitter(x, draws=augment.jitter_draws((2, 3), 0.1, 0.1)).dtype == torch.float16
+    assert augment.brightness_contrast(x, ones, zeros) is x and augment.raw_brightness_contrast(x, ones, zeros) is x
+    assert augment.rescale(x, ones) is x
 
 
 def test_photometric_steps_use_the_settings_border_and_space():
