@@ -54,6 +54,17 @@ def test_group_search_with_k_below_equal_and_far_above_each_groups_size(k):
     assert used == {"A": ks[0] if len(set(ks)) == 1 else dict(enumerate(ks))}
 
 
+def test_one_group_holds_every_reference():
+    rng = np.random.default_rng(9)
+    reference, query = unit(rng.normal(size=(5, 3))), unit(rng.normal(size=(2, 3)))
+    labels = np.array([0, 1, 2, 0, 1])
+    grouped, used = knn.knn_scores(query, ["A"] * 2, reference, ["A"] * 5, labels, {"A": 2}, 3, np.arange(3),
+                                   reference_groups=np.zeros(5, int))
+    cell, _ = knn.knn_scores(query, ["A"] * 2, reference, ["A"] * 5, labels, {"A": 2}, 3, np.arange(3))
+    np.testing.assert_array_equal(grouped, cell)
+    assert used == {"A": 2}
+
+
 def test_a_cell_type_without_the_last_group_is_refused():
     reference = unit(np.eye(4))
     groups = np.array([0, 1, 0, 0])  # group 1 only among B's wells

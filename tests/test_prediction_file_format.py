@@ -124,6 +124,7 @@ def test_loading_leaves_the_garbage_collector_as_it_was(tmp_path):
 @pytest.mark.parametrize("obj, message", [
     ([1], "X: expected a dict with parts 'test', 'val', found list"),
     ({"test": {}, "extra": {}}, "X: unexpected part(s) 'extra' (expected 'test', 'val')"),
+    ({"b": {}, "a": {}}, "X: unexpected part(s) 'b', 'a' (expected 'test', 'val')"),
     ({"train": {}, "test": {}}, "X: unexpected part(s) 'train' (expected 'test', 'val'); a 'train' part belongs to "
                                 "an embeddings file (main.py --save-embeddings), which make_submission.py reads with "
                                 "--knn"),
@@ -223,6 +224,9 @@ def test_well_sums_refuse_bad_wells_naming_part_and_well(tmp_path):
         pf.load_well_sums(path)
     path = dump(tmp_path / "b.output", {"val": {"A": [vec(1, 2)]}, "test": {"B": [vec(1, 2)], "C": [vec(1)]}})
     with refused(f"{path}: test['C'] has 1 classes, other wells have 2"):
+        pf.load_well_sums(path)
+    path = dump(tmp_path / "first.output", {"val": {}, "test": {"A": [], "B": [vec(1, 2)]}})  # the first well read
+    with refused(f"{path}: test['A'] must be a non-empty list of per-site logit vectors, found list"):
         pf.load_well_sums(path)
     path = dump(tmp_path / "c.output", {"val": {"A": [vec(1, 2)]}, "test": {"B": [vec(1, 2)], "C": [["x"]]}})
     with refused(f"{path}: test['C'] holds list; expected 1-D numeric logit vectors"):
