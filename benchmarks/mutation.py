@@ -47,8 +47,8 @@ from mutation_report import Mutant, load_equivalents, render_report, unlisted_en
 # would cost minutes per equivalent mutant; the end-to-end tests stay in `make test`.
 TRAINER = "tests/test_trainer.py::"
 MODULES: dict[str, list[str]] = {
-    "cellpaint/submission/plates.py": ["tests/test_plates.py", "tests/test_plates_contract.py", "tests/test_chunked_sizes.py",
-                                       "tests/test_recipe_boundaries.py"],
+    "cellpaint/submission/plates.py": ["tests/test_plates.py", "tests/test_plates_contract.py",
+                                       "tests/test_chunked_sizes.py", "tests/test_recipe_boundaries.py"],
     "cellpaint/training/schedule.py": [TRAINER + "test_lr_schedule_matches_the_formula",
                                        TRAINER + "test_lr_schedule_rejects_bad_text",
                                        TRAINER + "test_size_function_is_evaluated_safely",

@@ -226,6 +226,10 @@ def test_fill_unassigned_gives_the_best_class_and_keeps_the_matching():
     matched = plates.assign_plates(scores, np.zeros(3))
     assert matched.tolist() == [1, 0, -1]
     assert plates.assign_plates(scores, np.zeros(3), fill_unassigned=True).tolist() == [1, 0, 1]
+    # several wells left over: each gets its own best class
+    crowded = np.array([[9.0, 0.0, 1.0], [0.0, 1.0, 8.0], [2.0, 7.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 6.0]])
+    assert plates.assign_plates(crowded, np.zeros(5)).tolist() == [0, 2, 1, -1, -1]
+    assert plates.assign_plates(crowded, np.zeros(5), fill_unassigned=True).tolist() == [0, 2, 1, 0, 2]
     # a well without any finite score stays -1
     lonely = np.array([[1.0, 2.0], [-np.inf, -np.inf]])
     assert plates.assign_plates(lonely, np.array([0, 1]), fill_unassigned=True).tolist() == [1, -1]
