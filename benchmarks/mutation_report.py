@@ -118,7 +118,9 @@ def render_report(results: list[dict], equivalents: list[Equivalent], modules: l
     summaries = {r["module"]: summarise(r, equivalents) for r in results if r["module"] in modules}
     lines = ["# Mutation testing of the scientific core", "",
              "Written by `make mutation` (`benchmarks/mutation.py`, mutmut 3.8.1): every module below was mutated",
-             "alone and tested with the test files that reach it (the table in `benchmarks/mutation.py`).",
+             "alone and tested with the tests that check it directly (the table in `benchmarks/mutation.py`,",
+             "listed under the table below). Training runs and other end-to-end tests are left out for time, so a",
+             "mutant only they would catch counts as a survivor here: the scores are lower bounds.",
              "*Detected* = killed, or past its time limit (the suite would hang). *Survived* includes mutants",
              "no selected test reaches. *Equivalent*: survivors listed in `benchmarks/mutation_equivalent.toml`",
              "as unable to change behaviour, each with its reason (below). Strict score = detected / mutants;",
