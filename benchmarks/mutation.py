@@ -164,9 +164,12 @@ def run_mutmut(work: Path, jobs: int, log: Path) -> None:
     mutmut = Path(sys.executable).parent / "mutmut"
     if not mutmut.exists():
         raise SystemExit(f"mutation: no mutmut beside {sys.executable}: run `make mutation`")
+    # one thread per test process: `jobs` of them share the cores, and idle threads spinning under
+    # load would eat into mutmut's CPU-time limit (a false timeout counts as detected)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "w") as out:
         rc = subprocess.run([str(mutmut), "run", "--max-children", str(jobs)], cwd=work, stdout=out,
-                            stderr=subprocess.STDOUT).returncode
+                            stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise SystemExit(f"mutation: mutmut failed in {work} (exit {rc}); end of {log}:\n{tail}")

@@ -86,6 +86,7 @@ def test_the_zoom_window(h, w, scale):
     # no zoom: the whole image, and no draw taken from the generator (the later draws stay as they were)
     rng, fresh = np.random.default_rng(7), np.random.default_rng(7)
     assert augment.draw_zoom_box(rng, h, w, 1.0) == (0, 0, h, w)
+    assert augment.draw_zoom_box(rng, h, w, 1.5) == (0, 0, h, w)  # any scale from 1 up
     assert rng.random() == fresh.random()
 
 

@@ -74,3 +74,15 @@ def test_an_entry_without_a_reason_or_with_an_unknown_kind_is_refused(tmp_path):
         listing(tmp_path, toml_entry(MODULE, SAME))
     with pytest.raises(ValueError, match="names kind 'typo', which \\[kinds\\] does not define"):
         listing(tmp_path, toml_entry(MODULE, SAME, kind="typo"))
+
+
+def test_a_listed_mutant_that_ran_out_of_time_is_set_aside_and_an_unlisted_one_detected(tmp_path):
+    slow = Mutant("x.x_h__mutmut_1", SAME.function, "timeout", SAME.before, SAME.after)
+    other = Mutant("x.x_t__mutmut_4", "t", "timeout", "while a:", "while not a:")
+    s = summarise(outcome(slow, other, killed=98), listing(tmp_path, toml_entry(MODULE, SAME, kind="dtype")))
+    assert [m.name for m, _ in s["equivalent"]] == [slow.name] and s["timeouts"] == [other]
+    # the listed one counts with the survivors (set aside), not as detected
+    assert (s["timeout"], s["survived"], s["unlisted"], s["stale"]) == (1, 1, [], [])
+    report, _ = render_report([outcome(slow, other, killed=98)],
+                              listing(tmp_path, toml_entry(MODULE, SAME, kind="dtype")), [MODULE])
+    assert "- `cellpaint/x.py` `t`: `while a:` → `while not a:`" in report
