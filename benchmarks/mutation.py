@@ -6,14 +6,16 @@
 
 For each module of MODULES, one at a time: a fresh copy of the project's files (tracked and
 untracked, not ignored: the code as it is now) in `mutants/<slug>/`, a `setup.cfg` that has
-mutmut 3 mutate that one module and select the tests that reach it, `mutmut run` there, and the
+mutmut 3 mutate that one module and select the tests that check it, `mutmut run` there, and the
 outcome of every mutant (with the diff of each survivor) saved as `mutants/<slug>.json`.
 Then `benchmarks/MUTATION.md` is written from all the saved outcomes: per module the mutants,
 killed, survived, timeouts, the survivors listed as equivalent in `mutation_equivalent.toml`
 (each with its reason), the strict score and the score with those set aside, and every survivor
-that is *not* listed (a test is missing, or the list is). `--report-only` rewrites the report
-from the saved outcomes; `--module` runs only the named modules (by slug or path), keeping the
-others' saved outcomes.
+that is *not* listed (a test is missing, or the list is), also written as list entries to
+complete in `mutants/unlisted.toml`. The exit status is 1 when a module scores under 97% with
+its equivalents set aside, a survivor is unlisted or a listed entry matches no survivor.
+`--report-only` rewrites the report from the saved outcomes; `--module` runs only the named
+modules (by slug, file stem or path), keeping the others' saved outcomes.
 
 When modules move (the layers issue), edit MODULES only: the source path and its tests. The
 equivalent list is keyed by module path, function and the mutated line, never by mutmut's
