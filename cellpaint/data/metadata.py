@@ -176,7 +176,7 @@ def load_wells(data_dir: Path, test_labels_for_training: bool = False) -> pd.Dat
         wells = _read_competition_wells(data_dir)
     else:
         # a well's row is its first site's, as in wells_of(load_table(...)), whatever the file's row order
-        sites = _read_release_sites(data_dir).sort_values("site", kind="stable")
+        sites = _read_release_sites(data_dir).sort_values("site")
         wells = sites.drop(columns="site").drop_duplicates("id_code")
     return _finish(wells, ["split", "experiment", "plate", "well"], WELL_COLUMNS,
                    test_labels_for_training)
