@@ -17,101 +17,28 @@ not depend on which worker produced it, in what order, or which of the two outpu
 """
 from __future__ import annotations
 
+import functools
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
-from tqdm import tqdm
 
-from cellpaint.data.augment import (  # noqa: F401 (re-exported: dataset.X keeps working)
-    ZOOM_MODES, Augment, adjust_gamma, apply_geometry, brightness_contrast, channel_jitter, dihedral,
-    draw_zoom_box, jitter_draws, normalised_photometric, raw_photometric, rotate, zoom)
+from cellpaint.core.errors import DataError
+from cellpaint.core.settings import AugmentSettings
+from cellpaint.data.augment import (apply_geometry, channel_jitter, dihedral, draw_photometric, draw_zoom_box,
+                                    jitter_draws, normalised_photometric, raw_photometric, zoom)
 from cellpaint.data.image_cache import CacheError, ImageCache
 from cellpaint.data.images import CHANNELS, ImageError, read_site
-from cellpaint.data.metadata import DataError
+from cellpaint.data.pixel_stats import MIN_STD, NORMALIZATIONS
 
-NORMALIZATIONS = ("sample", "experiment", "global", "global-pooled")
 OUTPUTS = ("float", "uint8")
-MIN_STD = 0.5  # in grey levels: keeps a flat (e.g. empty) channel from being blown up by 1/std
 
 log = logging.getLogger("cellpaint")
 
 
 # ------------------------------------------------------------------------------- normalisation
-
-
-def compute_pixel_stats(table: pd.DataFrame, channels: int = CHANNELS) -> pd.DataFrame:
-    """Per-image channel mean and std, in the format of the competition's pixel_stats.csv."""
-    rows = []
-    for r in tqdm(table.itertuples(), total=len(table), desc="pixel stats", unit="site"):
-        img = read_site(r.image_prefix, channels).reshape(channels, -1).astype(np.float64)
-        for c in range(channels):
-            rows.append((r.id_code, r.experiment, r.plate, r.well, r.site, c + 1,
-                         img[c].mean(), img[c].std()))
-    return pd.DataFrame(rows, columns=["id_code", "experiment", "plate", "well", "site", "channel",
-                                       "mean", "std"])
-
-
-def load_pixel_stats(data_dir: Path, table: pd.DataFrame, cache_dir: Path | None) -> pd.DataFrame:
-    """pixel_stats.csv of the data set if present, else computed once and cached in `cache_dir`."""
-    from cellpaint.atomic import atomic_write
-    from cellpaint.data.metadata import read_csv
-
-    required = ["id_code", "site", "channel", "mean", "std"]
-    given = Path(data_dir) / "pixel_stats.csv"
-    if given.exists():
-        return read_csv(given, required)
-    cached = Path(cache_dir) / "pixel_stats.csv" if cache_dir else None
-    if cached and cached.exists():
-        stats = read_csv(cached, required)
-        if len(stats) == len(table) * CHANNELS:
-            return stats
-    stats = compute_pixel_stats(table)
-    if cached:
-        with atomic_write(cached, "w") as f:
-            stats.to_csv(f, index=False)
-    return stats
-
-
-def normalization_stats(table: pd.DataFrame, mode: str, pixel_stats: pd.DataFrame | None,
-                        whole: pd.DataFrame | None = None) -> np.ndarray | None:
-    """Per-row [2, C] (mean, std) of `table`'s sites for the precomputed normalisations; None for
-    `sample`. The global modes use the sites of `whole` (the data set's whole table; default
-    `table`), so that training, validation and test images get the same statistics.
-
-    `experiment`: each experiment's statistics over all its pixels (the per-image statistics
-    pooled exactly: the pooled variance is the mean of (std² + mean²) minus the squared pooled
-    mean). `global`: the mean over experiments of those per-experiment means and of the
-    per-experiment stds, as the 1st place computed it (each experiment counts once, and the
-    spread between experiments, their batch effect, stays out of the std). `global-pooled`: the
-    statistics over all pixels of all images pooled (a std 1.2-2.2x larger per channel on RxRx1).
-    """
-    if mode not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalisation {mode!r} (choose from {', '.join(NORMALIZATIONS)})")
-    if mode == "sample":
-        return None
-    sites = table if mode == "experiment" or whole is None else whole
-    s = pixel_stats.merge(sites[["id_code", "site", "experiment"]].drop_duplicates(), on=["id_code", "site"],
-                          suffixes=("_stats", ""))
-    missing = set(zip(sites["id_code"], sites["site"])) - set(zip(s["id_code"], s["site"]))
-    if missing:
-        raise DataError(f"pixel statistics lack {len(missing)} site(s), e.g. {sorted(missing)[0]}")
-    s = s.assign(sq=s["std"] ** 2 + s["mean"] ** 2)
-    keys = ["channel"] if mode == "global-pooled" else ["experiment", "channel"]
-    pooled = s.groupby(keys)[["mean", "sq"]].mean()
-    pooled["std"] = np.sqrt(np.maximum(pooled["sq"] - pooled["mean"] ** 2, MIN_STD ** 2))
-    if mode == "global":
-        pooled = pooled.groupby("channel")[["mean", "std"]].mean()
-    if mode != "experiment":
-        per_row = np.broadcast_to(pooled[["mean", "std"]].to_numpy().T, (len(table), 2, len(pooled)))
-        return np.ascontiguousarray(per_row, dtype=np.float32)
-    wide = pooled[["mean", "std"]].unstack("channel")  # experiment x (stat, channel)
-    per_exp = wide.to_numpy().reshape(len(wide), 2, -1)
-    index = wide.index.get_indexer(table["experiment"])
-    return per_exp[index].astype(np.float32)
 
 
 def normalize(x: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,7 +62,7 @@ def normalize(x: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tenso
 
 def prepare_batch(batch: dict | torch.Tensor, device: torch.device | str,
                   non_blocking: bool = True, zoom_mode: str = "nearest",
-                  settings: Augment | None = None) -> torch.Tensor:
+                  settings: AugmentSettings | None = None) -> torch.Tensor:
     """Network input on `device`: float [B, C, H, W] from a collated batch of ``output="uint8"`` samples.
 
     The batch says what is to be done (the dataset puts in exactly what its settings need):
@@ -143,7 +70,7 @@ def prepare_batch(batch: dict | torch.Tensor, device: torch.device | str,
     ``stats`` [B, 2, C] mean and std for `experiment`/`global` normalisation (without it each
     image is normalised by its own statistics); ``jitter`` [B, 2, C] per-channel gains and offsets;
     ``photometric`` [B, 4 or 5] (angle, gamma, contrast, brightness[, rescale]), see
-    `Augment.draw_photometric`. `settings` (the dataset's `Augment`) says how the draws are applied
+    `augment.draw_photometric`. `settings` (the dataset's `AugmentSettings`) says how the draws are applied
     (zoom interpolation, rotation border, brightness/contrast space); without it, the defaults.
     A float tensor (``output="float"`` samples) is only moved to `device`.
     """
@@ -164,16 +91,36 @@ def prepare_batch(batch: dict | torch.Tensor, device: torch.device | str,
     return x
 
 
-def collate_skipping(batch: list) -> tuple:
+class SiteSizeError(DataError):
+    """Sites of one batch whose images differ in size."""
+
+
+def _image_shape(x) -> tuple[int, ...]:
+    return tuple((x["image"] if isinstance(x, dict) else x).shape)
+
+
+def collate_skipping(batch: list, prefixes=None, hint: str = "") -> tuple:
     """`default_collate` of the samples that could be read: the usual (x, cell, index, label) plus
     the number of samples dropped (None entries, see ``SiteDataset(skip_bad_images=True)``).
 
-    A batch with nothing left collates to (None, None, None, None, skipped).
+    A batch with nothing left collates to (None, None, None, None, skipped). Sites of different
+    sizes cannot be stacked: a `SiteSizeError` names two of them (by their path prefix among
+    `prefixes`, the dataset's, when given) and adds `hint`.
     """
     good = [sample for sample in batch if sample is not None]
     skipped = len(batch) - len(good)
     if not good:
         return None, None, None, None, skipped
+    shapes = [_image_shape(sample[0]) for sample in good]
+    other = next((k for k, shape in enumerate(shapes) if shape != shapes[0]), None)
+    if other is not None:
+        def name(k: int) -> str:
+            index = good[k][2]
+            return str(prefixes[index]) if prefixes is not None else f"sample {index}"
+
+        size = lambda shape: "x".join(map(str, shape[-2:]))  # noqa: E731
+        raise SiteSizeError(f"the sites of a batch differ in size ({name(0)}: {size(shapes[0])}, "
+                            f"{name(other)}: {size(shapes[other])}){hint}")
     return (*default_collate(good), skipped)
 
 
@@ -181,10 +128,13 @@ class SkippingLoader(DataLoader):
     """A DataLoader collating with `collate_skipping`: yields the usual (x, cell, index, label)
     batches, counts the samples dropped for unreadable images in `skipped` (per pass over the
     data, i.e. per epoch for a training loader) and logs that count at the end of the pass.
+    `size_hint` ends the message of a batch whose sites differ in size.
     """
 
-    def __init__(self, *args, description: str = "pass", **kwargs) -> None:
-        super().__init__(*args, collate_fn=collate_skipping, **kwargs)
+    def __init__(self, dataset: SiteDataset, *args, description: str = "pass", size_hint: str = "",
+                 **kwargs) -> None:
+        collate = functools.partial(collate_skipping, prefixes=getattr(dataset, "prefixes", None), hint=size_hint)
+        super().__init__(dataset, *args, collate_fn=collate, **kwargs)
         self.description = description
         self.skipped = 0
 
@@ -224,7 +174,7 @@ class SiteDataset(Dataset):
 
     def __init__(self, rows: pd.DataFrame, cell_types: tuple[str, ...] | list[str],
                  normalization: str = "sample", stats: np.ndarray | None = None,
-                 augment: Augment | None = None, labels: np.ndarray | None = None, seed: int = 0,
+                 augment: AugmentSettings | None = None, labels: np.ndarray | None = None, seed: int = 0,
                  channels: int = CHANNELS, output: str = "uint8", cache: ImageCache | None = None,
                  skip_bad_images: bool = False) -> None:
         if normalization not in NORMALIZATIONS:
@@ -288,7 +238,7 @@ class SiteDataset(Dataset):
             x = zoom(dihedral(x, k), box, self.augment.zoom_mode)
             g = self._jitter_generator(rng)
             if self.augment.photometric:
-                photo = self.augment.draw_photometric(rng)[None]
+                photo = draw_photometric(self.augment, rng)[None]
                 x = raw_photometric(x[None], photo, self.augment)[0]
         x = normalize(x, None if self.stats is None else self.stats[index])
         if rng is not None:
@@ -307,7 +257,7 @@ class SiteDataset(Dataset):
             if self.augment.jitter:
                 raw["jitter"] = jitter_draws((self.channels,), self.augment.scale_std, self.augment.bias_std, g)
             if self.augment.photometric:  # after every earlier draw: runs without it are unchanged
-                raw["photometric"] = self.augment.draw_photometric(rng)
+                raw["photometric"] = draw_photometric(self.augment, rng)
         if self.stats is not None:
             raw["stats"] = self.stats[index]
         return raw

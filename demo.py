@@ -21,6 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from cellpaint.cli import entry  # noqa: E402
+from cellpaint.core import errors  # noqa: E402
+
 # The small CPU configuration: a plain 3-stage CNN from scratch at the data's own image size,
 # without cutmix (it slows learning a lot on a data set this small), with label smoothing instead.
 SMALL_CPU = ["--backbone", "smallcnn", "--pretrained", "none", "--embedding-size", "128", "-b", "64",
@@ -44,19 +47,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def synthetic_data(out: Path, extra: str) -> Path:
-    """A release-layout synthetic set in OUT/data, generated once and reused."""
+def synthetic_data(out: Path, extra: str) -> Path | None:
+    """A release-layout synthetic set in OUT/data, generated once and reused (None: generation
+    failed, and said why)."""
     import synthetic
+    from cellpaint.data import synthetic as synthetic_data
 
     data = out / "data"
-    info = data / synthetic.INFO_FILE
+    info = data / synthetic_data.INFO_FILE
     if info.exists() and json.loads(info.read_text()).get("complete"):
         print(f"using the synthetic data already in {data}")
         return data
     argv = [str(data), "--layout", "release", *extra.split()]
-    if synthetic.main(argv) != 0:
-        raise SystemExit("synthetic data generation failed")
-    return data
+    return data if synthetic.main(argv) == 0 else None
 
 
 def stage_table(report: dict) -> str:
@@ -71,11 +74,13 @@ def stage_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def demo(args: argparse.Namespace) -> int:
+    """The pipeline, command by command: each reports its own failure; the first non-zero status ends it."""
     started = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data or synthetic_data(args.out, args.synthetic)
+    if data is None:
+        return errors.FAILED
 
     import main as trainer
     import make_submission
@@ -97,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads(Path(f"{submission}.json").read_text())
     print(f"\ndemo finished in {time.time() - started:.0f} s; outputs in {args.out}/\n")
     print(stage_table(report))
-    return 0
+    return errors.OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return entry.run(lambda: demo(args))
 
 
 if __name__ == "__main__":

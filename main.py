@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """cellpaint-rcic: train, validate and predict siRNA classes on RxRx1 cell-painting images.
 
     python main.py --save results/dn161_0 [...]                 train (checkpoint per epoch, best, log)
@@ -8,10 +7,10 @@
     torchrun --nproc_per_node N main.py ...                    any of these on N GPUs
 
 Data flows one way: metadata table -> samples -> batches -> logits -> prediction file. This file
-is the command line: it parses and checks the arguments, converts them once into typed settings
-(cellpaint/training/settings.py) and a run context (process group, device), and dispatches to
-the modes: cellpaint/training/run.py (train, val) and cellpaint/prediction/predict.py (predict),
-built from cellpaint/training/engine.py.
+is the command line: it parses the arguments, converts them once into typed settings
+(cellpaint/cli/flags.py; merged with the checkpoint of --resume or --load), checks them, makes the
+run context (process group, device) and calls one mode: cellpaint/modes/train.py, validate.py,
+predict.py or check.py. cellpaint/cli/entry.py turns a failure into one line and an exit status.
 """
 from __future__ import annotations
 
@@ -21,31 +20,38 @@ import logging
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-import dataset
-from cellpaint import errors
-from cellpaint.data import check, metadata
-from cellpaint.data.augment import BC_SPACES, FLIP_SETS, ROTATE_BORDERS
-from cellpaint.flag_types import (args_file_line, bool_or_auto, bool_type, float_pair, int_list, lr_groups_type,
-                                  lr_type, name_list, size_func_type)
-from cellpaint.prediction.predict import predict
-from cellpaint.training import autoselect, distributed, mixing, pseudo_labels, runconfig, runlock
-from cellpaint.training.checkpoints import checkpoint_args, load_checkpoint
-from cellpaint.training.engine import amp_dtype, precision_name
-from cellpaint.training.run import train, validate
-from cellpaint.runlog import set_log_handlers, setup_logging
-from cellpaint.training.schedule import LRSchedule, SizeFunction
-from cellpaint.training.settings import RunContext, augment_from_args, settings_from_args
-from model import HEADS, LOSSES, STEM_INITS, is_supported_backbone, supported_backbones
+from cellpaint.cli import entry, flags
+from cellpaint.cli.flag_types import (args_file_line, bool_or_auto, bool_type, float_pair, int_list, lr_groups_type,
+                                      lr_type, name_list, size_func_type)
+from cellpaint.cli.runlog import set_log_handlers, setup_logging
+from cellpaint.core import runlock
+from cellpaint.core.bounds import BoundError
+from cellpaint.core.errors import InputError, Interrupted, UsageError
+from cellpaint.core.schedule import LRSchedule, SizeFunction
+from cellpaint.core.settings import (AUTO, BC_SPACES, FLIP_SETS, PRECISIONS, ROTATE_BORDERS, ZOOM_MODES, Settings,
+                                     settings_dict, settings_from_dict)
+from cellpaint.data.pixel_stats import NORMALIZATIONS
+from cellpaint.engine import distributed, mixing
+from cellpaint.engine.checkpoints import LEGACY_FORMATS, load_checkpoint
+from cellpaint.engine.context import RunContext
+from cellpaint.modes import check, pseudo_labels
+from cellpaint.modes.predict import predict
+from cellpaint.modes.train import train
+from cellpaint.modes.validate import validate
+from cellpaint.networks.backbones import STEM_INITS
+from model import BOTTLENECK_BN, HEADS, LOSSES
 
 log = logging.getLogger("cellpaint")
 
 
 # ------------------------------------------------------------------------------------- arguments
-# value types of the flags: cellpaint/flag_types.py
+# value types of the flags: cellpaint/cli/flag_types.py
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--mode", default="train", choices=("train", "val", "predict", "check"))
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default=autoselect.AUTO,
+    g.add_argument("--backbone", default=AUTO,
                    help="auto (densenet161, or mem-densenet161 when GPU memory is short; logged), torchvision "
                         "resnet*/densenet*/efficientnet* ('mem-' prefix: memory-efficient DenseNet), "
                         "'pm-NAME' for a pretrainedmodels model, 'timm-NAME' for any timm model")
@@ -73,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes the loss is taken over; treatment (the 41st place's outputs) needs "
                         "--train-controls false")
     g.add_argument("--embedding-size", type=int, default=1024)
-    g.add_argument("--bn-mom", type=float, default=0.05)
+    g.add_argument("--bn-mom", type=float, default=0.05, help="momentum of every BatchNorm's running statistics")
+    g.add_argument("--bottleneck-bn", choices=BOTTLENECK_BN, default="recomputed",
+                   help="DenseNets: each dense layer's bottleneck BN moves as in the 1st place's memory-efficient "
+                        "DenseNet161, which recomputed it and so updated it twice a step (recomputed: momentum "
+                        "1-(1-m)^2 on the plain net), or once a step at --bn-mom (once), whichever the variant")
     g.add_argument("--classes", type=int, default=None, help="output classes (default: from the metadata)")
     g.add_argument("--stem-init", choices=STEM_INITS, default="random",
                    help="the 6-channel input conv when ImageNet weights load: random (a fresh conv, as the "
@@ -105,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "place) or one each (separate)")
     g.add_argument("--pw-aug", type=float_pair, default=(0.1, 0.1), help="per-channel scale std,bias std")
     g.add_argument("--scale-aug", type=float, default=0.5, help="zoom crop edge drawn from [scale, 1]")
-    g.add_argument("--zoom-interpolation", choices=dataset.ZOOM_MODES, default="nearest",
+    g.add_argument("--zoom-interpolation", choices=ZOOM_MODES, default="nearest",
                    help="how the zoom crop is resized back: nearest (pixels copied, the 1st place) or "
                         "bilinear (antialiased, smoother)")
     g.add_argument("--rotate-aug", type=float, default=0.0, metavar="DEG",
@@ -133,14 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma-range", type=float_pair, default=None, metavar="LO,HI",
                    help="gamma 255*(x/255)^(1/g), g ~ U(LO, HI) (the 41st place: 0.8,1.2); instead of --gamma-aug")
     g.add_argument("--fp16", type=bool_type, default=True, help="mixed precision on the GPU (see --precision)")
-    g.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+    g.add_argument("--precision", choices=(AUTO, *PRECISIONS), default=AUTO,
                    help="auto: fp16 on CUDA when --fp16, else fp32")
     g.add_argument("--seed", type=int, default=None, help="global seed (random and logged if not given)")
     g.add_argument("--start-epoch", type=int, default=0, help="first epoch when fine-tuning from --load")
     g.add_argument("--resume", default=None,
                    help="checkpoint to continue a run from exactly where it stopped, with its saved settings; "
-                        "only these flags may differ from the checkpoint's: "
-                        + ", ".join(map(runconfig.flag_name, runconfig.MAY_CHANGE)))
+                        "only these flags may differ from the checkpoint's: " + ", ".join(flags.may_change_flags()))
     g.add_argument("--max-bad-steps", type=int, default=50,
                    help="stop when the loss is not finite for this many steps in a row")
     g.add_argument("--disp-batches", type=int, default=50, help="log statistics every N batches")
@@ -164,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-last-experiment", action="store_true",
                    help="validate on the last train experiment (in name order) of each cell type (the 41st place)")
     g.add_argument("--data-split-seed", type=int, default=0)
-    g.add_argument("--data-normalization", choices=dataset.NORMALIZATIONS, default="sample")
+    g.add_argument("--data-normalization", choices=NORMALIZATIONS, default="sample")
     g.add_argument("--all-controls-train", type=bool_type, default=True,
                    help="train on the control wells of validation and test experiments too")
     g.add_argument("--train-controls", type=bool_type, default=True,
@@ -190,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of --tta: average N passes of the training augmentation (the 41st place: 10)")
     g.add_argument("--pred-suffix", default="", help="prediction file is <load>.output<suffix>")
     g.add_argument("--save-embeddings", action="store_true", help="also write <load>.embeddings<suffix>")
-    g.add_argument("--channels-last", type=bool_or_auto, default=autoselect.AUTO,
+    g.add_argument("--channels-last", type=bool_or_auto, default=AUTO,
                    help="channels-last memory format; auto: on with mixed precision on CUDA (measured faster), "
                         "off otherwise")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -202,177 +211,163 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_recipe_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fill the head-dependent defaults and refuse flags that contradict each other (one line each)."""
-    if args.head == "plain":
-        given = [flag for flag, on in (("--concat-cell-type true", args.concat_cell_type),
-                                       ("--metric-loss-coeff > 0", (args.metric_loss_coeff or 0) > 0),
-                                       ("--head-hidden", args.head_hidden)) if on]
-        if given:
-            p.error(f"--head plain has no cell-type one-hot, ArcFace head or hidden layers: drop {', '.join(given)}")
-    plain = args.head == "plain"
-    args.concat_cell_type = not plain if args.concat_cell_type is None else args.concat_cell_type
-    args.metric_loss_coeff = (0.0 if plain else 0.2) if args.metric_loss_coeff is None else args.metric_loss_coeff
-    if args.loss_classes == "treatment" and args.train_controls:
-        p.error("--loss-classes treatment leaves the control classes out of the loss: add --train-controls false")
-    if args.val_last_experiment and (args.val_experiments or args.cv_number == -1):
-        p.error("--val-last-experiment chooses the validation experiments: drop --val-experiments / --cv-number -1")
-    if args.tta_random < 0 or (args.tta_random and args.tta > 1):
-        p.error("--tta-random N (N >= 0) replaces --tta: give one of them")
+def saved_settings(state: dict, path: str) -> Settings | None:
+    """The settings a checkpoint was made with (None for a bare weights file). A checkpoint of the
+    first format recorded the parsed arguments instead: they are read back through this parser."""
+    try:
+        if "settings" in state:
+            return settings_from_dict(state["settings"])
+        if state.get("format") in LEGACY_FORMATS:
+            return legacy_settings(state.get("args") or {})
+    except BoundError:
+        raise
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        raise InputError(f"{path}: its settings do not read back ({e})") from None
+    return None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The parsed and checked command line (plain values only); see parse_command_line."""
-    return parse_command_line(argv)[0]
+def legacy_settings(saved: dict) -> Settings:
+    """Settings from the plain arguments a `cellpaint-rcic/1` checkpoint recorded: the parser's
+    defaults, with each saved value converted by its flag's type."""
+    p = build_parser()
+    args = p.parse_args([])
+    types = {a.dest: a.type for a in p._actions}  # the command line's own parser: its internals are ours
+    for dest, value in saved.items():
+        if dest not in vars(args):
+            continue  # a flag removed since the checkpoint was made
+        kind = types.get(dest)
+        if isinstance(value, str) and callable(kind) and kind is not str:
+            value = kind(value)
+        setattr(args, dest, value)
+    if "bottleneck_bn" not in saved:  # made before the option: continue with the statistics it trained with
+        args.bottleneck_bn = "recomputed" if str(args.backbone).startswith("mem-") else "once"
+    return flags.complete(flags.settings_from_args(args))
 
 
-def parse_command_line(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunContext]:
-    """The command line, with what a checkpoint carries: `--resume` restores the run's saved
-    settings and `--load` its architecture (runconfig.py); the checkpoint read for that comes back
-    in the run context. A DataError (a missing or unreadable checkpoint, a flag that contradicts
-    it) is main()'s to report in one line."""
+@dataclass(frozen=True)
+class Command:
+    """What one invocation of main.py does: its settings, and the checkpoint read for them."""
+    settings: Settings
+    checkpoint: dict | None = None
+    debug: bool = False
+
+
+def parse_command_line(argv: list[str] | None = None) -> Command:
+    """The command line as settings, with what a checkpoint carries: `--resume` continues the run's
+    saved settings and `--load` takes its architecture (cli/flags.py). Flags that cannot work
+    are argparse errors (exit 2); a missing or unreadable checkpoint, a flag that contradicts
+    it, are errors for main() to report in one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = build_parser()
     args = p.parse_args(argv)
-    given = runconfig.given_dests(build_parser(), argv)
-    ctx = RunContext()
     if args.mode == "train" and not (args.save or args.resume):
         p.error("training needs --save PATH (or --resume CKPT)")
     if args.mode in ("val", "predict") and not args.load:
         p.error(f"--mode {args.mode} needs --load CKPT")
-    if args.resume and args.mode == "train":
-        ctx.resume_state = load_checkpoint(args.resume)
-        if "optimizer" not in ctx.resume_state:
-            raise metadata.DataError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
-        runconfig.restore_run(p, args, ctx.resume_state, args.resume, given)
-    elif args.load:
-        ctx.load_state = load_checkpoint(args.load)
-        runconfig.take_architecture(p, args, ctx.load_state, args.load, given)
-    if args.resume and not args.save:
-        args.save = re.sub(r"\.\d+$", "", args.resume)
-    if args.mode == "train" and (args.save.endswith(os.sep) or Path(args.save).is_dir()):
-        # outputs are <save>.<epoch>, <save>.log, ...: a directory would hide them as DIR/.0 or fail to hold <save>
-        raise runconfig.FlagError(f"--save {args.save} names a directory; give a path prefix in it, "
-                                  f"e.g. --save {os.path.join(args.save, 'net')}")
-    if args.num_data_workers < 0 or (args.threads is not None and args.threads < 1):
-        p.error(f"--num-data-workers must be >= 0 and --threads >= 1, got {args.num_data_workers} and {args.threads}")
-    for name in ("epochs", "batch_size", "gradient_accumulation", "folds", "disp_batches", "tta", "max_bad_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.val_experiments and args.cv_number == -1:
-        p.error("--val-experiments names validation experiments; --cv-number -1 trains on all of them")
-    check_recipe_flags(p, args)
-    if not -1 <= args.cv_number < args.folds:
-        p.error(f"--cv-number must be -1 or in [0, {args.folds}), got {args.cv_number}")
-    if args.pl_epoch is not None and not 0 <= args.pl_epoch < args.epochs:
-        p.error(f"--pl-epoch must be in [0, {args.epochs}), got {args.pl_epoch}")
-    if args.backbone_lr_mult < 0:
-        p.error(f"--backbone-lr-mult must be >= 0, got {args.backbone_lr_mult}")
-    if not 0 <= args.metric_loss_coeff <= 1 or not 0 <= args.label_smoothing < 1:
-        p.error("--metric-loss-coeff must be in [0, 1] and --label-smoothing in [0, 1)")
     try:
-        augment_from_args(args)
-        dataset.tta_views(torch.zeros(1, 1, 8, 8), args.tta, args.tta_size)
-    except ValueError as e:
-        p.error(str(e))
-    if args.backbone != autoselect.AUTO and not is_supported_backbone(args.backbone):
-        p.error(f"--backbone {args.backbone!r} is not supported; choose from: auto, {', '.join(supported_backbones())}, "
-                f"or timm-NAME for any NAME of timm.list_models()")
-    if args.seed is None:
-        args.seed = int.from_bytes(os.urandom(4), "little") % 10 ** 9
-    return args, ctx
+        s = flags.settings_from_args(args)
+    except ValueError as e:  # a value outside its domain (core/bounds.py), or values that exclude each other
+        aliases = {a.dest: a.option_strings for a in p._actions}  # the command line's own parser
+        p.error(f"{e} ({flags.origin(getattr(e, 'flag', None), argv, aliases)})")
+    typed = flags.typed_flags(build_parser, argv)
+    state = None
+    checkpoint = args.resume if args.resume and args.mode == "train" else args.load
+    if checkpoint:
+        state = load_checkpoint(checkpoint)
+        try:
+            saved = saved_settings(state, checkpoint)
+        except BoundError as e:
+            p.error(f"{e} (from the checkpoint {checkpoint}, not typed here)")
+    if args.resume and args.mode == "train":
+        if "optimizer" not in state or saved is None:
+            raise InputError(f"--resume {args.resume}: a bare weights file cannot resume a run (use --load)")
+        s = flags.resume(s, saved, typed, args.resume)
+    elif args.load and saved is not None:
+        s = flags.take_architecture(s, saved, typed, args.load)
+    save = s.run.save
+    if args.resume and not save:
+        save = re.sub(r"\.\d+$", "", args.resume)
+        s = s.replace(run={"save": save})
+    if args.mode == "train" and (save.endswith(os.sep) or Path(save).is_dir()):
+        # outputs are <save>.<epoch>, <save>.log, ...: a directory would hide them as DIR/.0 or fail to hold <save>
+        raise UsageError(f"--save {save} names a directory; give a path prefix in it, "
+                         f"e.g. --save {os.path.join(save, 'net')}")
+    s = flags.complete(s)
+    problem = flags.problems(s)
+    if problem:
+        p.error(problem)
+    return Command(s, state, args.debug)
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    """The settings of a command line (what main() would run with)."""
+    return parse_command_line(argv).settings
 
 
 # ---------------------------------------------------------------------------- logging and main
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args, ctx = parse_command_line(argv)
-    except errors.CellpaintError as e:  # the checkpoint of --resume/--load: missing, unreadable, or contradicted
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
-            raise
-        set_log_handlers([logging.StreamHandler(sys.stderr)])  # not a previous run's log file (demo, tests)
-        log.error("%s", errors.one_line(e))
-        return errors.exit_status(e)  # 2 for a FlagError (a UsageError), else 1
-    if args.mode == "check":
-        return check.report(check.check_data(args.data, args.classes, workers=args.num_data_workers))
-    threads = torch.get_num_threads()  # restored at the end: runs in one process (demo, tests) stay independent
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # under torchrun each process takes its own GPU (cuda:LOCAL_RANK)
-    try:
-        ctx.world, device = distributed.init(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    except distributed.LaunchError as e:
-        if args.debug:
-            raise
-        set_log_handlers([logging.StreamHandler(sys.stderr)])  # logged like every other error
-        log.error("%s", errors.one_line(e))
-        return errors.exit_status(e)  # 2: a UsageError
-    args.device = str(device)  # resolved values are recorded as such (the log, checkpoints)
-    ctx.device, ctx.dtype = device, amp_dtype(args.precision, args.fp16, device)
-    auto_channels_last = args.channels_last == autoselect.AUTO
-    if auto_channels_last:
-        precision = precision_name(ctx.dtype)
-        args.channels_last = autoselect.choose_channels_last(device.type, precision)
-    # the one conversion: the modes get typed settings; the namespace stays here, for the run's lock,
-    # log file and messages, and (as plain values) in the checkpoints
-    settings = settings_from_args(args)
-    try:
-        with contextlib.ExitStack() as stack:
-            if ctx.world.main and args.mode in ("train", "predict"):
-                # one run per output: a second would interleave the log and overwrite checkpoints
-                target = (args.save, f"--save {args.save}") if args.mode == "train" else \
-                    (f"{args.load}.output{args.pred_suffix}", f"the prediction file {args.load}.output{args.pred_suffix}")
-                Path(target[0]).parent.mkdir(parents=True, exist_ok=True)
-                stack.enter_context(runlock.hold(f"{target[0]}.lock", target[1]))
-            # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
-            log_path = {"train": f"{args.save}.log",
-                        "predict": f"{args.load}.output{args.pred_suffix}.log"}.get(args.mode)
-            staged_log = setup_logging(log_path, ctx.world, staged=args.mode == "predict", append=bool(args.resume),
-                                       arguments=checkpoint_args(args))
-            if auto_channels_last:
-                log.info("channels-last auto -> %s (%s, %s)", "on" if args.channels_last else "off", device.type,
-                         precision)
-            if args.mode == "train":
-                train(settings, ctx, checkpoint_args(args))  # each checkpoint records the parsed values
-            else:
-                {"val": validate, "predict": predict}[args.mode](settings, ctx)
-            if staged_log:
-                set_log_handlers([logging.StreamHandler(sys.stderr)])  # closes the file before it is renamed
-                os.replace(*staged_log)
-    except (errors.CellpaintError, FloatingPointError, OSError) as e:
-        if args.debug:
-            raise
-        log.error("%s", errors.one_line(e))
-        return errors.exit_status(e)
-    except RuntimeError as e:
-        # the collate of a batch whose sites differ in size: a data problem that --mode check names
-        if args.debug or "stack expects each tensor to be equal size" not in str(e):
-            raise
-        log.error("the sites of a batch differ in size (%s); python main.py --mode check --data %s names the "
-                  "images", str(e).splitlines()[0], args.data)
-        return errors.FAILED
-    except KeyboardInterrupt as e:
-        if args.debug:
-            raise
-        log.error("%s", interrupted(args, ctx.epoch_now))
-        return errors.exit_status(e)  # 130
-    finally:
-        distributed.shutdown()
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """--threads for the body; torch's own count comes back after it (runs in one process, demo.py
+    and the tests, stay independent)."""
+    before = torch.get_num_threads()
+    if threads:
         torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(argv: list[str] | None) -> int:
+    """Parse, then run one mode (the body of main)."""
+    command = parse_command_line(argv)
+    s = command.settings
+    if s.run.mode == "check":
+        return check.report(check.check_data(s.data.root, s.data.classes, workers=s.exec.num_workers))
+    with torch_threads(s.exec.threads):
+        # under torchrun each process takes its own GPU (cuda:LOCAL_RANK)
+        world, device = distributed.init(torch.device(s.exec.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        try:
+            run_mode(s, RunContext(world, device), command.checkpoint)
+        finally:
+            distributed.shutdown()
     return 0
 
 
-def interrupted(args, epoch: int | None) -> str:
-    """What Ctrl-C stopped, and how to go on from the newest complete checkpoint."""
-    if args.mode != "train":
-        return f"interrupted: --mode {args.mode} wrote nothing; run the same command again"
-    if epoch is None:
-        return "interrupted before the first epoch; nothing was written but the log"
-    done = [k for k in range(epoch, -1, -1) if Path(f"{args.save}.{k}").is_file()]
-    if not done:
-        return f"interrupted in epoch {epoch}, before its checkpoint; start the run again"
-    return f"interrupted in epoch {epoch}; continue with --resume {args.save}.{done[0]}"
+def run_mode(s: Settings, ctx: RunContext, checkpoint: dict | None) -> None:
+    """The mode of `s`, holding its output and logging to its file."""
+    mode, save, load = s.run.mode, s.run.save, s.run.load
+    output = f"{load}.output{s.inference.pred_suffix}"
+    with contextlib.ExitStack() as stack:
+        if ctx.world.main and mode in ("train", "predict"):
+            # one run per output: a second would interleave the log and overwrite checkpoints
+            target = (save, f"--save {save}") if mode == "train" else (output, f"the prediction file {output}")
+            Path(target[0]).parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(runlock.hold(f"{target[0]}.lock", target[1]))
+        # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
+        log_path = {"train": f"{save}.log", "predict": f"{output}.log"}.get(mode)
+        staged_log = setup_logging(log_path, ctx.world, staged=mode == "predict", append=bool(s.run.resume),
+                                   arguments=settings_dict(s))
+        if mode == "train":
+            train(s, ctx, resume=checkpoint if s.run.resume else None,
+                  init=None if s.run.resume else checkpoint)
+        else:
+            try:
+                {"val": validate, "predict": predict}[mode](s, ctx, checkpoint)
+            except KeyboardInterrupt as e:
+                raise Interrupted(f"interrupted: --mode {mode} wrote nothing; run the same command again", e) from None
+        if staged_log:
+            set_log_handlers([logging.StreamHandler(sys.stderr)])  # closes the file before it is renamed
+            os.replace(*staged_log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    set_log_handlers([logging.StreamHandler(sys.stderr)])  # not a previous run's log file (demo, tests)
+    report = lambda line: log.error("%s", line)  # noqa: E731 - to stderr, and to the run's log once it has one
+    return entry.run(lambda: run(argv), report=report, report_interruption=report, debug="--debug" in argv)
 
 
 if __name__ == "__main__":

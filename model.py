@@ -1,4 +1,4 @@
-"""The classifier on a backbone (cellpaint/backbones.py): the embedding neck, the two heads and the losses.
+"""The classifier on a backbone (cellpaint/networks/backbones.py): the embedding neck, the two heads and the losses.
 
 Rebuilds the 1st-place RxRx1 model: CNN features -> adaptive average pool -> (cell-type one-hot)
 -> BN/Linear/ReLU/BN/Linear/BN embedding -> softmax head + ArcFace cosine head, trained with
@@ -13,15 +13,37 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-# what main.py takes from here; the factory itself is cellpaint/backbones.py
-from cellpaint.backbones import (STEM_INITS, PretrainedUnavailable, build_backbone,  # noqa: F401
-                                 is_supported_backbone, supported_backbones)
+from cellpaint.networks.backbones import build_backbone
 
 
 def _set_bn_momentum(module: nn.Module, momentum: float) -> None:
     for m in module.modules():
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)):
             m.momentum = momentum
+
+
+BOTTLENECK_BN = ("recomputed", "once")
+
+
+def set_bottleneck_bn(backbone: nn.Module, momentum: float, rule: str = "recomputed") -> None:
+    """How the running statistics of each DenseNet layer's bottleneck BatchNorm (`norm1`) move.
+
+    The 1st place trained the memory-efficient DenseNet161, which recomputes each bottleneck in the
+    backward pass, so `norm1` sees the same batch twice a step and its statistics move as one update
+    with momentum 1 - (1 - m)² (0.0975 at m = 0.05). "recomputed" (the default) gives that movement
+    to both variants: the plain net's `norm1` gets that momentum; the memory-efficient net keeps m.
+    "once" gives both a single update with momentum m: the plain net keeps m, the memory-efficient
+    one gets 1 - sqrt(1 - m), so that its two updates make one. Other backbones have no such layer.
+    """
+    if rule not in BOTTLENECK_BN:
+        raise ValueError(f"unknown bottleneck BN rule {rule!r} (choose from {', '.join(BOTTLENECK_BN)})")
+    for layer in backbone.modules():  # torchvision's dense layers: a bottleneck norm1 and the memory_efficient switch
+        if hasattr(layer, "memory_efficient") and isinstance(getattr(layer, "norm1", None), nn.BatchNorm2d):
+            twice = bool(layer.memory_efficient)  # checkpointed: recomputed, so updated twice a step
+            if rule == "recomputed":
+                layer.norm1.momentum = momentum if twice else 1 - (1 - momentum) ** 2
+            else:
+                layer.norm1.momentum = 1 - math.sqrt(1 - momentum) if twice else momentum
 
 
 class ArcMarginHead(nn.Module):
@@ -63,6 +85,7 @@ class CellClassifier(nn.Module):
         in_channels: int = 6,
         stem_init: str = "random",
         head: str = "neck",
+        bottleneck_bn: str = "recomputed",
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -77,6 +100,7 @@ class CellClassifier(nn.Module):
         if head == "plain":
             self._build_plain(n_features, embedding_size, n_classes)
             _set_bn_momentum(self, bn_mom)
+            set_bottleneck_bn(self.backbone, bn_mom, bottleneck_bn)
             return
         n_in = n_features + (n_cell_types if concat_cell_type else 0)
         # Linear layers feeding a BatchNorm need no bias (the BN shift replaces it).
@@ -96,8 +120,10 @@ class CellClassifier(nn.Module):
         layers.append(nn.Linear(width, n_classes))
         self.head = nn.Sequential(*layers)
         self.arc_head = ArcMarginHead(embedding_size, n_classes)
-        # Like the 1st place, one momentum for every BatchNorm, the backbone's included.
+        # Like the 1st place, one momentum for every BatchNorm, the backbone's included (and the
+        # dense layers' bottlenecks moving as its memory-efficient DenseNet's did).
         _set_bn_momentum(self, bn_mom)
+        set_bottleneck_bn(self.backbone, bn_mom, bottleneck_bn)
 
     def _build_plain(self, n_features: int, embedding_size: int, n_classes: int) -> None:
         # the embedding layer apart from the rest, so that embed() can stop at its output

@@ -5,7 +5,7 @@
 
 writes OUT/data/ (competition layout: train.csv, test.csv, train_controls.csv,
 test_controls.csv; or with --layout release: metadata.csv, test labels included) and
-OUT/pred_<k>.output, prediction files in the format of cellpaint/prediction/prediction_file.py. No images.
+OUT/pred_<k>.output, prediction files in the format of cellpaint/data/prediction_file.py. No images.
 
 Design (defaults = the competition's sizes; every one is a flag, so tests run tiny versions):
 treatment classes are split at random into as many plate groups as an experiment has plates;
@@ -30,10 +30,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cellpaint.data import metadata  # noqa: E402
 from cellpaint.data.folds import assign_folds  # noqa: E402
-from cellpaint.atomic import write_text  # noqa: E402
-from cellpaint.prediction.prediction_file import save_predictions  # noqa: E402
+from cellpaint.core.atomic import write_text  # noqa: E402
+from cellpaint.data.prediction_file import save_predictions  # noqa: E402
 
 _BLOCK = 2048  # wells per block of generated logits
 

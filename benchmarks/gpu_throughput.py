@@ -41,13 +41,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cellpaint.training import autoselect  # noqa: E402
 import dataset  # noqa: E402
-from cellpaint.training import engine  # noqa: E402
-from cellpaint.training.settings import RunContext, settings_from_args  # noqa: E402
 import main as trainer  # noqa: E402
-from cellpaint.data import image_cache  # noqa: E402
 import synthetic  # noqa: E402
+from cellpaint.data import synthetic as synthetic_data  # noqa: E402
+from cellpaint.data import image_cache  # noqa: E402
+from cellpaint.engine import autoselect  # noqa: E402
+from cellpaint.engine.context import RunContext  # noqa: E402
+from cellpaint.engine.data import load_data, make_dataset, make_loader  # noqa: E402
+from cellpaint.engine.epoch import train_one_epoch  # noqa: E402
+from cellpaint.engine.setup import build_model, make_optimizer, prepare_model, resolve  # noqa: E402
 from model import CellClassifier, combined_loss, smooth_labels  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
@@ -171,7 +174,7 @@ class GpuBusy:
 
 def ensure_data(data: Path, cache: Path, size: int, workers: int) -> None:
     """A synthetic set at `size` px (written once, then reused) and its decoded cache."""
-    info = data / synthetic.INFO_FILE
+    info = data / synthetic_data.INFO_FILE
     if not (info.exists() and json.loads(info.read_text()).get("complete")):
         print(f"writing a {size} px synthetic set to {data} (once)", file=sys.stderr, flush=True)
         argv = [str(data), "--image-size", str(size), "--classes", "24", "--train-experiments", "1,1,1,1",
@@ -188,23 +191,21 @@ def epoch(data: Path, cache: Path | None, setting: Setting, batch: int, workers:
             "--precision", setting.precision, "--channels-last", str(setting.channels_last).lower(),
             "-b", str(batch), "--num-data-workers", str(workers), "--cv-number", "-1", "--seed", "0",
             "--disp-batches", "1000000", "--device", str(device)]
-    args = trainer.parse_args(argv + (["--image-cache", str(cache)] if cache else []))
-    s = settings_from_args(args)
-    data_ = engine.load_data(s.data)
+    s = trainer.parse_settings(argv + (["--image-cache", str(cache)] if cache else []))
+    ctx = RunContext(device=device)
+    data_ = load_data(s.data, s.exec)
+    s = resolve(s, ctx, data_)
     rows = data_.subsets["train"]
     rows = rows.iloc[[i % len(rows) for i in range(samples)]].reset_index(drop=True)  # sites repeated
-    model = engine.build_model(s.model, data_.structure.n_classes, len(data_.structure.cell_types), "none").to(device)
-    optimizer = engine.make_optimizer(s.optim, model)
-    dtype = DTYPES[setting.precision]
-    ctx = RunContext(device=device, dtype=dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    runner = engine.prepare_model(s.model, ctx, model, training=True)
-    loader = engine.make_loader(s.data, ctx.world, engine.make_dataset(s.data, data_, rows, s.augment), epoch=0)
+    model = build_model(s.model, data_.structure.n_classes, len(data_.structure.cell_types), "none").to(device)
+    optimizer = make_optimizer(s.optim, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=s.exec.autocast_dtype == torch.float16)
+    runner = prepare_model(s, ctx, model, training=True)
+    loader = make_loader(s, ctx.world, make_dataset(s, data_, rows, s.augment), epoch=0)
     sync(device)
     tic = time.perf_counter()
     with GpuBusy(device) as busy:
-        engine.train_one_epoch(s, ctx, runner, loader, optimizer, scaler, 0, data_.structure.n_classes,
-                               {"bad_steps": 0})
+        train_one_epoch(s, ctx, runner, loader, optimizer, scaler, 0, data_.structure.n_classes, {"bad_steps": 0})
         sync(device)
     seconds = time.perf_counter() - tic
     n = len(loader) * batch  # the loader drops the last partial batch in training

@@ -33,9 +33,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import make_submission  # noqa: E402
-import synthetic  # noqa: E402
-from cellpaint.atomic import write_text  # noqa: E402
-from cellpaint.prediction.prediction_file import save_embeddings  # noqa: E402
+from cellpaint.data import synthetic_config  # noqa: E402
+from cellpaint.data import synthetic as synthetic_data  # noqa: E402
+from cellpaint.core.atomic import write_text  # noqa: E402
+from cellpaint.data.prediction_file import save_embeddings  # noqa: E402
 
 CELLS = ("HEPG2", "HUVEC", "RPE", "U2OS")
 VARIANTS = {
@@ -85,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(a: argparse.Namespace, work: Path) -> list | None:
     """All noise levels and variants; None when a make_submission run failed (its error is printed)."""
-    config = synthetic.SyntheticConfig(layout="release", cell_types=CELLS, train_experiments=(7, 16, 7, 3),
+    config = synthetic_config.SyntheticConfig(layout="release", cell_types=CELLS, train_experiments=(7, 16, 7, 3),
                                        test_experiments=(4, 8, 4, 2), classes=1108, plates=4,
                                        positive_controls=30, negative_wells=1, drop_wells=0.0005,
                                        leak=False, seed=a.seed)
-    wells, _ = synthetic.write_metadata(work / "data", config)
+    wells, _ = synthetic_data.write_metadata(work / "data", config)
     wells = wells[wells["well_type"] == "treatment"].reset_index(drop=True)
     split = wells["dataset"].to_numpy().astype(object)
     last = {c: max(e for e in wells.loc[wells["dataset"] == "train", "experiment"] if e.startswith(c + "-"))

@@ -45,10 +45,14 @@ from cellpaint.data import images  # noqa: E402
 from cellpaint.data import metadata  # noqa: E402
 from cellpaint.data import image_cache  # noqa: E402
 import synthetic  # noqa: E402
+from cellpaint.data import synthetic as synthetic_data  # noqa: E402
+from cellpaint.data import pixel_stats
+from cellpaint.data import augment
+from cellpaint.core.settings import AugmentSettings
 
 SYNTHETIC = ["--image-size", "512", "--classes", "24", "--train-experiments", "1,1,1,1",
              "--test-experiments", "0,0,0,0", "--no-leak", "--pixel-stats", "--seed", "0", "-q"]
-AUGMENT = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1)
+AUGMENT = AugmentSettings(min_scale=0.5, scale_std=0.1, bias_std=0.1)
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
 
 
@@ -58,7 +62,7 @@ CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
 class OldSiteDataset(Dataset):
     """The per-sample float loader as it was before the uint8 path (reference copy)."""
 
-    def __init__(self, rows, augment: dataset.Augment, seed: int = 0) -> None:
+    def __init__(self, rows, augment: AugmentSettings, seed: int = 0) -> None:
         self.prefixes = rows["image_prefix"].to_numpy()
         self.cell_index = [CELL_TYPES.index(c) for c in rows["cell_type"]]
         self.labels = rows["sirna"].to_numpy()
@@ -88,10 +92,10 @@ class OldSiteDataset(Dataset):
     def __getitem__(self, index: int):
         rng = np.random.default_rng((self.seed, self.epoch, index))
         img = torch.from_numpy(self.read_site(self.prefixes[index]))
-        img = dataset.dihedral(img, int(rng.integers(8)))
+        img = augment.dihedral(img, int(rng.integers(8)))
         img = self.random_zoom_crop(img, rng, self.augment.min_scale).contiguous()
         x = img.float()
-        x = (x - x.mean(dim=(-2, -1), keepdim=True)) / x.std(dim=(-2, -1), keepdim=True).clamp_min(dataset.MIN_STD)
+        x = (x - x.mean(dim=(-2, -1), keepdim=True)) / x.std(dim=(-2, -1), keepdim=True).clamp_min(pixel_stats.MIN_STD)
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         scale = 1 + self.augment.scale_std * torch.randn((6, 1, 1), generator=g)
         bias = self.augment.bias_std * torch.randn((6, 1, 1), generator=g)
@@ -184,7 +188,7 @@ def load() -> str:
 
 
 def ensure_data(data: Path, cache: Path) -> None:
-    info = data / synthetic.INFO_FILE
+    info = data / synthetic_data.INFO_FILE
     if not (info.exists() and json.loads(info.read_text()).get("complete")):
         print(f"writing the 512 px synthetic set to {data} (minutes, once)", file=sys.stderr)
         if synthetic.main([str(data), *SYNTHETIC]) != 0:
@@ -216,12 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     table = metadata.load_table(args.data)
     warm([f"{prefix}_w{c}.png" for prefix in table["image_prefix"] for c in range(1, 7)])
     warm(sorted(cache.glob("*/*.npy")))
-    image_cache = image_cache.ImageCache.open(cache, args.data, table)
+    decoded = image_cache.ImageCache.open(cache, args.data, table)
     paths = {
         "(a) old: per-sample float": lambda: OldSiteDataset(table, AUGMENT),
         "(b) uint8 from PNGs": lambda: dataset.SiteDataset(table, CELL_TYPES, augment=AUGMENT, output="uint8"),
         "(c) uint8 from the cache": lambda: dataset.SiteDataset(table, CELL_TYPES, augment=AUGMENT, output="uint8",
-                                                              cache=image_cache),
+                                                              cache=decoded),
     }
     started = load()
     rows = []

@@ -17,7 +17,7 @@ its equivalents set aside, a survivor is unlisted or a listed entry matches no s
 `--report-only` rewrites the report from the saved outcomes; `--module` runs only the named
 modules (by slug, file stem or path), keeping the others' saved outcomes.
 
-When modules move (the layers issue), edit MODULES only: the source path and its tests. The
+When modules move, edit MODULES only: the source path and its tests. The
 equivalent list is keyed by module path, function and the mutated line, never by mutmut's
 mutant numbers, so it survives edits elsewhere; entries that no longer match a survivor are
 reported as stale.
@@ -49,23 +49,24 @@ from mutation_report import Mutant, load_equivalents, render_report, unlisted_en
 # would cost minutes per equivalent mutant; the end-to-end tests stay in `make test`.
 TRAINER = "tests/test_trainer.py::"
 MODULES: dict[str, list[str]] = {
-    "cellpaint/submission/plates.py": ["tests/test_plates.py", "tests/test_plates_contract.py",
-                                       "tests/test_chunked_sizes.py", "tests/test_recipe_boundaries.py"],
-    "cellpaint/training/schedule.py": [TRAINER + "test_lr_schedule_matches_the_formula",
-                                       TRAINER + "test_lr_schedule_rejects_bad_text",
-                                       TRAINER + "test_size_function_is_evaluated_safely",
-                                       TRAINER + "test_pl_fraction_follows_the_original_schedule",
-                                       "tests/test_schedules.py", "tests/test_setting_round_trips.py"],
-    "cellpaint/training/pseudo_labels.py": [TRAINER + "test_pl_fraction_follows_the_original_schedule",
-                                            TRAINER + "test_pseudo_label_selection_respects_plates",
-                                            "tests/test_pseudo_labelling.py", "tests/test_recipe_boundaries.py"],
+    "cellpaint/data/plates.py": ["tests/test_plates.py", "tests/test_plates_contract.py",
+                                 "tests/test_chunked_sizes.py", "tests/test_recipe_boundaries.py"],
+    "cellpaint/core/schedule.py": [TRAINER + "test_lr_schedule_matches_the_formula",
+                                   TRAINER + "test_lr_schedule_rejects_bad_text",
+                                   TRAINER + "test_size_function_is_evaluated_safely",
+                                   TRAINER + "test_pl_fraction_follows_the_original_schedule",
+                                   "tests/test_schedules.py", "tests/test_setting_round_trips.py"],
+    "cellpaint/modes/pseudo_labels.py": [TRAINER + "test_pl_fraction_follows_the_original_schedule",
+                                         TRAINER + "test_pseudo_label_selection_respects_plates",
+                                         "tests/test_pseudo_labelling.py", "tests/test_recipe_boundaries.py"],
     "cellpaint/data/folds.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py"],
-    "cellpaint/submission/knn.py": ["tests/test_knn.py", "tests/test_knn_contract.py", "tests/test_chunked_sizes.py"],
+    "cellpaint/modes/knn.py": ["tests/test_knn.py", "tests/test_knn_contract.py", "tests/test_chunked_sizes.py"],
     "cellpaint/data/augment.py": ["tests/test_augment_draws.py", "tests/test_augment_flags.py", "tests/test_recipe.py",
                                   "tests/test_data.py"],
-    "cellpaint/submission/wells.py": ["tests/test_submission_wells.py", "tests/test_submission.py", "tests/test_knn.py"],
-    "cellpaint/prediction/prediction_file.py": ["tests/test_prediction_file_format.py", "tests/test_submission.py",
-                                                "tests/test_knn.py"],
+    "cellpaint/modes/submission_inputs.py": ["tests/test_submission_wells.py", "tests/test_submission.py",
+                                             "tests/test_knn.py"],
+    "cellpaint/data/prediction_file.py": ["tests/test_prediction_file_format.py", "tests/test_submission.py",
+                                          "tests/test_knn.py"],
     "cellpaint/data/metadata.py": ["tests/test_metadata_readers.py", "tests/test_data.py",
                                    "tests/test_recipe_boundaries.py"],
     "cellpaint/data/structure.py": ["tests/test_metadata_readers.py", "tests/test_data.py",

@@ -35,7 +35,7 @@ import fake_predictions  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from cellpaint.data.structure import derive_structure  # noqa: E402
-from cellpaint.submission import plates  # noqa: E402
+from cellpaint.data import plates  # noqa: E402
 
 # run one command, report its wall time and the peak RSS of that child only
 _WRAPPER = """

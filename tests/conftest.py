@@ -9,7 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from synthetic import SyntheticConfig, generate  # noqa: E402
+from cellpaint.data.synthetic_config import SyntheticConfig  # noqa: E402
+
+from cellpaint.data.synthetic import generate  # noqa: E402
 
 # Small but complete: 4 cell types, 10 experiments, 4 plates, 8 treatment classes (2 per plate group),
 # 2 positive controls and a negative well per plate, 2 sites, 24 px, a planted layout coincidence.
@@ -50,3 +52,13 @@ def trained(tiny_competition, tmp_path_factory) -> Path:
              "--pl-size-func", "0.5", "--cv-number", 0, *SMALL)
     assert rc == 0
     return save
+
+
+def resolved_settings(*argv):
+    """The settings main.py would run with for `argv`, every "auto" settled on this CPU (what the
+    engine's functions expect); the data is not read, so give a --backbone."""
+    import main
+    from cellpaint.engine.context import RunContext
+    from cellpaint.engine.setup import resolve
+
+    return resolve(main.parse_settings([*map(str, argv)]), RunContext(), None)

@@ -18,11 +18,12 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 import dataset
+from cellpaint.core.settings import ROTATE_BORDERS, AugmentSettings
 from cellpaint.data import augment
 
 SIZE, SITES = 16, 6
 MEAN = 119.5  # the global normalisation's mean: no integer intensity normalises to exactly 0
-OFF = dataset.Augment(flips=False)  # augmentation on, every transform off: the draws happen, nothing changes
+OFF = dataset.AugmentSettings(flips=False)  # augmentation on, every transform off: the draws happen, nothing changes
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def rows(tmp_path_factory) -> pd.DataFrame:
     return pd.DataFrame({"image_prefix": prefixes, "cell_type": "A", "sirna": np.arange(SITES)})
 
 
-def make(rows: pd.DataFrame, settings: dataset.Augment | None, normalization: str = "global",
+def make(rows: pd.DataFrame, settings: AugmentSettings | None, normalization: str = "global",
          epoch: int = 1) -> torch.Tensor:
     """The network input of every site, by both paths; fails unless they agree."""
     stats = np.tile(np.array([[MEAN] * 6, [40.0] * 6], dtype=np.float32), (len(rows), 1, 1))
@@ -143,7 +144,7 @@ def test_rotation_borders_on_both_paths(rows):
     """The border rules differ only where the turned image leaves the frame: zeros blend in raw
     intensity 0, the mirrored borders only the image's own pixels (all 30 or more here)."""
     turned = {border: make(rows, dataclasses.replace(OFF, rotate=40.0, rotate_border=border)) * 40 + MEAN
-              for border in augment.ROTATE_BORDERS}
+              for border in ROTATE_BORDERS}
     assert changed(turned["zeros"], make(rows, OFF) * 40 + MEAN).all()
     assert changed(turned["reflect"], turned["zeros"]).all()
     assert changed(turned["reflect-101"], turned["reflect"]).all()

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellpaint.training import autoselect as A
-from cellpaint.training import engine
 import main
+from cellpaint.engine import autoselect as A
+from cellpaint.engine.context import RunContext
+from cellpaint.engine.data import load_data, site_image_size
+from cellpaint.engine.setup import resolve_backbone
 from tests.conftest import SMALL, run
-from cellpaint.training.settings import RunContext, settings_from_args
 
 GIB = 2 ** 30
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +51,10 @@ def test_channels_last_only_with_mixed_precision_on_cuda():
 
 
 def test_defaults_are_auto_and_explicit_values_stay():
-    args = main.parse_args(["--save", "x"])
-    assert args.backbone == "auto" and args.channels_last == "auto" and not args.compile
-    args = main.parse_args(["--save", "x", "--backbone", "mem-densenet161", "--channels-last", "false"])
-    assert args.backbone == "mem-densenet161" and args.channels_last is False
+    s = main.parse_settings(["--save", "x"])
+    assert s.model.backbone == "auto" and s.exec.channels_last == "auto" and not s.exec.compile
+    s = main.parse_settings(["--save", "x", "--backbone", "mem-densenet161", "--channels-last", "false"])
+    assert s.model.backbone == "mem-densenet161" and s.exec.channels_last is False
 
 
 def _fake_gpu(monkeypatch, free_gib: float):
@@ -65,16 +66,15 @@ def test_resolve_backbone_on_a_fake_gpu(monkeypatch, tiny_competition, free_gib,
     """The trainer's resolution with the data's real image size (24 px) and a fake card: batch 24 at
     24 px needs 15.07 x 24²/512² = 0.033 GiB, 0.038 with the headroom."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * GIB), 80 * GIB))
-    args = main.parse_args(["--data", str(tiny_competition[0]), "--save", "x", "--num-data-workers", "0"])
-    data = engine.load_data(settings_from_args(args).data)
-    assert engine.site_image_size(data) == (24, 24)
-    model, ctx = settings_from_args(args).model, RunContext(device=torch.device("cuda"), dtype=torch.float16)
-    assert engine.resolve_backbone(model, ctx, data, args.batch_size).backbone == expected
+    s = main.parse_settings(["--data", str(tiny_competition[0]), "--save", "x", "--num-data-workers", "0"])
+    data = load_data(s.data, s.exec)
+    assert site_image_size(data) == (24, 24)
+    ctx = RunContext(device=torch.device("cuda"))
+    assert resolve_backbone(s.model, ctx, data, s.data.batch_size, "fp16") == expected
     # a checkpoint of the pair is chosen for again (same weights); any other keeps its backbone
     for made_with, want in (("mem-densenet161", expected), ("timm-convnext_atto", "timm-convnext_atto")):
-        assert model.backbone == "auto"
-        state = {"args": {"backbone": made_with}}
-        assert engine.resolve_backbone(model, ctx, data, args.batch_size, state).backbone == want
+        assert s.model.backbone == "auto"
+        assert resolve_backbone(s.model, ctx, data, s.data.batch_size, "fp16", made_with) == want
 
 
 def test_a_run_records_the_resolved_choice(monkeypatch, tiny_competition, tmp_path):
@@ -87,7 +87,7 @@ def test_a_run_records_the_resolved_choice(monkeypatch, tiny_competition, tmp_pa
     argv = [a for i, a in enumerate(SMALL) if a != "--backbone" and (i == 0 or SMALL[i - 1] != "--backbone")]
     assert run("--data", tiny_competition[0], "--save", save, "-e", 1, "--cv-number", 0, *argv) == 0
     state = torch.load(f"{save}.0", weights_only=True)
-    assert state["args"]["backbone"] == "smallcnn" and state["args"]["channels_last"] is False
+    assert state["settings"]["model"]["backbone"] == "smallcnn" and state["settings"]["exec"]["channels_last"] is False
     log = (tmp_path / "net.log").read_text()
     assert "backbone auto -> smallcnn: on cpu" in log and "channels-last auto -> off (cpu, fp32)" in log
     torch.save(state["model"], tmp_path / "bare.pth")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellpaint.submission import knn, plates
+from cellpaint.data import plates
+from cellpaint.modes import knn
 
 ROWS = 9000  # > 2 blocks of plates' 4096 rows and > 4 of knn's 2048: every block boundary is crossed
 

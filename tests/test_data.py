@@ -16,9 +16,14 @@ from cellpaint.data import metadata
 from cellpaint.data.folds import assign_folds, split_subsets
 from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
 from cellpaint.data.structure import derive_structure
-from cellpaint.submission import plates
-from synthetic import SyntheticConfig, generate
+from cellpaint.data import plates
+from cellpaint.data.synthetic_config import SyntheticConfig
+from cellpaint.data.synthetic import generate
 from tests.conftest import TINY
+from cellpaint.data import pixel_stats
+from cellpaint.data import augment
+from cellpaint.core.settings import AugmentSettings
+from cellpaint.core.errors import DataError, UsageError
 
 
 def test_both_layouts_load_to_equal_tables(tiny_competition, tiny_release):
@@ -65,7 +70,7 @@ def test_derived_structure(tiny_competition):
         (group,) = set(group_of[rows["sirna"].to_numpy()].tolist())  # each labelled plate holds one group
         expected = info["groups"][info["plate_groups"][f"{experiment}_{plate}"]]
         assert structure.groups[group].tolist() == sorted(expected)
-    with pytest.raises(metadata.DataError, match="--classes 5"):
+    with pytest.raises(UsageError, match="--classes 5"):
         derive_structure(metadata.load_table(path), n_classes=5)
 
 
@@ -102,7 +107,7 @@ def test_subsets(tiny_competition):
     everything = split_subsets(table, folds, -1)
     assert everything["val"].empty
     assert set(treat(everything["train"])["experiment"]) >= {e for e in folds}
-    with pytest.raises(metadata.DataError, match="--cv-number 9"):
+    with pytest.raises(UsageError, match="--cv-number 9"):
         split_subsets(table, folds, 9)
 
 
@@ -133,9 +138,9 @@ def test_no_layout_coincidence_without_leak(tmp_path):
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(metadata.DataError, match="does not exist.*synthetic.py"):
+    with pytest.raises(DataError, match="does not exist.*synthetic.py"):
         metadata.load_table(tmp_path / "nowhere")
-    with pytest.raises(metadata.DataError, match="neither train.csv"):
+    with pytest.raises(DataError, match="neither train.csv"):
         metadata.load_table(tmp_path)
 
 
@@ -143,11 +148,11 @@ def test_csv_missing_a_column_names_file_and_column(tiny_competition, tmp_path):
     shutil.copytree(tiny_competition[0], tmp_path / "d")
     csv = tmp_path / "d" / "train.csv"
     pd.read_csv(csv).drop(columns="sirna").to_csv(csv, index=False)
-    with pytest.raises(metadata.DataError, match=r"train\.csv: missing column\(s\) sirna"):
+    with pytest.raises(DataError, match=r"train\.csv: missing column\(s\) sirna"):
         metadata.load_wells(tmp_path / "d")
     (tmp_path / "d" / "test_controls.csv").unlink()
     pd.read_csv(tiny_competition[0] / "train.csv").to_csv(csv, index=False)
-    with pytest.raises(metadata.DataError, match="missing file: .*test_controls.csv"):
+    with pytest.raises(DataError, match="missing file: .*test_controls.csv"):
         metadata.load_wells(tmp_path / "d")
 
 
@@ -157,7 +162,7 @@ def test_release_bad_values(tiny_release, tmp_path):
     df = pd.read_csv(csv)
     df.loc[3, "dataset"] = "holdout"
     df.to_csv(csv, index=False)
-    with pytest.raises(metadata.DataError, match="metadata.csv: unexpected value 'holdout'"):
+    with pytest.raises(DataError, match="metadata.csv: unexpected value 'holdout'"):
         metadata.load_wells(tmp_path / "d")
 
 
@@ -194,7 +199,7 @@ def _train_dataset(path, **kw):
     table = metadata.load_table(path)
     structure = derive_structure(table)
     rows = split_subsets(table, assign_folds(table, 6, 0), 0)["train"]
-    augment = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1)
+    augment = AugmentSettings(min_scale=0.5, scale_std=0.1, bias_std=0.1)
     return dataset.SiteDataset(rows, structure.cell_types, augment=augment, seed=11, output="float", **kw), rows, structure
 
 
@@ -241,48 +246,48 @@ def test_augmentations_do_not_depend_on_workers(tiny_competition):
 def test_geometric_augmentations_keep_shape_and_dtype():
     img = torch.arange(6 * 20 * 20, dtype=torch.int32).reshape(6, 20, 20).to(torch.uint8)
     rng = np.random.default_rng(0)
-    out = dataset.zoom(img, dataset.draw_zoom_box(rng, 20, 20, 0.5))
+    out = augment.zoom(img, augment.draw_zoom_box(rng, 20, 20, 0.5))
     assert out.shape == img.shape and out.dtype == torch.uint8
-    assert {dataset.dihedral(img, k).shape for k in range(8)} == {img.shape}
-    assert len({dataset.dihedral(img, k).numpy().tobytes() for k in range(8)}) == 8
-    assert torch.equal(dataset.zoom(img, dataset.draw_zoom_box(rng, 20, 20, 1.0)), img)
-    jittered = dataset.channel_jitter(torch.zeros(2, 6, 4, 4), 0.1, 0.5, torch.Generator().manual_seed(0))
+    assert {augment.dihedral(img, k).shape for k in range(8)} == {img.shape}
+    assert len({augment.dihedral(img, k).numpy().tobytes() for k in range(8)}) == 8
+    assert torch.equal(augment.zoom(img, augment.draw_zoom_box(rng, 20, 20, 1.0)), img)
+    jittered = augment.channel_jitter(torch.zeros(2, 6, 4, 4), 0.1, 0.5, torch.Generator().manual_seed(0))
     assert jittered.shape == (2, 6, 4, 4) and jittered[0, 0].unique().numel() == 1 and jittered.std() > 0
-    with pytest.raises(ValueError, match="zoom scale"):
-        dataset.Augment(min_scale=0)
+    with pytest.raises(ValueError, match="--scale-aug"):
+        AugmentSettings(min_scale=0)
 
 
 def test_rotation():
     x = torch.rand(3, 2, 16, 16)
-    out = dataset.rotate(x, torch.tensor([90.0, -90.0, 0.0]))
+    out = augment.rotate(x, torch.tensor([90.0, -90.0, 0.0]))
     inner = (..., slice(1, -1), slice(1, -1))  # bilinear sampling may differ at the border
     assert torch.allclose(out[0][inner], torch.rot90(x[0], 1, (-2, -1))[inner], atol=1e-5)
     assert torch.allclose(out[1][inner], torch.rot90(x[1], -1, (-2, -1))[inner], atol=1e-5)
     assert torch.allclose(out[2], x[2], atol=1e-5)
-    assert dataset.rotate(x, torch.zeros(3)) is x  # no work when no image turns
+    assert augment.rotate(x, torch.zeros(3)) is x  # no work when no image turns
     # non-square: rigid in pixel space (a point 5 right, 2 down of the centre goes to 2 right, 5 up)
     point = torch.zeros(1, 1, 15, 25)
     point[0, 0, 7 + 2, 12 + 5] = 1
-    turned = dataset.rotate(point, torch.tensor([90.0]))
+    turned = augment.rotate(point, torch.tensor([90.0]))
     assert turned.shape == point.shape and turned[0, 0, 7 - 5, 12 + 2] > 0.999 and turned.sum() < 1.001
-    corners = dataset.rotate(torch.full((1, 1, 16, 16), 9.0), torch.tensor([45.0]))
+    corners = augment.rotate(torch.full((1, 1, 16, 16), 9.0), torch.tensor([45.0]))
     assert corners[0, 0, 0, 0] == 0 and corners[0, 0, 8, 8] == 9  # zero fill, centre kept
 
 
 def test_gamma_brightness_contrast():
     x = torch.linspace(0, 255, 6 * 8 * 8).reshape(1, 6, 8, 8)
-    assert torch.equal(dataset.adjust_gamma(x, torch.ones(1)), x)
-    assert torch.equal(dataset.brightness_contrast(x, torch.ones(1), torch.zeros(1)), x)
+    assert torch.equal(augment.adjust_gamma(x, torch.ones(1)), x)
+    assert torch.equal(augment.brightness_contrast(x, torch.ones(1), torch.zeros(1)), x)
     grey = torch.full((2, 1, 4, 4), 128.0)
-    out = dataset.adjust_gamma(grey, torch.tensor([2.0, 0.5]))
+    out = augment.adjust_gamma(grey, torch.tensor([2.0, 0.5]))
     assert (out[0] < 128).all() and (out[1] > 128).all()  # gamma > 1 darkens mid-grey, < 1 brightens
-    assert dataset.adjust_gamma(x, torch.tensor([3.0])).flatten()[[0, -1]].tolist() == [0, 255]  # ends kept
-    assert torch.allclose(dataset.brightness_contrast(x, torch.tensor([0.5]), torch.tensor([2.0])), x * 0.5 + 2)
+    assert augment.adjust_gamma(x, torch.tensor([3.0])).flatten()[[0, -1]].tolist() == [0, 255]  # ends kept
+    assert torch.allclose(augment.brightness_contrast(x, torch.tensor([0.5]), torch.tensor([2.0])), x * 0.5 + 2)
     for bad, match in [(dict(rotate=200), "--rotate-aug"), (dict(contrast=1.0), "--contrast-aug"),
                        (dict(gamma=-1), "--gamma-aug"), (dict(brightness=float("nan")), "--brightness-aug")]:
         with pytest.raises(ValueError, match=match):
-            dataset.Augment(**bad)
-    assert dataset.Augment(gamma=0.1).photometric and not dataset.Augment(min_scale=0.5, scale_std=1).photometric
+            AugmentSettings(**bad)
+    assert AugmentSettings(gamma=0.1).photometric and not AugmentSettings(min_scale=0.5, scale_std=1).photometric
 
 
 def test_normalisations(tiny_competition):
@@ -291,23 +296,23 @@ def test_normalisations(tiny_competition):
     x = dataset.normalize(torch.from_numpy(images.read_site(table["image_prefix"].iat[0])))
     assert torch.allclose(x.mean((1, 2)), torch.zeros(6), atol=1e-4)
     assert torch.allclose(x.std((1, 2)), torch.ones(6), atol=1e-3)
-    given = dataset.load_pixel_stats(path, table, None)
-    computed = dataset.compute_pixel_stats(table)
+    given = pixel_stats.load_pixel_stats(path, table, None)
+    computed = pixel_stats.compute_pixel_stats(table)
     merged = given.merge(computed, on=["id_code", "site", "channel"])
     assert len(merged) == len(table) * 6
     assert np.allclose(merged["mean_x"], merged["mean_y"], atol=1e-3)
     assert np.allclose(merged["std_x"], merged["std_y"], atol=1e-3)
     for mode in ("experiment", "global"):
-        stats = dataset.normalization_stats(table, mode, given)
+        stats = pixel_stats.normalization_stats(table, mode, given)
         assert stats.shape == (len(table), 2, 6)
     # experiment statistics equal the statistics of all the experiment's pixels pooled
     exp = table["experiment"].iat[0]
     rows = table[table["experiment"] == exp]
     pixels = np.stack([images.read_site(p) for p in rows["image_prefix"]]).astype(np.float64)
-    stats = dataset.normalization_stats(table, "experiment", given)[0]
+    stats = pixel_stats.normalization_stats(table, "experiment", given)[0]
     assert np.allclose(stats[0], pixels.mean((0, 2, 3)), rtol=1e-4)
     assert np.allclose(stats[1], pixels.std((0, 2, 3)), rtol=1e-4)
-    glob = dataset.normalization_stats(table, "global", given)
+    glob = pixel_stats.normalization_stats(table, "global", given)
     assert np.allclose(glob[0], glob[-1])
 
 
@@ -315,13 +320,13 @@ def test_pixel_stats_computed_once_and_cached(tiny_release, tmp_path, monkeypatc
     data = tmp_path / "data"
     shutil.copytree(tiny_release[0], data, ignore=shutil.ignore_patterns("pixel_stats.csv"))
     table = metadata.load_table(data)
-    stats = dataset.load_pixel_stats(data, table, tmp_path / "cache")
+    stats = pixel_stats.load_pixel_stats(data, table, tmp_path / "cache")
     assert (tmp_path / "cache" / "pixel_stats.csv").exists() and len(stats) == len(table) * 6
 
     def no_second_pass(_):
         raise AssertionError("pixel statistics computed twice")
-    monkeypatch.setattr(dataset, "compute_pixel_stats", no_second_pass)
-    cached = dataset.load_pixel_stats(data, table, tmp_path / "cache")
+    monkeypatch.setattr(pixel_stats, "compute_pixel_stats", no_second_pass)
+    cached = pixel_stats.load_pixel_stats(data, table, tmp_path / "cache")
     assert np.allclose(cached["mean"], stats["mean"]) and np.allclose(cached["std"], stats["std"])
 
 

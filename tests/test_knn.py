@@ -12,14 +12,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cellpaint.submission import knn  # noqa: E402
-from cellpaint.submission import knn_submission  # noqa: E402
+from cellpaint.modes import knn  # noqa: E402
+from cellpaint.modes import knn_submission  # noqa: E402
 import make_submission  # noqa: E402
 from cellpaint.data import metadata  # noqa: E402
 from cellpaint.data.folds import assign_folds  # noqa: E402
 from cellpaint.data.structure import Structure, derive_structure  # noqa: E402
-import synthetic  # noqa: E402
-from cellpaint.prediction.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
+from cellpaint.data import synthetic_config  # noqa: E402
+from cellpaint.data import synthetic as synthetic_data  # noqa: E402
+from cellpaint.data.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_embeddings, save_predictions)
 
 CELLS = ("HEPG2", "HUVEC", "RPE", "U2OS")
@@ -52,8 +53,8 @@ def fake_knn_set(tmp: Path, layout: str = "competition", noise: float = 0.9, dim
     shape = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), plates=4, classes=80,
                  positive_controls=3, negative_wells=1, drop_wells=0.01)
     shape.update(sizes)
-    config = synthetic.SyntheticConfig(layout=layout, cell_types=CELLS, leak=False, seed=seed, **shape)
-    wells, design = synthetic.write_metadata(tmp / "data", config)
+    config = synthetic_config.SyntheticConfig(layout=layout, cell_types=CELLS, leak=False, seed=seed, **shape)
+    wells, design = synthetic_data.write_metadata(tmp / "data", config)
     wells = wells.rename(columns={"dataset": "split"})
     assigned = assign_folds(wells, folds, seed)
     val_experiments = sorted(e for e, f in assigned.items() if f == 0)
@@ -157,7 +158,7 @@ def test_votes_are_similarity_weighted():
     scores, _ = knn.knn_scores(-query, ["A"], ref[:3], ["A"] * 3, labels[:3], {"A": 2}, 3, np.arange(3),
                                weight="relu-cos")
     assert scores[0].sum() == 2 and scores[0, 2] == 0
-    with pytest.raises(knn.KnnError, match="--knn-weight 'cos'"):
+    with pytest.raises(knn.KnnFlagError, match="--knn-weight 'cos'"):
         knn.knn_scores(query, ["A"], ref, ["A"] * 4, labels, {"A": 4}, 3, np.arange(3), weight="cos")
 
 
@@ -228,7 +229,7 @@ def test_parse_k(text, expected):
     ("1,0,1,1", "at least 1 for HUVEC"),
 ])
 def test_parse_k_errors(text, message):
-    with pytest.raises(knn.KnnError, match=message):
+    with pytest.raises(knn.KnnFlagError, match=message):
         knn.parse_k(text, CELLS)
 
 
@@ -352,9 +353,10 @@ def test_cli_knn_control_wells_are_never_neighbours_nor_predicted(fake, tmp_path
     assert report["knn"]["ignored_train_controls"] == 5 and report["wells"]["ignored_controls"] == 3
 
 
-def expect_error(capsys, info, out, *extra, files=None, match=()) -> str:
+def expect_error(capsys, info, out, *extra, files=None, match=(), status=1) -> str:
+    """`status` 1: the input cannot be used; 2: a flag cannot work with this data."""
     rc, _, err = run(capsys, info, out, *extra, files=files)
-    assert rc == 1 and err.startswith("error: ") and "Traceback" not in err, err  # the input, not the flags
+    assert rc == status and err.startswith("error: ") and "Traceback" not in err, err
     for m in match:
         assert m in err, err
     assert not out.exists() and not Path(f"{out}.json").exists()
@@ -367,8 +369,8 @@ def test_cli_knn_errors(fake, tmp_path, capsys):
     save_embeddings(no_train, {"val": data["val"], "test": data["test"]})
     expect_error(capsys, fake, tmp_path / "a.csv", "--knn", "3", files=[no_train],
                  match=["no_train.embeddings", "no 'train' part", "--save-embeddings"])
-    expect_error(capsys, fake, tmp_path / "b.csv", "--knn", "3,3", match=["2 values for 4 cell types"])
-    expect_error(capsys, fake, tmp_path / "c.csv", "--knn", "HELA=3", match=["unknown cell type 'HELA'"])
+    expect_error(capsys, fake, tmp_path / "b.csv", "--knn", "3,3", match=["2 values for 4 cell types"], status=2)
+    expect_error(capsys, fake, tmp_path / "c.csv", "--knn", "HELA=3", match=["unknown cell type 'HELA'"], status=2)
     # an embeddings file without --knn: named, with the flag to use
     expect_error(capsys, fake, tmp_path / "d.csv", match=["net.embeddings", "--knn"])
     odd = tmp_path / "odd.embeddings"
@@ -395,9 +397,16 @@ def planted_group_of(info: dict, structure: Structure) -> dict:
 
 
 def test_cli_group_search_recovers_planted_plate_groups_and_beats_cell_search(tmp_path, capsys):
-    """Planted embeddings, 4 cell types x (4 train, 2 test) experiments, 4 groups of 20 classes."""
+    """Planted embeddings, 4 cell types x (4 train, 2 test) experiments, 4 groups of 40 classes.
+
+    40 classes a group, not 20: with 20 wells a plate this test failed for 8 of 30 data seeds (the
+    group-wise search's plate-group evidence missed a planted group for 5, its advantage was under
+    0.05 for 6: 0.01-0.17). With 40, for seeds 0-29 (the same with OpenBLAS on its Nehalem
+    kernels and numpy's baseline SIMD): every plate group right, advantage
+    0.096-0.161 on test (mean 0.125, sd 0.017) and 0.093-0.177 on val (mean 0.124, sd 0.019);
+    benchmarks/test_margins.py."""
     info = fake_knn_set(tmp_path, layout="release", noise=1.5, train_experiments=(4, 4, 4, 4),
-                        test_experiments=(2, 2, 2, 2), seed=1)
+                        test_experiments=(2, 2, 2, 2), seed=1, classes=160)
     group, cell = tmp_path / "group.csv", tmp_path / "cell.csv"
     rc, stdout, err = run(capsys, info, group, "--knn", "5")
     assert rc == 0, err
@@ -409,7 +418,7 @@ def test_cli_group_search_recovers_planted_plate_groups_and_beats_cell_search(tm
     assert report["test_plate_groups"] == planted_group_of(info, structure)  # every test plate's planted group
     assert report["plate_groups_correct"]["val"] == {"correct": 24, "total": 24}
     g, c = stages(group, "test"), stages(cell, "test")
-    # measured: assignment 0.867 (group) vs 0.774 (cell) on test, 0.863 vs 0.770 on val
+    # measured (seed 1): assignment 0.771 (group) vs 0.670 (cell) on test, 0.770 vs 0.634 on val
     assert g["assignment"] > c["assignment"] + 0.05, (g, c)
     assert stages(group)["assignment"] > stages(cell)["assignment"] + 0.05
     assert json.loads(Path(f"{cell}.json").read_text())["knn"]["search"] == "cell"
@@ -457,7 +466,7 @@ def test_cli_knn_combine(fake, tmp_path, capsys):
 
 
 def test_mode_group_evidence_is_the_plate_mean_of_the_best_vote_per_group():
-    from cellpaint.submission import plates
+    from cellpaint.data import plates
 
     masks = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=bool)
     scores = np.array([[2.0, 0.5, 1.0, 0.0],     # plate 0

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from cellpaint.submission import knn
+from cellpaint.modes import knn
 
 CELLS = ["HEPG2", "HUVEC", "RPE", "U2OS"]
 
@@ -96,7 +96,7 @@ def test_relu_cos_only_rows_whose_neighbours_all_point_away_vote_equally():
     sim = np.array([[-0.5, -0.2], [0.3, -0.1]], dtype=np.float32)
     np.testing.assert_array_equal(knn.neighbour_weights(sim, "relu-cos"), np.array([[1, 1], [0.3, 0]], np.float32))
     np.testing.assert_allclose(knn.neighbour_weights(sim, "sigmoid"), 1 / (1 + np.exp(-sim)), rtol=1e-6)
-    with refused("--knn-weight 'cos': expected one of sigmoid, relu-cos"):
+    with refused("--knn-weight 'cos': expected one of sigmoid, relu-cos", knn.KnnFlagError):
         knn.neighbour_weights(sim, "cos")
 
 
@@ -117,7 +117,7 @@ def test_refusals_name_what_does_not_fit():
     q = unit(np.eye(3))
     args = dict(query=q, query_cells=["A"] * 3, reference=q, reference_cells=["A"] * 3,
                 reference_labels=np.arange(3), k={"A": 1}, n_classes=4, candidates=np.arange(3))
-    with refused("--knn-weight 'cos': expected one of sigmoid, relu-cos"):
+    with refused("--knn-weight 'cos': expected one of sigmoid, relu-cos", knn.KnnFlagError):
         knn.knn_scores(**args, weight="cos")
     with refused("query and reference vectors differ in size: (3,) vs (2,)"):
         knn.knn_scores(**{**args, "reference": q[:, :2]})
@@ -147,5 +147,5 @@ def test_refusals_name_what_does_not_fit():
     ("1,x,1,1", "--knn '1,x,1,1': 'x' is not an integer for HUVEC"),
 ])
 def test_parse_k_messages(text, message):
-    with refused(message):
+    with refused(message, knn.KnnFlagError):
         knn.parse_k(text, CELLS[::-1])

@@ -12,16 +12,15 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 import dataset
-from cellpaint.data import images
 import main
-from cellpaint.data import metadata
-from cellpaint.data import image_cache
-from cellpaint.training import engine
-from cellpaint.training.settings import settings_from_args
+from cellpaint.core.settings import AugmentSettings
+from cellpaint.data import image_cache, images, metadata, pixel_stats
+from cellpaint.data.augment import dihedral
+from cellpaint.engine.data import load_data, make_dataset
 
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
-AUGMENT = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1)
-PHOTOMETRIC = dataset.Augment(min_scale=0.5, scale_std=0.1, bias_std=0.1, rotate=30, brightness=0.2,
+AUGMENT = AugmentSettings(min_scale=0.5, scale_std=0.1, bias_std=0.1)
+PHOTOMETRIC = AugmentSettings(min_scale=0.5, scale_std=0.1, bias_std=0.1, rotate=30, brightness=0.2,
                               contrast=0.3, gamma=0.5)
 
 
@@ -41,8 +40,8 @@ def cache(tiny_competition, table, tmp_path_factory):
 
 def _datasets(path, table, normalization, augment, rows=slice(None, None, 9), **kw):
     rows = table.iloc[rows].reset_index(drop=True)
-    pixel_stats = dataset.load_pixel_stats(path, table, None) if normalization != "sample" else None
-    stats = dataset.normalization_stats(rows, normalization, pixel_stats)
+    per_site = pixel_stats.load_pixel_stats(path, table, None) if normalization != "sample" else None
+    stats = pixel_stats.normalization_stats(rows, normalization, per_site)
     made = [dataset.SiteDataset(rows, CELL_TYPES, normalization, stats, augment, seed=7, output=out, **kw)
             for out in ("float", "uint8")]
     for ds in made:
@@ -59,7 +58,7 @@ def _prepared(ds, **loader_kw):
 
 
 @pytest.mark.parametrize("augment", [None, AUGMENT, PHOTOMETRIC], ids=["plain", "augmented", "photometric"])
-@pytest.mark.parametrize("normalization", dataset.NORMALIZATIONS)
+@pytest.mark.parametrize("normalization", pixel_stats.NORMALIZATIONS)
 def test_uint8_path_equals_float_path(tiny_competition, table, normalization, augment):
     floats, uint8 = _datasets(tiny_competition[0], table, normalization, augment)
     expected = [floats[i] for i in range(len(floats))]
@@ -102,7 +101,7 @@ def _written_out(prefix: str, stats, geometry, jitter) -> np.ndarray:
         mean, std = img.mean(axis=(1, 2)), img.std(axis=(1, 2), ddof=1)
     else:
         mean, std = stats.astype(np.float64)
-    img = (img - mean[:, None, None]) / np.maximum(std, dataset.MIN_STD)[:, None, None]
+    img = (img - mean[:, None, None]) / np.maximum(std, pixel_stats.MIN_STD)[:, None, None]
     if jitter is not None:
         img = img * jitter[0][:, None, None] + jitter[1][:, None, None]
     return img
@@ -110,13 +109,13 @@ def _written_out(prefix: str, stats, geometry, jitter) -> np.ndarray:
 
 def test_same_maths_as_the_loader_before_with_zoom_off(tiny_competition, table):
     """Zoom off, flips and jitter on: equal to the earlier implementation (flips on uint8, then float)."""
-    augment = dataset.Augment(min_scale=1.0, scale_std=0.2, bias_std=0.3)
+    augment = AugmentSettings(min_scale=1.0, scale_std=0.2, bias_std=0.3)
     _, uint8 = _datasets(tiny_competition[0], table, "experiment", augment)
 
     def before(index):
         rng = np.random.default_rng((uint8.seed, uint8.epoch, index))
         img = torch.from_numpy(images.read_site(uint8.prefixes[index]))
-        img = dataset.dihedral(img, int(rng.integers(8))).contiguous()
+        img = dihedral(img, int(rng.integers(8))).contiguous()
         x = dataset.normalize(img, uint8.stats[index])
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         scale = 1 + 0.2 * torch.randn((6, 1, 1), generator=g)
@@ -140,7 +139,7 @@ def test_photometric_draws_come_after_the_others(tiny_competition, table):
         assert b["photometric"].dtype == torch.float32 and abs(angle) <= 30
         assert abs(np.log(gamma)) <= np.log(1.5) + 1e-6 and abs(contrast - 1) <= 0.3 + 1e-6 and abs(brightness) <= 0.2
     # one flag on alone draws the same value as with all of them on
-    _, rotate_only = _datasets(tiny_competition[0], table, "sample", dataset.Augment(min_scale=0.5, rotate=30))
+    _, rotate_only = _datasets(tiny_competition[0], table, "sample", AugmentSettings(min_scale=0.5, rotate=30))
     assert torch.equal(rotate_only[0][0]["photometric"], torch.tensor([on[0][0]["photometric"][0], 1, 1, 0]))
 
 
@@ -157,7 +156,7 @@ def test_photometric_reproducible_and_varies_by_epoch(tiny_competition, table):
 
 def test_brightness_contrast_set_normalised_mean_and_std(tiny_competition, table):
     """With `sample` normalisation each channel has mean 0 and std 1 before: brightness, contrast after."""
-    augment = dataset.Augment(flips=False, brightness=0.5, contrast=0.4)
+    augment = AugmentSettings(flips=False, brightness=0.5, contrast=0.4)
     floats, uint8 = _datasets(tiny_competition[0], table, "sample", augment, rows=slice(None, 6))
     for i in range(len(floats)):
         _, _, contrast, brightness = uint8[i][0]["photometric"].tolist()
@@ -174,10 +173,10 @@ def test_brightness_contrast_set_normalised_mean_and_std(tiny_competition, table
 ])
 def test_bad_photometric_flags_fail_with_a_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        main.parse_args(["--save", str(tmp_path / "x"), *argv])
+        main.parse_settings(["--save", str(tmp_path / "x"), *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
-    args = main.parse_args(["--save", str(tmp_path / "x"), "--rotate-aug", "15", "--gamma-aug", "0.2"])
-    assert (args.rotate_aug, args.brightness_aug, args.contrast_aug, args.gamma_aug) == (15, 0, 0, 0.2)
+    a = main.parse_settings(["--save", str(tmp_path / "x"), "--rotate-aug", "15", "--gamma-aug", "0.2"]).augment
+    assert (a.rotate, a.brightness, a.contrast, a.gamma) == (15, 0, 0, 0.2)
 
 
 def test_reproducible_with_any_worker_count(tiny_competition, table, cache):
@@ -270,13 +269,13 @@ def test_mismatched_cache_is_refused(tiny_competition, table, cache, tmp_path):
     with pytest.raises(image_cache.CacheError, match="holds the image cache of .*choose another --cache"):
         image_cache.build_cache(tmp_path / "other", cache, table, progress=False)
     # through the trainer's flags: checked once, when the run loads its data
-    args = main.parse_args(["--save", str(tmp_path / "run"), "--data", str(data), "--image-cache", str(tmp_path / "x")])
+    s = main.parse_settings(["--save", str(tmp_path / "run"), "--data", str(data), "--image-cache", str(tmp_path / "x"),
+                             "--seed", "1"])
     with pytest.raises(image_cache.CacheError, match="no manifest.json"):
-        engine.load_data(settings_from_args(args).data)
-    args.image_cache = cache
-    loaded = engine.load_data(settings_from_args(args).data)
-    s = settings_from_args(args)
-    ds = engine.make_dataset(s.data, loaded, loaded.subsets["train"], s.augment)
+        load_data(s.data, s.exec)
+    s = s.replace(exec={"image_cache": cache})
+    loaded = load_data(s.data, s.exec)
+    ds = make_dataset(s, loaded, loaded.subsets["train"], s.augment)
     assert ds.cache is loaded.image_cache and ds.cache is not None and ds.output == "uint8"
 
 
@@ -337,7 +336,7 @@ def test_training_with_skip_bad_images(tiny_competition, tmp_path, caplog):
     bad.write_bytes(b"not a png")
     argv = ["--data", str(data), "--save", str(tmp_path / "x"), "-e", "1", "--cv-number", "-1", "--backbone", "smallcnn",
             "--pretrained", "none", "--embedding-size", "16", "--num-data-workers", "0", "--seed", "1"]
-    n = len(engine.load_data(settings_from_args(main.parse_args(argv)).data).subsets["train"])
+    n = len(load_data(main.parse_settings(argv).data).subsets["train"])
     argv += ["-b", str(n), "--gradient-accumulation", "1"]  # one batch: no sample left out by drop_last
     with caplog.at_level(logging.WARNING, logger="cellpaint"):
         assert main.main([*argv, "--skip-bad-images"]) == 0

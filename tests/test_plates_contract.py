@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from cellpaint.submission import plates
+from cellpaint.data import plates
 
 MASKS = np.array([[True, False, True, False, False], [False, True, False, True, False]])  # class 4 in no group
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellpaint.prediction import prediction_file as pf
-from cellpaint.prediction.prediction_file import PredictionFileError
+from cellpaint.data import prediction_file as pf
+from cellpaint.data.prediction_file import PredictionFileError
 
 
 def refused(message: str, kind=PredictionFileError):

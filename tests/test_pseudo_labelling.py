@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from cellpaint.data.structure import Structure
-from cellpaint.training import pseudo_labels
-from cellpaint.training.schedule import SizeFunction
-from cellpaint.training.settings import PseudoLabelSettings
+from cellpaint.modes import pseudo_labels
+from cellpaint.core.schedule import SizeFunction
+from cellpaint.core.settings import PseudoLabelSettings
 
 # 6 treatment classes in 2 plate groups ({0, 2, 4}, {1, 3, 5}), class 6 a control
 STRUCTURE = Structure(7, np.arange(6), np.array([6]), (np.array([0, 2, 4]), np.array([1, 3, 5])), ("A",))
@@ -73,10 +73,10 @@ def test_taken_classes_per_plate():
 def test_one_epoch_adds_the_most_confident_wells_and_logs_the_wrong_ones(caplog):
     """12 candidate wells (6 val, 6 unlabelled test), f = 0.5 at x = 1/2: 6 labelled by then."""
     data = SimpleNamespace(subsets=subsets(), structure=STRUCTURE)
-    settings = PseudoLabelSettings(first_epoch=4, size_func=SizeFunction("x"), epochs=7)
+    settings = PseudoLabelSettings(first_epoch=4, size_func=SizeFunction("x"))
     asked: list = []
     with caplog.at_level(logging.INFO, logger="cellpaint"):
-        new = pseudo_labels.pseudo_label_epoch(settings, 5, data, {"X-1_1_W0": 0}, planted_inference(asked))
+        new = pseudo_labels.pseudo_label_epoch(settings, 7, 5, data, {"X-1_1_W0": 0}, planted_inference(asked))
     # 12 candidates, round(0.5 * 12) = 6 labelled, one already: 5 more, the surest first
     assert new == {"V-1_1_W0": 3, "V-1_1_W2": 5, "V-1_2_W2": 4, "X-1_1_W2": 4, "X-1_2_W2": 5}
     # the network is asked about the sites of the wells not labelled yet, and about nothing else
@@ -87,26 +87,26 @@ def test_one_epoch_adds_the_most_confident_wells_and_logs_the_wrong_ones(caplog)
 
 def test_the_wrong_val_label_is_counted(caplog):
     data = SimpleNamespace(subsets=subsets(), structure=STRUCTURE)
-    settings = PseudoLabelSettings(first_epoch=0, size_func=SizeFunction("1"), epochs=3, duplicates="refill")
+    settings = PseudoLabelSettings(first_epoch=0, size_func=SizeFunction("1"), duplicates="refill")
     with caplog.at_level(logging.INFO, logger="cellpaint"):
-        new = pseudo_labels.pseudo_label_epoch(settings, 0, data, {}, planted_inference([]))
+        new = pseudo_labels.pseudo_label_epoch(settings, 3, 0, data, {}, planted_inference([]))
     # every candidate is asked for. V-1_1_W0 takes class 3, so V-1_1_W1 (truly 3) is skipped and
     # the refill goes on down the ranking: 11 of the 12 are labelled, V-1_1_W0 wrongly
     assert len(new) == 11 and "V-1_1_W1" not in new and new["V-1_1_W0"] == 3
     assert "11 added of 12 asked (5 val, 1 of them wrong), 11 of 12 wells labelled" in caplog.text
     # classes 3 and 5 labelled on V-1 plate 1 by an earlier epoch: V-1_1_W0's only candidate left
     # in the plate's group {1, 3, 5} is 1
-    again = pseudo_labels.pseudo_label_epoch(settings, 0, data, {"V-1_1_W1": 3, "V-1_1_W2": 5},
+    again = pseudo_labels.pseudo_label_epoch(settings, 3, 0, data, {"V-1_1_W1": 3, "V-1_1_W2": 5},
                                              planted_inference([]))
     assert again["V-1_1_W0"] == 1 and len(again) == 10
 
 
 def test_nothing_to_add_is_logged_and_asks_no_inference(caplog):
     data = SimpleNamespace(subsets=subsets(), structure=STRUCTURE)
-    settings = PseudoLabelSettings(first_epoch=4, size_func=SizeFunction("0.1"), epochs=7)
+    settings = PseudoLabelSettings(first_epoch=4, size_func=SizeFunction("0.1"))
     asked: list = []
     with caplog.at_level(logging.INFO, logger="cellpaint"):
-        new = pseudo_labels.pseudo_label_epoch(settings, 5, data, {"X-1_1_W0": 0}, planted_inference(asked))
+        new = pseudo_labels.pseudo_label_epoch(settings, 7, 5, data, {"X-1_1_W0": 0}, planted_inference(asked))
     assert new == {} and asked == []  # round(0.1 * 12) = 1, already labelled
     assert caplog.messages == ["pseudo-labels: none added at epoch 5 (1 of 12 wells labelled)"]
 
@@ -131,22 +131,22 @@ def test_refill_goes_on_down_the_ranking_where_drop_stops():
     data = SimpleNamespace(subsets=subsets(), structure=STRUCTURE)
     added = {}
     for rule in ("drop", "refill"):
-        settings = PseudoLabelSettings(first_epoch=4, size_func=SizeFunction("7/12"), epochs=7, duplicates=rule)
-        added[rule] = pseudo_labels.pseudo_label_epoch(settings, 5, data, {"X-1_1_W0": 0}, planted_inference([]))
+        settings = PseudoLabelSettings(first_epoch=4, size_func=SizeFunction("7/12"), duplicates=rule)
+        added[rule] = pseudo_labels.pseudo_label_epoch(settings, 7, 5, data, {"X-1_1_W0": 0}, planted_inference([]))
     assert sorted(added["drop"]) == ["V-1_1_W0", "V-1_1_W2", "V-1_2_W2", "X-1_1_W2", "X-1_2_W2"]
     assert sorted(added["refill"]) == sorted([*added["drop"], "V-1_2_W1"])
 
 
 def test_a_single_well_to_add_is_added(caplog):
     data = SimpleNamespace(subsets=subsets(), structure=STRUCTURE)
-    settings = PseudoLabelSettings(first_epoch=4, size_func=SizeFunction("2/12"), epochs=7)
+    settings = PseudoLabelSettings(first_epoch=4, size_func=SizeFunction("2/12"))
     with caplog.at_level(logging.INFO, logger="cellpaint"):
-        new = pseudo_labels.pseudo_label_epoch(settings, 5, data, {"X-1_1_W0": 0}, planted_inference([]))
+        new = pseudo_labels.pseudo_label_epoch(settings, 7, 5, data, {"X-1_1_W0": 0}, planted_inference([]))
     assert new == {"V-1_1_W0": 3}
     one = {"train": data.subsets["train"], "val": data.subsets["val"].iloc[:2],
            "test": data.subsets["test"].iloc[:0]}  # one candidate well (two sites)
-    settings = PseudoLabelSettings(first_epoch=0, size_func=SizeFunction("1"), epochs=3)
-    alone = pseudo_labels.pseudo_label_epoch(settings, 0, SimpleNamespace(subsets=one, structure=STRUCTURE), {},
+    settings = PseudoLabelSettings(first_epoch=0, size_func=SizeFunction("1"))
+    alone = pseudo_labels.pseudo_label_epoch(settings, 3, 0, SimpleNamespace(subsets=one, structure=STRUCTURE), {},
                                              planted_inference([]))
     assert alone == {"V-1_1_W0": 3}
 
@@ -165,8 +165,8 @@ def test_a_labelled_well_votes_once_for_its_plates_group_whatever_its_sites():
         logits[lean, rows["sirna_true"].to_numpy()[lean]] = 2.0  # 4 summed over the two sites
         return logits
 
-    settings = PseudoLabelSettings(first_epoch=0, size_func=SizeFunction("3/5"), epochs=3)
-    new = pseudo_labels.pseudo_label_epoch(settings, 0, SimpleNamespace(subsets=parts, structure=STRUCTURE),
+    settings = PseudoLabelSettings(first_epoch=0, size_func=SizeFunction("3/5"))
+    new = pseudo_labels.pseudo_label_epoch(settings, 3, 0, SimpleNamespace(subsets=parts, structure=STRUCTURE),
                                            {"V-1_1_W0": 0}, infer)
     assert new == {"V-1_1_W1": 1, "V-1_1_W2": 3}
 

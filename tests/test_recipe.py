@@ -12,20 +12,23 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import default_collate
 
-from cellpaint.data import augment
 import dataset
-from cellpaint.training import engine
 import main
-from cellpaint.data import metadata
-from cellpaint import backbones as B
 import model as M
-from cellpaint.training.checkpoints import CHECKPOINT_FORMAT, checkpoint_args
-from cellpaint.training.schedule import LRSchedule
-from cellpaint.training.settings import RunContext, augment_from_args, settings_from_args
+from cellpaint.core.schedule import LRSchedule
+from cellpaint.core.settings import AugmentSettings, settings_dict
+from cellpaint.data import augment, metadata, pixel_stats
+from cellpaint.engine import inference
+from cellpaint.engine.checkpoints import CHECKPOINT_FORMAT
+from cellpaint.engine.context import RunContext
+from cellpaint.engine.data import load_data
+from cellpaint.engine.setup import make_optimizer
+from cellpaint.networks import backbones as B
+from cellpaint.core.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
-FORTY_FIRST = dataset.Augment(flips=True, transposes=False, prob=0.5, rescale=0.1, rotate=90,
+FORTY_FIRST = AugmentSettings(flips=True, transposes=False, prob=0.5, rescale=0.1, rotate=90,
                               rotate_border="reflect-101", brightness=0.2, contrast=0.2, bc_space="raw",
                               gamma_range=(0.8, 1.2))
 
@@ -53,13 +56,13 @@ def test_plain_head_refuses_cell_type_and_hidden_layers_and_main_names_the_flags
     with pytest.raises(ValueError, match="plain head"):
         M.CellClassifier("smallcnn", 5, 4, concat_cell_type=True, head="plain")
     with pytest.raises(SystemExit):
-        main.parse_args(["--save", "x", "--head", "plain", "--concat-cell-type", "true", "--head-hidden", "8"])
+        main.parse_settings(["--save", "x", "--head", "plain", "--concat-cell-type", "true", "--head-hidden", "8"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--concat-cell-type true" in err and "--head-hidden" in err
-    args = main.parse_args(["--save", "x", "--head", "plain"])
-    assert (args.concat_cell_type, args.metric_loss_coeff) == (False, 0.0)
-    args = main.parse_args(["--save", "x"])  # the 1st place's defaults unchanged
-    assert (args.head, args.concat_cell_type, args.metric_loss_coeff, args.loss) == ("neck", True, 0.2, "ce")
+    s = main.parse_settings(["--save", "x", "--head", "plain"])
+    assert (s.model.concat_cell_type, s.optim.metric_loss_coeff) == (False, 0.0)
+    s = main.parse_settings(["--save", "x"])  # the 1st place's defaults unchanged
+    assert (s.model.head, s.model.concat_cell_type, s.optim.metric_loss_coeff, s.optim.loss) == ("neck", True, 0.2, "ce")
 
 
 def test_rgb_tile_stem_repeats_the_rgb_kernels_unscaled():
@@ -87,10 +90,10 @@ def test_bce_loss_is_torch_bce_with_logits_on_one_hot_and_restricts_classes():
 
 
 def test_lr_groups_set_each_group_at_its_multiplier():
-    args = main.parse_args(["--save", "x", "--lr", "const,1e-3", "--wd", "0", "--pretrained", "none",
-                            "--lr-groups", "conv0,norm0=1/3,denseblock,transition,norm5=1/2"])
+    s = main.parse_settings(["--save", "x", "--lr", "const,1e-3", "--wd", "0", "--pretrained", "none",
+                             "--lr-groups", "conv0,norm0=1/3,denseblock,transition,norm5=1/2"])
     net = M.CellClassifier("densenet121", 11, 4, embedding_size=16, concat_cell_type=False, head="plain")
-    opt = engine.make_optimizer(settings_from_args(args).optim, net)
+    opt = make_optimizer(s.optim, net)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs == {"conv0,norm0": pytest.approx(1e-3 / 3), "denseblock,transition,norm5": 5e-4,
                    "neck and heads": 1e-3}  # every backbone parameter named: no "backbone" rest group
@@ -101,28 +104,28 @@ def test_lr_groups_set_each_group_at_its_multiplier():
 
 
 def test_lr_groups_prefix_matching_nothing_is_an_error_and_default_groups_unchanged():
-    args = main.parse_args(["--save", "x", "--lr-groups", "conv0=0.5,dense_block=0.5"])
+    s = main.parse_settings(["--save", "x", "--lr-groups", "conv0=0.5,dense_block=0.5"])
     net = M.CellClassifier("densenet121", 11, 4, embedding_size=16, concat_cell_type=False, head="plain")
-    with pytest.raises(metadata.DataError, match="--lr-groups: no backbone parameter name starts with 'dense_block'"):
-        engine.make_optimizer(settings_from_args(args).optim, net)
-    args = main.parse_args(["--save", "x", "--backbone-lr-mult", "0.1", "--lr", "const,1e-3"])
-    assert [g["lr"] for g in engine.make_optimizer(settings_from_args(args).optim, net).param_groups] == [pytest.approx(1e-4), 1e-3]
+    with pytest.raises(UsageError, match="--lr-groups: no backbone parameter name starts with 'dense_block'"):
+        make_optimizer(s.optim, net)
+    s = main.parse_settings(["--save", "x", "--backbone-lr-mult", "0.1", "--lr", "const,1e-3"])
+    assert [g["lr"] for g in make_optimizer(s.optim, net).param_groups] == [pytest.approx(1e-4), 1e-3]
     for bad in ("conv0", "conv0=x", "conv0=-1", "=1"):
         with pytest.raises(SystemExit):
-            main.parse_args(["--save", "x", "--lr-groups", bad])
+            main.parse_settings(["--save", "x", "--lr-groups", bad])
 
 
 # ------------------------------------------------------------------------------- augmentations
 
 
 def _photometric(settings, n=200):
-    return torch.stack([settings.draw_photometric(np.random.default_rng((0, 0, i))) for i in range(n)])
+    return torch.stack([augment.draw_photometric(settings, np.random.default_rng((0, 0, i))) for i in range(n)])
 
 
 def test_aug_prob_zero_is_identity_and_one_always_applies():
-    never = _photometric(dataset.Augment(**{**FORTY_FIRST.__dict__, "prob": 0.0}))
+    never = _photometric(AugmentSettings(**{**FORTY_FIRST.__dict__, "prob": 0.0}))
     assert torch.equal(never, torch.tensor([0.0, 1, 1, 0, 1]).expand_as(never))
-    always = _photometric(dataset.Augment(**{**FORTY_FIRST.__dict__, "prob": 1.0}))
+    always = _photometric(AugmentSettings(**{**FORTY_FIRST.__dict__, "prob": 1.0}))
     assert (always[:, 0] != 0).all() and (always[:, 1] != 1).all() and (always[:, 4] != 1).all()
     half = _photometric(FORTY_FIRST, 400)
     assert 0.4 < (half[:, 0] != 0).float().mean() < 0.6
@@ -133,11 +136,11 @@ def test_aug_prob_zero_is_identity_and_one_always_applies():
 
 
 def test_gamma_range_draws_the_inverse_of_a_uniform_gamma():
-    gammas = _photometric(dataset.Augment(gamma_range=(0.8, 1.2)), 500)[:, 1]
+    gammas = _photometric(AugmentSettings(gamma_range=(0.8, 1.2)), 500)[:, 1]
     assert gammas.min() >= 1 / 1.2 - 1e-6 and gammas.max() <= 1 / 0.8 + 1e-6
     assert abs(float((1 / gammas).mean()) - 1.0) < 0.02  # 1/exponent is uniform on [0.8, 1.2]
     with pytest.raises(ValueError, match="--gamma-range and --gamma-aug"):
-        dataset.Augment(gamma=0.2, gamma_range=(0.8, 1.2))
+        AugmentSettings(gamma=0.2, gamma_range=(0.8, 1.2))
 
 
 def test_reflect_borders_fold_coordinates_like_cv2():
@@ -157,10 +160,10 @@ def test_rotation_with_reflected_border_fills_the_corners_and_keeps_exact_turns(
 
 def test_hv_flips_never_transpose(tiny_competition):
     rows = metadata.load_table(tiny_competition[0]).iloc[:1]
-    ds = dataset.SiteDataset(rows, CELL_TYPES, augment=dataset.Augment(transposes=False), output="uint8")
+    ds = dataset.SiteDataset(rows, CELL_TYPES, augment=AugmentSettings(transposes=False), output="uint8")
     ks = {ds._geometry(np.random.default_rng(i), (6, 24, 24))[0] for i in range(100)}
     assert ks == {0, 1, 2, 3}
-    ds.augment = dataset.Augment()
+    ds.augment = AugmentSettings()
     assert {ds._geometry(np.random.default_rng(i), (6, 24, 24))[0] for i in range(100)} == set(range(8))
 
 
@@ -185,7 +188,7 @@ def test_rescale_is_a_resolution_jitter_back_to_full_size():
 def test_uint8_path_equals_float_path_with_the_41st_augmentations(tiny_competition):
     table = metadata.load_table(tiny_competition[0])
     rows = table.iloc[::9].reset_index(drop=True)
-    stats = dataset.normalization_stats(rows, "global", dataset.load_pixel_stats(tiny_competition[0], table, None))
+    stats = pixel_stats.normalization_stats(rows, "global", pixel_stats.load_pixel_stats(tiny_competition[0], table, None))
     made = [dataset.SiteDataset(rows, CELL_TYPES, "global", stats, FORTY_FIRST, seed=7, output=out)
             for out in ("float", "uint8")]
     for ds in made:
@@ -207,29 +210,29 @@ def test_random_tta_averages_n_passes_of_the_training_augmentation(monkeypatch):
         seen.append((ds.epoch, ds.augment, settings))
         return {"logits": np.full((2, 3), float(ds.epoch)), "embedding": np.full((2, 4), 2.0 * ds.epoch)}
 
-    monkeypatch.setattr(engine, "infer_pass", one_pass)
-    args = main.parse_args(["--save", "x", "--tta-random", "4", "--rotate-aug", "30"])
+    monkeypatch.setattr(inference, "infer_pass", one_pass)
+    settings = main.parse_settings(["--save", "x", "--tta-random", "4", "--rotate-aug", "30"])
     ds = argparse.Namespace(augment=None, epoch=0)
     ds.set_epoch = lambda e: setattr(ds, "epoch", e)
-    result = engine.infer(settings_from_args(args), RunContext(), None, ds, embeddings=True)
+    result = inference.infer(settings, RunContext(), None, ds, embeddings=True)
     assert [e for e, _, _ in seen] == [0, 1, 2, 3]
-    assert all(a == augment_from_args(args) and s is a for _, a, s in seen)
+    assert all(a == settings.augment and s is a for _, a, s in seen)
     assert np.allclose(result["logits"], 1.5) and np.allclose(result["embedding"], 3.0)
     assert ds.augment is None and ds.epoch == 0  # the dataset is left as it was
     with pytest.raises(SystemExit):
-        main.parse_args(["--save", "x", "--tta-random", "4", "--tta", "8"])
+        main.parse_settings(["--save", "x", "--tta-random", "4", "--tta", "8"])
 
 
 def test_val_last_experiment_and_no_controls(tiny_competition):
-    args = main.parse_args(["--data", str(tiny_competition[0]), "--save", "x", "--val-last-experiment",
-                            "--train-controls", "false", "--use-layout-leak", "false"])
-    data = engine.load_data(settings_from_args(args).data)
+    s = main.parse_settings(["--data", str(tiny_competition[0]), "--save", "x", "--val-last-experiment",
+                             "--train-controls", "false", "--use-layout-leak", "false"])
+    data = load_data(s.data)
     val = sorted(data.subsets["val"]["experiment"].unique())
     assert val == ["HEPG2-02", "HUVEC-02", "RPE-01", "U2OS-01"]
     assert (data.subsets["train"]["well_type"] == metadata.TREATMENT).all()
     assert not set(data.subsets["train"]["experiment"]) & set(val)
     with pytest.raises(SystemExit):
-        main.parse_args(["--save", "x", "--loss-classes", "treatment"])  # controls still trained
+        main.parse_settings(["--save", "x", "--loss-classes", "treatment"])  # controls still trained
 
 
 # ---------------------------------------------------------------------------------- @args files
@@ -237,36 +240,38 @@ def test_val_last_experiment_and_no_controls(tiny_competition):
 
 def _recipe(monkeypatch, *argv):
     monkeypatch.chdir(ROOT)  # nested @files are relative to the working directory
-    return main.parse_args(list(argv))
+    return main.parse_settings(list(argv))
 
 
 def test_first_place_args_file(monkeypatch):
-    args = _recipe(monkeypatch, "@recipes/1st-place.args", "--seed", "0", "--save", "results/dn161_0")
-    assert (args.epochs, args.pl_epoch, args.lr, args.pl_size_func.text, args.cv_number) == (
+    s = _recipe(monkeypatch, "@recipes/1st-place.args", "--seed", "0", "--save", "results/dn161_0")
+    assert (s.optim.epochs, s.pseudo.first_epoch, s.optim.lr, s.pseudo.size_func.text, s.data.cv_number) == (
         130, 90, LRSchedule.parse("cosine,1.5e-4,90,6e-5,150,0"), "0.6*x+0.4", -1)
-    assert (args.backbone, args.head, args.loss, args.batch_size, args.gradient_accumulation) == (
+    assert (s.model.backbone, s.model.head, s.optim.loss, s.data.batch_size, s.optim.gradient_accumulation) == (
         "auto", "neck", "ce", 24, 2)  # auto: densenet161 or its memory-efficient twin, same weights
 
 
 def test_41st_place_args_files(monkeypatch, tmp_path):
     train = _recipe(monkeypatch, "@recipes/41st-place-train.args", "--save", "results/dn201")
-    assert (train.backbone, train.stem_init, train.head, train.embedding_size, train.bn_mom) == (
-        "densenet201", "rgb-tile", "plain", 512, 0.1)
-    assert (train.loss, train.loss_classes, train.train_controls, train.metric_loss_coeff) == (
+    assert (train.model.backbone, train.model.stem_init, train.model.head, train.model.embedding_size,
+            train.model.bn_mom) == ("densenet201", "rgb-tile", "plain", 512, 0.1)
+    assert (train.optim.loss, train.optim.loss_classes, train.data.train_controls, train.optim.metric_loss_coeff) == (
         "bce", "treatment", False, 0.0)
-    assert (train.lr, train.wd, train.epochs, train.batch_size, train.cutmix) == (
+    assert (train.optim.lr, train.optim.wd, train.optim.epochs, train.data.batch_size, train.optim.cutmix) == (
         LRSchedule.parse("const,1e-3"), 0, 75, 64, 0)
-    assert train.lr_groups.groups == ((("conv0", "norm0"), 1 / 3), (("denseblock", "transition", "norm5"), 0.5))
-    aug = augment_from_args(train)
+    assert train.optim.lr_groups.groups == ((("conv0", "norm0"), 1 / 3),
+                                            (("denseblock", "transition", "norm5"), 0.5))
+    aug = train.augment
     assert aug == FORTY_FIRST and (aug.min_scale, aug.scale_std, aug.bias_std) == (1.0, 0.0, 0.0)
-    assert train.val_last_experiment and train.data_normalization == "global"
+    assert train.data.val_last_experiment and train.data.normalization == "global"
     # the general model's checkpoint, as the train file makes it (its architecture is what --load takes)
     general = tmp_path / "dn201.74"
-    torch.save({"format": CHECKPOINT_FORMAT, "model": {}, "args": checkpoint_args(train)}, general)
+    torch.save({"format": CHECKPOINT_FORMAT, "model": {}, "settings": settings_dict(train)}, general)
     tune = _recipe(monkeypatch, "@recipes/41st-place-finetune.args", "--load", str(general),
                    "--finetune-cell-type", "HUVEC", "--save", "results/dn201_huvec")
-    assert (tune.epochs, tune.start_epoch, tune.lr_groups, tune.finetune_cell_type) == (
-        20, 0, train.lr_groups, "HUVEC")
+    assert (tune.optim.epochs, tune.optim.start_epoch, tune.optim.lr_groups, tune.data.finetune_cell_type) == (
+        20, 0, train.optim.lr_groups, "HUVEC")
     pred = _recipe(monkeypatch, "@recipes/41st-place-predict.args", "--load", str(general))
-    assert (pred.mode, pred.tta_random, pred.tta, pred.save_embeddings) == ("predict", 10, 1, True)
-    assert augment_from_args(pred) == FORTY_FIRST and pred.val_last_experiment
+    assert (pred.run.mode, pred.inference.tta_random, pred.inference.tta, pred.inference.save_embeddings) == (
+        "predict", 10, 1, True)
+    assert pred.augment == FORTY_FIRST and pred.data.val_last_experiment

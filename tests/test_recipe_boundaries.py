@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from cellpaint.data.folds import assign_folds, last_experiments, named_folds, split_subsets
-from cellpaint.data.metadata import DataError
+from cellpaint.core.errors import UsageError
 from cellpaint.data.structure import Structure, derive_structure
-from cellpaint.submission import plates
-from cellpaint.training import pseudo_labels
+from cellpaint.data import plates
+from cellpaint.modes import pseudo_labels
 
 
 def well_table(rows: list[tuple]) -> pd.DataFrame:
@@ -61,11 +61,11 @@ def test_last_and_named_folds_take_train_experiments_only():
     assert last_experiments(table) == ["A-3", "B-2", "C-2"]  # not A-9 or D-1: test experiments
     assert named_folds(table, ["B-1", "A-2"]) == {"A-1": 1, "A-2": 0, "A-3": 1, "B-1": 0, "B-2": 1, "C-1": 1,
                                                   "C-2": 1}
-    with pytest.raises(DataError) as refused:
+    with pytest.raises(UsageError) as refused:
         named_folds(table, ["A-9", "D-1", "A-1"])
     assert str(refused.value) == ("--val-experiments: A-9, D-1 is not a train experiment of the data set "
                                   "(train experiments: A-1, A-2, A-3, B-1, B-2, C-1, C-2)")
-    with pytest.raises(DataError, match="named twice in A-1,A-1"):
+    with pytest.raises(UsageError, match="named twice in A-1,A-1"):
         named_folds(table, ["A-1", "A-1"])
 
 
@@ -102,9 +102,9 @@ def test_class_zero_wells_are_labelled_wells():
     candidates = pseudo_labels.candidate_sites(subsets)
     assert sorted(candidates["id_code"]) == sorted(subsets["val"]["id_code"].tolist()
                                                    + subsets["test"].loc[subsets["test"]["sirna"] < 0, "id_code"].tolist())
-    with pytest.raises(DataError, match=r"^--cv-number 3: no experiment falls in that fold \(folds present: \[0, 1\]\)$"):
+    with pytest.raises(UsageError, match=r"^--cv-number 3: no experiment falls in that fold \(folds present: \[0, 1\]\)$"):
         split_subsets(table, folds, cv_number=3)
-    with pytest.raises(DataError, match=r"^--cv-number 0: no experiment falls in that fold \(folds present: \[1, 2\]\)$"):
+    with pytest.raises(UsageError, match=r"^--cv-number 0: no experiment falls in that fold \(folds present: \[1, 2\]\)$"):
         split_subsets(table, {"A-1": 1, "A-2": 2}, cv_number=0)
     # each subset a table of its own: the metadata's columns, rows numbered afresh
     for part in subsets.values():

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from cellpaint.data import check
-from cellpaint.training import checkpoints, engine
 import main
+from cellpaint.engine import checkpoints, epoch
+from cellpaint.engine.data import load_data
+from cellpaint.modes import check
 from tests.conftest import ROOT, SMALL, run
-from cellpaint.training.settings import settings_from_args
 
 
 def test_check_mode_accepts_sound_data(tiny_competition, capsys):
@@ -96,14 +96,14 @@ def test_checkpoint_that_would_run_code_is_refused(tiny_competition, tmp_path, c
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_competition, tmp_path, monkeypatch, caplog):
-    real = engine.training_loss
+    real = epoch.training_loss
     calls = {"n": 0}
 
     def poisoned(*args):
         calls["n"] += 1
         loss = real(*args)
         return loss * float("nan") if calls["n"] > 22 else loss  # epoch 0 (22 batches) is fine, then it diverges
-    monkeypatch.setattr(engine, "training_loss", poisoned)
+    monkeypatch.setattr(epoch, "training_loss", poisoned)
     save = tmp_path / "x"
     rc = run("--data", tiny_competition[0], "--save", save, "-e", 3, "--max-bad-steps", 3, "--cv-number", -1,
              *SMALL)
@@ -143,12 +143,11 @@ def test_skip_bad_images_covers_validation_pseudo_labels_and_prediction(tiny_com
     """With --skip-bad-images an unreadable val/test site is left out of validation, pseudo-labelling and
     prediction instead of stopping a long run; a test well with no readable site still gets a row."""
     import make_submission
-    from cellpaint.prediction.prediction_file import load_predictions
+    from cellpaint.data.prediction_file import load_predictions
 
     data = tmp_path / "d"
     shutil.copytree(tiny_competition[0], data)
-    args = main.parse_args(["--data", str(data), "--save", str(tmp_path / "x"), *SMALL])
-    subsets = engine.load_data(settings_from_args(args).data).subsets
+    subsets = load_data(main.parse_settings(["--data", str(data), "--save", str(tmp_path / "x"), *SMALL]).data).subsets
     val_site = subsets["val"]["image_prefix"].iat[0]
     test_well = subsets["test"]["id_code"].iat[0]
     test_sites = subsets["test"].loc[subsets["test"]["id_code"] == test_well, "image_prefix"]

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cellpaint.training.schedule import LRGroups, LRSchedule, SizeFunction
+from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
 
 
 def refused(message: str):

@@ -3,17 +3,15 @@ restores) and through `<save>.args.json` (the typed settings as text). The sched
 (multi-span --lr, --pl-size-func, --lr-groups) are checked to be fixed points of parse -> text."""
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
 import main
-from cellpaint.training import settings as S
-from cellpaint.training.checkpoints import CHECKPOINT_FORMAT, checkpoint_args, plain_value, save_checkpoint
-from cellpaint.training.runconfig import NOT_RESTORED
-from cellpaint.training.schedule import LRGroups, LRSchedule, SizeFunction
+from cellpaint.cli import flags
+from cellpaint.core import settings as S
+from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
+from cellpaint.engine.checkpoints import CHECKPOINT_FORMAT, save_checkpoint
 
 # a value other than the default for every flag a checkpoint records (valid together)
 EVERY_FLAG = [
@@ -35,58 +33,64 @@ EVERY_FLAG = [
     "--use-layout-leak", "false", "--cache-dir", "stats/here", "--num-data-workers", "3",
     "--image-cache", "cache/images", "--skip-bad-images", "--tta", "4",
     "--tta-size", "0.875", "--pred-suffix", ".x", "--save-embeddings", "--channels-last", "true",
-    "--compile", "--sync-bn", "--device", "cpu", "--threads", "2",
+    "--compile", "--sync-bn", "--device", "cpu", "--threads", "2", "--bottleneck-bn", "once",
 ]
-# flags EVERY_FLAG leaves at their default on purpose: excluded by others (or by the run's mode)
-# (--head plain would refuse the hidden layers and the ArcFace weight; --save, --load: given per test)
-AT_DEFAULT = {"gamma_aug", "cv_number", "val_last_experiment", "tta_random", "head", "mode", "debug", "resume"}
+# settings EVERY_FLAG leaves at their default on purpose: excluded by others (or by the run's mode;
+# --flips hv keeps the flips on and only drops the transposes; --head plain would refuse the hidden
+# layers and the ArcFace weight; --resume is given per test)
+AT_DEFAULT = {"augment.flips", "augment.gamma", "data.cv_number", "data.val_last_experiment",
+              "inference.tta_random", "model.head", "run.mode", "run.resume"}
 
 
-def test_every_flag_is_set_away_from_its_default():
-    """The list above must keep covering every flag (a new flag is added to it)."""
-    parser = main.build_parser()
-    args = parser.parse_args(["--save", "x", "--load", "y", *EVERY_FLAG])
-    defaults = vars(parser.parse_args([]))
-    same = {k for k, v in vars(args).items() if plain_value(v) == plain_value(defaults[k])}
-    assert same == AT_DEFAULT
+def every_setting(*argv: str) -> S.Settings:
+    """The settings of the command line, as parsed (no checkpoint is read)."""
+    return flags.complete(flags.settings_from_args(main.build_parser().parse_args([*argv, *EVERY_FLAG])))
 
 
-def comparable(value):
-    """A setting as a comparable value: SizeFunction has no equality of its own, its text is it."""
-    return ("SizeFunction", value.text) if isinstance(value, SizeFunction) else (type(value), value)
+def leaves(settings: S.Settings) -> dict[str, object]:
+    """group.field -> its plain value (what a checkpoint and SAVE.args.json store)."""
+    out = {}
+    for group, values in S.settings_dict(settings).items():
+        out.update({f"{group}.{k}": v for k, v in values.items()} if isinstance(values, dict) else {group: values})
+    return out
 
 
-def test_a_checkpoint_restores_every_flag_as_the_same_typed_value(tmp_path):
-    parent = tmp_path / "parent.9"  # --load: the weights this run started from
-    save_checkpoint(str(parent), {"format": CHECKPOINT_FORMAT, "args": {}})
-    original = main.parse_args(["--save", str(tmp_path / "net"), "--load", str(parent), *EVERY_FLAG])
+def test_every_setting_is_set_away_from_its_default():
+    """The list above must keep covering every setting (a new flag is added to it)."""
+    given = leaves(every_setting("--save", "x", "--load", "y"))
+    default = leaves(flags.complete(flags.settings_from_args(main.build_parser().parse_args([]))))
+    assert given.keys() == default.keys()
+    assert {k for k in given if given[k] == default[k]} == AT_DEFAULT
+    assert flags.problems(every_setting("--save", "x")) is None  # a run could start with them
+
+
+def test_a_checkpoint_restores_every_setting_as_the_same_typed_value(tmp_path):
+    original = every_setting("--save", str(tmp_path / "net"), "--load", str(tmp_path / "parent.9"))
     ckpt = tmp_path / "net.3"
     save_checkpoint(str(ckpt), {"format": CHECKPOINT_FORMAT, "epoch": 3, "optimizer": {},
-                                "args": checkpoint_args(original)})
-    restored, _ = main.parse_command_line(["--resume", str(ckpt)])
-    for dest, value in vars(original).items():
-        if dest not in NOT_RESTORED:
-            assert comparable(getattr(restored, dest)) == comparable(value), dest
-    assert restored.save == str(tmp_path / "net")  # from the --resume path, as documented
-    # and so the typed settings the run works with are the same
-    a, b = S.settings_from_args(original), S.settings_from_args(restored)
-    for group in dataclasses.fields(a):
-        if group.name not in ("pseudo", "run"):
-            assert getattr(a, group.name) == getattr(b, group.name), group.name
-    assert comparable(a.pseudo.size_func) == comparable(b.pseudo.size_func)
-    assert dataclasses.replace(a.pseudo, size_func=None) == dataclasses.replace(b.pseudo, size_func=None)
+                                "settings": S.settings_dict(original)})
+    restored = main.parse_settings(["--resume", str(ckpt)])
+    for group in ("data", "model", "optim", "augment", "pseudo", "inference", "seed"):
+        assert getattr(restored, group) == getattr(original, group), group
+    # the values come back with their own types, not as JSON's lists and floats
+    assert restored.augment.gamma_range == (0.8, 1.2) and restored.model.head_hidden == (64, 32)
+    assert restored.data.val_experiments == ("HUVEC-01", "RPE-02")
+    assert str(restored.optim.lr) == str(original.optim.lr) and restored.optim.lr(10, 31) == original.optim.lr(10, 31)
+    assert restored.pseudo.size_func.text == "min(1, 0.6*x + 0.4)"
+    assert restored.run.save == str(tmp_path / "net")  # from the --resume path, as documented
 
 
 def test_the_settings_file_reads_back_as_the_typed_settings(tmp_path):
-    settings = S.settings_from_args(main.parse_args(["--save", str(tmp_path / "net"), *EVERY_FLAG]))
+    settings = every_setting("--save", str(tmp_path / "net"))
     S.save_settings(str(tmp_path / "net.args.json"), settings)
     written = json.loads((tmp_path / "net.args.json").read_text())
+    written.pop("run_id", None)
+    assert S.settings_from_dict(written) == settings
     assert LRSchedule.parse(written["optim"]["lr"]) == settings.optim.lr
     assert LRGroups.parse(written["optim"]["lr_groups"]) == settings.optim.lr_groups
     assert SizeFunction(written["pseudo"]["size_func"]).text == settings.pseudo.size_func.text
     assert written["augment"]["gamma_range"] == [0.8, 1.2] and written["model"]["head_hidden"] == [64, 32]
-    assert Path(written["data"]["root"]) == settings.data.root and written["data"]["val_experiments"] == [
-        "HUVEC-01", "RPE-02"]
+    assert written["data"]["root"] == "some/data" and written["data"]["val_experiments"] == ["HUVEC-01", "RPE-02"]
 
 
 @pytest.mark.parametrize("text, shown", [
@@ -95,7 +99,7 @@ def test_the_settings_file_reads_back_as_the_typed_settings(tmp_path):
     ("cosine, 3e-3", "cosine,0.003"),
     ("const,0.1,2.5,0.01,7.25,0.001,9,0", "const,0.1,2.5,0.01,7.25,0.001,9,0"),
     # more digits than %g keeps: still read back exactly (a resumed run must not change its rate)
-    ("cosine,1.234567891e-4,1234567,3.3333333333e-6", "cosine,0.0001234567891,1234567,3.3333333333e-06"),
+    ("cosine,1.234567891e-4,1234567,3.3333333333e-6", "cosine,0.0001234567891,1234567.0,3.3333333333e-06"),
 ])
 def test_lr_schedule_text_reads_back_as_itself(text, shown):
     schedule = LRSchedule.parse(text)

@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import make_submission  # noqa: E402
-import synthetic  # noqa: E402
+from cellpaint.modes import submission  # noqa: E402
+from cellpaint.data import synthetic_config  # noqa: E402
+from cellpaint.data import synthetic as synthetic_data  # noqa: E402
 from cellpaint.data.folds import assign_folds  # noqa: E402
-from cellpaint.prediction.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
+from cellpaint.data.prediction_file import (PredictionFileError, load_predictions, load_well_sums,  # noqa: E402
                       save_predictions)
 
 SMALL = dict(train_experiments=(2, 3, 2, 1), test_experiments=(1, 2, 1, 1), plates=4, classes=80,
@@ -46,9 +48,9 @@ def make(tmp: Path, layout: str = "competition", drop_wells: float = 0.02, dropp
     """Metadata (synthetic.py's design) and `files` prediction files: the 'val' part the treatment
     wells of fold 0's experiments, the 'test' part every test treatment well. `dropped_plates`
     whole test plates are taken out of the metadata (competition layout)."""
-    config = synthetic.SyntheticConfig(layout=layout, leak=False, drop_wells=drop_wells, seed=seed, **SMALL)
+    config = synthetic_config.SyntheticConfig(layout=layout, leak=False, drop_wells=drop_wells, seed=seed, **SMALL)
     data = tmp / "data"
-    wells, _ = synthetic.write_metadata(data, config)
+    wells, _ = synthetic_data.write_metadata(data, config)
     wells = wells.rename(columns={"dataset": "split"})
     if dropped_plates:
         assert layout == "competition"
@@ -190,7 +192,7 @@ def test_release_layout_scores_test_labels(tmp_path, capsys):
 
 def expect_error(capsys, info, out, *extra, files=None, match=(), status=1) -> str:
     """A one-line error, exit status 1 for input that cannot make a submission, 2 for a command line
-    that cannot work (cellpaint/errors.py)."""
+    that cannot work (cellpaint/core/errors.py)."""
     rc, _, err = run(capsys, info, out, *extra, files=files)
     assert rc == status, err
     assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
@@ -253,9 +255,9 @@ def test_weights_count_missing_and_corrupt_files(fake, tmp_path, capsys):
     (PermissionError(13, "Permission denied", "x.output"), 1, "error: cannot read x.output: Permission denied\n"),
     (KeyboardInterrupt(), 130, "interrupted: {out} not written\n")])
 def test_unreadable_input_and_ctrl_c_exit_statuses(fake, tmp_path, capsys, monkeypatch, raised, status, line):
-    def build(args):
+    def build(settings):
         raise raised
-    monkeypatch.setattr(make_submission, "build", build)
+    monkeypatch.setattr(submission, "build", build)
     out = tmp_path / "sub.csv"
     rc, _, err = run(capsys, fake, out)
     assert rc == status and err == line.format(out=out) and not out.exists()
@@ -355,7 +357,7 @@ def test_a_kill_between_the_renames_never_pairs_new_scores_with_an_old_csv(tmp_p
     alone, at the second the new one; never the old CSV beside new scores."""
     import os
 
-    from cellpaint import atomic
+    from cellpaint.core import atomic
     csv, scores = tmp_path / "sub.csv", tmp_path / "sub.csv.json"
     csv.write_text("old csv\n")
     scores.write_text("old scores\n")

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from cellpaint.data.structure import Structure
-from cellpaint.prediction.prediction_file import WellSums
-from cellpaint.submission.wells import SubmissionError, check_same_wells, first_example, match_metadata, match_reference
+from cellpaint.data.prediction_file import WellSums
+from cellpaint.modes.submission_inputs import SubmissionError, check_same_wells, first_example, match_metadata, match_reference
 
 
 def table() -> pd.DataFrame:

@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import synthetic  # noqa: E402
-from synthetic import OutputDirError, SyntheticConfig, generate  # noqa: E402
+
+from cellpaint.data import synthetic as synthetic_data  # noqa: E402
+from cellpaint.data.synthetic_config import SyntheticConfig  # noqa: E402
+from cellpaint.data.synthetic import OutputDirError, generate  # noqa: E402
 
 # Small enough to write in a second, big enough to have every feature (leak, drops, controls, 2 sites).
 TINY = dict(cell_types=("HEPG2", "RPE"), train_experiments=(2, 1), test_experiments=(1, 1), classes=6, plates=3,
@@ -64,7 +67,7 @@ def test_counts_files_and_images(ds):
     assert per_plate.sum() == info["n_wells"] == 16 * 4 * 14 - len(info["dropped_wells"])
     assert (df["id_code"] == df["experiment"] + "_" + df["plate"].astype(str) + "_" + df["well"]).all()
     # Wells are the first 14 positions of a 384-well plate, row-major, starting at B02.
-    assert set(df["well"]) == set(synthetic.well_names(14)) and synthetic.well_names(23)[-2:] == ["B23", "C02"]
+    assert set(df["well"]) == set(synthetic_data.well_names(14)) and synthetic_data.well_names(23)[-2:] == ["B23", "C02"]
     # Exactly the expected PNGs exist, nothing more.
     expected = {f"{r.dataset}/{r.experiment}/Plate{r.plate}/{r.well}_s1_w{c}.png" for r in df.itertuples() for c in range(1, 7)}
     found = {str(p.relative_to(d)) for p in d.rglob("*.png")}
@@ -131,7 +134,7 @@ def test_planted_leak_holds_exactly(ds):
     for p in range(1, cfg.plates + 1):
         q = (p - 2) % cfg.plates + 1  # plate p-1, plate 1 taking the last one
         assert info["plate_groups"][f"{t}_{p}"] == info["plate_groups"][f"{r}_{q}"]
-        for well in synthetic.well_names(info["wells_per_plate"]):
+        for well in synthetic_data.well_names(info["wells_per_plate"]):
             if f"{t}_{p}_{well}" in dropped or f"{r}_{q}_{well}" in dropped:
                 continue
             assert df[(t, p, well)] == df[(r, q, well)]
@@ -167,8 +170,8 @@ def test_deterministic_and_order_independent(tmp_path):
     assert a == tree(tmp_path / "b") and len(a) > 100
     generate(tmp_path / "a", cfg, progress=False)  # overwriting a previous synthetic set is allowed
     assert tree(tmp_path / "a") == a
-    assert synthetic.make_design(SyntheticConfig(**TINY, seed=1))[1]["plate_groups"] != \
-        synthetic.make_design(cfg)[1]["plate_groups"]
+    assert synthetic_data.make_design(SyntheticConfig(**TINY, seed=1))[1]["plate_groups"] != \
+        synthetic_data.make_design(cfg)[1]["plate_groups"]
     # Images are keyed by (seed, experiment, plate, well, site): adding a cell type changes none of the others.
     base = dict(TINY, drop_wells=0.0, leak=False)
     generate(tmp_path / "d", SyntheticConfig(**base), progress=False)
@@ -282,9 +285,8 @@ def test_refuses_foreign_directory(tmp_path, capsys):
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(OutputDirError, match="not a synthetic data set"):
         generate(out, SyntheticConfig(**TINY), progress=False)
-    with pytest.raises(SystemExit) as exc:
-        synthetic.main([str(out), "--classes", "8", "--plates", "2", "-q"])
-    assert exc.value.code == 2 and "not a synthetic data set" in capsys.readouterr().err
+    assert synthetic.main([str(out), "--classes", "8", "--plates", "2", "-q"]) == 2
+    assert "not a synthetic data set" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
     # A previous synthetic set is replaced, and files the generator does not own are left alone.
     generate(tmp_path / "prev", SyntheticConfig(**TINY), progress=False)

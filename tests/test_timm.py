@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cellpaint import backbones as B  # noqa: E402
+from cellpaint.networks import backbones as B  # noqa: E402
 import model as M  # noqa: E402
 from tests.conftest import SMALL, run  # noqa: E402
 
@@ -129,7 +129,7 @@ def test_trainer_trains_and_predicts_with_a_timm_backbone(tiny_competition, tmp_
     argv = [a if a != "smallcnn" else "timm-regnetx_002" for a in SMALL]
     assert run("--data", tiny_competition[0], "--save", save, "-e", 1, "--cv-number", 0, *argv) == 0
     state = torch.load(f"{save}.0", weights_only=True)
-    assert state["args"]["backbone"] == "timm-regnetx_002"
+    assert state["settings"]["model"]["backbone"] == "timm-regnetx_002"
     assert any(k.startswith("backbone.model.stem.conv") for k in state["model"])
     # --backbone left at its default: the checkpoint's own backbone is used
     rest = [a for i, a in enumerate(SMALL) if a != "--backbone" and (i == 0 or SMALL[i - 1] != "--backbone")]

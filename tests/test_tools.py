@@ -13,7 +13,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from synthetic import SyntheticConfig, generate  # noqa: E402
+from cellpaint.data.synthetic_config import SyntheticConfig  # noqa: E402
+
+from cellpaint.data.synthetic import generate  # noqa: E402
+from cellpaint.modes import curves as modes_curves  # noqa: E402
 from tools import curves, show  # noqa: E402
 
 PROG = "python -m tools.show: error:"
@@ -192,11 +195,11 @@ def _metrics_csv(path: Path, with_validation: bool = True, rows: int = 6) -> Pat
 def test_curves_png(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out" / "run.curves.png"
-    assert curves.plot_training_curves(_metrics_csv(tmp_path / "run.metrics.csv"), out) is True
+    assert modes_curves.plot_training_curves(_metrics_csv(tmp_path / "run.metrics.csv"), out) is True
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width >= 600 and img.height >= 400
     # a run on everything (--cv-number -1) has no validation columns: still a picture
-    assert curves.plot_training_curves(_metrics_csv(tmp_path / "all.csv", with_validation=False, rows=1),
+    assert modes_curves.plot_training_curves(_metrics_csv(tmp_path / "all.csv", with_validation=False, rows=1),
                                        tmp_path / "all.png") is True
     assert curves.main([str(tmp_path / "run.metrics.csv")]) == 0
     assert (tmp_path / "run.curves.png").is_file()
@@ -206,8 +209,8 @@ def test_curves_without_matplotlib(tmp_path, monkeypatch, caplog):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` now raises ImportError
     out = tmp_path / "c.png"
-    with caplog.at_level("WARNING", logger="tools.curves"):
-        assert curves.plot_training_curves(_metrics_csv(tmp_path / "m.csv"), out) is False
+    with caplog.at_level("WARNING", logger="cellpaint"):
+        assert modes_curves.plot_training_curves(_metrics_csv(tmp_path / "m.csv"), out) is False
     assert not out.exists()
     assert len(caplog.records) == 1 and "matplotlib is not installed" in caplog.records[0].getMessage()
 
@@ -215,9 +218,9 @@ def test_curves_without_matplotlib(tmp_path, monkeypatch, caplog):
 def test_curves_without_rows(tmp_path, caplog):
     csv = tmp_path / "empty.metrics.csv"
     csv.write_text("epoch,train_loss,train_acc,lr,seconds,pseudo_labels\n")
-    with caplog.at_level("WARNING", logger="tools.curves"):
-        assert curves.plot_training_curves(csv, tmp_path / "e.png") is False
+    with caplog.at_level("WARNING", logger="cellpaint"):
+        assert modes_curves.plot_training_curves(csv, tmp_path / "e.png") is False
     assert not (tmp_path / "e.png").exists() and len(caplog.records) == 1
     assert curves.main([str(tmp_path / "missing.csv")]) == 1
-    assert curves.default_output(Path("r/dn161_0.metrics.csv")) == Path("r/dn161_0.curves.png")
-    assert curves.default_output(Path("r/log.csv")) == Path("r/log.png")
+    assert modes_curves.default_output(Path("r/dn161_0.metrics.csv")) == Path("r/dn161_0.curves.png")
+    assert modes_curves.default_output(Path("r/log.csv")) == Path("r/log.png")

@@ -12,17 +12,18 @@ import pandas as pd
 import pytest
 import torch
 
-from cellpaint.training import mixing
 import main
+from cellpaint.core.errors import UsageError
+from cellpaint.core.schedule import LRSchedule, SizeFunction
 from cellpaint.data import metadata
 from cellpaint.data.folds import assign_folds, split_subsets
 from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
 from cellpaint.data.structure import Structure, derive_structure
-from cellpaint.training import pseudo_labels
-from cellpaint.training.schedule import LRSchedule, SizeFunction
+from cellpaint.engine import mixing
+from cellpaint.engine.data import load_data
+from cellpaint.engine.setup import build_model, make_optimizer
+from cellpaint.modes import pseudo_labels
 from tests.conftest import SMALL, run
-from cellpaint.training import engine
-from cellpaint.training.settings import settings_from_args
 
 # ------------------------------------------------------------------------------ pure functions
 
@@ -149,7 +150,7 @@ def test_training_writes_checkpoints_log_and_metrics(trained):
     log = trained.with_name(trained.name + ".log").read_text()
     assert "layout coincidence" in log and "pseudo-labels at epoch 1" in log
     state = torch.load(f"{trained}.1", weights_only=True)
-    assert state["epoch"] == 1 and {"model", "optimizer", "scaler", "args", "pseudo_labels"} <= set(state)
+    assert state["epoch"] == 1 and {"model", "optimizer", "scaler", "settings", "pseudo_labels"} <= set(state)
 
 
 def test_pseudo_labels_follow_the_schedule(trained, tiny_competition):
@@ -228,7 +229,7 @@ def test_val_mode_reports_accuracy(trained, tiny_competition, caplog):
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("validation: "))
     reported = {k: float(v) for k, v in (item.split() for item in line[len("validation: "):].split(", "))}
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", trained, "--pred-suffix", "_acc", *SMALL) == 0
-    from cellpaint.prediction.prediction_file import load_predictions
+    from cellpaint.data.prediction_file import load_predictions
     val = load_predictions(f"{trained}.output_acc")["val"]
     table = metadata.load_table(tiny_competition[0])
     treatment = derive_structure(table).treatment_classes
@@ -249,13 +250,13 @@ def test_val_mode_reports_accuracy(trained, tiny_competition, caplog):
     (["--lr", "cosine,1e-3,5"], "odd count"),
     (["--pl-size-func", "__import__('os')"], "is not allowed"),
     (["--cv-number", "7"], "--cv-number"),
-    (["-b", "0"], "--batch-size must be >= 1"),
+    (["-b", "0"], "--batch-size 0: must be an integer >= 1 (on the command line)"),
     (["--tta", "9"], "--tta 9"),
     (["--concat-cell-type", "maybe"], "expected true/false"),
 ])
 def test_bad_flags_fail_with_a_clear_message(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        main.parse_args(["--save", str(tmp_path / "x"), *argv])
+        main.parse_settings(["--save", str(tmp_path / "x"), *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -265,7 +266,7 @@ def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained, caplog
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", junk, *SMALL) == 1
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "missing", *SMALL) == 1
     state = torch.load(f"{trained}.1", weights_only=True)
-    state["args"]["backbone"] = "resnet34"
+    state["settings"]["model"]["backbone"] = "resnet34"
     torch.save(state, tmp_path / "other")
     # --load takes the architecture from the checkpoint: typing another one is refused (exit 2) ...
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", tmp_path / "other", *SMALL) == 2
@@ -291,46 +292,44 @@ def test_bad_checkpoints_are_refused(tmp_path, tiny_competition, trained, caplog
 
 def test_layer_wise_learning_rates(tmp_path):
     # built straight from the arguments: a real name, as main's modes resolve --backbone auto first
-    args = main.parse_args(["--save", str(tmp_path / "x"), "--backbone-lr-mult", "0.1", "--lr", "const,1e-3",
-                            "--backbone", "mem-densenet161"])
-    s = settings_from_args(args)
-    model = engine.build_model(s.model, 11, 4, "none")
-    optimizer = engine.make_optimizer(s.optim, model)
+    s = main.parse_settings(["--save", str(tmp_path / "x"), "--backbone-lr-mult", "0.1", "--lr", "const,1e-3",
+                             "--backbone", "mem-densenet161"])
+    model = build_model(s.model, 11, 4, "none")
+    optimizer = make_optimizer(s.optim, model)
     backbone, head = optimizer.param_groups
     assert backbone["lr"] == pytest.approx(1e-4) and head["lr"] == pytest.approx(1e-3)
     assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
     assert len(backbone["params"]) + len(head["params"]) == len(list(model.parameters()))
     with pytest.raises(SystemExit):
-        main.parse_args(["--save", str(tmp_path / "x"), "--backbone-lr-mult", "-1"])
+        main.parse_settings(["--save", str(tmp_path / "x"), "--backbone-lr-mult", "-1"])
 
 
 def test_finetune_cell_type_keeps_one_cell_type(tiny_competition, tmp_path):
-    args = main.parse_args(["--data", str(tiny_competition[0]), "--save", str(tmp_path / "x"),
-                            "--finetune-cell-type", "HUVEC", *SMALL])
-    data = engine.load_data(settings_from_args(args).data)
+    s = main.parse_settings(["--data", str(tiny_competition[0]), "--save", str(tmp_path / "x"),
+                             "--finetune-cell-type", "HUVEC", *SMALL])
+    data = load_data(s.data)
     for part, rows in data.subsets.items():
         assert set(rows["cell_type"]) <= {"HUVEC"}, part
     assert len(data.subsets["train"]) and len(data.subsets["test"])
     assert data.structure.cell_types == ("HEPG2", "HUVEC", "RPE", "U2OS")  # the model's inputs are unchanged
-    args.finetune_cell_type = "NOPE"
-    with pytest.raises(metadata.DataError, match="--finetune-cell-type NOPE"):
-        engine.load_data(settings_from_args(args).data)
+    with pytest.raises(UsageError, match="--finetune-cell-type NOPE"):
+        load_data(s.replace(data={"finetune_cell_type": "NOPE"}).data)
 
 
 def test_finetune_cell_type_without_validation_wells_says_so(tiny_competition, tmp_path, caplog):
     table = metadata.load_table(tiny_competition[0])
     train = sorted(table.loc[table["split"] == "train", "experiment"].unique())
     other = next(e for e in train if not e.startswith("HUVEC"))
-    args = main.parse_args(["--data", str(tiny_competition[0]), "--save", str(tmp_path / "x"),
-                            "--finetune-cell-type", "HUVEC", "--val-experiments", other, *SMALL])
+    s = main.parse_settings(["--data", str(tiny_competition[0]), "--save", str(tmp_path / "x"),
+                             "--finetune-cell-type", "HUVEC", "--val-experiments", other, *SMALL])
     with caplog.at_level("WARNING", logger="cellpaint"):
-        data = engine.load_data(settings_from_args(args).data)
+        data = load_data(s.data)
     assert data.subsets["val"].empty
     assert "--finetune-cell-type HUVEC: the validation experiments hold none of its wells" in caplog.text
 
 
 def test_merge_per_cell_type_predictions(tmp_path, capsys):
-    from cellpaint.prediction.prediction_file import load_predictions, save_predictions
+    from cellpaint.data.prediction_file import load_predictions, save_predictions
     from tools import merge_predictions
     v = lambda: [np.zeros(5, np.float32), np.ones(5, np.float32)]
     save_predictions(tmp_path / "a.output", {"test": {"A_1_B02": v()}, "val": {"A_2_B02": v()}})

@@ -15,15 +15,15 @@ import pandas as pd
 import pytest
 import torch
 
-from cellpaint.training import engine
 import main
 import make_submission
-from cellpaint.data.check import check_data
-from cellpaint.training import runconfig
-from cellpaint.training import runlock
-from synthetic import SyntheticConfig, generate
+from cellpaint.cli import flags
+from cellpaint.core import runlock
+from cellpaint.engine.data import load_data
+from cellpaint.modes.check import check_data
+from cellpaint.data.synthetic_config import SyntheticConfig
+from cellpaint.data.synthetic import generate
 from tests.conftest import ROOT, SMALL, TINY, run
-from cellpaint.training.settings import settings_from_args
 
 # what a user types to run somewhere: no setting of the model or of the run itself
 WHERE = ["--device", "cpu", "--num-data-workers", "0"]
@@ -52,7 +52,7 @@ def test_resume_restores_the_saved_settings(trained, tiny_competition, tmp_path)
     assert run("--data", tiny_competition[0], "--resume", tmp_path / "again.0", *WHERE) == 0
     a = torch.load(f"{trained}.1", weights_only=True)
     b = torch.load(tmp_path / "again.1", weights_only=True)
-    assert a["pseudo_labels"] == b["pseudo_labels"] and b["args"]["epochs"] == 2 and b["args"]["seed"] == 5
+    assert a["pseudo_labels"] == b["pseudo_labels"] and b["settings"]["optim"]["epochs"] == 2 and b["settings"]["seed"] == 5
     assert all(torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6) for k in a["model"])
     assert not (tmp_path / "again.2").exists()  # 2 epochs as saved, not the default 90
 
@@ -73,10 +73,11 @@ def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(trained, tiny_com
 
 def test_resume_help_lists_the_flags_that_may_change(capsys):
     with pytest.raises(SystemExit):
-        main.parse_args(["--help"])
+        main.parse_settings(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for dest in runconfig.MAY_CHANGE:
-        assert runconfig.flag_name(dest) in text
+    assert len(flags.may_change_flags()) > 10
+    for flag in flags.may_change_flags():
+        assert flag in text
 
 
 def test_fine_tune_command_works_without_the_architecture_flags(trained, tiny_competition, tmp_path, capsys):
@@ -84,7 +85,7 @@ def test_fine_tune_command_works_without_the_architecture_flags(trained, tiny_co
     save = tmp_path / "ft"
     assert run("--data", tiny_competition[0], "--load", trained, "--finetune-cell-type", "HEPG2", "--start-epoch", 0,
                "-e", 1, "--save", save, "-b", 16, *WHERE) == 0
-    assert torch.load(f"{save}.0", weights_only=True)["args"]["backbone"] == "smallcnn"
+    assert torch.load(f"{save}.0", weights_only=True)["settings"]["model"]["backbone"] == "smallcnn"
     assert run("--mode", "val", "--data", tiny_competition[0], "--load", f"{save}.0", *WHERE) == 0
     assert "'backbone': 'smallcnn'" in capsys.readouterr().err  # the logged arguments are the checkpoint's
     assert run("--mode", "predict", "--data", tiny_competition[0], "--load", f"{save}.0", "--backbone", "resnet18",
@@ -172,7 +173,7 @@ def test_a_second_run_on_the_same_save_is_refused_while_the_first_lives(trained,
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over(tiny_competition, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "from cellpaint.training import runlock; import time, sys\n"
+    holder = subprocess.Popen([sys.executable, "-c", "from cellpaint.core import runlock; import time, sys\n"
                                f"with runlock.hold({str(tmp_path / 'net.lock')!r}, 'x'):\n"
                                "    print('held', flush=True); time.sleep(600)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -230,11 +231,12 @@ def test_save_naming_a_directory_is_refused(tiny_competition, tmp_path, caplog, 
     assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["keep"]
 
 
-@pytest.mark.parametrize("flag, value", [("--num-data-workers", -1), ("--threads", -2)])
-def test_negative_workers_or_threads_are_refused(tmp_path, capsys, flag, value):
+@pytest.mark.parametrize("flag, value, domain", [("--num-data-workers", -1, "an integer >= 0"),
+                                                  ("--threads", -2, "an integer >= 1")])
+def test_negative_workers_or_threads_are_refused(tmp_path, capsys, flag, value, domain):
     with pytest.raises(SystemExit) as e:
-        main.parse_args(["--save", str(tmp_path / "x"), flag, str(value)])
-    assert e.value.code == 2 and "--num-data-workers must be >= 0 and --threads >= 1" in capsys.readouterr().err
+        main.parse_settings(["--save", str(tmp_path / "x"), flag, str(value)])
+    assert e.value.code == 2 and f"{flag} {value}: must be {domain} (on the command line)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["predict", "val"])
@@ -281,7 +283,7 @@ def test_a_plate_without_treatment_wells_is_reported_and_loads(tiny_competition,
     edit_csv(data / "train.csv", lambda t: t[~((t["experiment"] == "RPE-01") & (t["plate"] == 1))])
     assert run("--mode", "check", "--data", data, "--num-data-workers", 0) == 1
     assert "RPE-01 plate 1: no treatment wells (only controls)" in capsys.readouterr().out
-    data_of_run = engine.load_data(settings_from_args(main.parse_args(["--data", str(data), "--save", str(tmp_path / "x"), *SMALL])).data)
+    data_of_run = load_data(main.parse_settings(["--data", str(data), "--save", str(tmp_path / "x"), *SMALL]).data)
     assert data_of_run.structure.n_groups == 4
 
 
@@ -321,12 +323,13 @@ def test_a_site_of_another_size_is_one_line(tiny_competition, tmp_path, caplog):
         Image.new("L", (20, 20)).save(png)
     assert run("--data", data, "--save", tmp_path / "x", "-e", 1, "--cv-number", -1, *SMALL) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and errors[0].startswith("the sites of a batch differ in size (stack expects")
+    assert len(errors) == 1 and errors[0].startswith("the sites of a batch differ in size (")
+    assert f"{data}/train/HEPG2-01/Plate1/B02_s1: 20x20" in errors[0]  # the odd site, by name
     assert f"python main.py --mode check --data {data} names the images" in errors[0]
 
 
 def test_a_full_disk_keeps_the_earlier_checkpoints(tiny_competition, tmp_path, monkeypatch, caplog):
-    from cellpaint.training import checkpoints
+    from cellpaint.engine import checkpoints
     real = torch.save
     calls = {"n": 0}
 

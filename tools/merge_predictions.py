@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cellpaint.errors import exit_status, one_line
-from cellpaint.prediction.prediction_file import PredictionFileError, load_predictions, save_predictions
+from cellpaint.cli import entry
+from cellpaint.data.prediction_file import PredictionFileError, load_predictions, save_predictions
 
 
 def merge(paths: list[str], kind: str = "logits") -> dict[str, dict]:
@@ -35,21 +35,23 @@ def merge(paths: list[str], kind: str = "logits") -> dict[str, dict]:
     return merged
 
 
+def write_merged(args: argparse.Namespace) -> None:
+    kind = "embeddings" if args.embeddings else "logits"
+    merged = merge(args.files, kind)
+    save_predictions(args.output, merged, kind=kind)
+    print(f"wrote {args.output}: " + ", ".join(f"{len(v)} {k} wells" for k, v in merged.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Exit status: 0 written; 1 the files cannot be merged, or the output not written (the one line
+    names the file); 2 the command line is wrong; 130/143 interrupted."""
+    p = argparse.ArgumentParser(prog="python -m tools.merge_predictions", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--embeddings", action="store_true", help="the files are embeddings files")
     args = p.parse_args(argv)
-    kind = "embeddings" if args.embeddings else "logits"
-    try:
-        merged = merge(args.files, kind)
-        save_predictions(args.output, merged, kind=kind)
-    except (PredictionFileError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return exit_status(e)  # 1: the files cannot be merged, or the output not written
-    print(f"wrote {args.output}: " + ", ".join(f"{len(v)} {k} wells" for k, v in merged.items()))
-    return 0
+    return entry.run(lambda: write_merged(args))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from cellpaint.atomic import atomic_write
+from cellpaint.core.atomic import atomic_write
 
 TILE_TARGET = 128            # px: small sites are enlarged (nearest neighbour) to at least this
 LOW_PERCENTILE = 1.0         # black point of each channel

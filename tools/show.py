@@ -30,14 +30,16 @@ if __package__ in (None, ""):  # run as a script (python tools/show.py): make th
 
 from cellpaint.data import metadata  # noqa: E402
 from cellpaint.data.images import read_site  # noqa: E402,F401 - show.read_site is part of this tool's API
-from cellpaint.data.metadata import DataError  # noqa: E402
-from cellpaint.errors import exit_status  # noqa: E402
+from cellpaint.cli import entry  # noqa: E402
+from cellpaint.core.errors import DataError, OutputError  # noqa: E402
 # the pictures themselves; show.composite stays part of this tool's API
 from tools.picture import (BACKGROUND, DIM, HIGH_PERCENTILE, LOW_PERCENTILE, TEXT, TILE_TARGET,  # noqa: E402,F401
                            _fit, _fitting_size, _line_height, _wrap, channel_limits, composite, font, legend,
                            resize, save_png, scaled_size, with_legend)
 
 PROG = "python -m tools.show"
+
+
 class ShowError(DataError):
     """A request this tool cannot satisfy (unknown id_code, unlabelled class, ...): one line for the user."""
 
@@ -254,37 +256,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--scale must be positive")
     if not 0 <= args.low_percentile < args.percentile <= 100:
         parser.error("need 0 <= --low-percentile < --percentile <= 100")
+    return entry.run(lambda: show(args), report=lambda line: print(f"{PROG}: error: {line}", file=sys.stderr))
+
+
+def show(args: argparse.Namespace) -> None:
+    """The pictures the arguments ask for: a contact sheet, a site, or both."""
     want_site = args.out is not None or args.id_code is not None or args.contact_sheet is None
+    table = metadata.load_table(args.data)
+    if args.contact_sheet is not None:
+        classes = choose_classes(table, args.site, args.classes, args.class_ids)
+        title = (f"{args.data.resolve().name}: {len(classes)} classes x up to {args.wells} wells, site {args.site}, "
+                 f"stretch {args.low_percentile:g}-{args.percentile:g} percentile per {args.stretch}")
+        sheet = contact_sheet(table, classes, args.wells, args.site, args.scale, args.low_percentile,
+                              args.percentile, args.stretch, title)
+        write_picture(sheet.image, args.contact_sheet)
+        shown = sum(b is not None for row in sheet.boxes for b in row)
+        print(f"wrote {args.contact_sheet} ({sheet.image.width}x{sheet.image.height}): {len(classes)} classes "
+              f"x {args.wells} wells ({shown} tiles), classes {_summary(classes)}")
+    if want_site:
+        out = args.out or Path("site.png")
+        row = find_site(table, args.id_code, args.site)
+        site = read_site(row["image_prefix"])
+        rgb = composite(site, low=args.low_percentile, high=args.percentile)
+        img = resize(rgb, scaled_size(site.shape[1], site.shape[2], args.scale))
+        if args.legend:
+            img = with_legend(img)
+        write_picture(img, out)
+        print(f"wrote {out} ({img.width}x{img.height}): {row['id_code']} site {row['site']}, {_label(row)}, "
+              f"{site.shape[2]}x{site.shape[1]} px")
+
+
+def write_picture(img, path: Path) -> None:
     try:
-        table = metadata.load_table(args.data)
-        if args.contact_sheet is not None:
-            classes = choose_classes(table, args.site, args.classes, args.class_ids)
-            title = (f"{args.data.resolve().name}: {len(classes)} classes x up to {args.wells} wells, site {args.site}, "
-                     f"stretch {args.low_percentile:g}-{args.percentile:g} percentile per {args.stretch}")
-            sheet = contact_sheet(table, classes, args.wells, args.site, args.scale, args.low_percentile,
-                                  args.percentile, args.stretch, title)
-            save_png(sheet.image, args.contact_sheet)
-            shown = sum(b is not None for row in sheet.boxes for b in row)
-            print(f"wrote {args.contact_sheet} ({sheet.image.width}x{sheet.image.height}): {len(classes)} classes "
-                  f"x {args.wells} wells ({shown} tiles), classes {_summary(classes)}")
-        if want_site:
-            out = args.out or Path("site.png")
-            row = find_site(table, args.id_code, args.site)
-            site = read_site(row["image_prefix"])
-            rgb = composite(site, low=args.low_percentile, high=args.percentile)
-            img = resize(rgb, scaled_size(site.shape[1], site.shape[2], args.scale))
-            if args.legend:
-                img = with_legend(img)
-            save_png(img, out)
-            print(f"wrote {out} ({img.width}x{img.height}): {row['id_code']} site {row['site']}, {_label(row)}, "
-                  f"{site.shape[2]}x{site.shape[1]} px")
-    except DataError as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return exit_status(e)  # 1: not in this data set (a command-line mistake is argparse's 2, above)
+        save_png(img, path)
     except OSError as e:
-        print(f"{PROG}: error: cannot write the picture: {_one_line(e)}", file=sys.stderr)
-        return exit_status(e)
-    return 0
+        raise OutputError(f"cannot write the picture: {_one_line(e)}") from None
 
 
 if __name__ == "__main__":

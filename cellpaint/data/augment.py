@@ -2,18 +2,19 @@
 
 Draws come from the per-(seed, epoch, index) generator that `dataset.SiteDataset` hands in;
 the functions here apply them to single images or whole batches (on the device, in float).
-Two recipes' augmentations live side by side, selected by `Augment`'s settings: the 1st
+Two recipes' augmentations live side by side, selected by `AugmentSettings`: the 1st
 place's (dihedral flips, zoom crop, per-channel gain/offset) and, off by default, the 41st
 place's (rescale, rotation with a reflected border, horizontal/vertical flips, brightness and
 contrast on raw intensities, gamma, each applied with a probability).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
+
+from cellpaint.core.settings import ROTATE_BORDERS, ZOOM_MODES, AugmentSettings
+
 
 def jitter_draws(shape: tuple[int, ...], scale_std: float, bias_std: float,
                  generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -53,9 +54,6 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     if k & 4:
         x = x.transpose(-2, -1)
     return x
-
-
-ZOOM_MODES = ("nearest", "bilinear")
 
 
 def draw_zoom_box(rng: np.random.Generator, h: int, w: int, min_scale: float) -> tuple[int, int, int, int]:
@@ -107,9 +105,6 @@ def apply_geometry(x: torch.Tensor, geometry: torch.Tensor, zoom_mode: str = "ne
     if all(r == [0, 0, 0, h, w] for r in rows):
         return x
     return torch.stack([zoom(dihedral(img, r[0]), r[1:], zoom_mode) for img, r in zip(x, rows)])
-
-
-ROTATE_BORDERS = ("zeros", "reflect", "reflect-101")
 
 
 def reflect_coordinates(coord: torch.Tensor, size: int, border: str) -> torch.Tensor:
@@ -218,102 +213,32 @@ def raw_brightness_contrast(x: torch.Tensor, contrast: torch.Tensor, brightness:
     return (x * contrast.to(x)[:, None, None, None] + brightness.to(x)[:, None, None, None] * mean).clamp(0, 255)
 
 
-FLIP_SETS = ("dihedral", "hv", "none")
-BC_SPACES = ("normalised", "raw")
+def draw_photometric(settings: AugmentSettings, rng: np.random.Generator) -> torch.Tensor:
+    """float32 [4] (angle in degrees, gamma, contrast, brightness), [5] with the rescale factor
+    when `rescale` is on: one sample's draws, neutral where a coin of `prob` said no.
+
+    Always the same four draws first, whichever are on: switching one on does not change the
+    others' values; the rescale factor and the coins are drawn after them, and only when used.
+    """
+    u = rng.uniform(-1, 1, 4)
+    gamma = np.exp(np.log1p(settings.gamma) * u[1])
+    if settings.gamma_range is not None:  # the 41st place: 255·(x/255)^(1/γ), γ uniform in the range
+        lo, hi = settings.gamma_range
+        gamma = 1 / (lo + (hi - lo) * (u[1] + 1) / 2)
+    values = [settings.rotate * u[0], gamma, 1 + settings.contrast * u[2], settings.brightness * u[3]]
+    if settings.rescale > 0:
+        values.append(1 + settings.rescale * rng.uniform(-1, 1))
+    if settings.prob < 1:
+        # one coin each for rotation, gamma, brightness+contrast (one transform in the 41st
+        # place's pipeline), rescale; a failed coin leaves the neutral value
+        rotate_on, gamma_on, bc_on, rescale_on = rng.random(4) < settings.prob
+        neutral = [0.0, 1.0, 1.0, 0.0, 1.0]
+        keep = [rotate_on, gamma_on, bc_on, bc_on, rescale_on]
+        values = [v if k else n for v, k, n in zip(values, keep, neutral)]
+    return torch.tensor(values, dtype=torch.float32)
 
 
-@dataclass(frozen=True)
-class Augment:
-    """Train-time augmentation settings (SPEC): dihedral flips, zoom crop, per-channel gain/offset;
-    optionally (the 41st-place recipe, off by default) rescale, rotation, gamma, brightness and
-    contrast, each applied with probability `prob`."""
-    flips: bool = True
-    min_scale: float = 1.0          # --scale-aug: zoom crop edge drawn from [min_scale, 1]
-    scale_std: float = 0.0          # --pw-aug first value
-    bias_std: float = 0.0           # --pw-aug second value
-    rotate: float = 0.0             # --rotate-aug: angle ~ U(-rotate, rotate) degrees
-    brightness: float = 0.0         # --brightness-aug: offset ~ U(-b, b) (times the mean in raw space)
-    contrast: float = 0.0           # --contrast-aug: factor ~ U(1-c, 1+c)
-    gamma: float = 0.0              # --gamma-aug: gamma = exp(U(-log(1+g), log(1+g)))
-    zoom_mode: str = "nearest"      # --zoom-interpolation: how the zoom crop is resized back
-    transposes: bool = True         # --flips dihedral (True) or hv (False): the 8 or the 4 flips
-    prob: float = 1.0               # --aug-prob: each of rescale, rotation, brightness/contrast, gamma
-    rescale: float = 0.0            # --rescale-aug: resized by U(1-r, 1+r) and back
-    rotate_border: str = "zeros"    # --rotate-border
-    bc_space: str = "normalised"    # --brightness-contrast-space
-    gamma_range: tuple[float, float] | None = None  # --gamma-range: gamma = 1 / U(lo, hi)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"zoom scale must be in (0, 1], got {self.min_scale}")
-        if self.scale_std < 0 or self.bias_std < 0:
-            raise ValueError(f"augmentation std must be >= 0, got {self.scale_std}, {self.bias_std}")
-        # written so that NaN fails too
-        if not 0 <= self.rotate <= 180:
-            raise ValueError(f"--rotate-aug: rotation must be in [0, 180] degrees, got {self.rotate}")
-        if not 0 <= self.contrast < 1:
-            raise ValueError(f"--contrast-aug: contrast must be in [0, 1) (factor in (0, 2)), got {self.contrast}")
-        if not self.brightness >= 0:
-            raise ValueError(f"--brightness-aug: brightness must be >= 0, got {self.brightness}")
-        if not self.gamma >= 0:
-            raise ValueError(f"--gamma-aug: gamma must be >= 0, got {self.gamma}")
-        if self.zoom_mode not in ZOOM_MODES:
-            raise ValueError(f"--zoom-interpolation: {self.zoom_mode!r} is not one of {', '.join(ZOOM_MODES)}")
-        if not 0 <= self.prob <= 1:
-            raise ValueError(f"--aug-prob: a probability in [0, 1], got {self.prob}")
-        if not 0 <= self.rescale < 1:
-            raise ValueError(f"--rescale-aug: must be in [0, 1) (factor in (0, 2)), got {self.rescale}")
-        if self.rotate_border not in ROTATE_BORDERS:
-            raise ValueError(f"--rotate-border: {self.rotate_border!r} is not one of {', '.join(ROTATE_BORDERS)}")
-        if self.bc_space not in BC_SPACES:
-            raise ValueError(f"--brightness-contrast-space: {self.bc_space!r} is not one of {', '.join(BC_SPACES)}")
-        if self.gamma_range is not None:
-            lo, hi = self.gamma_range
-            if not 0 < lo <= hi:
-                raise ValueError(f"--gamma-range: need 0 < LO <= HI, got {lo},{hi}")
-            if self.gamma > 0:
-                raise ValueError("--gamma-range and --gamma-aug both draw the gamma: give one")
-
-    @property
-    def geometric(self) -> bool:
-        return self.flips or self.min_scale < 1
-
-    @property
-    def jitter(self) -> bool:
-        return self.scale_std > 0 or self.bias_std > 0
-
-    @property
-    def photometric(self) -> bool:
-        """Rescale, rotation, gamma, brightness or contrast on (they share one set of draws)."""
-        return (self.rotate > 0 or self.brightness > 0 or self.contrast > 0 or self.gamma > 0
-                or self.gamma_range is not None or self.rescale > 0)
-
-    def draw_photometric(self, rng: np.random.Generator) -> torch.Tensor:
-        """float32 [4] (angle in degrees, gamma, contrast, brightness), [5] with the rescale factor
-        when `rescale` is on: one sample's draws, neutral where a coin of `prob` said no.
-
-        Always the same four draws first, whichever are on: switching one on does not change the
-        others' values; the rescale factor and the coins are drawn after them, and only when used.
-        """
-        u = rng.uniform(-1, 1, 4)
-        gamma = np.exp(np.log1p(self.gamma) * u[1])
-        if self.gamma_range is not None:  # the 41st place: 255·(x/255)^(1/γ), γ uniform in the range
-            lo, hi = self.gamma_range
-            gamma = 1 / (lo + (hi - lo) * (u[1] + 1) / 2)
-        values = [self.rotate * u[0], gamma, 1 + self.contrast * u[2], self.brightness * u[3]]
-        if self.rescale > 0:
-            values.append(1 + self.rescale * rng.uniform(-1, 1))
-        if self.prob < 1:
-            # one coin each for rotation, gamma, brightness+contrast (one transform in the 41st
-            # place's pipeline), rescale; a failed coin leaves the neutral value
-            rotate_on, gamma_on, bc_on, rescale_on = rng.random(4) < self.prob
-            neutral = [0.0, 1.0, 1.0, 0.0, 1.0]
-            keep = [rotate_on, gamma_on, bc_on, bc_on, rescale_on]
-            values = [v if k else n for v, k, n in zip(values, keep, neutral)]
-        return torch.tensor(values, dtype=torch.float32)
-
-
-def raw_photometric(x: torch.Tensor, photo: torch.Tensor, settings: Augment | None) -> torch.Tensor:
+def raw_photometric(x: torch.Tensor, photo: torch.Tensor, settings: AugmentSettings | None) -> torch.Tensor:
     """The photometric steps on raw intensities of a batch [B, C, H, W]: rescale, rotation,
     brightness/contrast (in "raw" space), gamma. `photo` [B, 4 or 5] from `draw_photometric`."""
     border = settings.rotate_border if settings else "zeros"
@@ -325,7 +250,7 @@ def raw_photometric(x: torch.Tensor, photo: torch.Tensor, settings: Augment | No
     return adjust_gamma(x, photo[:, 1])
 
 
-def normalised_photometric(x: torch.Tensor, photo: torch.Tensor, settings: Augment | None) -> torch.Tensor:
+def normalised_photometric(x: torch.Tensor, photo: torch.Tensor, settings: AugmentSettings | None) -> torch.Tensor:
     """The photometric steps after normalisation: brightness/contrast in "normalised" space."""
     if settings is not None and settings.bc_space == "raw":
         return x

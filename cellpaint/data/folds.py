@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cellpaint.data.metadata import TREATMENT, DataError
+from cellpaint.core.errors import UsageError
+from cellpaint.data.metadata import TREATMENT
 
 
 def assign_folds(table: pd.DataFrame, n_folds: int = 6, seed: int = 0) -> dict[str, int]:
@@ -41,10 +42,10 @@ def named_folds(table: pd.DataFrame, validation: list[str]) -> dict[str, int]:
     train = sorted(table.loc[table["split"] == "train", "experiment"].astype(str).unique())
     unknown = [e for e in validation if e not in train]
     if unknown:
-        raise DataError(f"--val-experiments: {', '.join(unknown)} is not a train experiment of the data set "
+        raise UsageError(f"--val-experiments: {', '.join(unknown)} is not a train experiment of the data set "
                         f"(train experiments: {', '.join(train)})")
     if len(set(validation)) != len(validation):
-        raise DataError(f"--val-experiments: an experiment is named twice in {','.join(validation)}")
+        raise UsageError(f"--val-experiments: an experiment is named twice in {','.join(validation)}")
     return {e: 0 if e in validation else 1 for e in train}
 
 
@@ -59,7 +60,7 @@ def split_subsets(table: pd.DataFrame, folds: dict[str, int], cv_number: int,
     - test: treatment wells of the test experiments (all of them: the submission needs every one).
     """
     if cv_number >= 0 and cv_number not in set(folds.values()):
-        raise DataError(f"--cv-number {cv_number}: no experiment falls in that fold "
+        raise UsageError(f"--cv-number {cv_number}: no experiment falls in that fold "
                         f"(folds present: {sorted(set(folds.values()))})")
     in_val = table["experiment"].map(folds).eq(cv_number) & (cv_number >= 0)
     treatment = table["well_type"] == TREATMENT

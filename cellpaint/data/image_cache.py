@@ -16,7 +16,6 @@ run again, so an interrupted build loses at most the plate it was on.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -26,9 +25,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cellpaint.atomic import write_text
+from cellpaint.core.atomic import write_text
 from cellpaint.data import images, metadata
-from cellpaint.data.metadata import DataError
+from cellpaint.core.errors import DataError
 
 CACHE_FORMAT = "cellpaint-rcic-image-cache/1"
 CACHE_MANIFEST = "manifest.json"
@@ -301,7 +300,7 @@ def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = No
     started = time.time()
     bar = tqdm(total=len(table), initial=len(table) - summary["sites_decoded"], unit="site",
                desc=f"decoding into {cache_dir}", disable=not progress, smoothing=0.05)
-    pool = multiprocessing.Pool(workers) if workers > 1 and todo else None
+    pool = images.decoding_pool(workers) if workers > 1 and todo else None
     try:
         for i in todo:
             entry, prefixes = plates[i]

@@ -8,15 +8,23 @@ same messages. torch is imported only when the first image is decoded, so torch-
 from __future__ import annotations
 
 import functools
+import multiprocessing
 from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cellpaint.data.metadata import DataError
+from cellpaint.core.errors import DataError
 
 CHANNELS = 6
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def decoding_pool(workers: int):
+    """A process pool for decoding PNGs (the image cache's build, the data check). Its processes
+    start fresh ("spawn"), not as forks: a fork of a process whose torch has run its OpenMP threads
+    can hang at its first torch call (the libpng decoder is one), and a hung pool hangs its command."""
+    return multiprocessing.get_context("spawn").Pool(workers)
 
 
 class ImageError(DataError):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellpaint.errors import CellpaintError
+from cellpaint.core.errors import DataError
 
 TREATMENT = "treatment"
 CONTROL_TYPES = ("positive_control", "negative_control")
@@ -43,10 +43,6 @@ COMPETITION_FILES = {
 RELEASE_COLUMNS = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site",
                    "well_type", "sirna_id"]
 _SITE_RE = re.compile(r"^([A-Z]+\d+)_s(\d+)_w\d+\.png$")
-
-
-class DataError(CellpaintError, ValueError):
-    """A problem with the user's data set: the message names the file and what is wrong."""
 
 
 # ----------------------------------------------------------------------------------------- reading

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cellpaint.data.metadata import TREATMENT, DataError, wells_of
+from cellpaint.core.errors import DataError, UsageError
+from cellpaint.data.metadata import TREATMENT, wells_of
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Structure:
 
     def group_masks(self, n_classes: int | None = None) -> np.ndarray:
         """Boolean [n_groups, n_classes] (or over `n_classes` columns, e.g. a prediction file's):
-        which classes each plate group holds. `cellpaint.submission.plates.class_groups` turns it
+        which classes each plate group holds. `cellpaint.data.plates.class_groups` turns it
         into the group of each class."""
         masks = np.zeros((self.n_groups, n_classes or self.n_classes), dtype=bool)
         for g, classes in enumerate(self.groups):
@@ -69,7 +70,7 @@ def derive_structure(table: pd.DataFrame, n_classes: int | None = None) -> Struc
         raise DataError("the metadata has no labelled wells: nothing to train on or score against")
     derived = int(max(wells["sirna"].max(), wells["sirna_true"].max())) + 1
     if n_classes is not None and n_classes < derived:
-        raise DataError(f"--classes {n_classes} is smaller than the {derived} classes in the metadata")
+        raise UsageError(f"--classes {n_classes} is smaller than the {derived} classes in the metadata")
     if not ((known["well_type"] == TREATMENT) & (known["split"] == "train")).any():
         raise DataError("the metadata has no labelled treatment wells in train: nothing to train on "
                         "(an empty train.csv, or a metadata.csv without train treatment rows?)")

@@ -6,12 +6,10 @@ experiment/plate/well/site draws the same numbers whatever the order. No torch i
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from synthetic import SyntheticConfig
+from cellpaint.data.synthetic_config import SyntheticConfig, cell_type_of
+
 
 CHANNELS = 6
 # Base appearance per channel (nuclei, ER, actin, RNA/nucleoli, mitochondria, Golgi/membrane), at 48 px.
@@ -27,10 +25,6 @@ def keyed_rng(seed: int, *parts: str | int) -> np.random.Generator:
     """A generator keyed by names, so each experiment/plate/well/site draws the same numbers whatever the order."""
     key = [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
     return np.random.default_rng(np.random.SeedSequence([seed, *key]))
-
-
-def cell_type_of(experiment: str) -> str:
-    return experiment.split("-")[0]
 
 
 def class_params(config: SyntheticConfig) -> dict[str, np.ndarray]:

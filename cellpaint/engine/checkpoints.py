@@ -1,0 +1,102 @@
+"""Checkpoints: what a training run saves each epoch and how it is loaded back, safely.
+
+A checkpoint is a plain dict saved with `torch.save` and read with ``weights_only=True``, so a
+file from a stranger cannot run code: model weights, optimizer and grad-scaler state, the epoch,
+the best accuracy, the pseudo-labels so far, the metric history and the run's resolved settings
+as plain values (core/settings.py `settings_dict`). `load_checkpoint` also accepts a bare state
+dict (for fine-tuning with --load), and the checks here say when one does not fit the data.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from cellpaint.core.atomic import atomic_write
+from cellpaint.core.errors import DataError, InputError, OutputError
+from cellpaint.core.settings import Settings
+from cellpaint.data import metadata
+from cellpaint.engine.data import Data
+
+log = logging.getLogger("cellpaint")
+
+CHECKPOINT_FORMAT = "cellpaint-rcic/2"   # "settings": the resolved settings of the run
+LEGACY_FORMATS = ("cellpaint-rcic/1",)   # "args": the parsed command line (main.py converts it)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomically: a full disk leaves the previous file in place and says so in one line."""
+    try:
+        with atomic_write(path) as f:
+            torch.save(state, f)
+    except RuntimeError as e:  # torch's zip writer reports a failed write (ENOSPC) as a RuntimeError
+        free = shutil.disk_usage(Path(path).parent).free
+        raise OutputError(f"cannot write checkpoint {path} ({(str(e).splitlines() or [''])[0][:120]}; "
+                          f"{free / 2 ** 20:.0f} MiB free on its disk); the earlier checkpoints are intact") from None
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint dict (or bare state dict wrapped as one), loaded without unpickling code."""
+    if not Path(path).is_file():
+        raise InputError(f"checkpoint not found: {path}" + (" (a directory)" if Path(path).is_dir() else ""))
+    if Path(path).stat().st_size == 0:  # a save cut short by a full disk or a copy that failed
+        raise InputError(f"{path} is not a readable checkpoint (an empty file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise InputError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path} is not a checkpoint (holds a {type(state).__name__})")
+    if state.get("format") in (CHECKPOINT_FORMAT, *LEGACY_FORMATS):
+        return state
+    weights = state.get("model", state.get("state_dict", state))
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise InputError(f"{path} is neither a cellpaint-rcic checkpoint nor a state dict")
+    return {"model": weights}
+
+
+def made_with(state: dict | None) -> str | None:
+    """The backbone a checkpoint was made with (None for a bare weights file)."""
+    return ((state or {}).get("settings") or {}).get("model", {}).get("backbone")
+
+
+def restore_weights(model: torch.nn.Module, state: dict, path: str) -> None:
+    """Load `state`'s weights into `model`, or say in one line why they do not fit it."""
+    backbone = made_with(state)
+    hint = f"made with --backbone {backbone}" if backbone else "was it made with another --backbone?"
+    try:
+        result = model.load_state_dict(state["model"], strict=False)
+    except RuntimeError as e:  # same names, other shapes: another class count, embedding or backbone width
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+        raise InputError(f"{path} does not fit this model ({first}; {hint})") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise InputError(
+            f"{path} does not fit this model ({len(result.missing_keys)} missing, "
+            f"{len(result.unexpected_keys)} unexpected weights, e.g. "
+            f"{(result.missing_keys + result.unexpected_keys)[0]}; {hint})")
+
+
+def check_classes(data: Data, state: dict | None) -> None:
+    if state and "n_classes" in state and state["n_classes"] != data.structure.n_classes:
+        raise DataError(f"the checkpoint predicts {state['n_classes']} classes but the data has "
+                        f"{data.structure.n_classes} (see --classes)")
+
+
+def check_data_set(s: Settings, data: Data, state: dict | None) -> str:
+    """The data set's fingerprint; a checkpoint made on another data set is refused on --resume (its
+    pseudo-labels and history name wells of that one) and named on --load (fine-tuning or
+    predicting elsewhere is legitimate, but should not pass unnoticed)."""
+    fingerprint = metadata.fingerprint(data.table)
+    made_on = (state or {}).get("data_fingerprint")
+    if made_on and made_on != fingerprint:
+        where = ((state.get("settings") or {}).get("data") or {}).get("root", "?")
+        if s.run.resume:
+            raise DataError(f"--resume {s.run.resume} was trained on another data set ({where}, fingerprint "
+                            f"{made_on}) than --data {s.data.root} (fingerprint {fingerprint}); its "
+                            "pseudo-labels and history belong to that one: start a new run with --load")
+        log.warning("--load %s was trained on another data set (%s, fingerprint %s) than --data %s (fingerprint %s)",
+                    s.run.load, where, made_on, s.data.root, fingerprint)
+    return fingerprint

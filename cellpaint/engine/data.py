@@ -1,0 +1,127 @@
+"""The data of a run: metadata table -> subsets -> datasets -> this process's loaders.
+
+`load_data` reads the table and derives what a run needs once (structure, layout coincidences,
+folds and subsets, pixel statistics, the image cache); `make_dataset` and `make_loader` turn rows
+of it into the samples and batches the loops read.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+import dataset
+from cellpaint.core.errors import UsageError
+from cellpaint.core.settings import AugmentSettings, DataSettings, ExecSettings, Settings
+from cellpaint.data import images, metadata, pixel_stats
+from cellpaint.data.folds import assign_folds, last_experiments, named_folds, split_subsets
+from cellpaint.data.image_cache import ImageCache
+from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
+from cellpaint.data.structure import Structure, derive_structure
+from cellpaint.engine import distributed
+
+log = logging.getLogger("cellpaint")
+
+
+@dataclass
+class Data:
+    table: pd.DataFrame
+    structure: Structure
+    subsets: dict[str, pd.DataFrame]
+    pixel_stats: pd.DataFrame | None
+    image_cache: ImageCache | None = None  # --image-cache, opened and checked once per run
+
+
+def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool = True) -> Data:
+    """Metadata table, derived structure, layout coincidences and the train/val/test subsets
+    (`training`: warn when fine-tuning one cell type leaves nothing to validate); the pixel
+    statistics and the image cache where `x` asks for them."""
+    table = metadata.load_table(d.root)
+    matches = find_layout_matches(table)
+    for m in matches:
+        log.info("layout coincidence: test %s repeats train %s with plates shifted by %d (%d control wells) "
+                 "-> %s", m.test, m.train, m.shift, m.wells_compared, "used" if d.use_layout_leak else "not used")
+    if d.use_layout_leak and matches:
+        table = apply_layout_matches(table, matches)
+    structure = derive_structure(table, d.classes)
+    if d.val_last_experiment:  # the 41st place's split: each cell type's last train experiment
+        folds, cv_number = named_folds(table, last_experiments(table)), 0
+    elif d.val_experiments:
+        folds, cv_number = named_folds(table, d.val_experiments), 0
+    else:
+        folds, cv_number = assign_folds(table, d.folds, d.data_split_seed), d.cv_number
+    subsets = split_subsets(table, folds, cv_number, d.all_controls_train)
+    if not d.train_controls:  # treatment wells only (the 41st place trained on train.csv alone)
+        train = subsets["train"]
+        subsets["train"] = train[train["well_type"] == metadata.TREATMENT].reset_index(drop=True)
+    if d.finetune_cell_type:
+        if d.finetune_cell_type not in structure.cell_types:
+            raise UsageError(f"--finetune-cell-type {d.finetune_cell_type}: not among the cell types "
+                             f"{', '.join(structure.cell_types)}")
+        # train, validate, pseudo-label and predict this cell type only; the model keeps its
+        # full class and cell-type outputs so a general checkpoint loads unchanged
+        subsets = {k: v[v["cell_type"] == d.finetune_cell_type].reset_index(drop=True) for k, v in subsets.items()}
+        if training and subsets["val"].empty:
+            log.warning("--finetune-cell-type %s: the validation experiments hold none of its wells, so nothing "
+                        "is validated and the best checkpoint is simply the latest epoch (choose a fold with "
+                        "--cv-number or --val-experiments, or --val-last-experiment)", d.finetune_cell_type)
+    log.info("data %s: %d sites, %d classes (%d treatment in %d plate groups), cell types %s; "
+             "sites: train %d, val %d, test %d", d.root, len(table), structure.n_classes,
+             len(structure.treatment_classes), structure.n_groups, ",".join(structure.cell_types),
+             *(len(subsets[k]) for k in ("train", "val", "test")))
+    stats = None
+    if d.normalization != "sample":
+        if x.stats_cache is None:
+            raise UsageError(f"--data-normalization {d.normalization} needs a folder for the pixel "
+                             "statistics: give --cache-dir")
+        stats = pixel_stats.load_pixel_stats(d.root, table, x.stats_cache)
+    cache = ImageCache.open(x.image_cache, d.root, table) if x.image_cache else None
+    return Data(table, structure, subsets, stats, cache)
+
+
+def site_image_size(data: Data) -> tuple[int, int] | None:
+    """(height, width) of the run's images: the cache's, or the first training site's PNG header."""
+    if data.image_cache is not None:
+        return data.image_cache.size
+    rows = next((r for r in (data.subsets["train"], data.table) if len(r)), None)
+    return None if rows is None else images.png_size(f"{rows['image_prefix'].iloc[0]}_w1.png")
+
+
+def make_dataset(s: Settings, data: Data, rows: pd.DataFrame, augment: AugmentSettings | None = None,
+                 labels=None) -> dataset.SiteDataset:
+    """The sites `rows`; training draws `augment` (None: inference)."""
+    stats = pixel_stats.normalization_stats(rows, s.data.normalization, data.pixel_stats, data.table)
+    # uint8 samples: the loader workers only decode; prepare_batch does the float work per batch on the device.
+    return dataset.SiteDataset(rows, data.structure.cell_types, s.data.normalization, stats,
+                               augment, labels, seed=s.seed, output="uint8", cache=data.image_cache,
+                               skip_bad_images=s.exec.skip_bad_images)
+
+
+def make_loader(s: Settings, world: distributed.World, ds: dataset.SiteDataset,
+                epoch: int | None = None) -> DataLoader:
+    """This process's share of `ds`: shuffled (seeded by seed and epoch, so a resumed run draws the
+    same order) when `epoch` is given, in order otherwise. A training sampler holds whole batches
+    only (the trailing partial one is dropped, unless it is all there is): see ShardSampler."""
+    batch_size = s.data.batch_size
+    if epoch is not None:
+        ds.set_epoch(epoch)
+        sampler = distributed.ShardSampler(len(ds), world, s.seed * 100_003 + epoch, batch=batch_size)
+    else:
+        sampler = distributed.ShardSampler(len(ds), world)
+    # batches drop (and count, logging the count per pass) sites whose images are unreadable (--skip-bad-images)
+    return dataset.SkippingLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=s.exec.num_workers,
+                                  pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
+                                  description="inference" if epoch is None else f"epoch {epoch}",
+                                  size_hint=f"; python main.py --mode check --data {s.data.root} names the images")
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode PNGs; many threads each would only fight over cores
+    # Ctrl-C reaches the whole process group: the main process stops the run (one line, exit 130)
+    # and shuts the workers down; each worker's own KeyboardInterrupt traceback would bury that line
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the same for a SIGTERM sent to the whole group (cli/entry.py)
