@@ -74,6 +74,16 @@ def stage_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def earlier_demo_run(save: Path, data: Path) -> bool:
+    """Whether the run at `save` is an earlier demo's (its settings: this data, the demo's network):
+    running the demo again replaces it (--overwrite); any other run there is refused by main.py."""
+    try:
+        recorded = json.loads(Path(f"{save}.args.json").read_text())
+        return recorded["data"]["root"] == str(data) and recorded["model"]["backbone"] == SMALL_CPU[1]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def demo(args: argparse.Namespace) -> int:
     """The pipeline, command by command: each reports its own failure; the first non-zero status ends it."""
     started = time.time()
@@ -87,8 +97,9 @@ def demo(args: argparse.Namespace) -> int:
 
     save = args.out / "net"
     common = ["--data", str(data), *SMALL_CPU, *(["--threads", str(args.threads)] if args.threads else [])]
+    again = ["--overwrite"] if earlier_demo_run(save, data) else []
     rc = trainer.main([*common, "--save", str(save), "-e", str(args.epochs), "--pl-epoch", str(args.pl_epoch),
-                       "--pl-size-func", "0.6*x+0.4", "--lr", args.lr])
+                       "--pl-size-func", "0.6*x+0.4", "--lr", args.lr, *again])
     if rc:
         return rc
     checkpoint = f"{save}.{args.epochs - 1}"

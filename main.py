@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +25,17 @@ from typing import Iterator
 
 import torch
 
-from cellpaint.cli import entry, flags
-from cellpaint.cli.flag_types import (args_file_line, bool_or_auto, bool_type, float_pair, int_list, lr_groups_type,
+from cellpaint.cli import entry, flags, run_outputs
+from cellpaint.cli.flag_types import (ArgsFileParser, args_file_line, bool_or_auto, bool_type, float_pair, int_list, lr_groups_type,
                                       lr_type, name_list, size_func_type)
 from cellpaint.cli.runlog import set_log_handlers, setup_logging
-from cellpaint.core import runlock
 from cellpaint.core.bounds import BoundError
 from cellpaint.core.errors import InputError, Interrupted, UsageError
 from cellpaint.core.schedule import LRSchedule, SizeFunction
 from cellpaint.core.settings import (AUTO, BC_SPACES, FLIP_SETS, PRECISIONS, ROTATE_BORDERS, ZOOM_MODES, Settings,
                                      settings_dict, settings_from_dict)
 from cellpaint.data.pixel_stats import NORMALIZATIONS
-from cellpaint.engine import distributed, mixing
+from cellpaint.engine import distributed, mixing, run_owner
 from cellpaint.engine.checkpoints import LEGACY_FORMATS, load_checkpoint
 from cellpaint.engine.context import RunContext
 from cellpaint.modes import check, pseudo_labels
@@ -55,8 +53,8 @@ log = logging.getLogger("cellpaint")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                fromfile_prefix_chars="@")  # recipes/*.args: one argument per line
+    p = ArgsFileParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       fromfile_prefix_chars="@")  # recipes/*.args: one argument per line
     p.convert_arg_line_to_args = args_file_line
     p.add_argument("-m", "--mode", default="train", choices=("train", "val", "predict", "check"))
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -191,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of stopping with an error naming the file; in prediction a well with no "
                         "readable site gets an all-zero vector")
     g = p.add_argument_group("prediction and output")
-    g.add_argument("--save", default=None, help="checkpoint path: <save>.<epoch> each epoch, <save> the best")
+    g.add_argument("--save", default=None, help="checkpoint path: <save>.<epoch> each epoch, <save> the best; "
+                                                "refused when it holds another run's files (see --overwrite)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="training: remove the files of the earlier run at --save first (its checkpoints, log, "
+                        "metrics, curves, settings and the prediction files made from its checkpoints)")
     g.add_argument("--load", default=None, help="checkpoint (or bare weights) for val, predict or fine-tuning")
     g.add_argument("--tta", type=int, default=1, help="test-time views: flips/transposes, then shifted crops")
     g.add_argument("--tta-size", type=float, default=1.0, help="crop fraction of the TTA views")
@@ -264,6 +266,8 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
         p.error("training needs --save PATH (or --resume CKPT)")
     if args.mode in ("val", "predict") and not args.load:
         p.error(f"--mode {args.mode} needs --load CKPT")
+    if args.overwrite and flags.overwrite_problem(args.mode, args.resume):  # before any checkpoint is read
+        p.error(flags.overwrite_problem(args.mode, args.resume))
     try:
         s = flags.settings_from_args(args)
     except ValueError as e:  # a value outside its domain (core/bounds.py), or values that exclude each other
@@ -284,19 +288,29 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
         s = flags.resume(s, saved, typed, args.resume)
     elif args.load and saved is not None:
         s = flags.take_architecture(s, saved, typed, args.load)
-    save = s.run.save
-    if args.resume and not save:
-        save = re.sub(r"\.\d+$", "", args.resume)
-        s = s.replace(run={"save": save})
-    if args.mode == "train" and (save.endswith(os.sep) or Path(save).is_dir()):
-        # outputs are <save>.<epoch>, <save>.log, ...: a directory would hide them as DIR/.0 or fail to hold <save>
-        raise UsageError(f"--save {save} names a directory; give a path prefix in it, "
-                         f"e.g. --save {os.path.join(save, 'net')}")
+    if args.mode == "train":
+        if s.run.save:
+            check_save(s.run.save)
+        if args.resume:  # the run's own prefix (engine/run_owner.py), or --save when given
+            done = int(state.get("epoch", -1)) + 1
+            if done >= s.optim.epochs:
+                raise UsageError(f"--resume {args.resume}: its run already did all its {s.optim.epochs} epochs; to "
+                                 f"train on, start a new run from it: --load {args.resume} --start-epoch {done} "
+                                 f"-e MORE --save NEW_PREFIX")
+            s = s.replace(run={"save": run_owner.resume_prefix(args.resume, state, s.run.save)})
+            check_save(s.run.save)
     s = flags.complete(s)
     problem = flags.problems(s)
     if problem:
         p.error(problem)
     return Command(s, state, args.debug)
+
+
+def check_save(save: str) -> None:
+    if save.endswith(os.sep) or Path(save).is_dir():
+        # outputs are <save>.<epoch>, <save>.log, ...: a directory would hide them as DIR/.0 or fail to hold <save>
+        raise UsageError(f"--save {save} names a directory; give a path prefix in it, "
+                         f"e.g. --save {os.path.join(save, 'net')}")
 
 
 def parse_settings(argv: list[str]) -> Settings:
@@ -340,19 +354,19 @@ def run_mode(s: Settings, ctx: RunContext, checkpoint: dict | None) -> None:
     """The mode of `s`, holding its output and logging to its file."""
     mode, save, load = s.run.mode, s.run.save, s.run.load
     output = f"{load}.output{s.inference.pred_suffix}"
+    # a resumed run keeps its id; a new one (a fine-tuning of --load too) gets its own
+    run_id = (run_owner.run_id_of(checkpoint) if s.run.resume else "") or run_owner.new_run_id()
     with contextlib.ExitStack() as stack:
-        if ctx.world.main and mode in ("train", "predict"):
-            # one run per output: a second would interleave the log and overwrite checkpoints
-            target = (save, f"--save {save}") if mode == "train" else (output, f"the prediction file {output}")
-            Path(target[0]).parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(runlock.hold(f"{target[0]}.lock", target[1]))
+        note = run_outputs.hold(s, stack, checkpoint, run_id) if ctx.world.main and mode in ("train", "predict") else None
         # each prediction file its own log: several --pred-suffix runs of one checkpoint must not share one
         log_path = {"train": f"{save}.log", "predict": f"{output}.log"}.get(mode)
         staged_log = setup_logging(log_path, ctx.world, staged=mode == "predict", append=bool(s.run.resume),
                                    arguments=settings_dict(s))
+        if note:
+            log.warning("%s", note)
         if mode == "train":
             train(s, ctx, resume=checkpoint if s.run.resume else None,
-                  init=None if s.run.resume else checkpoint)
+                  init=None if s.run.resume else checkpoint, run_id=run_id)
         else:
             try:
                 {"val": validate, "predict": predict}[mode](s, ctx, checkpoint)

@@ -97,22 +97,21 @@ def parse_weights(text: str | None, n_files: int) -> tuple[float, ...] | None:
         raise UsageError(f"-w/--weights: {text!r} is not a comma-separated list of numbers") from None
     if len(weights) != n_files:
         raise UsageError(f"-w/--weights gives {len(weights)} weight(s) for {n_files} prediction file(s)")
-    if any(not (w >= 0 and w < float("inf")) for w in weights) or not sum(weights) > 0:
-        raise UsageError(f"-w/--weights must be finite, non-negative and not all zero, got {text!r}")
-    return weights
+    return weights  # each weight's domain is declared on SubmissionSettings (core/bounds.py)
 
 
 def settings_from_args(args: argparse.Namespace) -> SubmissionSettings:
     """The command line as settings (a UsageError names a flag that cannot work: -t, -w, -o)."""
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"-t/--threads must be at least 1, got {args.threads}")
     weights = parse_weights(args.weights, len(args.files))  # the command line alone, before any file is read
     if Path(args.output).is_dir():
         raise UsageError(f"-o/--output {args.output} is a directory")
-    return SubmissionSettings(files=tuple(args.files), output=args.output, data=Path(args.data), weights=weights,
-                              group_method=args.group_method, assign_scores=args.assign_scores, knn=args.knn,
-                              use_valid=args.use_valid, knn_search=args.knn_search, knn_weight=args.knn_weight,
-                              knn_combine=args.knn_combine)
+    s = SubmissionSettings(files=tuple(args.files), output=args.output, data=Path(args.data), weights=weights,
+                           group_method=args.group_method, assign_scores=args.assign_scores, knn=args.knn,
+                           use_valid=args.use_valid, knn_search=args.knn_search, knn_weight=args.knn_weight,
+                           knn_combine=args.knn_combine, threads=args.threads)
+    if weights is not None and not sum(weights) > 0:
+        raise UsageError(f"-w/--weights must not be all zero, got {args.weights!r}")
+    return s
 
 
 def print_report(report: dict) -> None:
@@ -133,6 +132,9 @@ def print_report(report: dict) -> None:
               + f"; plate-group evidence: {report['group_method']}")
         for line in info["k_short"]:
             print(f"warning: {line}")
+        if info.get("zero_wells"):
+            print(f"warning: {info['zero_wells']} val/test well(s) have an all-zero embedding (no readable image "
+                  "when predicted?): their neighbours, and so their classes, are arbitrary")
     print(Scoreboard.table_of(report["stages"], "val", f"validation accuracy ({val} wells)"))
     if test:
         print(Scoreboard.table_of(report["stages"], "test", f"test accuracy ({test} labelled wells)"))
@@ -145,11 +147,17 @@ def submit(args: argparse.Namespace) -> None:
     """Build the submission and write the CSV with its JSON scores beside it: both, or neither
     (an earlier CSV and its JSON stay as they were)."""
     s = settings_from_args(args)
-    if args.threads is not None:
+    if s.threads is not None:
         for variable in _THREAD_VARIABLES:  # read by the BLAS/OpenMP runtimes when numpy loads
-            os.environ[variable] = str(args.threads)
+            os.environ[variable] = str(s.threads)
     started = time.perf_counter()
+    from cellpaint.core.outputs import check_not_inputs
+    from cellpaint.data.metadata import input_files
     from cellpaint.modes.submission import build
+
+    inputs = {**{str(p): "the metadata of --data" for p in input_files(s.data)},
+              **{f: "a prediction file" for f in s.files}}
+    check_not_inputs([s.output, f"{s.output}.json"], inputs, "make_submission.py -o")
 
     try:
         csv, report = build(s)

@@ -96,6 +96,7 @@ class CellClassifier(nn.Module):
         self.n_classes = n_classes
         self.n_cell_types = n_cell_types
         self.concat_cell_type = concat_cell_type
+        self.in_channels = in_channels
         self.backbone, n_features = build_backbone(backbone, pretrained, in_channels, stem_init)
         if head == "plain":
             self._build_plain(n_features, embedding_size, n_classes)

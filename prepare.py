@@ -27,7 +27,9 @@ def prepare(args: argparse.Namespace) -> None:
         print(f"{args.cache}: complete ({s['sites']} sites in {s['plates']} plates), nothing to do")
     else:
         print(f"{args.cache}: decoded {s['sites_decoded']} sites in {s['plates_decoded']} plates "
-              f"({s['plates'] - s['plates_decoded']} were already complete) in {s['seconds']:.0f}s"
+              f"({s['plates'] - s['plates_decoded']} were already complete"
+              + (f"; {s['stale']} decoded again: their images changed since" if s["stale"] else "")
+              + f") in {s['seconds']:.0f}s"
               + (f"; {s['bad']} bad site(s) recorded" if s["bad"] else ""))
     print(f"use it with: python main.py --data {args.data} --image-cache {args.cache} ...")
 

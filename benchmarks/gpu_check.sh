@@ -39,8 +39,9 @@ D=$WORK/data
 step synthetic 60 $PY synthetic.py "$D" -q
 COMMON=(--data "$D" --pretrained none --num-data-workers 6 --seed 1 --disp-batches 20)
 TRAIN=("${COMMON[@]}" --backbone densenet121 -b 32 --lr cosine,1e-3 -e 3 --pl-epoch 2 --pl-size-func 0.5)
-step train_fp16_channels_last 150 $PY main.py "${TRAIN[@]}" --channels-last true --save "$WORK/run/dn"
-mkdir -p "$WORK/resumed" && cp "$WORK/run/dn.1" "$WORK/resumed/dn.1"
+# --overwrite: WORK is kept between runs of this script, and a --save holding another run's files is refused
+step train_fp16_channels_last 150 $PY main.py "${TRAIN[@]}" --channels-last true --save "$WORK/run/dn" --overwrite
+rm -rf "$WORK/resumed" && mkdir -p "$WORK/resumed" && cp "$WORK/run/dn.1" "$WORK/resumed/dn.1"
 step resume 90 $PY main.py "${TRAIN[@]}" --channels-last true --resume "$WORK/resumed/dn.1"
 step resume_difference 30 $PY -c "
 import torch
@@ -50,9 +51,9 @@ print('max |weight difference| resumed vs uninterrupted (GPU kernels are not bit
 step predict_tta8 120 $PY main.py "${COMMON[@]}" --mode predict --load "$WORK/run/dn" --tta 8 --save-embeddings
 step submission 60 $PY make_submission.py --data "$D" -o "$WORK/run/sub.csv" "$WORK/run/dn.output"
 step submission_knn 60 $PY make_submission.py --data "$D" --knn 10 --use-valid -o "$WORK/run/knn.csv" "$WORK/run/dn.embeddings"
-step train_timm 150 $PY main.py "${COMMON[@]}" --backbone timm-convnext_atto -b 32 --lr cosine,1e-3 -e 2 --save "$WORK/timm/net"
-step bf16_compile 240 $PY main.py "${COMMON[@]}" --backbone smallcnn -b 64 --lr cosine,3e-3 -e 2 --precision bf16 --compile --save "$WORK/compiled/net"
-step torchrun_nccl 150 $PY -m torch.distributed.run --standalone --nproc_per_node "$GPUS" main.py "${TRAIN[@]}" --save "$WORK/ddp/dn"
+step train_timm 150 $PY main.py "${COMMON[@]}" --backbone timm-convnext_atto -b 32 --lr cosine,1e-3 -e 2 --save "$WORK/timm/net" --overwrite
+step bf16_compile 240 $PY main.py "${COMMON[@]}" --backbone smallcnn -b 64 --lr cosine,3e-3 -e 2 --precision bf16 --compile --save "$WORK/compiled/net" --overwrite
+step torchrun_nccl 150 $PY -m torch.distributed.run --standalone --nproc_per_node "$GPUS" main.py "${TRAIN[@]}" --save "$WORK/ddp/dn" --overwrite
 step torchrun_nccl_predict 90 $PY -m torch.distributed.run --standalone --nproc_per_node "$GPUS" main.py "${COMMON[@]}" --mode predict --load "$WORK/ddp/dn" --tta 4
 cp "$WORK"/run/*.json "$WORK"/run/dn.log "$OUT"/ 2>/dev/null
 step pytest "${PYTEST_SECONDS:-150}" $PY -m pytest -q -p no:cacheprovider tests

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     save = args.out / "net"
     rc = trainer.main(["--data", str(data), *demo.SMALL_CPU, "--save", str(save), "-e", str(args.epochs),
-                       "--lr", "cosine,3e-3", *(["--threads", str(args.threads)] if args.threads else [])])
+                       "--lr", "cosine,3e-3", "--overwrite",  # --out: this benchmark's own folder, run again
+                       *(["--threads", str(args.threads)] if args.threads else [])])
     if rc:
         return rc
     metrics = pd.read_csv(f"{save}.metrics.csv")

@@ -80,8 +80,10 @@ def test_exit_status_by_kind(error, status):
 
 
 def test_one_line():
+    # unlabelled (the readers and core/atomic.py label theirs): the file and the reason, no guess
+    # whether it was read or written
     assert errors.one_line(OSError(28, "No space left on device", "/out/sub.csv")) == \
-        "cannot write /out/sub.csv: No space left on device"
+        "/out/sub.csv: No space left on device"
     wrapped = RuntimeError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                            "last):\n  File \"x.py\", line 1\ncellpaint.core.errors.DataError: a.png: truncated\n")
     assert errors.one_line(wrapped) == "a.png: truncated"
@@ -104,7 +106,7 @@ COMMANDS = [
 ]
 KINDS = [(UsageError("bad flag"), 2, "bad flag"), (DataError("bad data"), 1, "bad data"),
          (InputError("bad input"), 1, "bad input"), (OutputError("cannot write x"), 1, "cannot write x"),
-         (PermissionError(13, "Permission denied", "f"), 1, "cannot write f: Permission denied"),
+         (PermissionError(13, "Permission denied", "f"), 1, "f: Permission denied"),
          (Interrupted("stopped; go on with y"), 130, "stopped; go on with y"),
          (KeyboardInterrupt(), 130, "interrupted"), (Terminated(), 143, "interrupted")]
 

@@ -262,7 +262,7 @@ def test_mismatched_cache_is_refused(tiny_competition, table, cache, tmp_path):
     (copy / "manifest.json").write_text(json.dumps({**manifest, "height": 30}))
     refused(r"holds 30x24 images but .*_w1\.png is 24x24", root=copy)
     (copy / "manifest.json").write_text("{not json")
-    refused("is not a cellpaint-rcic-image-cache/1 manifest", root=copy)
+    refused("is not a cellpaint-rcic-image-cache/2 manifest", root=copy)
     c = image_cache.ImageCache.open(cache, data, table)
     with pytest.raises(image_cache.CacheError, match="lacks 2 site.*plate .* well Z99 site 1"):
         c.locate(table.iloc[:2].assign(well="Z99", site=1))

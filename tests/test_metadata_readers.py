@@ -114,14 +114,20 @@ def test_the_release_layout(tmp_path):
 
 
 def test_release_sites_in_site_order_and_a_wells_row_from_its_first_site(tmp_path):
-    """metadata.csv may list a well's sites in any order; where its sites disagree (here the
-    label), the well is its first site, whichever view of the table is taken."""
+    """metadata.csv may list a well's sites in any order: the table is in site order, and its
+    per-well view is the well's row of load_wells. Sites that disagree on the well are refused."""
+    write(tmp_path / "metadata.csv", RELEASE_HEADER
+          + "RPE-01_1_B02_2,RPE-01_1_B02,RPE,train,RPE-01,1,B02,2,treatment,s1,1\n"
+          + "RPE-01_1_B02_1,RPE-01_1_B02,RPE,train,RPE-01,1,B02,1,treatment,s1,1\n")
+    table = metadata.load_table(tmp_path)
+    assert table["site"].tolist() == [1, 2] and table["image_prefix"].str[-2:].tolist() == ["s1", "s2"]
+    assert metadata.wells_of(table).equals(metadata.load_wells(tmp_path))
     write(tmp_path / "metadata.csv", RELEASE_HEADER
           + "RPE-01_1_B02_2,RPE-01_1_B02,RPE,train,RPE-01,1,B02,2,treatment,s0,0\n"
           + "RPE-01_1_B02_1,RPE-01_1_B02,RPE,train,RPE-01,1,B02,1,treatment,s1,1\n")
-    table = metadata.load_table(tmp_path)
-    assert table["site"].tolist() == [1, 2] and table["sirna"].tolist() == [1, 0]
-    assert metadata.wells_of(table)["sirna"].tolist() == metadata.load_wells(tmp_path)["sirna"].tolist() == [1]
+    with refused(f"{tmp_path / 'metadata.csv'} lines 2 and 3: the sites of well RPE-01_1_B02 disagree on sirna_id "
+                 "(0 vs 1)"):
+        metadata.load_wells(tmp_path)
 
 
 def test_whole_numbers_written_as_decimals_load_as_integers(tmp_path):
@@ -199,10 +205,12 @@ def test_refusals_of_values_and_duplicates(tmp_path):
         metadata.load_wells(root)
     root = competition(tmp_path / "b", train_extra="HEPG2-01_1_B02,HEPG2-01,1,B02,0\n")
     # (numpy 2 showed the plate as np.int64(1) in this line)
-    with refused("duplicate entry in the metadata: split train, experiment HEPG2-01, plate 1, well B02"):
+    with refused(f"{root / 'train.csv'} line 6 repeats line 2: the same site or well "
+                 "(split train, experiment HEPG2-01, plate 1, well B02)"):
         metadata.load_wells(root)
     root = competition(tmp_path / "b2", train_extra="HEPG2-01_1_B02x,HEPG2-01,1,B02,3\n")  # the same well, relabelled
-    with refused("duplicate entry in the metadata: split train, experiment HEPG2-01, plate 1, well B02"):
+    with refused(f"{root / 'train.csv'} line 6 repeats line 2: the same site or well "
+                 "(split train, experiment HEPG2-01, plate 1, well B02)"):
         metadata.load_wells(root)
     root = competition(tmp_path / "c2", controls_extra="HEPG2-02_1_B02,HEPG2-01,1,B06,4,positive_control\n"
                                                       "HEPG2-01_1_B03,HEPG2-01,1,B07,4,positive_control\n")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cellpaint.core.errors import OutputError
 from cellpaint.data import prediction_file as pf
 from cellpaint.data.prediction_file import PredictionFileError
 
@@ -181,33 +182,32 @@ def test_the_kind_of_file_comes_from_its_name_or_is_given(tmp_path):
         pf.load_predictions(tmp_path / "plain.name", kind="probs")
 
 
-@pytest.mark.parametrize("raised, strerror", [(OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
-                                              (OSError("disk full"), "disk full")])
-def test_a_failed_write_names_the_file_asked_for(tmp_path, monkeypatch, raised, strerror):
-    """The temporary file's error (a full disk) is reported with the name the user gave."""
-    class Failing:
-        def __init__(self, *args):
-            pass
+@pytest.mark.parametrize("raised, reason", [(OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+                                            (OSError("disk full"), "disk full")])
+def test_a_failed_write_names_the_file_asked_for(tmp_path, monkeypatch, raised, reason):
+    """A write that fails half-way (a full disk) is reported with the name the user gave, never the
+    temporary file's, and the file already there is left as it was."""
+    path = tmp_path / "a.output"
+    pf.save_predictions(path, PREDICTIONS)
+    before = path.read_bytes()
 
-        def __enter__(self):
-            raise raised
+    def full_disk(obj, f, protocol=None):
+        f.write(b"half a pickle")
+        raise raised
 
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(pf, "atomic_write", Failing)
-    with pytest.raises(OSError) as error:
-        pf.save_predictions(tmp_path / "a.output", PREDICTIONS)
-    assert (error.value.errno, error.value.strerror, error.value.filename) == (raised.errno, strerror,
-                                                                               str(tmp_path / "a.output"))
+    monkeypatch.setattr(pf.pickle, "dump", full_disk)
+    with pytest.raises(OutputError) as error:
+        pf.save_predictions(path, PREDICTIONS)
+    assert str(error.value) == f"cannot write {path}: {reason}"
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.output"]
 
 
 # -------------------------------------------------------------------------------- well sums
 
 
 def test_well_sums_in_row_order_with_their_ids(tmp_path):
-    path = dump(tmp_path / "net.embeddings", {"test": {"X_2": [vec(1, 1)], "X_1": [vec(2, 0), vec(0, 2)]},
-                                              "train": {"T_1": [vec(0, 5)]}})
+    path = dump(tmp_path / "net.embeddings", {"test": {"X_2": [vec(1, 0), vec(0, 1)], "X_1": [vec(2, 0), vec(0, 2)]},
+                                              "train": {"T_1": [vec(0, 2), vec(0, 3)]}})
     sums = pf.load_well_sums(path, pf.EMBEDDING_ROWS)
     assert sums.n_classes == 2 and sums.matrix.dtype == np.float32 and sums.path == str(path)
     assert {p: ids.tolist() for p, ids in sums.ids.items()} == {"train": ["T_1"], "val": [], "test": ["X_1", "X_2"]}

@@ -67,8 +67,8 @@ def test_a_first_span_shorter_than_one_epoch_is_allowed():
 
 
 @pytest.mark.parametrize("text, x, value", [
-    ("-x + 1", 0.25, 0.75), ("1 - -x", 0.5, 1.5), ("+x", 0.5, 0.5), ("max(x, 0.5)", 0.75, 0.75),
-    ("min(x, 0.5) + max(0.1, x / 10)", 0.25, 0.35), ("sqrt(x)", 0.25, 0.5), ("exp(log(x + 1))", 0.5, 1.5),
+    ("-x + 1", 0.25, 0.75), ("0.5 - -x / 2", 0.5, 0.75), ("+x", 0.5, 0.5), ("max(x, 0.5)", 0.75, 0.75),
+    ("min(x, 0.5) + max(0.1, x / 10)", 0.25, 0.35), ("sqrt(x)", 0.25, 0.5), ("exp(log(x + 1)) - 1", 0.5, 0.5),
     ("x ** 2", 0.5, 0.25), ("2 ** 64 * 0 + x", 0.5, 0.5), ("(x + 1) ** -64", 0.0, 1.0), ("(0.6*x+0.4)", 0.5, 0.7),
 ])
 def test_size_function_values(text, x, value):
@@ -93,9 +93,16 @@ def test_size_function_values(text, x, value):
     ("2 ** 65", "--pl-size-func '2 ** 65' fails at x=0.0: exponent 65.0 too large"),
     ("x ** -65", "--pl-size-func 'x ** -65' fails at x=0.0: exponent -65.0 too large"),
     ("log(x)", "--pl-size-func 'log(x)' fails at x=0.0: math domain error"),
-    ("1 / (x - 1)", "--pl-size-func '1 / (x - 1)' fails at x=1.0: float division by zero"),
+    ("0 / (1 - x)", "--pl-size-func '0 / (1 - x)' fails at x=1.0: float division by zero"),
     ("1e308 * 10 + x", "--pl-size-func '1e308 * 10 + x' is not finite at x=0.0"),
-    ("1e308 * (1 + 9 * x)", "--pl-size-func '1e308 * (1 + 9 * x)' is not finite at x=1.0"),
+    ("(x * 1e308 * 1e308) * 0", "--pl-size-func '(x * 1e308 * 1e308) * 0' is not finite at x=0.001"),
+    # a fraction of the wells outside [0, 1] anywhere in x in [0, 1] (checked every 0.001), never clipped
+    ("5 * x", "--pl-size-func '5 * x' is 1.005 at x=0.201: the fraction of the wells labelled must stay in [0, 1] "
+              "for x in [0, 1]"),
+    ("-x", "--pl-size-func '-x' is -0.001 at x=0.001: the fraction of the wells labelled must stay in [0, 1] "
+           "for x in [0, 1]"),
+    ("1 - x * 1.0000001", "--pl-size-func '1 - x * 1.0000001' is -1e-07 at x=1: the fraction of the wells labelled "
+                          "must stay in [0, 1] for x in [0, 1]"),
     ("max()", "--pl-size-func 'max()' fails at x=0.0: max expected at least 1 argument, got 0"),
 ])
 def test_size_function_refusals_name_the_text(text, message):

@@ -33,7 +33,7 @@ EVERY_FLAG = [
     "--use-layout-leak", "false", "--cache-dir", "stats/here", "--num-data-workers", "3",
     "--image-cache", "cache/images", "--skip-bad-images", "--tta", "4",
     "--tta-size", "0.875", "--pred-suffix", ".x", "--save-embeddings", "--channels-last", "true",
-    "--compile", "--sync-bn", "--device", "cpu", "--threads", "2", "--bottleneck-bn", "once",
+    "--compile", "--sync-bn", "--device", "cpu", "--threads", "2", "--bottleneck-bn", "once", "--overwrite",
 ]
 # settings EVERY_FLAG leaves at their default on purpose: excluded by others (or by the run's mode;
 # --flips hv keeps the flips on and only drops the transposes; --head plain would refuse the hidden

@@ -15,6 +15,7 @@ import torch
 import main
 from cellpaint.cli import flags
 from cellpaint.core import settings as S
+from cellpaint.core.errors import OutputError
 from cellpaint.core.schedule import LRSchedule
 from cellpaint.data.wells import sites_by_well, sum_sites
 from tests.conftest import ROOT, SMALL, run
@@ -82,6 +83,7 @@ def test_a_training_run_writes_its_resolved_settings(tiny_competition, tmp_path)
     assert run("--data", tiny_competition[0], "--save", save, "-e", 1, "--cv-number", -1, "--lr", "const,1e-3",
                *SMALL) == 0
     written = json.loads(Path(f"{save}.args.json").read_text())
+    run_id = written.pop("run_id")  # whose outputs these are (engine/run_owner.py)
     assert set(written) == {"data", "model", "optim", "augment", "pseudo", "inference", "exec", "run", "seed"}
     assert written["data"]["root"] == str(tiny_competition[0]) and written["exec"]["stats_cache"] == str(tmp_path / "cache")
     assert written["model"]["backbone"] == "smallcnn"
@@ -89,8 +91,9 @@ def test_a_training_run_writes_its_resolved_settings(tiny_competition, tmp_path)
     assert LRSchedule.parse(written["optim"]["lr"]) == LRSchedule.parse("const,1e-3")
     assert written["run"]["save"] == str(save) and written["seed"] == 5
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    # the checkpoint keeps the same settings (what --resume and --load read back)
-    assert torch.load(save, weights_only=True)["settings"] == written
+    # the checkpoint keeps the same settings (what --resume and --load read back), and the run's id
+    checkpoint = torch.load(save, weights_only=True)
+    assert checkpoint["settings"] == written and checkpoint["run_id"] == run_id and len(run_id) == 32
 
 
 def test_settings_are_written_atomically(tmp_path, monkeypatch):
@@ -105,7 +108,7 @@ def test_settings_are_written_atomically(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(S.json, "dump", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=f"cannot write {path}: No space left on device"):
         S.save_settings(str(path), dataclasses.replace(s, optim=dataclasses.replace(s.optim, epochs=3)))
     assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["x.args.json"]
 

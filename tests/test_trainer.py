@@ -102,7 +102,7 @@ def test_pl_fraction_follows_the_original_schedule():
     assert all(b > a for a, b in zip(counts, counts[1:]))
     # with the default x the first pseudo-labelling epoch already labels 1/(E - pl + 1)
     assert pseudo_labels.pl_fraction(SizeFunction("x"), 90, 90, 130) == pytest.approx(1 / 41)
-    assert pseudo_labels.pl_fraction(SizeFunction("2*x"), 129, 90, 130) == 1.0
+    assert pseudo_labels.pl_fraction(SizeFunction("min(1, 2*x)"), 129, 90, 130) == 1.0
 
 
 def test_pseudo_label_selection_respects_plates():

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from cellpaint.cli import entry
+from cellpaint.core.outputs import check_not_inputs
 from cellpaint.data.prediction_file import PredictionFileError, load_predictions, save_predictions
 
 
@@ -37,6 +38,7 @@ def merge(paths: list[str], kind: str = "logits") -> dict[str, dict]:
 
 def write_merged(args: argparse.Namespace) -> None:
     kind = "embeddings" if args.embeddings else "logits"
+    check_not_inputs([args.output], {f: "a file to merge" for f in args.files}, "merge_predictions -o")
     merged = merge(args.files, kind)
     save_predictions(args.output, merged, kind=kind)
     print(f"wrote {args.output}: " + ", ".join(f"{len(v)} {k} wells" for k, v in merged.items()))

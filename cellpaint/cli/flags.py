@@ -31,6 +31,7 @@ from dataset import tta_views
 # flag (argparse dest) -> the settings it sets, as "group.field"
 FIELDS: dict[str, tuple[str, ...]] = {
     "mode": ("run.mode",), "save": ("run.save",), "load": ("run.load",), "resume": ("run.resume",),
+    "overwrite": ("run.overwrite",),
     "seed": ("seed",),
     # the model
     "backbone": ("model.backbone",), "pretrained": ("model.pretrained",), "head_hidden": ("model.head_hidden",),
@@ -229,10 +230,50 @@ def take_architecture(current: Settings, saved: Settings, typed: set[str], path:
     return with_fields(current, values)
 
 
+def overwrite_problem(mode: str, resume: str | None) -> str | None:
+    """--overwrite is for a new training run only (checked before a checkpoint is read, too)."""
+    if mode == "train" and not resume:
+        return None
+    return ("--overwrite starts a new training run at --save afresh: it does not go with "
+            + ("--resume (to branch a run from an earlier epoch, --resume it with --save NEW_PREFIX)"
+               if resume else f"--mode {mode}"))
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def device_problem(text: str | None) -> str | None:
+    """Why `--device text` cannot run here (None: it can, or none was given: cuda if available)."""
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except RuntimeError:  # torch's own parse of the name: any text it cannot read as a device
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        return f"--device {text}: not a device this trainer runs on; choose cpu, cuda, cuda:N or mps"
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            return f"--device {text}: no CUDA GPU is visible here (torch.cuda.is_available() is False); use --device cpu"
+        if device.index is not None and device.index >= count:
+            return f"--device {text}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {text}: Apple's MPS is not available here; use --device cpu"
+    return None
+
+
 def problems(s: Settings) -> str | None:
     """The first way the settings (flags merged with a checkpoint's) cannot work together, named by
     their flags; None when they can."""
     m, o, d, inf = s.model, s.optim, s.data, s.inference
+    device = device_problem(s.exec.device)
+    if device:
+        return device
+    if s.run.overwrite:
+        problem = overwrite_problem(s.run.mode, s.run.resume)
+        if problem:
+            return problem
     if m.head == "plain":
         given = [flag for flag, on in (("--concat-cell-type true", m.concat_cell_type),
                                        ("--metric-loss-coeff > 0", (o.metric_loss_coeff or 0) > 0),
@@ -249,6 +290,8 @@ def problems(s: Settings) -> str | None:
         return "--val-experiments names validation experiments; --cv-number -1 trains on all of them"
     if not -1 <= d.cv_number < d.folds:
         return f"--cv-number must be -1 or in [0, {d.folds}), got {d.cv_number}"
+    if s.run.mode == "train" and not s.run.resume and o.start_epoch >= o.epochs:
+        return f"--start-epoch {o.start_epoch} leaves no epoch to train: it must be below --epochs {o.epochs}"
     if s.pseudo.first_epoch is not None and not 0 <= s.pseudo.first_epoch < o.epochs:
         return f"--pl-epoch must be in [0, {o.epochs}), got {s.pseudo.first_epoch}"
     try:

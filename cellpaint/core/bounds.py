@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 from cellpaint.core.errors import UsageError
 
 SEED_LIMIT = 2 ** 31  # seeds in [0, 2**31): seed * 100_003 + epoch stays below 2**63
+CPUS = os.cpu_count() or 1  # more threads than the machine's CPUs only oversubscribe it (100000 exhaust it)
+MAX_WEIGHT = 1e6  # ensemble weights are relative: a float32 sum of logits times 1e308 would be infinite
 
 
 class BoundError(UsageError, ValueError):
@@ -41,11 +44,11 @@ class Bound:
         kind = "an integer" if self.integer else "a finite number"
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
+            return f"{kind} in {left}{_shown(self.low)}, {_shown(self.high)}{right}"
         if self.low is not None:
-            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+            return f"{kind} {'>' if self.low_open else '>='} {_shown(self.low)}"
         if self.high is not None:
-            return f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+            return f"{kind} {'<' if self.high_open else '<='} {_shown(self.high)}"
         return kind
 
     def holds(self, value) -> bool:
@@ -60,6 +63,11 @@ class Bound:
         if self.high is not None and (value >= self.high if self.high_open else value > self.high):
             return False
         return True
+
+
+def _shown(value: float) -> str:
+    """A bound as typed: whole numbers in full (2147483648, not 2.14748e+09)."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
 
 
 def bounded(default, flag: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,

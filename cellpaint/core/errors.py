@@ -9,7 +9,8 @@ it) and ends with the status `exit_status` gives it. The kinds:
       InputError        a file given to a command (checkpoint, prediction file,    1
                         metrics CSV) that is missing, unreadable or refused
       OutputError       an output that cannot be written (full disk, read-only      1
-                        directory) or that another run holds
+                        directory), that another run holds, or that is one of
+                        the command's own inputs
       Diverged          a training run whose loss stopped being finite               1
       UsageError        the command line cannot work as written: a flag's value,    2
                         flags together, a flag that contradicts its checkpoint or
@@ -48,7 +49,8 @@ class InputError(CellpaintError):
 
 
 class OutputError(CellpaintError):
-    """An output that cannot be written, or that another run holds; the message names it."""
+    """An output that cannot be written, that another run holds, or that would replace one of the
+    command's inputs; the message names it."""
 
 
 class Diverged(CellpaintError, FloatingPointError):
@@ -90,12 +92,14 @@ def exit_status(error: BaseException) -> int:
 
 
 def one_line(error: BaseException) -> str:
-    """An expected failure as one line. An OSError that names a file (a read-only directory, a full
-    disk) says which; a data-loader worker's error comes back wrapped in the worker's traceback
-    (torch re-raises it with the traceback as the message): only its last line is kept.
-    Otherwise the message's first line."""
+    """An expected failure as one line. Reads and writes are labelled where they happen ("cannot
+    read PATH", "cannot write PATH": core/atomic.py and the readers raise InputError, DataError or
+    OutputError); an OSError that still gets here unlabelled names its file and reason, without
+    guessing whether it was read or written. A data-loader worker's error comes back wrapped in the
+    worker's traceback (torch re-raises it with the traceback as the message): only its last line
+    is kept. Otherwise the message's first line."""
     if isinstance(error, OSError) and error.filename and error.strerror:
-        return f"cannot write {error.filename}: {error.strerror}"
+        return f"{error.filename}: {error.strerror}"
     text = str(error)
     if "Original Traceback" in text:
         text = [line for line in text.splitlines() if line.strip()][-1]

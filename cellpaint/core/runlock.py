@@ -24,7 +24,10 @@ class Busy(OutputError):
 def hold(path: str, what: str) -> Iterator[None]:
     """Hold `path` for the body; `what` names the guarded output in the refusal ('--save x')."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:  # a read-only or missing directory: the run could write nothing there
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -67,6 +67,7 @@ class LRSchedule:
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.Pow: operator.pow}
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+RANGE_POINTS = 1000  # x in [0, 1] is checked at 0, 0.001, ..., 1
 _FUNCTIONS = {"min": min, "max": max, "sqrt": math.sqrt, "exp": math.exp, "log": math.log}
 
 
@@ -84,7 +85,14 @@ class SizeFunction:
         except SyntaxError:
             raise ValueError(f"--pl-size-func {text!r}: not an arithmetic expression of x") from None
         self._check(self.tree)
-        self(0.0), self(1.0)  # fail now, on a bad expression, not at the first pseudo-label epoch
+        # fail now, on a bad expression, not at the first pseudo-label epoch; and never clip: a
+        # fraction of the wells outside [0, 1] cannot be what was meant (5*x, -x)
+        for i in range(RANGE_POINTS + 1):
+            x = i / RANGE_POINTS
+            value = self(x)
+            if not 0 <= value <= 1:
+                raise ValueError(f"--pl-size-func {text!r} is {value:g} at x={x:g}: the fraction of the wells "
+                                 "labelled must stay in [0, 1] for x in [0, 1]")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SizeFunction) and other.text == self.text

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cellpaint.core.atomic import atomic_write
-from cellpaint.core.bounds import bounded, check_bounds, seed_bound
+from cellpaint.core.bounds import CPUS, MAX_WEIGHT, bounded, check_bounds, seed_bound
 from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
 
 AUTO = "auto"
@@ -188,7 +188,7 @@ class ExecSettings:
     channels_last: bool | str = AUTO
     compile: bool = False
     sync_bn: bool = False
-    threads: int | None = bounded(None, "--threads", low=1, integer=True)
+    threads: int | None = bounded(None, "--threads", low=1, high=CPUS, integer=True)
     num_workers: int = bounded(0, "--num-data-workers", low=0)
     image_cache: Path | None = None
     stats_cache: Path | None = None  # where computed pixel statistics are cached
@@ -214,6 +214,7 @@ class RunSettings:
     save: str | None = None
     load: str | None = None
     resume: str | None = None
+    overwrite: bool = False  # a new run removes the earlier run's files at --save first
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,7 @@ class SubmissionSettings:
     files: tuple[str, ...]
     output: str
     data: Path = Path("../data")
-    weights: tuple[float, ...] | None = None  # None: equal
+    weights: tuple[float, ...] | None = bounded(None, "-w/--weights", low=0, high=MAX_WEIGHT, integer=False)  # None: equal
     group_method: str = "prob"
     assign_scores: str = "logsoftmax"
     knn: str | None = None  # K text: the files are embeddings files (the 41st place's kNN)
@@ -262,6 +263,10 @@ class SubmissionSettings:
     knn_search: str = "group"
     knn_weight: str = "sigmoid"
     knn_combine: str | None = None
+    threads: int | None = bounded(None, "-t/--threads", low=1, high=CPUS, integer=True)  # numpy/BLAS threads
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 # ----------------------------------------------------------------------- as plain values and back
@@ -331,8 +336,9 @@ def settings_from_dict(values: dict) -> Settings:
     return Settings(**groups)
 
 
-def save_settings(path: str, settings: Settings) -> None:
-    """Write `settings` as JSON, atomically (a crash leaves the previous file or none)."""
+def save_settings(path: str, settings: Settings, run_id: str | None = None) -> None:
+    """Write `settings` as JSON, atomically (a crash leaves the previous file or none); `run_id`
+    first where given (SAVE.args.json: whose outputs these are, engine/run_owner.py)."""
     with atomic_write(path, "w") as f:
-        json.dump(settings_dict(settings), f, indent=1)
+        json.dump({**({"run_id": run_id} if run_id else {}), **settings_dict(settings)}, f, indent=1)
         f.write("\n")

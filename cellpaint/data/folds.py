@@ -35,6 +35,13 @@ def last_experiments(table: pd.DataFrame) -> list[str]:
     return sorted(train.sort_values("experiment").groupby("cell_type")["experiment"].last())
 
 
+def only_experiments(table: pd.DataFrame) -> dict[str, str]:
+    """Cell type -> its train experiment, for the cell types that have only one."""
+    train = table.loc[table["split"] == "train", ["cell_type", "experiment"]].astype(str).drop_duplicates()
+    counts = train.groupby("cell_type")["experiment"]
+    return {cell: experiments.iloc[0] for cell, experiments in counts if len(experiments) == 1}
+
+
 def named_folds(table: pd.DataFrame, validation: list[str]) -> dict[str, int]:
     """Folds that put exactly the named train experiments in fold 0 (validation) and every other
     train experiment in fold 1: `--val-experiments`, for a split chosen by name (e.g. the 1st

@@ -12,6 +12,11 @@ data against.
 Resumable: each plate is written to a temporary file and renamed into place, then recorded in a
 small ``Plate{plate}.json`` beside it; a plate whose record matches is skipped when the build is
 run again, so an interrupted build loses at most the plate it was on.
+
+Fingerprinted: each plate's record (and the manifest) keeps the fingerprint of the PNGs it was
+decoded from (data/source_files.py: each file's size and modification time). `prepare.py` decodes
+a plate again when its images changed (regenerated in place; a PNG recorded as bad and since
+restored), and `ImageCache.open` refuses a cache whose images changed since, naming it and the plate.
 """
 from __future__ import annotations
 
@@ -28,8 +33,9 @@ from tqdm import tqdm
 from cellpaint.core.atomic import write_text
 from cellpaint.data import images, metadata
 from cellpaint.core.errors import DataError
+from cellpaint.data.source_files import changed, plate_key, plate_sources
 
-CACHE_FORMAT = "cellpaint-rcic-image-cache/1"
+CACHE_FORMAT = "cellpaint-rcic-image-cache/2"  # /1: no fingerprint of the images (rebuilt by prepare.py)
 CACHE_MANIFEST = "manifest.json"
 
 
@@ -80,16 +86,24 @@ class ImageCache:
         """
         root = Path(root)
         path = root / CACHE_MANIFEST
+        rebuild = f"rebuild it with: python prepare.py --data DATA --cache {root}"
         if not path.is_file():
             raise CacheError(f"image cache {root}: no {CACHE_MANIFEST} (not built, or its build did not finish); "
-                             f"build it with: python prepare.py --data DATA --cache {root}")
+                             + rebuild)
         try:
             manifest = json.loads(path.read_text())
-            ok = manifest.get("format") == CACHE_FORMAT
-        except (ValueError, AttributeError):
-            ok = False
-        if not ok:
+        except OSError as e:
+            raise CacheError(f"image cache {root}: cannot read {path}: {e.strerror or e}") from None
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(CACHE_FORMAT[:-2]):
             raise CacheError(f"image cache {root}: {path} is not a {CACHE_FORMAT} manifest")
+        if manifest["format"] != CACHE_FORMAT:
+            raise CacheError(f"image cache {root} was built before caches recorded the images they hold "
+                             f"({manifest['format']}): {rebuild}")
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise CacheError(f"image cache {root}: {path} {problem}: {rebuild}")
         cache = cls(root, manifest)
         if data_dir is not None and Path(manifest["data"]) != Path(data_dir).resolve():
             raise CacheError(f"image cache {root} was built from {manifest['data']}, not from --data {data_dir} "
@@ -104,6 +118,11 @@ class ImageCache:
                 if size is not None and size != cache.size:
                     raise CacheError(f"image cache {root} holds {cache.size[0]}x{cache.size[1]} images but "
                                      f"{first} is {size[0]}x{size[1]}: rebuild it with prepare.py")
+            recorded = {plate_key(p["experiment"], p["plate"]): p.get("sources") for p in manifest["plates"]}
+            stale = changed(recorded, plate_sources(table, cache.channels))
+            if stale:
+                raise CacheError(f"image cache {root} is stale: the images of {len(stale)} plate(s) changed since "
+                                 f"it was built (e.g. {stale[0]}); {rebuild}")
         return cache
 
     def index(self) -> pd.DataFrame:
@@ -181,6 +200,19 @@ class ImageCache:
         return state
 
 
+def _manifest_problem(manifest: dict) -> str | None:
+    """What a manifest lacks for `ImageCache` to read it (an edited or truncated file), None if nothing."""
+    for key, kind in (("data", str), ("channels", int), ("height", int), ("width", int), ("sites", int),
+                      ("plates", list)):
+        if not isinstance(manifest.get(key), kind):
+            return f"has no {key!r} ({kind.__name__})"
+    for i, plate in enumerate(manifest["plates"]):
+        if not (isinstance(plate, dict) and isinstance(plate.get("file"), str) and isinstance(plate.get("sites"), list)
+                and isinstance(plate.get("experiment"), str) and isinstance(plate.get("plate"), int)):
+            return f"has a malformed entry {i} in 'plates'"
+    return None
+
+
 # ------------------------------------------------------------------------------------ building
 
 
@@ -197,11 +229,11 @@ def _record_path(cache_dir: Path, file: str) -> Path:
 
 
 def _plate_done(cache_dir: Path, entry: dict, data: str, channels: int) -> dict | None:
-    """The plate's record if its array is complete and matches `entry`, else None."""
+    """The plate's record if its array is complete and matches `entry` (its images unchanged), else None."""
     try:
         record = json.loads(_record_path(cache_dir, entry["file"]).read_text())
         ok = (record.get("data") == data and record.get("channels") == channels
-              and record.get("sites") == entry["sites"])
+              and record.get("sites") == entry["sites"] and record.get("sources") == entry["sources"])
         if ok:
             shape = np.load(cache_dir / entry["file"], mmap_mode="r").shape
             ok = shape == (len(entry["sites"]), channels, record["height"], record["width"])
@@ -210,14 +242,16 @@ def _plate_done(cache_dir: Path, entry: dict, data: str, channels: int) -> dict 
     return record if ok else None
 
 
-def _plates(table: pd.DataFrame) -> list[tuple[dict, list[str]]]:
+def _plates(table: pd.DataFrame, channels: int) -> list[tuple[dict, list[str]]]:
     """(manifest entry, image prefixes) per plate, in table order, sites sorted by well and site."""
     out = []
+    sources = plate_sources(table, channels)
     for (experiment, plate), rows in table.groupby(["experiment", "plate"], sort=False):
         rows = rows.sort_values(["well", "site"], kind="stable")
         entry = {"split": str(rows["split"].iat[0]), "experiment": str(experiment), "plate": int(plate),
                  "file": plate_file(str(experiment), int(plate)),
-                 "sites": [site_key(w, int(s)) for w, s in zip(rows["well"], rows["site"])]}
+                 "sites": [site_key(w, int(s)) for w, s in zip(rows["well"], rows["site"])],
+                 "sources": sources[plate_key(str(experiment), int(plate))].digest}
         out.append((entry, rows["image_prefix"].tolist()))
     return out
 
@@ -279,7 +313,7 @@ def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = No
     for stale in cache_dir.glob("*/.*.tmp"):  # left by an interrupted run
         stale.unlink()
 
-    plates = _plates(table)
+    plates = _plates(table, channels)
     records = [_plate_done(cache_dir, entry, data, channels) for entry, _ in plates]
     sizes = {(r["height"], r["width"]) for r in records if r}
     size = next(iter(sizes)) if len(sizes) == 1 else None
@@ -287,7 +321,9 @@ def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = No
         records = [None] * len(plates)
     todo = [i for i, r in enumerate(records) if r is None]
     summary = {"plates": len(plates), "plates_decoded": len(todo), "sites": len(table),
-               "sites_decoded": sum(len(plates[i][0]["sites"]) for i in todo), "bad": 0}
+               "sites_decoded": sum(len(plates[i][0]["sites"]) for i in todo), "bad": 0,
+               # decoded before, but not from these images (or sites): changed since, or a bad site restored
+               "stale": sum(_record_path(cache_dir, plates[i][0]["file"]).exists() for i in todo)}
     if not todo and manifest_path.is_file():
         try:
             ImageCache.open(cache_dir, data_dir, table)
@@ -309,7 +345,7 @@ def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = No
             bar.set_postfix_str(f"{entry['experiment']} plate {entry['plate']}")
             size, bad = _write_plate(cache_dir, entry, results, size, channels, skip_bad_images, bar)
             records[i] = {"data": data, "channels": channels, "height": int(size[0]), "width": int(size[1]),
-                          "sites": entry["sites"], "bad": bad}
+                          "sites": entry["sites"], "sources": entry["sources"], "bad": bad}
             write_text(_record_path(cache_dir, entry["file"]), json.dumps(records[i]))
     except BaseException:
         if pool:  # do not wait for the decoding still queued

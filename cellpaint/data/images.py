@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import os
+import stat
 from typing import Callable
 
 import numpy as np
@@ -84,11 +86,29 @@ def read_png_pillow(path: str) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, ImageError):
             raise
+        if isinstance(e, OSError) and e.errno is not None:  # the system refused the read (permission, I/O)
+            raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
         raise ImageError(f"corrupt image: {path} ({e})") from None
+
+
+def check_regular_file(path: str) -> None:
+    """An ImageError unless `path` is a regular file: opening a FIFO would wait for a writer forever,
+    and a device or a directory is no image either."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError(f"missing image: {path}") from None
+    except OSError as e:
+        raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+        raise ImageError(f"{path} is not a regular file ({kind})")
 
 
 def read_png(path: str) -> np.ndarray:
     """One 8-bit grayscale PNG as a [H, W] uint8 array; errors name the file."""
+    check_regular_file(path)
     img = read_png_fast(path)
     return read_png_pillow(path) if img is None else img
 
@@ -105,6 +125,8 @@ def read_site(prefix: str, channels: int = CHANNELS) -> np.ndarray:
 def png_size(path: str) -> tuple[int, int] | None:
     """(height, width) from a PNG's header without decoding it; None if unreadable."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # never open a FIFO: it would wait for a writer
+            return None
         with open(path, "rb") as f:
             header = f.read(24)
     except OSError:

@@ -54,6 +54,8 @@ def read_csv(path: Path, required: list[str]) -> pd.DataFrame:
         raise DataError(f"missing file: {path}")
     try:
         df = pd.read_csv(path)
+    except OSError as e:  # no read permission, an I/O error: the file is there but cannot be read
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot parse CSV ({e})") from None
     missing = [c for c in required if c not in df.columns]
@@ -95,6 +97,13 @@ def detect_layout(data_dir: Path) -> str:
                     "(RxRx1 release layout)")
 
 
+def input_files(data_dir: Path) -> list[Path]:
+    """The metadata files of a data set that exist (what a command reads besides the images): no
+    command may write over one of them."""
+    names = [*COMPETITION_FILES, "metadata.csv", "pixel_stats.csv"]
+    return [Path(data_dir) / name for name in names if (Path(data_dir) / name).is_file()]
+
+
 def _read_competition_wells(data_dir: Path) -> pd.DataFrame:
     frames = []
     for name, required in COMPETITION_FILES.items():
@@ -111,6 +120,7 @@ def _read_competition_wells(data_dir: Path) -> pd.DataFrame:
                                 f"(expected one of {', '.join(CONTROL_TYPES)})")
         df["sirna"] = _as_int(df["sirna"], path, "sirna") if "sirna" in df else -1
         df["plate"] = _as_int(df["plate"], path, "plate")
+        df["_source"] = [(str(path), i + 2) for i in range(len(df))]  # file and line, for messages
         frames.append(df)
     wells = pd.concat(frames, ignore_index=True)
     wells["sirna_true"] = wells["sirna"]
@@ -131,13 +141,42 @@ def _read_release_sites(data_dir: Path) -> pd.DataFrame:
         "well_type": df["well_type"].astype(str),
         "split": df["dataset"].astype(str),
         "sirna_true": _as_int(df["sirna_id"], path, "sirna_id", fill=-1),
+        "_source": [(str(path), i + 2) for i in range(len(df))],  # file and line, for messages
     })
     for column, allowed in (("split", ("train", "test")), ("well_type", (TREATMENT,) + CONTROL_TYPES)):
         bad = ~sites[column].isin(allowed)
         if bad.any():
             raise DataError(f"{path}: unexpected value {sites[column][bad].iloc[0]!r} "
                             f"(expected one of {', '.join(allowed)})")
+    unlabelled = (sites["split"] == "train").to_numpy() & df["sirna_id"].isna().to_numpy()
+    if unlabelled.any():  # training would read -1 as its label; only test rows may keep theirs unknown
+        i = int(unlabelled.argmax())
+        raise DataError(f"{path} line {i + 2}: train site {df['site_id'].iloc[i]} has no sirna_id "
+                        "(every train row needs its label)")
+    _check_sites_agree(sites, path)
     return sites
+
+
+# what every site row of one well must say alike (the release layout repeats them per site)
+WELL_FIELDS = ["experiment", "cell_type", "plate", "well", "split", "well_type", "sirna_true"]
+_SHOWN = {"split": "dataset", "sirna_true": "sirna_id"}
+
+
+def _check_sites_agree(sites: pd.DataFrame, path: Path) -> None:
+    """The sites of a well (one well_id) must agree on what describes the well: split, type, label
+    and place; otherwise one of them would silently decide (the competition layout, one row per
+    well, cannot disagree)."""
+    first = sites.groupby("id_code", sort=False)[WELL_FIELDS].transform("first")
+    differs = (first != sites[WELL_FIELDS]).to_numpy()
+    if not differs.any():
+        return
+    row = int(differs.any(axis=1).argmax())
+    column = WELL_FIELDS[int(differs[row].argmax())]
+    code = sites["id_code"].iloc[row]
+    first_line = sites.loc[sites["id_code"] == code, "_source"].iloc[0][1]
+    shown = _SHOWN.get(column, column)
+    raise DataError(f"{path} lines {first_line} and {row + 2}: the sites of well {code} disagree on {shown} "
+                    f"({first[column].iloc[row]} vs {sites[column].iloc[row]})")
 
 
 def _finish(table: pd.DataFrame, keys: list[str], columns: list[str],
@@ -150,9 +189,12 @@ def _finish(table: pd.DataFrame, keys: list[str], columns: list[str],
     table = table.sort_values(["split", "experiment", "plate", "well"] + keys[4:], kind="stable")
     duplicated = table.duplicated(keys)
     if duplicated.any():
-        # plain values: a row's numbers are numpy scalars, which numpy 2 shows as np.int64(1)
-        entry = ", ".join(f"{k} {v}" for k, v in table[duplicated].iloc[0][keys].items())
-        raise DataError(f"duplicate entry in the metadata: {entry}")
+        again = table[duplicated].iloc[0]
+        first = table[(table[keys] == again[keys]).all(axis=1)].iloc[0]
+        where = ", ".join(f"{k} {again[k]}" for k in keys)
+        (path, line), (first_path, first_line) = again["_source"], first["_source"]
+        earlier = f"line {first_line}" if first_path == path else f"{first_path} line {first_line}"
+        raise DataError(f"{path} line {line} repeats {earlier}: the same site or well ({where})")
     # prediction files and submissions are keyed by id_code: one code in two places (train and test,
     # a treatment and a control row) would make one well's predictions overwrite another's
     same_code = table.duplicated(["id_code"] + keys[4:], keep=False)
@@ -171,9 +213,7 @@ def load_wells(data_dir: Path, test_labels_for_training: bool = False) -> pd.Dat
     if detect_layout(data_dir) == "competition":
         wells = _read_competition_wells(data_dir)
     else:
-        # a well's row is its first site's, as in wells_of(load_table(...)), whatever the file's row order
-        sites = _read_release_sites(data_dir).sort_values("site")
-        wells = sites.drop(columns="site").drop_duplicates("id_code")
+        wells = _read_release_sites(data_dir).drop(columns="site").drop_duplicates("id_code")
     return _finish(wells, ["split", "experiment", "plate", "well"], WELL_COLUMNS,
                    test_labels_for_training)
 

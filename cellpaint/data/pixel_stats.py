@@ -1,20 +1,37 @@
 """Pixel statistics: each site's per-channel mean and std (the competition's pixel_stats.csv, or
-computed once and cached), and the normalisation statistics derived from them."""
+computed once and cached), and the normalisation statistics derived from them.
+
+Both are checked on reading (`check_pixel_stats`): channels 1..C, each site once per channel, means
+and stds finite numbers of the 8-bit range, problems named by file and line. The computed cache
+(`<cache>/pixel_stats.csv`) records what it was computed from beside it (`pixel_stats.json`: the
+sites and each plate's image fingerprint, data/source_files.py), and is computed again, with a
+warning naming it, when those changed: another data set with the same ids, images regenerated.
+"""
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cellpaint.core.atomic import atomic_write
+from cellpaint.core.atomic import atomic_write, write_text
 from cellpaint.core.errors import DataError
 from cellpaint.data.images import CHANNELS, read_site
 from cellpaint.data.metadata import read_csv
+from cellpaint.data.source_files import changed, plate_sources
+
+log = logging.getLogger("cellpaint")
 
 NORMALIZATIONS = ("sample", "experiment", "global", "global-pooled")
 MIN_STD = 0.5  # in grey levels: keeps a flat (e.g. empty) channel from being blown up by 1/std
+REQUIRED = ["id_code", "site", "channel", "mean", "std"]
+CACHE_FORMAT = "cellpaint-rcic-pixel-stats/1"
+PIXEL_RANGE = 255.0  # 8-bit images: a mean or std outside [0, 255] cannot be right
 
 
 def compute_pixel_stats(table: pd.DataFrame, channels: int = CHANNELS) -> pd.DataFrame:
@@ -29,21 +46,102 @@ def compute_pixel_stats(table: pd.DataFrame, channels: int = CHANNELS) -> pd.Dat
                                        "mean", "std"])
 
 
+def _line(stats: pd.DataFrame, mask: np.ndarray) -> int:
+    """The file line (the header is line 1) of the first row where `mask` holds."""
+    return int(stats.index[int(np.argmax(mask))]) + 2
+
+
+def check_pixel_stats(stats: pd.DataFrame, path: Path, channels: int = CHANNELS) -> pd.DataFrame:
+    """`stats` (read from `path`) with numeric columns, or a DataError naming the file, the line and
+    what is wrong: a channel outside 1..C, a mean or std that is not a number of the 8-bit range
+    (NaN, inf, negative, 'abc'), a site listed twice for a channel or with another channel count."""
+    stats = stats.copy()
+    for column in ("channel", "site", "mean", "std"):
+        values = pd.to_numeric(stats[column], errors="coerce")
+        bad = values.isna().to_numpy()
+        if bad.any():
+            shown = stats[column].iloc[int(np.argmax(bad))]
+            raise DataError(f"{path} line {_line(stats, bad)}, column {column}: "
+                            f"{'an empty value' if pd.isna(shown) else repr(str(shown))} is not a number")
+        stats[column] = values
+    for column in ("channel", "site"):
+        bad = (stats[column] != np.round(stats[column])).to_numpy()
+        if bad.any():
+            raise DataError(f"{path} line {_line(stats, bad)}, column {column}: "
+                            f"{stats[column].iloc[int(np.argmax(bad))]} is not an integer")
+        stats[column] = stats[column].astype(np.int64)
+    bad = ~stats["channel"].between(1, channels).to_numpy()
+    if bad.any():
+        raise DataError(f"{path} line {_line(stats, bad)}: channel {stats['channel'].iloc[int(np.argmax(bad))]} "
+                        f"is not one of the images' channels 1..{channels}")
+    for column in ("mean", "std"):
+        values = stats[column].to_numpy(dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = ~(np.isfinite(values) & (values >= 0) & (values <= PIXEL_RANGE))
+        if bad.any():
+            raise DataError(f"{path} line {_line(stats, bad)}, column {column}: {values[int(np.argmax(bad))]} is not "
+                            f"a {column} of 8-bit pixels (a finite number in [0, {PIXEL_RANGE:g}])")
+    stats["id_code"] = stats["id_code"].astype(str)
+    twice = stats.duplicated(["id_code", "site", "channel"]).to_numpy()
+    if twice.any():
+        row = stats.iloc[int(np.argmax(twice))]
+        raise DataError(f"{path} line {_line(stats, twice)}: {row['id_code']} site {row['site']} channel "
+                        f"{row['channel']} is listed twice")
+    counts = stats.groupby(["id_code", "site"], sort=False)["channel"].transform("size").to_numpy()
+    bad = counts != channels
+    if bad.any():
+        row = stats.iloc[int(np.argmax(bad))]
+        raise DataError(f"{path} line {_line(stats, bad)}: {row['id_code']} site {row['site']} has "
+                        f"{counts[int(np.argmax(bad))]} channel(s), the images have {channels}")
+    return stats
+
+
+def _site_fingerprint(table: pd.DataFrame) -> str:
+    keys = table[["id_code", "site"]].astype(str).sort_values(["id_code", "site"])
+    return hashlib.sha256(keys.to_csv(index=False).encode()).hexdigest()[:20]
+
+
+def _stale(record_path: Path, table: pd.DataFrame, sources: dict) -> str | None:
+    """Why the cached statistics beside `record_path` do not belong to `table`'s images; None when they do."""
+    try:
+        record = json.loads(record_path.read_text())
+        if record.get("format") != CACHE_FORMAT or not isinstance(record.get("plates"), dict):
+            raise ValueError
+    except FileNotFoundError:
+        return f"{record_path} is missing (computed before caches recorded their sources)"
+    except (OSError, ValueError, AttributeError):
+        return f"{record_path} is unreadable"
+    if record.get("sites") != _site_fingerprint(table):
+        return f"it was computed for other sites (the data set {record.get('data')})"
+    stale = changed(record["plates"], sources)
+    if stale:
+        return f"the images of {len(stale)} plate(s) changed since (e.g. {stale[0]})"
+    return None
+
+
 def load_pixel_stats(data_dir: Path, table: pd.DataFrame, cache_dir: Path | None) -> pd.DataFrame:
-    """pixel_stats.csv of the data set if present, else computed once and cached in `cache_dir`."""
-    required = ["id_code", "site", "channel", "mean", "std"]
+    """pixel_stats.csv of the data set if present, else computed once and cached in `cache_dir`
+    (computed again when the cache belongs to other sites or images)."""
     given = Path(data_dir) / "pixel_stats.csv"
     if given.exists():
-        return read_csv(given, required)
+        return check_pixel_stats(read_csv(given, REQUIRED), given)
     cached = Path(cache_dir) / "pixel_stats.csv" if cache_dir else None
+    record = cached.with_suffix(".json") if cached else None
+    sources = plate_sources(table, CHANNELS) if cached else {}
     if cached and cached.exists():
-        stats = read_csv(cached, required)
-        if len(stats) == len(table) * CHANNELS:
-            return stats
+        why = _stale(record, table, sources)
+        if why is None:
+            return check_pixel_stats(read_csv(cached, REQUIRED), cached)
+        log.warning("pixel-statistics cache %s is stale (%s): computing it again", cached, why)
     stats = compute_pixel_stats(table)
     if cached:
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()  # no moment shows the new record beside old statistics
         with atomic_write(cached, "w") as f:
             stats.to_csv(f, index=False)
+        write_text(record, json.dumps({"format": CACHE_FORMAT, "data": str(Path(data_dir).resolve()),
+                                       "sites": _site_fingerprint(table),
+                                       "plates": {k: v.digest for k, v in sources.items()}}, indent=1) + "\n")
     return stats
 
 

@@ -196,13 +196,8 @@ def save_predictions(path: str | os.PathLike, output: Mapping[str, Mapping[str, 
                    for k, sites in wells.items()}
             for part, wells in output.items()}
     check_predictions(data, str(path), _parts_of(kind, path))
-    try:
-        with atomic_write(path, "wb") as f:
-            pickle.dump(data, f, protocol=4)
-    except OSError as e:  # a full disk fails on the temporary file: name the file the user asked for
-        if e.filename:
-            raise
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    with atomic_write(path, "wb") as f:  # a failed write: an OutputError naming `path`
+        pickle.dump(data, f, protocol=4)
 
 
 def save_embeddings(path: str | os.PathLike, output: Mapping[str, Mapping[str, Sequence[np.ndarray]]]) -> None:
@@ -250,6 +245,22 @@ def _sorted_ids(name: str, part: str, wells: dict) -> list[str]:
     return sorted(wells)
 
 
+def _check_site_counts(name: str, parts: dict, keys: dict) -> None:
+    """A well holds one vector per site: fewer than the others where a site was unreadable
+    (--skip-bad-images), never more (a site counted twice would weigh its well up)."""
+    counts = {part: [len(v) if isinstance(v, (list, tuple)) else 1 for v in (parts[part][k] for k in keys[part])]
+              for part in keys}
+    every = [c for part_counts in counts.values() for c in part_counts]
+    if not every:
+        return
+    usual = max(set(every), key=every.count)
+    for part, part_counts in counts.items():
+        above = [i for i, c in enumerate(part_counts) if c > usual]
+        if above:
+            raise PredictionFileError(f"{name}: {part}[{keys[part][above[0]]!r}] has {part_counts[above[0]]} site "
+                                      f"vectors where the wells have {usual} ({len(above)} such well(s) in {part})")
+
+
 def load_well_sums(path: str | os.PathLike, rows: Sequence[str] = ROW_ORDER) -> WellSums:
     """Read a prediction file and reduce it at once to per-well float32 site sums.
 
@@ -268,17 +279,24 @@ def load_well_sums(path: str | os.PathLike, rows: Sequence[str] = ROW_ORDER) -> 
         if keys[part]:
             n_classes = _check_well(name, part, keys[part][0], parts[part][keys[part][0]], None)
             break
+    _check_site_counts(name, parts, keys)
     matrix = np.empty((sum(map(len, keys.values())), n_classes), dtype=np.float32)
     sums, start = {}, 0
     for part in rows:
         sums[part] = matrix[start:start + len(keys[part])]
         start += len(keys[part])
-        sum_site_lists(parts[part], keys[part], sums[part],
-                       lambda key, sites, part=part: _check_well(name, part, key, sites, n_classes))
+        try:
+            sum_site_lists(parts[part], keys[part], sums[part],
+                           lambda key, sites, part=part: _check_well(name, part, key, sites, n_classes))
+        except OverflowError as e:
+            raise PredictionFileError(f"{path}: {part}[{e.args[0]!r}]: its site vectors are finite but too large "
+                                      "to sum in float32 (values near 3.4e38): not what a model predicts") from None
     ids = {part: np.asarray(keys[part], dtype=str) for part in rows}
     # one cheap pass: a row with NaN or inf has a non-finite sum (the exact test runs only then;
-    # finite logits big enough to overflow a float32 sum pass it)
-    if not np.isfinite(matrix.sum(axis=1)).all():
+    # finite values whose row sum overflows float32 take it too, without a warning)
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspect = not np.isfinite(matrix.sum(axis=1)).all()
+    if suspect:
         bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
         if bad.size:
             ends = np.cumsum([len(keys[p]) for p in rows])

@@ -51,17 +51,24 @@ def sum_site_lists(wells: dict, keys: list[str], out: np.ndarray,
     n_classes = out.shape[1]
     shape = (n_classes,)
     ndarray, add, known = np.ndarray, np.add, None
-    for i, key in enumerate(keys):
-        sites = wells.pop(key)
-        if type(sites) is list and len(sites) == 2:
-            a, b = sites
-            if (type(a) is ndarray and type(b) is ndarray and a.dtype is known and b.dtype is known
-                    and a.shape == shape and b.shape == shape):
-                add(a, b, out[i])
-                continue
-        check(key, sites)
-        known = sites[0].dtype
-        row = out[i]
-        np.copyto(row, sites[0], casting="same_kind")
-        for site in sites[1:]:
-            add(row, site, out=row)
+    with np.errstate(over="raise"):  # finite values too large for a float32 sum: the caller names the well
+        for i, key in enumerate(keys):
+            try:
+                known = _sum_well(wells.pop(key), out[i], shape, known, key, check, add, ndarray)
+            except FloatingPointError:
+                raise OverflowError(key) from None
+
+
+def _sum_well(sites, row: np.ndarray, shape: tuple, known, key: str, check, add, ndarray):
+    """One well of `sum_site_lists`; returns the dtype known to be fine."""
+    if type(sites) is list and len(sites) == 2:
+        a, b = sites
+        if (type(a) is ndarray and type(b) is ndarray and a.dtype is known and b.dtype is known
+                and a.shape == shape and b.shape == shape):
+            add(a, b, row)
+            return known
+    check(key, sites)
+    np.copyto(row, sites[0], casting="same_kind")
+    for site in sites[1:]:
+        add(row, site, out=row)
+    return sites[0].dtype

@@ -31,10 +31,14 @@ def save_checkpoint(path: str, state: dict) -> None:
     try:
         with atomic_write(path) as f:
             torch.save(state, f)
-    except RuntimeError as e:  # torch's zip writer reports a failed write (ENOSPC) as a RuntimeError
-        free = shutil.disk_usage(Path(path).parent).free
-        raise OutputError(f"cannot write checkpoint {path} ({(str(e).splitlines() or [''])[0][:120]}; "
-                          f"{free / 2 ** 20:.0f} MiB free on its disk); the earlier checkpoints are intact") from None
+    except (RuntimeError, OutputError) as e:  # torch's zip writer reports a failed write (ENOSPC) as a RuntimeError
+        reason = (str(e).splitlines() or [''])[0]
+        reason = reason.split(": ", 1)[1] if isinstance(e, OutputError) else reason[:120]
+        try:
+            free = f"; {shutil.disk_usage(Path(path).parent).free / 2 ** 20:.0f} MiB free on its disk"
+        except OSError:
+            free = ""
+        raise OutputError(f"cannot write checkpoint {path} ({reason}{free}); the earlier checkpoints are intact") from None
 
 
 def load_checkpoint(path: str) -> dict:
@@ -45,17 +49,37 @@ def load_checkpoint(path: str) -> dict:
         raise InputError(f"{path} is not a readable checkpoint (an empty file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        if e.errno is None:
+            raise InputError(f"{path} is not a readable checkpoint ({e})") from None
+        raise InputError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
         raise InputError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0][:200]})") from None
     if not isinstance(state, dict):
         raise InputError(f"{path} is not a checkpoint (holds a {type(state).__name__})")
     if state.get("format") in (CHECKPOINT_FORMAT, *LEGACY_FORMATS):
+        _check_recorded(state, path)
         return state
     weights = state.get("model", state.get("state_dict", state))
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise InputError(f"{path} is neither a cellpaint-rcic checkpoint nor a state dict")
     return {"model": weights}
+
+
+def _check_recorded(state: dict, path: str) -> None:
+    """What a cellpaint-rcic checkpoint records beside the weights has the shape the readers expect:
+    the settings a dict of groups (each a dict), the first format's arguments a dict, the run id a
+    string; anything else (an edited or foreign file) is named here, before any reader trips on it."""
+    settings = state.get("settings")
+    if "settings" in state and not (isinstance(settings, dict) and all(
+            isinstance(v, dict) for k, v in settings.items() if k != "seed")):
+        raise InputError(f"{path}: its recorded settings are not a dict of setting groups "
+                         f"(found {type(settings).__name__}): an edited or foreign checkpoint")
+    if "args" in state and not isinstance(state["args"], dict):
+        raise InputError(f"{path}: its recorded arguments are not a dict (found {type(state['args']).__name__})")
+    if state.get("run_id") is not None and not isinstance(state["run_id"], str):
+        raise InputError(f"{path}: its run id is not a string (found {type(state['run_id']).__name__})")
 
 
 def made_with(state: dict | None) -> str | None:

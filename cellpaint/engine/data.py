@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 
 import pandas as pd
@@ -18,7 +19,7 @@ import dataset
 from cellpaint.core.errors import UsageError
 from cellpaint.core.settings import AugmentSettings, DataSettings, ExecSettings, Settings
 from cellpaint.data import images, metadata, pixel_stats
-from cellpaint.data.folds import assign_folds, last_experiments, named_folds, split_subsets
+from cellpaint.data.folds import assign_folds, last_experiments, named_folds, only_experiments, split_subsets
 from cellpaint.data.image_cache import ImageCache
 from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
 from cellpaint.data.structure import Structure, derive_structure
@@ -50,6 +51,11 @@ def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool 
     structure = derive_structure(table, d.classes)
     if d.val_last_experiment:  # the 41st place's split: each cell type's last train experiment
         folds, cv_number = named_folds(table, last_experiments(table)), 0
+        alone = only_experiments(table)
+        if training and alone:
+            log.warning("--val-last-experiment validates on %s, the only train experiment of %s: no treatment well "
+                        "of %s is trained on (use --val-experiments to choose others)", ", ".join(alone.values()),
+                        ", ".join(alone), "that cell type" if len(alone) == 1 else "those cell types")
     elif d.val_experiments:
         folds, cv_number = named_folds(table, d.val_experiments), 0
     else:
@@ -125,3 +131,18 @@ def _worker_init(_: int) -> None:
     # and shuts the workers down; each worker's own KeyboardInterrupt traceback would bury that line
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the same for a SIGTERM sent to the whole group (cli/entry.py)
+    sys.excepthook = _quiet_when_main_stops
+
+
+def _quiet_when_main_stops(kind, error, trace) -> None:
+    """A worker hands each batch's tensors over through multiprocessing's resource sharer; when the
+    main process stops (Ctrl-C, SIGTERM) in the middle of such a hand-over, the sharer's thread in
+    the worker reports the broken connection through sys.excepthook, a traceback under the run's one
+    line. Only that case is silenced: the worker loop's own errors reach the main process anyway."""
+    frames, step = [], trace
+    while step is not None:
+        frames.append(step.tb_frame.f_code.co_filename)
+        step = step.tb_next
+    if issubclass(kind, (EOFError, ConnectionError)) and any(f.endswith("resource_sharer.py") for f in frames):
+        return
+    sys.__excepthook__(kind, error, trace)

@@ -102,6 +102,37 @@ def build_model(m: ModelSettings, n_classes: int, n_cell_types: int, pretrained:
                           stem_init=m.stem_init, head=m.head, bottleneck_bn=m.bottleneck_bn)
 
 
+def check_input_sizes(s: Settings, model: CellClassifier, data: Data, device: torch.device) -> None:
+    """Refuse (UsageError, one line) a backbone too deep for the run's images, or for the crops of
+    --tta-size: its feature map would shrink below one pixel in the first batch, as a traceback.
+    One forward pass of a blank site per size, in eval mode (no statistics move, no random draw)."""
+    size = site_image_size(data)
+    if size is None:
+        return
+    sizes = [tuple(size)]
+    if s.inference.tta_size < 1:  # dataset.tta_views: crops of that fraction of the edge
+        sizes.append(tuple(max(1, round(v * s.inference.tta_size)) for v in size))
+    backbone = model.backbone
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            for h, w in sizes:
+                try:
+                    backbone(torch.zeros(1, model.in_channels, h, w, device=device))
+                except torch.OutOfMemoryError:
+                    raise
+                except (RuntimeError, ValueError, AssertionError) as e:  # the input's size is all that can be wrong
+                    what = (f"{h}x{w} images" if (h, w) == sizes[0] else
+                            f"the {h}x{w} crops of --tta-size {s.inference.tta_size} (images {size[0]}x{size[1]})")
+                    raise UsageError(f"--backbone {s.model.backbone} cannot take {what}: "
+                                     f"{(str(e).splitlines() or [type(e).__name__])[0][:160]}; choose a shallower "
+                                     "backbone or larger images" + (", or a larger --tta-size" if len(sizes) > 1 else "")
+                                     ) from None
+    finally:
+        backbone.train(was_training)
+
+
 def loss_classes(o: OptimSettings, data: Data) -> torch.Tensor | None:
     """The classes the loss is taken over: all (None), or the treatment classes (`--loss-classes
     treatment`: the 41st place's outputs, which had no control classes)."""
@@ -186,4 +217,5 @@ def model_for_inference(s: Settings, ctx: RunContext, state: dict | None = None
     s = resolve(s, ctx, data, made_with=made_with(state), training=False)
     model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), "none")
     restore_weights(model, state, s.run.load)
+    check_input_sizes(s, model.to(ctx.device), data, ctx.device)
     return s, data, prepare_model(s, ctx, model.to(ctx.device), training=False), state

@@ -57,7 +57,9 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
     except DataError as e:
         problems["metadata"].append(str(e))
         table = None
-    if table is not None:
+    if table is not None and table.empty:
+        problems["metadata"].append(f"{data_dir}: the metadata lists no wells (a file with only its header?)")
+    elif table is not None:
         _check_table(table, n_classes, problems)
     if images and (table is not None or Path(data_dir).is_dir()):
         if table is not None:

@@ -95,6 +95,19 @@ def _vectors(sums: WellSums, ref: Reference, wells: Wells) -> np.ndarray:
                            sums.sums["test"][wells.keep["test"]]])
 
 
+def _check_zero_rows(vectors: np.ndarray, sums: WellSums, n_ref: int) -> int:
+    """Refuse a file whose embeddings are all zero, or whose reference (train) wells include one
+    (a neighbour without a direction: predict never writes one); return how many val/test wells
+    are all zero (what predict writes for a well without a readable image), for a warning."""
+    zero = ~vectors.any(axis=1)
+    if zero.all():
+        raise SubmissionError(f"{sums.path}: every embedding is all zero: nothing to find neighbours by")
+    if zero[:n_ref].any():
+        raise SubmissionError(f"{sums.path}: {int(zero[:n_ref].sum())} train (reference) well(s) have an all-zero "
+                              "embedding: a neighbour without a direction")
+    return int(zero[n_ref:].sum())
+
+
 def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFrame, structure: Structure,
                  clock: Stopwatch) -> Ensemble:
     """The --knn path up to the plate stages: embeddings files -> per-well vectors (sites summed)
@@ -114,6 +127,7 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
     class_group = plates.class_groups(masks) if s.knn_search == "group" else None
     setup = board = ref = wells = None
     raw = []
+    zero_wells = 0
 
     def has_train_part(_: int, sums: WellSums) -> None:
         if sums.ids["train"].size == 0:
@@ -133,6 +147,7 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
                                   f"{first_path} of {width}: only --knn-combine concat joins "
                                   "files of different widths")
         raw.append(_vectors(sums, ref, wells))
+        zero_wells = max(zero_wells, _check_zero_rows(raw[-1], sums, len(ref.keep)))
         sums.sums, sums.matrix = {}, None  # the first file is kept for its ids only
         if len(s.files) > 1:
             scores, _ = setup.scores(knn.l2_normalise(raw[-1].copy()), board.scored)
@@ -167,4 +182,6 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
                   + " by cosine, each voting " + ("sigmoid(cos)" if s.knn_weight == "sigmoid" else "max(cos, 0)")
                   + "; score = summed votes"),
     }}
+    if zero_wells:  # only then: the report of a sound file stays as it was
+        extra["knn"]["zero_wells"] = zero_wells
     return Ensemble(setup.wells, board, scores, masks, treatment, extra)

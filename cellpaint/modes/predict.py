@@ -26,6 +26,10 @@ def predict(s: Settings, ctx: RunContext, state: dict | None = None) -> None:
     """Per-site logits of test and val wells (and, with --save-embeddings, embeddings of the
     labelled train treatment wells too: the kNN recipe's reference set)."""
     s, data, model, _ = model_for_inference(s, ctx, state)
+    if data.subsets["test"].empty:  # the prediction file is for a submission: every test well, and there are none
+        cell = f" of --finetune-cell-type {s.data.finetune_cell_type}" if s.data.finetune_cell_type else ""
+        raise DataError(f"{s.data.root}: the data set has no test wells{cell} (a test.csv with only its header?): "
+                        "nothing to predict")
     load, suffix, with_embeddings = s.run.load, s.inference.pred_suffix, s.inference.save_embeddings
     output: dict[str, dict] = {}
     embeddings: dict[str, dict] = {}

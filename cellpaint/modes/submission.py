@@ -128,6 +128,9 @@ def build(s: SubmissionSettings) -> tuple[str, dict]:
     if Path(s.output).is_dir():
         raise UsageError(f"-o/--output {s.output} is a directory")
     table = metadata.load_wells(Path(s.data))
+    if not ((table["split"] == "test") & (table["well_type"] == metadata.TREATMENT)).any():
+        raise SubmissionError(f"{s.data}: the metadata has no test wells (a test.csv with only its header?): "
+                              "a submission of them would be a header alone")
     structure = derive_structure(table)
     if structure.n_groups == 0:
         raise SubmissionError(f"{s.data}: the metadata defines no plate groups (no labelled treatment wells)")

@@ -16,8 +16,9 @@ import pandas as pd
 import torch
 
 from cellpaint.core.atomic import atomic_write
-from cellpaint.core.errors import Interrupted
+from cellpaint.core.errors import Interrupted, OutputError, UsageError
 from cellpaint.core.settings import Settings, save_settings, settings_dict
+from cellpaint.data import metadata
 from cellpaint.engine import distributed
 from cellpaint.engine.checkpoints import (CHECKPOINT_FORMAT, check_classes, check_data_set, made_with,
                                           restore_weights, save_checkpoint)
@@ -25,25 +26,29 @@ from cellpaint.engine.context import RunContext
 from cellpaint.engine.data import load_data, make_dataset, make_loader
 from cellpaint.engine.epoch import train_one_epoch
 from cellpaint.engine.inference import evaluate, infer
-from cellpaint.engine.setup import build_model, loss_classes, make_optimizer, prepare_model, resolve
+from cellpaint.engine.setup import (build_model, check_input_sizes, loss_classes, make_optimizer, prepare_model,
+                                    resolve)
 from cellpaint.modes import pseudo_labels
 from cellpaint.modes.curves import plot_training_curves
 
 log = logging.getLogger("cellpaint")
 
 
-def train(s: Settings, ctx: RunContext, resume: dict | None = None, init: dict | None = None) -> None:
+def train(s: Settings, ctx: RunContext, resume: dict | None = None, init: dict | None = None,
+          run_id: str = "") -> None:
     """Train `s.optim.epochs` epochs, continuing the checkpoint `resume` (--resume) or starting from
-    the weights of `init` (--load). Ctrl-C or SIGTERM ends it with an `Interrupted` error that
-    names the newest complete checkpoint to resume from."""
+    the weights of `init` (--load); `run_id` goes into SAVE.args.json and every checkpoint (whose
+    outputs these are: engine/run_owner.py). Ctrl-C or SIGTERM ends it with an `Interrupted` error
+    that names the newest complete checkpoint to resume from."""
     progress = {"epoch": None}
     try:
-        _train(s, ctx, resume, init, progress)
+        _train(s, ctx, resume, init, progress, run_id)
     except KeyboardInterrupt as e:
         raise Interrupted(interrupted_message(s.run.save, progress["epoch"]), e) from None
 
 
-def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None, progress: dict) -> None:
+def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None, progress: dict,
+           run_id: str) -> None:
     save = s.run.save
     data = load_data(s.data, s.exec, training=True)
     checkpoint_in = resume or init
@@ -51,6 +56,7 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
     torch.manual_seed(s.seed)
     pretrained = "none" if checkpoint_in else s.model.pretrained
     model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), pretrained).to(ctx.device)
+    check_input_sizes(s, model, data, ctx.device)
     optimizer = make_optimizer(s.optim, model)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=s.exec.autocast_dtype == torch.float16)
     state = {"epoch": s.optim.start_epoch - 1, "best_acc": -1.0, "pseudo_labels": {}, "history": []}
@@ -64,10 +70,11 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
         restore_weights(model, init, s.run.load)
     check_classes(data, checkpoint_in)
     fingerprint = check_data_set(s, data, checkpoint_in)
+    check_trainable(s, data, ctx.world.size, state["pseudo_labels"])
     del resume, init, checkpoint_in  # the optimizer state is not kept twice
     runner = prepare_model(s, ctx, model, training=True)
     if ctx.world.main:
-        save_settings(f"{save}.args.json", s)
+        save_settings(f"{save}.args.json", s, run_id)
 
     guard = {"bad_steps": 0}
     for epoch in range(state["epoch"] + 1, s.optim.epochs):
@@ -88,7 +95,8 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
         state["history"].append(metrics)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in metrics.items()))
-        checkpoint = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        checkpoint = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "model": model.state_dict(),
+                      "optimizer": optimizer.state_dict(),
                       "scaler": scaler.state_dict(), "settings": settings_dict(s),
                       "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types),
                       "data_fingerprint": fingerprint}
@@ -105,8 +113,36 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
         return
     try:  # pictures are a convenience: never fail a finished run over them
         plot_training_curves(Path(f"{save}.metrics.csv"), Path(f"{save}.curves.png"))
-    except OSError as e:
+    except (OSError, OutputError) as e:
         log.warning("training curves not drawn: %s", e)
+
+
+def check_trainable(s: Settings, data, processes: int, labelled: dict) -> None:
+    """Refuse, before anything is written, a run that could not train: no treatment well to learn
+    the classes from (validation took every train experiment), or an epoch that would take no
+    optimizer step (-b times --gradient-accumulation more than the data). A data set without test
+    wells only gets a warning: training needs none, predict refuses it."""
+    d, o = s.data, s.optim
+    rows, _ = pseudo_labels.training_rows(data.subsets, labelled)
+    if not (rows["well_type"] == metadata.TREATMENT).any():
+        val = sorted(data.subsets["val"]["experiment"].unique())
+        why = ("--val-experiments" if d.val_experiments else "--val-last-experiment" if d.val_last_experiment
+               else f"--folds {d.folds} --cv-number {d.cv_number}")
+        cell = f" of {d.finetune_cell_type}" if d.finetune_cell_type else ""
+        raise UsageError(f"no treatment well left to train on: {why} validates on {', '.join(val) or 'nothing'}, "
+                         f"every train experiment{cell} (choose fewer validation experiments, or --cv-number -1)")
+    global_batch = d.batch_size * processes
+    batches = 1 if len(rows) <= global_batch else len(rows) // global_batch  # engine/distributed.py ShardSampler
+    steps = batches // o.gradient_accumulation if o.accumulation == "sum" else -(-batches // o.gradient_accumulation)
+    if steps == 0:
+        on = f" on {processes} processes" if processes > 1 else ""
+        raise UsageError(f"an epoch would take no optimizer step: the {len(rows)} training sites make {batches} "
+                         f"batch(es) of -b {d.batch_size}{on}, and --gradient-accumulation {o.gradient_accumulation} "
+                         "steps after every full group of that many batches (--accumulation-mode sum); lower -b or "
+                         "--gradient-accumulation")
+    if data.subsets["test"].empty:
+        log.warning("the data set has no test wells (%s: a test.csv with only its header?): pseudo-labels come "
+                    "from validation wells only, and --mode predict will refuse it", d.root)
 
 
 def interrupted_message(save: str, epoch: int | None) -> str:

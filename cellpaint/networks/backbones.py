@@ -17,6 +17,7 @@ import torchvision
 from torch import Tensor, nn
 
 from cellpaint.core.errors import InputError
+from cellpaint.networks.timm_weights import quiet_timm, timm_file_problem
 
 _TV_PREFIXES = ("resnet", "resnext", "wide_resnet", "densenet", "efficientnet_")
 # pretrainedmodels' VGG/AlexNet put their fully connected layers inside features(), so they only
@@ -360,7 +361,8 @@ def build_timm_backbone(name: str, pretrained: str = "none", in_channels: int = 
     options = ({"dynamic_img_size": True, "dynamic_img_pad": True}, {"dynamic_img_size": True}, {})
     for extra in options:
         try:
-            model = timm.create_model(name, **kwargs, **extra)
+            with quiet_timm(pretrained not in ("none", "imagenet")):
+                model = timm.create_model(name, **kwargs, **extra)
             break
         except Exception as err:  # offline, a missing cache entry, a file of another model ...
             if isinstance(err, TypeError) and any(option in str(err) for option in extra):
@@ -368,6 +370,9 @@ def build_timm_backbone(name: str, pretrained: str = "none", in_channels: int = 
             if pretrained == "none":
                 raise  # nothing to fetch or fit: a bug, shown as one
             raise PretrainedUnavailable(_timm_load_error(name, pretrained, err)) from err
+    problem = timm_file_problem(model, name, pretrained) if pretrained not in ("none", "imagenet") else None
+    if problem:
+        raise PretrainedUnavailable(problem)
     if pretrained != "none" and stem_init != "rgb-copy":
         stem = model.get_submodule(model.pretrained_cfg["first_conv"])
         if stem_init == "random":
