@@ -32,6 +32,7 @@ from cellpaint.data.augment import (apply_geometry, channel_jitter, dihedral, dr
 from cellpaint.data.image_cache import CacheError, ImageCache
 from cellpaint.data.images import CHANNELS, ImageError, read_site
 from cellpaint.data.pixel_stats import MIN_STD, NORMALIZATIONS
+from cellpaint.data.sampling import domain_keys
 
 OUTPUTS = ("float", "uint8")
 
@@ -187,6 +188,9 @@ class SiteDataset(Dataset):
         if unknown:
             raise DataError(f"cell type(s) {sorted(unknown)} not among {list(cell_types)}")
         self.prefixes = rows["image_prefix"].to_numpy()
+        # each site's experiment and plate, where the rows name them: same-plate batches, AdaBN
+        self.domains = rows[["experiment", "plate"]].reset_index(drop=True) \
+            if {"experiment", "plate"} <= set(rows.columns) else None
         self.cell_index = pd.Index(list(cell_types)).get_indexer(rows["cell_type"])
         self.n_cell_types = len(cell_types)
         self.labels = np.asarray(rows["sirna"] if labels is None else labels, dtype=np.int64)
@@ -204,6 +208,12 @@ class SiteDataset(Dataset):
                 raise CacheError(f"image cache {cache.root} holds {cache.channels} channels, not {channels}")
             self.location = cache.locate(rows)
         self.epoch = 0
+
+    def domain_keys(self, by: str) -> np.ndarray:
+        """Each sample's plate or experiment (`sampling.domain_keys`)."""
+        if self.domains is None:
+            raise ValueError("the rows of this dataset name no experiment and plate")
+        return domain_keys(self.domains, by)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's augmentation draws (call before making the epoch's loader iterator)."""

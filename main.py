@@ -26,14 +26,15 @@ from typing import Iterator
 import torch
 
 from cellpaint.cli import entry, flags, run_outputs
-from cellpaint.cli.flag_types import (ArgsFileParser, args_file_line, bool_or_auto, bool_type, float_pair, int_list, lr_groups_type,
-                                      lr_type, name_list, size_func_type)
+from cellpaint.cli.flag_types import (ArgsFileParser, args_file_line, bool_or_auto, bool_type, float_pair, int_list,
+                                      lr_groups_type, lr_type, name_list, size_func_type, size_schedule_type)
 from cellpaint.cli.runlog import set_log_handlers, setup_logging
 from cellpaint.core.bounds import BoundError
 from cellpaint.core.errors import InputError, Interrupted, UsageError
 from cellpaint.core.schedule import LRSchedule, SizeFunction
-from cellpaint.core.settings import (AUTO, BC_SPACES, FLIP_SETS, PRECISIONS, ROTATE_BORDERS, ZOOM_MODES, Settings,
-                                     settings_dict, settings_from_dict)
+from cellpaint.core.settings import (ADABN_DOMAINS, AUTO, BATCH_SAMPLINGS, BC_SPACES, FLIP_SETS, INFERENCE_WEIGHTS,
+                                     PRECISIONS, ROTATE_BORDERS, ZOOM_MODES, Settings, settings_dict,
+                                     settings_from_dict)
 from cellpaint.data.pixel_stats import NORMALIZATIONS
 from cellpaint.engine import distributed, mixing, run_owner
 from cellpaint.engine.checkpoints import LEGACY_FORMATS, load_checkpoint
@@ -111,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mix-partners", choices=mixing.PARTNER_RULES, default="shared",
                    help="with mixup and cutmix both on: one partner permutation for both (shared, the 1st "
                         "place) or one each (separate)")
+    g.add_argument("--model-ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (timm's ModelEmaV3) after every "
+                        "optimizer step t, at decay min(DECAY, 1 - t^(-2/3)) (warm-up; the first step copies), "
+                        "e.g. 0.999; validation and pseudo-labelling use it, checkpoints keep it beside the "
+                        "weights and --mode val/predict use it by default (see --inference-weights); default off")
+    g.add_argument("--image-size-schedule", type=size_schedule_type, default=None, metavar="SIZE:EPOCH,...",
+                   help="progressive resizing: training images resized on the device to edge SIZE from epoch "
+                        "EPOCH on, e.g. 224:0,384:30,512:60 (sizes and epochs rising, the first at epoch 0, "
+                        "none above the data's size); validation and prediction at the data's size; default off")
     g.add_argument("--pw-aug", type=float_pair, default=(0.1, 0.1), help="per-channel scale std,bias std")
     g.add_argument("--scale-aug", type=float, default=0.5, help="zoom crop edge drawn from [scale, 1]")
     g.add_argument("--zoom-interpolation", choices=ZOOM_MODES, default="nearest",
@@ -170,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate on these train experiments (by name) instead of fold --cv-number")
     g.add_argument("--val-last-experiment", action="store_true",
                    help="validate on the last train experiment (in name order) of each cell type (the 41st place)")
+    g.add_argument("--batch-sampling", choices=BATCH_SAMPLINGS, default="random",
+                   help="random: batches from the whole shuffled training set (the 1st place); plate or "
+                        "experiment: every training batch (every global batch under torchrun) from one plate or "
+                        "one experiment, in a seeded order (the 5th place); needs --concat-cell-type false")
     g.add_argument("--data-split-seed", type=int, default=0)
     g.add_argument("--data-normalization", choices=NORMALIZATIONS, default="sample")
     g.add_argument("--all-controls-train", type=bool_type, default=True,
@@ -199,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tta-size", type=float, default=1.0, help="crop fraction of the TTA views")
     g.add_argument("--tta-random", type=int, default=0, metavar="N",
                    help="instead of --tta: average N passes of the training augmentation (the 41st place: 10)")
+    g.add_argument("--adabn", choices=ADABN_DOMAINS, default="off",
+                   help="at validation, pseudo-labelling and prediction, recompute the backbone's BatchNorm "
+                        "statistics on all sites of each plate (experiment) before its logits are taken "
+                        "(AdaBN, the 5th place); the weights are untouched; default off")
+    g.add_argument("--inference-weights", choices=INFERENCE_WEIGHTS, default="auto",
+                   help="which weights validation, pseudo-labelling and prediction use: auto (the EMA weights "
+                        "when the run or checkpoint has them, see --model-ema), ema, or raw (the trained ones)")
     g.add_argument("--pred-suffix", default="", help="prediction file is <load>.output<suffix>")
     g.add_argument("--save-embeddings", action="store_true", help="also write <load>.embeddings<suffix>")
     g.add_argument("--channels-last", type=bool_or_auto, default=AUTO,

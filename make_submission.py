@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build a submission from one or more prediction files (SPEC, "Submission").
 
-    ./make_submission.py -o sub.csv [--data DIR] [-w W1,W2,...] [-t THREADS] FILE [FILE ...]
+    ./make_submission.py -o sub.csv [--data DIR] [-w W1,W2,...] [-t THREADS] [--balance sinkhorn[,ITERS]|columns]
+                         FILE [FILE ...]
     ./make_submission.py --knn K [--use-valid] [--knn-search group|cell] [--knn-weight sigmoid|relu-cos]
                          [--knn-combine mean|concat] -o sub.csv [--data DIR] [-w ...] EMB_FILE [EMB_FILE ...]
 
@@ -9,7 +10,8 @@ Per file the sites of a well are summed; the files are ensembled (weighted); the
 plate design of the metadata (plates.py):
   1. per experiment, which plate group each plate holds (best joint ordering),
   2. only that group's classes stay candidates,
-  3. per plate, a linear assignment so each class goes to at most one well.
+  3. per plate, a linear assignment so each class goes to at most one well (with --balance, each
+     plate's probabilities balanced first: plates.balance_plates).
 Validation accuracy (wells of the files' 'val' part, labels from the metadata) is printed after
 every stage, per cell type, and test accuracy too where the metadata knows test labels. The CSV
 (`id_code,sirna`, every test treatment well once) and the same scores as JSON (`<output>.json`)
@@ -36,8 +38,8 @@ from typing import Sequence
 
 from cellpaint.cli import entry
 from cellpaint.core.errors import InputError, Interrupted, OutputError, UsageError, one_line
-from cellpaint.core.settings import (ASSIGN_SCORES, GROUP_METHODS, KNN_COMBINES, KNN_SEARCHES, KNN_WEIGHTS,
-                                     SubmissionSettings)
+from cellpaint.core.settings import (ASSIGN_SCORES, BALANCES, GROUP_METHODS, KNN_CENTERS, KNN_COMBINES, KNN_SEARCHES,
+                                     KNN_WEIGHTS, SubmissionSettings)
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                      "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -75,16 +77,45 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="with --knn and several files: average the files' vectors, then normalise "
                              "('mean', the 41st place's; the default when all files have one width), or "
                              "normalise each and concatenate ('concat'; the default for different widths)")
+    parser.add_argument("--balance", type=balance_type, metavar="sinkhorn[,ITERS]|columns",
+                        help="balance each plate's class probabilities before the assignment, printed as its own "
+                             "stage: sinkhorn (the 7th place: columns to n/c, then rows to 1, up to ITERS rounds, "
+                             f"default {SINKHORN_ITERS}, until within 1e-9) or columns (the 4th place: each class "
+                             "divided by its sum over the plate's wells); default off")
+    parser.add_argument("--knn-center", choices=KNN_CENTERS,
+                        help="with --knn: subtract each plate's mean embedding from its wells (then normalise "
+                             "again) before the search (the 2nd place); default off")
     args = parser.parse_args(argv)
-    for flag in ("use_valid", "knn_search", "knn_weight", "knn_combine"):
+    for flag in ("use_valid", "knn_search", "knn_weight", "knn_combine", "knn_center"):
         if getattr(args, flag) not in (None, False) and args.knn is None:
             parser.error(f"--{flag.replace('_', '-')} only applies with --knn")
     if args.group_method == "mode" and args.knn is None:
         parser.error("--group-method mode only applies with --knn (it reads kNN votes)")
+    if args.balance is not None and args.assign_scores == "logits":
+        parser.error("--balance balances probabilities: use --assign-scores logsoftmax (the default) or prob")
     args.group_method = args.group_method or ("mode" if args.knn is not None else "prob")
     args.knn_search = args.knn_search or "group"
     args.knn_weight = args.knn_weight or "sigmoid"
     return args
+
+
+SINKHORN_ITERS = 1000
+
+
+def balance_type(text: str) -> tuple[str, int]:
+    """--balance sinkhorn[,ITERS] | columns as (method, rounds)."""
+    method, _, iterations = text.partition(",")
+    if method not in BALANCES:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected sinkhorn[,ITERS] or columns")
+    if method == "columns":
+        if iterations:
+            raise argparse.ArgumentTypeError(f"{text!r}: columns takes no rounds")
+        return method, 0
+    if not iterations:
+        return method, SINKHORN_ITERS
+    if not iterations.isdigit() or not 1 <= int(iterations) <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: ITERS must be a whole number in [1, 1000000]")
+    return method, int(iterations)
 
 
 def parse_weights(text: str | None, n_files: int) -> tuple[float, ...] | None:
@@ -108,7 +139,9 @@ def settings_from_args(args: argparse.Namespace) -> SubmissionSettings:
     s = SubmissionSettings(files=tuple(args.files), output=args.output, data=Path(args.data), weights=weights,
                            group_method=args.group_method, assign_scores=args.assign_scores, knn=args.knn,
                            use_valid=args.use_valid, knn_search=args.knn_search, knn_weight=args.knn_weight,
-                           knn_combine=args.knn_combine, threads=args.threads)
+                           knn_combine=args.knn_combine, threads=args.threads,
+                           balance=args.balance[0] if args.balance else None,
+                           balance_iters=args.balance[1] if args.balance else 0, knn_center=args.knn_center)
     if weights is not None and not sum(weights) > 0:
         raise UsageError(f"-w/--weights must not be all zero, got {args.weights!r}")
     return s
@@ -130,11 +163,16 @@ def print_report(report: dict) -> None:
         print(f"kNN: search per {'plate group' if info['search'] == 'group' else 'cell type'}, votes "
               f"{info['weight']}" + (f", files combined by {info['combine']}" if info["combine"] else "")
               + f"; plate-group evidence: {report['group_method']}")
+        if info.get("center"):
+            print(f"kNN: embeddings centred per {info['center']} (its mean subtracted), then normalised again")
         for line in info["k_short"]:
             print(f"warning: {line}")
         if info.get("zero_wells"):
             print(f"warning: {info['zero_wells']} val/test well(s) have an all-zero embedding (no readable image "
                   "when predicted?): their neighbours, and so their classes, are arbitrary")
+    if "balance" in report:
+        print(f"balance: {report['balance']['method']} on each plate's probabilities; largest difference of a "
+              f"class's sum from its target {report['balance']['largest_column_error']:.2g}")
     print(Scoreboard.table_of(report["stages"], "val", f"validation accuracy ({val} wells)"))
     if test:
         print(Scoreboard.table_of(report["stages"], "test", f"test accuracy ({test} labelled wells)"))

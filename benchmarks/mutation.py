@@ -48,21 +48,28 @@ from mutation_report import Mutant, load_equivalents, render_report, unlisted_en
 # mutant that survives reruns all the tests that reached its function, so a training run here
 # would cost minutes per equivalent mutant; the end-to-end tests stay in `make test`.
 TRAINER = "tests/test_trainer.py::"
+BEYOND = "tests/test_beyond.py::"
 MODULES: dict[str, list[str]] = {
     "cellpaint/data/plates.py": ["tests/test_plates.py", "tests/test_plates_contract.py",
-                                 "tests/test_chunked_sizes.py", "tests/test_recipe_boundaries.py"],
+                                 "tests/test_chunked_sizes.py", "tests/test_recipe_boundaries.py",
+                                 BEYOND + "test_sinkhorn_leaves_rows_and_columns_at_their_targets",
+                                 BEYOND + "test_column_balancing_gives_every_class_its_share",
+                                 BEYOND + "test_balancing_log_probabilities_leaves_a_complete_plates_assignment_alone"],
     "cellpaint/core/schedule.py": [TRAINER + "test_lr_schedule_matches_the_formula",
                                    TRAINER + "test_lr_schedule_rejects_bad_text",
                                    TRAINER + "test_size_function_is_evaluated_safely",
                                    TRAINER + "test_pl_fraction_follows_the_original_schedule",
-                                   "tests/test_schedules.py", "tests/test_setting_round_trips.py"],
+                                   "tests/test_schedules.py", "tests/test_setting_round_trips.py",
+                                   BEYOND + "test_size_schedule_reads_back_and_gives_each_epoch_its_size",
+                                   BEYOND + "test_bad_size_schedules_are_one_line_usage_errors"],
     "cellpaint/modes/pseudo_labels.py": [TRAINER + "test_pl_fraction_follows_the_original_schedule",
                                          TRAINER + "test_pseudo_label_selection_respects_plates",
                                          "tests/test_pseudo_labelling.py", "tests/test_recipe_boundaries.py"],
     "cellpaint/data/folds.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py"],
-    "cellpaint/modes/knn.py": ["tests/test_knn.py", "tests/test_knn_contract.py", "tests/test_chunked_sizes.py"],
+    "cellpaint/modes/knn.py": ["tests/test_knn.py", "tests/test_knn_contract.py", "tests/test_chunked_sizes.py",
+                               BEYOND + "test_centring_gives_each_plate_mean_zero"],
     "cellpaint/data/augment.py": ["tests/test_augment_draws.py", "tests/test_augment_flags.py", "tests/test_recipe.py",
-                                  "tests/test_data.py"],
+                                  "tests/test_data.py", BEYOND + "test_size_schedule_reads_back_and_gives_each_epoch_its_size"],
     "cellpaint/modes/submission_inputs.py": ["tests/test_submission_wells.py", "tests/test_submission.py",
                                              "tests/test_knn.py"],
     "cellpaint/data/prediction_file.py": ["tests/test_prediction_file_format.py", "tests/test_submission.py",

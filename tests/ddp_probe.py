@@ -6,7 +6,7 @@ distributed parity tests (test_distributed.py) compare; not a test module itself
 
 The run is the project's own (main.main: loaders, DDP, train_one_epoch, evaluate); the observers
 only look, through hooks that need no change to production code:
-- every batch of a training loader: the dataset rows it holds;
+- every batch of a training loader (random or same-plate batches): the dataset rows it holds;
 - every optimizer step (a global step pre-hook): the learning rate of each parameter group, how
   many training batches came before it, and, at the first step, each parameter and its gradient
   (what the optimizer is about to apply: DDP has averaged it over the processes by then);
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
 
     import dataset
     import main as entry
-    from cellpaint.engine.distributed import ShardSampler
+    from cellpaint.engine.distributed import GroupBatchSampler, ShardSampler
     from model import CellClassifier
 
     record: dict = {"batches": [], "steps": [], "first_step": None, "inference_states": []}
@@ -54,7 +54,8 @@ def main(argv: list[str]) -> int:
     loader_iter = dataset.SkippingLoader.__iter__
 
     def recording_iter(loader):
-        training = isinstance(loader.sampler, ShardSampler) and loader.sampler.seed is not None
+        training = (isinstance(loader.sampler, ShardSampler) and loader.sampler.seed is not None) \
+            or isinstance(loader.batch_sampler, GroupBatchSampler)  # --batch-sampling plate|experiment
         for batch in loader_iter(loader):
             if training:
                 record["batches"].append(batch[2].tolist())

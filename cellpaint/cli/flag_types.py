@@ -8,7 +8,7 @@ import os
 from typing import Callable, TypeVar
 
 from cellpaint.core.settings import AUTO
-from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
+from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction, SizeSchedule
 
 T = TypeVar("T")
 
@@ -54,6 +54,7 @@ def _from_parser(parse: Callable[[str], T]) -> Callable[[str], T]:
 lr_type = _from_parser(LRSchedule.parse)
 lr_groups_type = _from_parser(LRGroups.parse)
 size_func_type = _from_parser(SizeFunction)
+size_schedule_type = _from_parser(SizeSchedule.parse)
 
 
 def name_list(text: str) -> list[str]:

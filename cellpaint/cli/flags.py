@@ -44,7 +44,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "accumulation": ("optim.accumulation",), "lr": ("optim.lr",), "backbone_lr_mult": ("optim.backbone_lr_mult",),
     "lr_groups": ("optim.lr_groups",), "wd": ("optim.wd",), "label_smoothing": ("optim.label_smoothing",),
     "mixup": ("optim.mixup",), "cutmix": ("optim.cutmix",), "mix_partners": ("optim.mix_partners",),
-    "start_epoch": ("optim.start_epoch",),
+    "start_epoch": ("optim.start_epoch",), "model_ema": ("optim.model_ema",),
+    "image_size_schedule": ("optim.image_size_schedule",),
     # augmentation
     "pw_aug": ("augment.scale_std", "augment.bias_std"), "scale_aug": ("augment.min_scale",),
     "zoom_interpolation": ("augment.zoom_mode",), "rotate_aug": ("augment.rotate",),
@@ -60,11 +61,12 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "data_split_seed": ("data.data_split_seed",), "data_normalization": ("data.normalization",),
     "all_controls_train": ("data.all_controls_train",), "train_controls": ("data.train_controls",),
     "use_layout_leak": ("data.use_layout_leak",), "finetune_cell_type": ("data.finetune_cell_type",),
-    "batch_size": ("data.batch_size",),
+    "batch_size": ("data.batch_size",), "batch_sampling": ("data.batch_sampling",),
     # inference
     "tta": ("inference.tta",), "tta_size": ("inference.tta_size",), "tta_random": ("inference.tta_random",),
     "val_unit": ("inference.val_unit",), "pred_suffix": ("inference.pred_suffix",),
-    "save_embeddings": ("inference.save_embeddings",),
+    "save_embeddings": ("inference.save_embeddings",), "adabn": ("inference.adabn",),
+    "inference_weights": ("inference.weights",),
     # where and how this invocation runs
     "device": ("exec.device",), "fp16": ("exec.fp16",), "precision": ("exec.precision",),
     "channels_last": ("exec.channels_last",), "compile": ("exec.compile",), "sync_bn": ("exec.sync_bn",),
@@ -294,6 +296,16 @@ def problems(s: Settings) -> str | None:
         return f"--start-epoch {o.start_epoch} leaves no epoch to train: it must be below --epochs {o.epochs}"
     if s.pseudo.first_epoch is not None and not 0 <= s.pseudo.first_epoch < o.epochs:
         return f"--pl-epoch must be in [0, {o.epochs}), got {s.pseudo.first_epoch}"
+    training = s.run.mode == "train"
+    if training and d.batch_sampling != "random" and m.concat_cell_type:
+        return (f"--batch-sampling {d.batch_sampling} gives batches of one cell type, where the neck's BatchNorm "
+                "over the cell-type one-hot sees no variance (its statistics would break inference): add "
+                "--concat-cell-type false")
+    if training and o.image_size_schedule is not None and o.image_size_schedule.last_epoch >= o.epochs:
+        return (f"--image-size-schedule {o.image_size_schedule}: epoch {o.image_size_schedule.last_epoch} is not "
+                f"before the end of training (-e/--epochs {o.epochs})")
+    if training and inf.weights == "ema" and o.model_ema is None:
+        return "--inference-weights ema needs --model-ema DECAY in training (there are no EMA weights otherwise)"
     try:
         tta_views(torch.zeros(1, 1, 8, 8), inf.tta, inf.tta_size)
     except ValueError as e:

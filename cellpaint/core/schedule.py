@@ -1,4 +1,5 @@
-"""Parsing of the schedule-like flags: the multi-span learning rate and the pseudo-label size function.
+"""Parsing of the schedule-like flags: the multi-span learning rate, the pseudo-label size function,
+the layer-wise learning-rate groups and the progressive-resizing schedule.
 
 Both are strings from the command line, so both are parsed, never evaluated: the size function
 goes through a small arithmetic evaluator over an AST whitelist, not `eval`.
@@ -182,3 +183,49 @@ class LRGroups:
     def group_of(self, name: str) -> int | None:
         """Index of the first group with a prefix of `name`, None if none has."""
         return next((i for i, (prefixes, _) in enumerate(self.groups) if name.startswith(prefixes)), None)
+
+
+@dataclass(frozen=True)
+class SizeSchedule:
+    """`--image-size-schedule 224:0,384:30,512:60`: progressive resizing, the edge (pixels) of the
+    training images from each epoch on (224 in epochs 0-29, 384 in 30-59, 512 from 60). The first
+    step starts at epoch 0 and both the sizes and the epochs rise, so every epoch has one size and
+    training ends at the largest (validation and prediction run at the data's own size)."""
+    steps: tuple[tuple[int, int], ...]  # (edge, first epoch), epochs increasing
+    text: str = ""  # as given: what a checkpoint records
+
+    @classmethod
+    def parse(cls, text: str) -> "SizeSchedule":
+        where = f"--image-size-schedule {text!r}"
+        steps = []
+        for token in (t.strip() for t in str(text).split(",")):
+            size, colon, epoch = token.partition(":")
+            try:
+                size_value, epoch_value = int(size), int(epoch)
+            except ValueError:
+                raise ValueError(f"{where}: {token!r} is not SIZE:EPOCH (two whole numbers, "
+                                 "e.g. 224:0,384:30,512:60)") from None
+            if not colon:
+                raise ValueError(f"{where}: {token!r} is not SIZE:EPOCH (e.g. 224:0,384:30,512:60)")
+            if size_value < 1 or epoch_value < 0:
+                raise ValueError(f"{where}: {token!r} needs a size >= 1 and an epoch >= 0")
+            steps.append((size_value, epoch_value))
+        if steps[0][1] != 0:
+            raise ValueError(f"{where}: the first size must start at epoch 0 (e.g. {steps[0][0]}:0,...)")
+        for (size_a, epoch_a), (size_b, epoch_b) in zip(steps, steps[1:]):
+            if epoch_b <= epoch_a:
+                raise ValueError(f"{where}: epochs must rise ({epoch_a} then {epoch_b})")
+            if size_b <= size_a:
+                raise ValueError(f"{where}: sizes must rise ({size_a} then {size_b})")
+        return cls(tuple(steps), str(text))
+
+    @property
+    def last_epoch(self) -> int:
+        return self.steps[-1][1]
+
+    def size_at(self, epoch: int) -> int:
+        """The edge of the training images in `epoch`."""
+        return next(size for size, start in reversed(self.steps) if start <= epoch)
+
+    def __str__(self) -> str:
+        return self.text or ",".join(f"{size}:{epoch}" for size, epoch in self.steps)

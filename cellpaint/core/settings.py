@@ -22,10 +22,13 @@ from pathlib import Path
 
 from cellpaint.core.atomic import atomic_write
 from cellpaint.core.bounds import CPUS, MAX_WEIGHT, bounded, check_bounds, seed_bound
-from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction
+from cellpaint.core.schedule import LRGroups, LRSchedule, SizeFunction, SizeSchedule
 
 AUTO = "auto"
 PRECISIONS = ("fp16", "bf16", "fp32")
+BATCH_SAMPLINGS = ("random", "plate", "experiment")  # --batch-sampling
+ADABN_DOMAINS = ("off", "plate", "experiment")        # --adabn
+INFERENCE_WEIGHTS = ("auto", "ema", "raw")            # --inference-weights
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,14 @@ class DataSettings:
     finetune_cell_type: str | None = None
     normalization: str = "sample"
     batch_size: int = bounded(24, "--batch-size", low=1)
+    # what one training batch is drawn from: the whole shuffled set (the original), or one plate or
+    # one experiment (the 5th place's same-plate batches; engine/distributed.py GroupBatchSampler)
+    batch_sampling: str = "random"
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.batch_sampling not in BATCH_SAMPLINGS:
+            raise ValueError(f"--batch-sampling: {self.batch_sampling!r} is not one of {', '.join(BATCH_SAMPLINGS)}")
 
 
 # the fields of ModelSettings that decide the network's shape: --load takes them from the checkpoint
@@ -89,6 +97,10 @@ class OptimSettings:
     mixup: float = bounded(0.0, "--mixup", low=0)
     cutmix: float = bounded(0.0, "--cutmix", low=0)
     mix_partners: str = "shared"
+    # an exponential moving average of the weights (timm's ModelEmaV3, with warm-up; None: off)
+    model_ema: float | None = bounded(None, "--model-ema", 0, 1, low_open=True, high_open=True, integer=False)
+    # progressive resizing: the training images' edge by epoch (None: the data's size throughout)
+    image_size_schedule: SizeSchedule | None = None
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -173,9 +185,17 @@ class InferenceSettings:
     val_unit: str = "site"
     save_embeddings: bool = False
     pred_suffix: str = ""
+    # BatchNorm statistics recomputed on each plate's (experiment's) sites before its logits (AdaBN)
+    adabn: str = "off"
+    # which weights infer: the EMA's when there are any (auto), the EMA's (ema) or the trained ones (raw)
+    weights: str = "auto"
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.adabn not in ADABN_DOMAINS:
+            raise ValueError(f"--adabn: {self.adabn!r} is not one of {', '.join(ADABN_DOMAINS)}")
+        if self.weights not in INFERENCE_WEIGHTS:
+            raise ValueError(f"--inference-weights: {self.weights!r} is not one of {', '.join(INFERENCE_WEIGHTS)}")
 
 
 @dataclass(frozen=True)
@@ -247,6 +267,8 @@ KNN_WEIGHTS = ("sigmoid", "relu-cos")       # a neighbour's vote: sigmoid(cos) (
 KNN_SEARCHES = ("group", "cell")            # where the K nearest are sought: in each plate group, in the cell type
 KNN_COMBINES = ("mean", "concat")           # several embeddings files: mean then normalise, or normalise and concatenate
 ASSIGN_SCORES = ("logsoftmax", "logits", "prob")  # what the per-plate assignment maximises
+BALANCES = ("sinkhorn", "columns")          # each plate's probabilities balanced before the assignment
+KNN_CENTERS = ("plate",)                    # embeddings centred per plate before the kNN search
 
 
 @dataclass(frozen=True)
@@ -263,6 +285,9 @@ class SubmissionSettings:
     knn_search: str = "group"
     knn_weight: str = "sigmoid"
     knn_combine: str | None = None
+    balance: str | None = None  # one of BALANCES; None: the scores as they are (the 1st place)
+    balance_iters: int = 0      # sinkhorn: the most rounds (columns, then rows)
+    knn_center: str | None = None  # one of KNN_CENTERS; None: not centred (the 41st place)
     threads: int | None = bounded(None, "-t/--threads", low=1, high=CPUS, integer=True)  # numpy/BLAS threads
 
     def __post_init__(self) -> None:
@@ -274,7 +299,7 @@ class SubmissionSettings:
 
 def plain_value(v):
     """A setting as a plain JSON value: schedules as their text, paths as strings, tuples as lists."""
-    if isinstance(v, (LRGroups, LRSchedule, SizeFunction)):
+    if isinstance(v, (LRGroups, LRSchedule, SizeFunction, SizeSchedule)):
         return getattr(v, "text", None) or str(v)
     if isinstance(v, Path):
         return str(v)
@@ -292,7 +317,8 @@ def settings_dict(settings) -> dict:
     return {f.name: plain(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
 
 
-_PARSERS = {LRSchedule: LRSchedule.parse, LRGroups: LRGroups.parse, SizeFunction: SizeFunction, Path: Path}
+_PARSERS = {LRSchedule: LRSchedule.parse, LRGroups: LRGroups.parse, SizeFunction: SizeFunction,
+            SizeSchedule: SizeSchedule.parse, Path: Path}
 
 
 def _typed(hint, value):

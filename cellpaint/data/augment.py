@@ -181,6 +181,17 @@ def rescale(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+def resize_batch(x: torch.Tensor, edge: int) -> torch.Tensor:
+    """A batch [B, C, H, W] resized so that its longer side is `edge` pixels, aspect kept (bilinear,
+    antialiased when shrinking): --image-size-schedule's progressive resizing. Unchanged at that size."""
+    h, w = x.shape[-2:]
+    size = (max(1, round(h * edge / max(h, w))), max(1, round(w * edge / max(h, w))))
+    if size == (h, w):
+        return x
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                                           antialias=edge < max(h, w))
+
+
 def adjust_gamma(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """255·(x/255)^gamma per image of a batch [B, C, H, W] of raw intensities, `gamma` [B]."""
     if bool((gamma == 1).all()):

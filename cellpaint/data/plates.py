@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from cellpaint.core.settings import GROUP_METHODS
+from cellpaint.core.settings import BALANCES, GROUP_METHODS
 
 _CHUNK = 4096  # rows per block in row-wise transforms: bounds temporaries to a few MB
 
@@ -297,6 +297,52 @@ def exclude_classes(scores: np.ndarray, plate_codes: np.ndarray,
         if classes.size:
             out[np.ix_(rows, classes)] = -np.inf
     return out
+
+
+# ------------------------------------------------------------------------- per-plate balancing
+
+
+def balance_plates(log_probs: np.ndarray, plate_codes: np.ndarray, method: str, iterations: int = 1000,
+                   tolerance: float = 1e-9) -> tuple[np.ndarray, float]:
+    """Each plate's probabilities balanced before the assignment: (their logs, the largest
+    remaining difference between a class's summed probability and its target).
+
+    `log_probs`: per-well log-probabilities over a plate group's classes (rows sum to 1; -inf: not
+    a candidate). A plate of n wells and c candidate classes holds each class at most once, so
+    over its wells a class should carry n/c of the probability mass:
+    - "columns" (the 4th place): each class's probabilities divided by their sum over the
+      plate's wells and scaled to n/c (rows no longer sum to 1);
+    - "sinkhorn" (the 7th place's iterative division by column sums and row sums): up to
+      `iterations` rounds of columns to n/c, then rows to 1, stopping once every column is
+      within `tolerance` of n/c (rows end exact).
+    A class whose probabilities all underflow to 0 on a plate keeps them (it cannot be scaled).
+    On logs a column or row constant shifts every assignment of a complete plate equally: the
+    balancing changes the per-plate assignment of log-probabilities only where a plate has fewer
+    wells than classes, while the per-well choice and an assignment of probabilities change.
+    """
+    if method not in BALANCES:
+        raise ValueError(f"unknown balance {method!r} (choose from {', '.join(BALANCES)})")
+    scores = _check_scores(log_probs)
+    out = np.empty(scores.shape, dtype=np.float64)
+    worst = 0.0
+    _, inverse = _codes(plate_codes)
+    for rows in _groups_of_rows(inverse):
+        p = np.exp(scores[rows].astype(np.float64))
+        target = len(rows) / max(int(np.isfinite(scores[rows]).any(axis=0).sum()), 1)
+        for _ in range(iterations if method == "sinkhorn" else 1):
+            columns = p.sum(axis=0)
+            p *= np.divide(target, columns, out=np.ones_like(columns), where=columns > 0)
+            if method == "columns":
+                break
+            p /= p.sum(axis=1, keepdims=True)
+            columns = p.sum(axis=0)
+            if np.abs(columns[columns > 0] - target).max(initial=0.0) <= tolerance:
+                break
+        columns = p.sum(axis=0)
+        worst = max(worst, float(np.abs(columns[columns > 0] - target).max(initial=0.0)))
+        with np.errstate(divide="ignore"):
+            out[rows] = np.log(p)
+    return out, worst
 
 
 # ------------------------------------------------------------------------- per-plate matching

@@ -11,6 +11,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -108,18 +109,28 @@ def make_dataset(s: Settings, data: Data, rows: pd.DataFrame, augment: AugmentSe
 
 
 def make_loader(s: Settings, world: distributed.World, ds: dataset.SiteDataset,
-                epoch: int | None = None) -> DataLoader:
+                epoch: int | None = None, subset: np.ndarray | None = None) -> DataLoader:
     """This process's share of `ds`: shuffled (seeded by seed and epoch, so a resumed run draws the
-    same order) when `epoch` is given, in order otherwise. A training sampler holds whole batches
-    only (the trailing partial one is dropped, unless it is all there is): see ShardSampler."""
+    same order) when `epoch` is given, in order otherwise (only the positions `subset`, when
+    given). A training sampler holds whole batches only (the trailing partial one is dropped,
+    unless it is all there is): see ShardSampler; with --batch-sampling plate|experiment each
+    batch comes from one plate (experiment): see GroupBatchSampler."""
     batch_size = s.data.batch_size
+    batching: dict = {"batch_size": batch_size}
     if epoch is not None:
         ds.set_epoch(epoch)
-        sampler = distributed.ShardSampler(len(ds), world, s.seed * 100_003 + epoch, batch=batch_size)
+        seed = s.seed * 100_003 + epoch
+        if s.data.batch_sampling == "random":
+            batching["sampler"] = distributed.ShardSampler(len(ds), world, seed, batch=batch_size)
+        else:
+            batching = {"batch_sampler": distributed.GroupBatchSampler(
+                ds.domain_keys(s.data.batch_sampling), world, seed, batch_size)}
+    elif subset is None:
+        batching["sampler"] = distributed.ShardSampler(len(ds), world)
     else:
-        sampler = distributed.ShardSampler(len(ds), world)
+        batching["sampler"] = np.asarray(subset)[world.rank::world.size].tolist()
     # batches drop (and count, logging the count per pass) sites whose images are unreadable (--skip-bad-images)
-    return dataset.SkippingLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=s.exec.num_workers,
+    return dataset.SkippingLoader(ds, **batching, num_workers=s.exec.num_workers,
                                   pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
                                   description="inference" if epoch is None else f"epoch {epoch}",
                                   size_hint=f"; python main.py --mode check --data {s.data.root} names the images")

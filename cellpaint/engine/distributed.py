@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from cellpaint.core.errors import UsageError
+from cellpaint.data.sampling import group_batches
 
 
 class LaunchError(UsageError, RuntimeError):
@@ -104,6 +105,25 @@ class ShardSampler(Sampler[int]):
         if self.seed is not None and 0 < kept < self.world.size:
             kept = self.world.size  # padded
         return len(range(self.world.rank, kept, self.world.size))
+
+
+class GroupBatchSampler(Sampler[list[int]]):
+    """This process's batches of an epoch of same-domain batches (--batch-sampling plate|experiment):
+    the global batches of `sampling.group_batches` (each from one group, its size a multiple of
+    the process count), of which process r takes positions r, r + N, r + 2N, ... So the N shares
+    of one step come from the same plate (experiment), together make the batch a single process
+    would run at N times the batch size, and every process runs the same number of steps."""
+
+    def __init__(self, groups: np.ndarray, world: World, seed: int, batch: int) -> None:
+        self.world = world
+        self.batches = group_batches(groups, batch, world.size, seed)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield batch[self.world.rank::self.world.size].tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def gather_rows(parts: dict[str, np.ndarray], indices: np.ndarray, n: int, world: World) -> dict[str, np.ndarray]:

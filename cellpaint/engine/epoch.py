@@ -13,6 +13,7 @@ from tqdm import tqdm
 import dataset
 from cellpaint.core.errors import Diverged
 from cellpaint.core.settings import Settings
+from cellpaint.data.augment import resize_batch
 from cellpaint.engine import distributed, mixing
 from cellpaint.engine.context import RunContext
 from model import smooth_labels, training_loss
@@ -21,8 +22,9 @@ log = logging.getLogger("cellpaint")
 
 
 def train_one_epoch(s: Settings, ctx: RunContext, model, loader, optimizer, scaler, epoch: int, n_classes: int,
-                    guard: dict, classes: torch.Tensor | None = None) -> dict:
-    """One pass over `loader`; `guard["bad_steps"]` counts non-finite losses in a row across epochs."""
+                    guard: dict, classes: torch.Tensor | None = None, ema=None) -> dict:
+    """One pass over `loader`; `guard["bad_steps"]` counts non-finite losses in a row across epochs;
+    `ema` (engine/ema.py WeightAverage, --model-ema) is updated after every optimizer step."""
     o, ex, world, device, dtype = s.optim, s.exec, ctx.world, ctx.device, s.exec.autocast_dtype
     model.train()
     # cutmix/mixup draws, reproducible on resume (and different in each process of a distributed run)
@@ -39,12 +41,17 @@ def train_one_epoch(s: Settings, ctx: RunContext, model, loader, optimizer, scal
     # partial group is dropped (zeroed after the loop) as the original did. "mean" divides the loss
     # by the group size and steps on the trailing group too.
     scale = 1.0 if o.accumulation == "sum" else 1.0 / o.gradient_accumulation
+    size = None if o.image_size_schedule is None else o.image_size_schedule.size_at(epoch)
+    if size is not None:
+        log.info("epoch %d: training images resized to an edge of %d px (--image-size-schedule)", epoch, size)
     for i, (x, cell, _, y) in enumerate(bar):
         lr = o.lr(epoch + i / steps, o.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         # flips, zoom, normalisation, jitter: on the device, per batch
         x = dataset.prepare_batch(x, device, settings=settings)
+        if size is not None:  # progressive resizing, after the augmentation, on the device
+            x = resize_batch(x, size)
         cell, y = cell.to(device, non_blocking=True), y.to(device)
         target = smooth_labels(y, n_classes, o.label_smoothing)
         x, cell, target = mixing.mix_batch(x, cell, target, o.mixup, o.cutmix, rng, o.mix_partners)
@@ -70,6 +77,8 @@ def train_one_epoch(s: Settings, ctx: RunContext, model, loader, optimizer, scal
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
         total_loss += loss.item() * len(x)
         correct += (out["logits"].argmax(1) == target.argmax(1)).sum().item()
         seen += len(x)

@@ -13,7 +13,7 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from cellpaint.core.errors import UsageError
+from cellpaint.core.errors import InputError, UsageError
 from cellpaint.core.settings import AUTO, ModelSettings, OptimSettings, Settings
 from cellpaint.engine import autoselect, distributed
 from cellpaint.engine.checkpoints import check_classes, check_data_set, load_checkpoint, made_with, restore_weights
@@ -216,6 +216,22 @@ def model_for_inference(s: Settings, ctx: RunContext, state: dict | None = None
     check_data_set(s, data, state)
     s = resolve(s, ctx, data, made_with=made_with(state), training=False)
     model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), "none")
-    restore_weights(model, state, s.run.load)
+    restore_weights(model, inference_weights(state, s.inference.weights, s.run.load), s.run.load)
     check_input_sizes(s, model.to(ctx.device), data, ctx.device)
     return s, data, prepare_model(s, ctx, model.to(ctx.device), training=False), state
+
+
+def inference_weights(state: dict, which: str, path: str) -> dict:
+    """`state` with the weights --inference-weights chooses as its "model": a checkpoint trained
+    with --model-ema holds the average beside the trained weights, and `auto` takes the average."""
+    average = state.get("model_ema")
+    if which == "raw" or (which == "auto" and average is None):
+        if average is not None:
+            log.info("%s: inferring with the trained weights, not the EMA weights it also holds (--inference-weights "
+                     "raw)", path)
+        return state
+    if average is None:
+        raise InputError(f"--inference-weights ema: {path} holds no EMA weights (it was trained without --model-ema)")
+    log.info("%s: inferring with its EMA weights (after %d steps; --inference-weights raw takes the trained ones)",
+             path, average["steps"])
+    return {**state, "model": average["weights"]}

@@ -127,6 +127,19 @@ def concatenate(blocks: Sequence[np.ndarray], weights: Sequence[float]) -> np.nd
     return out
 
 
+def center_by_group(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Rows with the mean row of their group subtracted, in place (--knn-center plate, the 2nd place:
+    what a plate shares, its batch effect among it, is taken out before the cosine search).
+    Normalise again afterwards: centred rows are no longer unit length."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    counts = np.bincount(inverse).astype(np.float64)
+    sums = np.zeros((len(counts), x.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, x)
+    x -= (sums / counts[:, None]).astype(x.dtype)[inverse]
+    return x
+
+
 def neighbour_weights(sim: np.ndarray, weight: str) -> np.ndarray:
     """The vote of each neighbour from its cosine similarity (see WEIGHTS)."""
     if weight == "sigmoid":

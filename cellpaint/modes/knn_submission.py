@@ -135,6 +135,14 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
                                   "come from): --knn needs embeddings files from main.py --mode predict "
                                   "--save-embeddings")
 
+    def unit_rows(x: np.ndarray) -> np.ndarray:
+        """Unit rows for the search (--knn-center plate: centred per plate first, normalised again)."""
+        if s.knn_center is None:
+            return x
+        plate = plates.plate_ids(np.concatenate([ref.experiment, wells.experiment]),
+                                 np.concatenate([ref.plate, wells.plate]))
+        return knn.l2_normalise(knn.center_by_group(x, plate))
+
     for i, sums, wells in matched_files(s.files, table, EMBEDDING_ROWS, clock.lap, has_train_part, same_width=False):
         if i == 0:
             ref = match_reference(sums, table, structure)
@@ -150,7 +158,7 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
         zero_wells = max(zero_wells, _check_zero_rows(raw[-1], sums, len(ref.keep)))
         sums.sums, sums.matrix = {}, None  # the first file is kept for its ids only
         if len(s.files) > 1:
-            scores, _ = setup.scores(knn.l2_normalise(raw[-1].copy()), board.scored)
+            scores, _ = setup.scores(unit_rows(knn.l2_normalise(raw[-1].copy())), board.scored)
             board.add(f"file {i + 1}: {Path(s.files[i]).name}",
                       argmax_over(scores, np.arange(len(scores)), treatment))
             del scores
@@ -163,6 +171,7 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
     else:
         features = knn.concatenate([knn.l2_normalise(b) for b in raw], weights)
     del raw
+    features = unit_rows(features)
     clock.lap("normalise")
     scores, used = setup.scores(features, np.arange(setup.wells.n))
     del features
@@ -174,6 +183,7 @@ def knn_ensemble(s: SubmissionSettings, weights: list[float], table: pd.DataFram
         "search": s.knn_search, "weight": s.knn_weight, "combine": combine if len(s.files) > 1 else None,
         "reference_wells": {"val": setup.n_ref, "test": setup.n_ref + setup.wells.n_val * s.use_valid},
         "ignored_train_controls": ref.ignored_controls,
+        **({"center": s.knn_center} if s.knn_center else {}),  # only when asked: reports stay as they were
         "features": "per file: sites summed; files " + ("averaged (weighted), then L2-normalised"
                                                         if combine == "mean" else
                                                         "L2-normalised, concatenated, scaled by sqrt(w/sum w)"),

@@ -38,7 +38,7 @@ def predict(s: Settings, ctx: RunContext, state: dict | None = None) -> None:
     if with_embeddings:
         parts["train"] = train[(train["well_type"] == metadata.TREATMENT) & (train["split"] == "train")]
     for part, rows in parts.items():
-        result = infer(s, ctx, model, make_dataset(s, data, rows), embeddings=with_embeddings)
+        result = infer(s, ctx, model, make_dataset(s, data, rows), embeddings=with_embeddings, data=data)
         for key, target in (("logits", output), ("embedding", embeddings)):
             if key == "logits" and part == "train":
                 continue

@@ -77,8 +77,10 @@ def ensemble_files(files: tuple[str, ...], weights: list[float], table: pd.DataF
     return Ensemble(wells, board, total, masks, treatment)
 
 
-def plate_stages(ens: Ensemble, group_method: str, assign_scores: str, clock: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
-    """Group inference, group restriction and per-plate assignment; returns (groups, labels).
+def plate_stages(ens: Ensemble, group_method: str, assign_scores: str, clock: Stopwatch,
+                 balance: str | None = None, balance_iters: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Group inference, group restriction, (with `balance`) each plate's probabilities balanced,
+    and per-plate assignment; returns (groups, labels).
 
     After the group inference every well competes only for its group's classes, so the later
     stages run on compact [wells, group size] blocks (plates.split_by_group), not on full-width
@@ -94,10 +96,16 @@ def plate_stages(ens: Ensemble, group_method: str, assign_scores: str, clock: St
     plate = plates.plate_ids(wells.experiment, wells.plate)
     best = np.full(wells.n, -1, dtype=np.int64)
     labels = np.full(wells.n, -1, dtype=np.int64)
+    balanced = np.full(wells.n, -1, dtype=np.int64)
+    balance_error = 0.0
     for rows, classes, block in plates.split_by_group(ens.scores, groups, ens.masks):
         best[rows] = classes[np.argmax(block, axis=1)]
         if assign_scores != "logits":
             plates.log_softmax(block, out=block)
+            if balance is not None:  # balanced as probabilities, kept as their logs
+                block, error = plates.balance_plates(block, plate[rows], balance, balance_iters)
+                balance_error = max(balance_error, error)
+                balanced[rows] = classes[np.argmax(block, axis=1)]
             if assign_scores == "prob":
                 np.exp(block, out=block)
         found = plates.assign_plates(block, plate[rows], fill_unassigned=True)
@@ -106,9 +114,18 @@ def plate_stages(ens: Ensemble, group_method: str, assign_scores: str, clock: St
     if (labels < 0).any():
         raise SubmissionError(f"{int((labels < 0).sum())} well(s) got no class: their plate group is empty")
     board.add(f"groups ({group_method})", best[board.scored])
+    if balance is not None:
+        board.add(f"balance ({balance_name(balance, balance_iters)})", balanced[board.scored])
+        # only when asked: the report of a run without it stays as it was
+        ens.extra["balance"] = {"method": balance_name(balance, balance_iters),
+                                "largest_column_error": balance_error}
     board.add(f"assignment ({assign_scores})", labels[board.scored])
     clock.lap("restriction and assignment")
     return groups, labels
+
+
+def balance_name(balance: str, iterations: int) -> str:
+    return f"sinkhorn,{iterations}" if balance == "sinkhorn" else balance
 
 
 def build(s: SubmissionSettings) -> tuple[str, dict]:
@@ -141,7 +158,7 @@ def build(s: SubmissionSettings) -> tuple[str, dict]:
         ens = knn_ensemble(s, weights, table, structure, clock)
     else:
         ens = ensemble_files(s.files, weights, table, structure, clock)
-    groups, labels = plate_stages(ens, s.group_method, s.assign_scores, clock)
+    groups, labels = plate_stages(ens, s.group_method, s.assign_scores, clock, s.balance, s.balance_iters)
 
     wells, board = ens.wells, ens.board
     test = np.arange(wells.n_val, wells.n)

@@ -53,6 +53,8 @@ class Reference:
     cell_type: np.ndarray  # per kept well
     label: np.ndarray
     ignored_controls: int
+    experiment: np.ndarray | None = None  # per kept well
+    plate: np.ndarray | None = None
 
 
 def first_example(values: np.ndarray) -> str:
@@ -128,7 +130,8 @@ def match_reference(first: WellSums, table: pd.DataFrame, structure: Structure) 
         raise SubmissionError(f"{first.path}: {int(bad.sum())} train well(s) have no treatment label in the "
                               f"metadata (e.g. {first_example(rows['id_code'].to_numpy()[bad])})")
     return Reference(keep=keep, cell_type=rows["cell_type"].to_numpy(), label=label.astype(np.int64),
-                     ignored_controls=ignored)
+                     ignored_controls=ignored, experiment=rows["experiment"].to_numpy(),
+                     plate=rows["plate"].to_numpy())
 
 
 def check_same_wells(first: WellSums, other: WellSums, parts: Sequence[str] = ("val", "test"),

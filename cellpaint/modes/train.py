@@ -16,14 +16,15 @@ import pandas as pd
 import torch
 
 from cellpaint.core.atomic import atomic_write
-from cellpaint.core.errors import Interrupted, OutputError, UsageError
+from cellpaint.core.errors import InputError, Interrupted, OutputError, UsageError
 from cellpaint.core.settings import Settings, save_settings, settings_dict
 from cellpaint.data import metadata
 from cellpaint.engine import distributed
 from cellpaint.engine.checkpoints import (CHECKPOINT_FORMAT, check_classes, check_data_set, made_with,
                                           restore_weights, save_checkpoint)
 from cellpaint.engine.context import RunContext
-from cellpaint.engine.data import load_data, make_dataset, make_loader
+from cellpaint.engine.data import load_data, make_dataset, make_loader, site_image_size
+from cellpaint.engine.ema import WeightAverage
 from cellpaint.engine.epoch import train_one_epoch
 from cellpaint.engine.inference import evaluate, infer
 from cellpaint.engine.setup import (build_model, check_input_sizes, loss_classes, make_optimizer, prepare_model,
@@ -71,8 +72,19 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
     check_classes(data, checkpoint_in)
     fingerprint = check_data_set(s, data, checkpoint_in)
     check_trainable(s, data, ctx.world.size, state["pseudo_labels"])
+    check_size_schedule(s, data)
+    ema_state = None if resume is None or s.optim.model_ema is None else resume.get("model_ema")
+    if resume is not None and s.optim.model_ema is not None and ema_state is None:
+        raise InputError(f"--resume {s.run.resume}: the run keeps EMA weights (--model-ema) but this checkpoint "
+                         "holds none")
     del resume, init, checkpoint_in  # the optimizer state is not kept twice
     runner = prepare_model(s, ctx, model, training=True)
+    ema = None
+    if s.optim.model_ema is not None:  # a copy of the prepared network (restored, channels-last, SyncBN)
+        ema = WeightAverage(model, s.optim.model_ema)
+        if ema_state is not None:
+            ema.load_state_dict(ema_state)
+        del ema_state
     if ctx.world.main:
         save_settings(f"{save}.args.json", s, run_id)
 
@@ -82,14 +94,15 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
         if s.pseudo.first_epoch is not None and epoch >= s.pseudo.first_epoch:
             new = pseudo_labels.pseudo_label_epoch(
                 s.pseudo, s.optim.epochs, epoch, data, state["pseudo_labels"],
-                lambda rows: infer(s, ctx, runner, make_dataset(s, data, rows))["logits"])
+                lambda rows: infer(s, ctx, inference_network(s, ctx, runner, ema),
+                                   make_dataset(s, data, rows), data=data)["logits"])
             state["pseudo_labels"].update(distributed.from_main(new, ctx.world))  # every process trains on one set
         rows, labels = pseudo_labels.training_rows(data.subsets, state["pseudo_labels"])
         loader = make_loader(s, ctx.world, make_dataset(s, data, rows, s.augment, labels), epoch)
         tic = time.time()
         metrics = train_one_epoch(s, ctx, runner, loader, optimizer, scaler, epoch, data.structure.n_classes,
-                                  guard, loss_classes(s.optim, data))
-        metrics.update(evaluate(s, ctx, runner, data))
+                                  guard, loss_classes(s.optim, data), ema)
+        metrics.update(evaluate(s, ctx, inference_network(s, ctx, runner, ema), data))
         metrics.update(epoch=epoch, seconds=time.time() - tic, pseudo_labels=len(state["pseudo_labels"]))
         state["epoch"] = epoch
         state["history"].append(metrics)
@@ -100,6 +113,8 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
                       "scaler": scaler.state_dict(), "settings": settings_dict(s),
                       "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types),
                       "data_fingerprint": fingerprint}
+        if ema is not None:
+            checkpoint["model_ema"] = ema.state_dict()
         acc = metrics.get("acc", epoch)  # without validation the latest epoch counts as the best
         is_best = acc >= state["best_acc"]  # a tie goes to the later epoch, as in the 1st place's code
         state["best_acc"] = max(acc, state["best_acc"])
@@ -143,6 +158,29 @@ def check_trainable(s: Settings, data, processes: int, labelled: dict) -> None:
     if data.subsets["test"].empty:
         log.warning("the data set has no test wells (%s: a test.csv with only its header?): pseudo-labels come "
                     "from validation wells only, and --mode predict will refuse it", d.root)
+
+
+def inference_network(s: Settings, ctx: RunContext, runner: torch.nn.Module,
+                      ema: WeightAverage | None) -> torch.nn.Module:
+    """What validates and pseudo-labels: the weight average when there is one (unless
+    --inference-weights raw), else the network being trained."""
+    if ema is None or s.inference.weights == "raw":
+        return runner
+    return ema.for_inference(ctx.world)
+
+
+def check_size_schedule(s: Settings, data) -> None:
+    """--image-size-schedule only shrinks the training images: a size above the data's is refused."""
+    schedule = s.optim.image_size_schedule
+    if schedule is None:
+        return
+    size = site_image_size(data)
+    if size is not None and max(edge for edge, _ in schedule.steps) > max(size):
+        raise UsageError(f"--image-size-schedule {schedule}: sizes above the data's images ({size[0]}x{size[1]}) "
+                         "would only upsample them; give sizes up to the data's edge")
+    if size is not None and schedule.steps[-1][0] != max(size):
+        log.warning("--image-size-schedule %s ends at %d px, but validation and prediction run at the data's "
+                    "%dx%d", schedule, schedule.steps[-1][0], *size)
 
 
 def interrupted_message(save: str, epoch: int | None) -> str:
