@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
-.PHONY: install test demo clean mutation
+.PHONY: install test demo wilds-demo clean mutation
 
 # make demo [DATA=existing data set] [OUT=output folder]
 OUT ?= demo
@@ -23,6 +23,10 @@ test: install
 demo: install
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib || echo "no matplotlib: training curves are skipped"
 	$(PY) demo.py --out $(OUT) $(if $(DATA),--data $(DATA))
+
+# the RxRx1-WILDS path (both recipes, their per-cell-type table) on a synthetic set: make wilds-demo [OUT=dir]
+wilds-demo: install
+	$(PY) wilds_demo.py --out $(if $(filter demo,$(OUT)),wilds-demo,$(OUT)) $(if $(DATA),--data $(DATA))
 
 # make mutation [MODULES="plates knn"] [JOBS=2]: mutation testing of the scientific core (about an
 # hour on 2 cores; not part of `make test` or CI), writes benchmarks/MUTATION.md. mutmut lives in its

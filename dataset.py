@@ -1,6 +1,6 @@
 """Samples: site images, normalisation, batches, test-time augmentation views (augmentations: augment.py).
 
-A *sample* is one site: the 6 channel PNGs of a well's site stacked into a [6, H, W] array.
+A *sample* is one site: its C channels (as the data stores them: images.SiteFiles) in a [C, H, W] array.
 
 Two ways to turn a site into network input, with the same maths:
 
@@ -30,7 +30,7 @@ from cellpaint.core.settings import AugmentSettings
 from cellpaint.data.augment import (apply_geometry, channel_jitter, dihedral, draw_photometric, draw_zoom_box,
                                     jitter_draws, normalised_photometric, raw_photometric, zoom)
 from cellpaint.data.image_cache import CacheError, ImageCache
-from cellpaint.data.images import CHANNELS, ImageError, read_site
+from cellpaint.data.images import ImageError, SiteFiles, discover, read_site
 from cellpaint.data.pixel_stats import MIN_STD, NORMALIZATIONS
 from cellpaint.data.sampling import domain_keys
 
@@ -176,7 +176,7 @@ class SiteDataset(Dataset):
     def __init__(self, rows: pd.DataFrame, cell_types: tuple[str, ...] | list[str],
                  normalization: str = "sample", stats: np.ndarray | None = None,
                  augment: AugmentSettings | None = None, labels: np.ndarray | None = None, seed: int = 0,
-                 channels: int = CHANNELS, output: str = "uint8", cache: ImageCache | None = None,
+                 files: SiteFiles | None = None, output: str = "uint8", cache: ImageCache | None = None,
                  skip_bad_images: bool = False) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalisation {normalization!r}")
@@ -198,14 +198,16 @@ class SiteDataset(Dataset):
         self.normalization = normalization
         self.augment = augment
         self.seed = seed
-        self.channels = channels
+        # how the sites are stored (the run passes the data set's); None: as the first sites' files say
+        self.files = files if files is not None or not len(rows) else discover(self.prefixes)
+        self.channels = self.files.channels if self.files is not None else 0
         self.output = output
         self.skip_bad_images = skip_bad_images
         self.cache = cache
         self.location = None
         if cache is not None:
-            if cache.channels != channels:
-                raise CacheError(f"image cache {cache.root} holds {cache.channels} channels, not {channels}")
+            if self.files is not None and cache.channels != self.channels:
+                raise CacheError(f"image cache {cache.root} holds {cache.channels} channels, not {self.channels}")
             self.location = cache.locate(rows)
         self.epoch = 0
 
@@ -225,7 +227,7 @@ class SiteDataset(Dataset):
     def image(self, index: int) -> np.ndarray:
         """The uint8 [C, H, W] image of sample `index` as decoded (from the cache if there is one)."""
         if self.location is None:
-            return read_site(self.prefixes[index], self.channels)
+            return read_site(self.prefixes[index], self.files)
         file_id, row, bad = (a[index] for a in self.location)
         if bad is not None:
             raise ImageError(bad)

@@ -3,6 +3,8 @@
     python main.py --save results/dn161_0 [...]                 train (checkpoint per epoch, best, log)
     python main.py --mode val --load results/dn161_0            validation accuracy of a checkpoint
     python main.py --mode predict --tta 8 --load CKPT           prediction file CKPT.output<suffix>
+    python main.py --mode eval --load CKPT --data WILDS_DIR     RxRx1-WILDS figures of it: CKPT.output<suffix>.wilds.json
+    python main.py --mode profiles --load CKPT --evaluate map   well profiles CKPT.profiles<suffix>.parquet and their mAP
 
     torchrun --nproc_per_node N main.py ...                    any of these on N GPUs
 
@@ -36,11 +38,14 @@ from cellpaint.core.settings import (ADABN_DOMAINS, AUTO, BATCH_SAMPLINGS, BC_SP
                                      PRECISIONS, ROTATE_BORDERS, ZOOM_MODES, Settings, settings_dict,
                                      settings_from_dict)
 from cellpaint.data.pixel_stats import NORMALIZATIONS
+from cellpaint.data.profiles import EVALUATIONS as PROFILE_EVALUATIONS, NORMALISATIONS as PROFILE_NORMALISATIONS
+from cellpaint.data.wilds import SCHEMES as WILDS_SCHEMES
 from cellpaint.engine import distributed, mixing, run_owner
 from cellpaint.engine.checkpoints import LEGACY_FORMATS, load_checkpoint
 from cellpaint.engine.context import RunContext
-from cellpaint.modes import check, pseudo_labels
+from cellpaint.modes import check, pseudo_labels, wilds_eval
 from cellpaint.modes.predict import predict
+from cellpaint.modes.profiles import profiles
 from cellpaint.modes.train import train
 from cellpaint.modes.validate import validate
 from cellpaint.networks.backbones import STEM_INITS
@@ -57,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgsFileParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        fromfile_prefix_chars="@")  # recipes/*.args: one argument per line
     p.convert_arg_line_to_args = args_file_line
-    p.add_argument("-m", "--mode", default="train", choices=("train", "val", "predict", "check"))
+    p.add_argument("-m", "--mode", default="train", choices=("train", "val", "predict", "check", "eval", "profiles"),
+                   help="eval: score the prediction file of --load as RxRx1-WILDS does (CKPT.output<suffix>.wilds.json); "
+                        "profiles: every well's embedding, normalised, as CKPT.profiles<suffix>.parquet")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default=AUTO,
@@ -184,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random: batches from the whole shuffled training set (the 1st place); plate or "
                         "experiment: every training batch (every global batch under torchrun) from one plate or "
                         "one experiment, in a seeded order (the 5th place); needs --concat-cell-type false")
+    g.add_argument("--split", choices=(AUTO, "folds", *WILDS_SCHEMES), default=AUTO,
+                   help="auto: the layout's own; folds: validation experiments dealt in folds (--cv-number: the "
+                        "competition and release layouts); official or mixed-to-test: the RxRx1-WILDS splits (the "
+                        "wilds layout, official by default)")
     g.add_argument("--data-split-seed", type=int, default=0)
     g.add_argument("--data-normalization", choices=NORMALIZATIONS, default="sample")
     g.add_argument("--all-controls-train", type=bool_type, default=True,
@@ -222,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the run or checkpoint has them, see --model-ema), ema, or raw (the trained ones)")
     g.add_argument("--pred-suffix", default="", help="prediction file is <load>.output<suffix>")
     g.add_argument("--save-embeddings", action="store_true", help="also write <load>.embeddings<suffix>")
+    g.add_argument("--normalise", choices=PROFILE_NORMALISATIONS, default="controls",
+                   help="--mode profiles: none; controls (each plate centred on its negative controls, features scaled "
+                        "by their spread); tvn (whitened on the negative controls)")
+    g.add_argument("--evaluate", choices=PROFILE_EVALUATIONS, default="none",
+                   help="--mode profiles: map prints copairs' mAP of retrieving each siRNA's wells in other "
+                        "experiments against negative controls, and the fraction of siRNAs with significant mAP")
     g.add_argument("--channels-last", type=bool_or_auto, default=AUTO,
                    help="channels-last memory format; auto: on with mixed precision on CUDA (measured faster), "
                         "off otherwise")
@@ -285,7 +302,7 @@ def parse_command_line(argv: list[str] | None = None) -> Command:
     args = p.parse_args(argv)
     if args.mode == "train" and not (args.save or args.resume):
         p.error("training needs --save PATH (or --resume CKPT)")
-    if args.mode in ("val", "predict") and not args.load:
+    if args.mode in ("val", "predict", "eval", "profiles") and not args.load:
         p.error(f"--mode {args.mode} needs --load CKPT")
     if args.overwrite and flags.overwrite_problem(args.mode, args.resume):  # before any checkpoint is read
         p.error(flags.overwrite_problem(args.mode, args.resume))
@@ -361,6 +378,9 @@ def run(argv: list[str] | None) -> int:
     s = command.settings
     if s.run.mode == "check":
         return check.report(check.check_data(s.data.root, s.data.classes, workers=s.exec.num_workers))
+    if s.run.mode == "eval":  # numbers from a prediction file: no network, no device
+        wilds_eval.evaluate_file(s, command.checkpoint)
+        return 0
     with torch_threads(s.exec.threads):
         # under torchrun each process takes its own GPU (cuda:LOCAL_RANK)
         world, device = distributed.init(torch.device(s.exec.device or ("cuda" if torch.cuda.is_available() else "cpu")))
@@ -390,7 +410,7 @@ def run_mode(s: Settings, ctx: RunContext, checkpoint: dict | None) -> None:
                   init=None if s.run.resume else checkpoint, run_id=run_id)
         else:
             try:
-                {"val": validate, "predict": predict}[mode](s, ctx, checkpoint)
+                {"val": validate, "predict": predict, "profiles": profiles}[mode](s, ctx, checkpoint)
             except KeyboardInterrupt as e:
                 raise Interrupted(f"interrupted: --mode {mode} wrote nothing; run the same command again", e) from None
         if staged_log:

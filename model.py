@@ -77,12 +77,13 @@ class CellClassifier(nn.Module):
         backbone: str,
         n_classes: int,
         n_cell_types: int,
+        *,
+        in_channels: int,
         embedding_size: int = 1024,
         head_hidden: list[int] | None = None,
         concat_cell_type: bool = True,
         bn_mom: float = 0.05,
         pretrained: str = "none",
-        in_channels: int = 6,
         stem_init: str = "random",
         head: str = "neck",
         bottleneck_bn: str = "recomputed",
@@ -97,7 +98,7 @@ class CellClassifier(nn.Module):
         self.n_cell_types = n_cell_types
         self.concat_cell_type = concat_cell_type
         self.in_channels = in_channels
-        self.backbone, n_features = build_backbone(backbone, pretrained, in_channels, stem_init)
+        self.backbone, n_features = build_backbone(backbone, pretrained, in_channels=in_channels, stem_init=stem_init)
         if head == "plain":
             self._build_plain(n_features, embedding_size, n_classes)
             _set_bn_momentum(self, bn_mom)

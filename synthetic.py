@@ -35,12 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     d = SyntheticConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out", type=Path, help="output directory (new, empty, or a previous synthetic data set)")
-    p.add_argument("--layout", choices=["competition", "release"], default=d.layout)
+    p.add_argument("--layout", choices=["competition", "release", "wilds"], default=d.layout,
+                   help="wilds: RxRx1-WILDS (metadata.csv with dataset train/val/test, one RGB composite per site)")
     p.add_argument("--cell-types", type=_str_list, default=",".join(d.cell_types), help="comma-separated cell-type names")
     p.add_argument("--train-experiments", type=_int_list, default=",".join(map(str, d.train_experiments)),
                    help="train experiments per cell type (one number, or one per cell type)")
     p.add_argument("--test-experiments", type=_int_list, default=",".join(map(str, d.test_experiments)),
                    help="test experiments per cell type (one number, or one per cell type)")
+    p.add_argument("--val-experiments", type=_int_list, default=None,
+                   help="wilds layout: val experiments per cell type (one number, or one per cell type; default 1)")
     p.add_argument("--classes", type=int, default=d.classes, help="treatment classes, a multiple of --plates")
     p.add_argument("--plates", type=int, default=d.plates, help="plates per experiment = plate groups")
     p.add_argument("--positive-controls", type=int, default=d.positive_controls)
@@ -65,7 +68,9 @@ def write(args: argparse.Namespace, config: SyntheticConfig) -> None:
     info = generate(args.out, config, progress=not args.quiet)
     leak = info["leak"]
     print(f"wrote {info['n_wells']} wells, {info['n_images']} images "
-          f"({len(info['experiments']['train'])} train / {len(info['experiments']['test'])} test experiments, "
+          f"({len(info['experiments']['train'])} train / "
+          + (f"{len(info['experiments']['val'])} val / " if "val" in info["experiments"] else "")
+          + f"{len(info['experiments']['test'])} test experiments, "
           f"{info['class_counts']['total']} classes, layout {config.layout}) to {args.out} "
           f"in {time.perf_counter() - start:.1f}s"
           + (f"; leak: {leak['test_experiment']} reuses {leak['train_experiment']} shifted by {leak['shift']}" if leak else ""))
@@ -77,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     n_ct = len(args.cell_types)
-    for name in ("train_experiments", "test_experiments"):  # one number means the same for every cell type
+    if args.val_experiments is None:
+        args.val_experiments = (1,) if args.layout == "wilds" else ()
+    for name in ("train_experiments", "test_experiments", "val_experiments"):  # one number: the same for every cell type
         if len(getattr(args, name)) == 1:
             setattr(args, name, getattr(args, name) * n_ct)
     config = SyntheticConfig(**{f.name: getattr(args, f.name) for f in fields(SyntheticConfig)})

@@ -66,9 +66,9 @@ def main() -> int:
                                            train_experiments=(2,), test_experiments=(1,),
                                            image_size=args.image_size, leak=False, seed=1), progress=False)
         table = metadata.load_table(data)
-        pngs = len(table) * images.CHANNELS
+        pngs = len(table) * images.discover(table["image_prefix"].to_numpy()).channels
         size = sum(Path(f"{p}_w1.png").stat().st_size for p in table["image_prefix"]) / len(table)
-        rows = [("stat (size, mtime) per PNG: the fingerprint", timed(lambda t: plate_sources(t, 6), table,
+        rows = [("stat (size, mtime) per PNG: the fingerprint", timed(lambda t: plate_sources(t, images.discover(t["image_prefix"].to_numpy())), table,
                                                                           args.repeats)),
                 ("sha256 of each PNG's bytes", timed(content_hash, table, args.repeats)),
                 ("decode each PNG (building a cache)", timed(decode, table, max(1, args.repeats // 2)))]

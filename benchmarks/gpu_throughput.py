@@ -85,7 +85,7 @@ def measure(setting: Setting, sizes: Sizes, device: torch.device) -> dict:
     dtype = DTYPES[setting.precision]
     fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    model = CellClassifier(setting.backbone, sizes.classes, 4, pretrained="none").to(device, memory_format=fmt)
+    model = CellClassifier(setting.backbone, sizes.classes, 4, pretrained="none", in_channels=6).to(device, memory_format=fmt)
     runner = torch.compile(model) if setting.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -197,7 +197,8 @@ def epoch(data: Path, cache: Path | None, setting: Setting, batch: int, workers:
     s = resolve(s, ctx, data_)
     rows = data_.subsets["train"]
     rows = rows.iloc[[i % len(rows) for i in range(samples)]].reset_index(drop=True)  # sites repeated
-    model = build_model(s.model, data_.structure.n_classes, len(data_.structure.cell_types), "none").to(device)
+    model = build_model(s.model, data_.structure.n_classes, len(data_.structure.cell_types), "none",
+                        in_channels=data_.channels).to(device)
     optimizer = make_optimizer(s.optim, model)
     scaler = torch.amp.GradScaler(device.type, enabled=s.exec.autocast_dtype == torch.float16)
     runner = prepare_model(s, ctx, model, training=True)

@@ -49,6 +49,7 @@ from mutation_report import Mutant, load_equivalents, render_report, unlisted_en
 # would cost minutes per equivalent mutant; the end-to-end tests stay in `make test`.
 TRAINER = "tests/test_trainer.py::"
 BEYOND = "tests/test_beyond.py::"
+WILDS = "tests/test_wilds.py::"
 MODULES: dict[str, list[str]] = {
     "cellpaint/data/plates.py": ["tests/test_plates.py", "tests/test_plates_contract.py",
                                  "tests/test_chunked_sizes.py", "tests/test_recipe_boundaries.py",
@@ -65,7 +66,8 @@ MODULES: dict[str, list[str]] = {
     "cellpaint/modes/pseudo_labels.py": [TRAINER + "test_pl_fraction_follows_the_original_schedule",
                                          TRAINER + "test_pseudo_label_selection_respects_plates",
                                          "tests/test_pseudo_labelling.py", "tests/test_recipe_boundaries.py"],
-    "cellpaint/data/folds.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py"],
+    "cellpaint/data/folds.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py",
+                                WILDS + "test_trainer_subsets_are_the_wilds_parts"],
     "cellpaint/modes/knn.py": ["tests/test_knn.py", "tests/test_knn_contract.py", "tests/test_chunked_sizes.py",
                                BEYOND + "test_centring_gives_each_plate_mean_zero"],
     "cellpaint/data/augment.py": ["tests/test_augment_draws.py", "tests/test_augment_flags.py", "tests/test_recipe.py",
@@ -75,7 +77,8 @@ MODULES: dict[str, list[str]] = {
     "cellpaint/data/prediction_file.py": ["tests/test_prediction_file_format.py", "tests/test_submission.py",
                                           "tests/test_knn.py"],
     "cellpaint/data/metadata.py": ["tests/test_metadata_readers.py", "tests/test_data.py",
-                                   "tests/test_recipe_boundaries.py"],
+                                   "tests/test_recipe_boundaries.py", WILDS + "test_wilds_layout_read_back_exactly",
+                                   WILDS + "test_split_parts_have_the_rows_wilds_defines"],
     "cellpaint/data/structure.py": ["tests/test_metadata_readers.py", "tests/test_data.py",
                                     "tests/test_recipe_boundaries.py"],
 }

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import prepare
 from cellpaint.data import image_cache, metadata, pixel_stats
@@ -129,7 +130,7 @@ def test_the_pixel_stats_cache_knows_its_data(tiny_release, tmp_path, monkeypatc
     cache = tmp_path / "cache"
     calls = []
     real = pixel_stats.compute_pixel_stats
-    monkeypatch.setattr(pixel_stats, "compute_pixel_stats", lambda table: calls.append(1) or real(table))
+    monkeypatch.setattr(pixel_stats, "compute_pixel_stats", lambda table, files=None: calls.append(1) or real(table, files))
     with caplog.at_level(logging.WARNING, logger="cellpaint"):
         a = pixel_stats.load_pixel_stats(first, metadata.load_table(first), cache)
         assert len(calls) == 1 and not caplog.records
@@ -175,7 +176,23 @@ def test_a_bad_pixel_stats_csv_names_its_line(tiny_competition, tmp_path, caplog
 
 def test_a_sound_pixel_stats_csv_reads_back_as_numbers(tiny_competition):
     path = tiny_competition[0] / "pixel_stats.csv"
-    stats = pixel_stats.check_pixel_stats(pd.read_csv(path), path)
+    stats = pixel_stats.check_pixel_stats(pd.read_csv(path), path, 6)
     assert stats["channel"].between(1, 6).all() and stats["std"].dtype == np.float64
     with pytest.raises(DataError, match=r"line 2: .* has 1 channel\(s\), the images have 6"):
-        pixel_stats.check_pixel_stats(pd.read_csv(path).iloc[[0]], path)
+        pixel_stats.check_pixel_stats(pd.read_csv(path).iloc[[0]], path, 6)
+
+
+def test_a_run_with_only_the_cache_copied_trains_from_it(tiny_release, tmp_path):
+    """The cache is what travels to a GPU box: with every PNG of a release-layout set gone (its sites
+    are listed in metadata.csv; the competition layout reads them off the plate folders), a run with
+    --image-cache takes the channel count from the cache's manifest and trains on its pixels."""
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_release[0], copy)
+    cache = tmp_path / "cache"
+    image_cache.build_cache(copy, cache, progress=False)
+    for png in copy.rglob("*.png"):
+        png.unlink()
+    save = tmp_path / "net"
+    assert run("--data", copy, "--save", save, "-e", 1, "--image-cache", cache, *SMALL) == 0
+    assert torch.load(f"{save}.0", weights_only=True)["channels"] == 6
+    assert run("--data", copy, "--save", tmp_path / "other", "-e", 1, *SMALL) == 1  # without the cache: no images

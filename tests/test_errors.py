@@ -100,6 +100,7 @@ COMMANDS = [
     ("prepare", ["--cache", "c"], "prepare"),
     ("synthetic", ["out"], "write"),
     ("demo", [], "demo"),
+    ("wilds_demo", [], "demo"),
     ("tools.curves", ["m.csv"], "draw_curves"),
     ("tools.merge_predictions", ["-o", "m.output", "a.output"], "write_merged"),
     ("tools.show", ["--data", "d"], "show"),

@@ -128,7 +128,7 @@ def _args(*extra: str):
 
 def _net() -> CellClassifier:
     torch.manual_seed(0)
-    return CellClassifier("smallcnn", 5, 2, embedding_size=16)
+    return CellClassifier("smallcnn", 5, 2, embedding_size=16, in_channels=6)
 
 
 def _batches(n: int) -> list:
@@ -308,7 +308,7 @@ def test_validation_scores_sites_by_default(tiny_competition, monkeypatch):
 
 def _bn_buffers_after_a_step(backbone: str, rule: str) -> dict:
     torch.manual_seed(3)
-    net = CellClassifier(backbone, 5, 2, embedding_size=16, bottleneck_bn=rule)
+    net = CellClassifier(backbone, 5, 2, embedding_size=16, bottleneck_bn=rule, in_channels=6)
     net.load_state_dict(_BASE.state_dict())
     net.train()
     x, cell = torch.randn(4, 6, 32, 32, generator=torch.Generator().manual_seed(4)), torch.eye(2)[[0, 1, 0, 1]]
@@ -317,7 +317,7 @@ def _bn_buffers_after_a_step(backbone: str, rule: str) -> dict:
     return {k: v for k, v in net.state_dict().items() if "running" in k}
 
 
-_BASE = CellClassifier("densenet121", 5, 2, embedding_size=16)
+_BASE = CellClassifier("densenet121", 5, 2, embedding_size=16, in_channels=6)
 
 
 def test_bottleneck_statistics_move_as_in_the_memory_efficient_densenet():
@@ -333,6 +333,6 @@ def test_bottleneck_statistics_move_as_in_the_memory_efficient_densenet():
     norm1 = [k for k in plain if ".norm1.running_mean" in k]
     assert len(norm1) == 58 and all(not torch.allclose(plain[k], once_plain[k]) for k in norm1)
     assert all(torch.equal(plain[k], once_plain[k]) for k in plain if ".norm1." not in k)  # nothing else changes
-    net = CellClassifier("densenet121", 5, 2, embedding_size=16, bn_mom=0.05)
+    net = CellClassifier("densenet121", 5, 2, embedding_size=16, bn_mom=0.05, in_channels=6)
     layer = net.backbone.denseblock1.denselayer1
     assert layer.norm1.momentum == pytest.approx(0.0975) and layer.norm2.momentum == 0.05

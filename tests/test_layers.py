@@ -22,7 +22,8 @@ from tests.conftest import ROOT
 
 LAYERS = ("core", "domain", "engine", "modes", "commands")
 TOP_LEVEL = {"dataset": "domain", "model": "domain", "main": "commands", "make_submission": "commands",
-             "prepare": "commands", "synthetic": "commands", "demo": "commands", "tools": "commands"}
+             "prepare": "commands", "synthetic": "commands", "demo": "commands", "wilds_demo": "commands",
+             "tools": "commands"}
 PACKAGE = {"core": "core", "data": "domain", "networks": "domain", "engine": "engine", "modes": "modes",
            "cli": "commands"}
 

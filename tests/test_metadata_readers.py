@@ -168,7 +168,7 @@ def test_refusals_of_the_competition_files(tmp_path):
         metadata.load_wells(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with refused(f"{tmp_path / 'empty'} holds neither train.csv (competition layout) nor metadata.csv "
-                 "(RxRx1 release layout)"):
+                 "(RxRx1 release or RxRx1-WILDS layout)"):
         metadata.load_wells(tmp_path / "empty")
     assert metadata.detect_layout(root) == "competition" and metadata.detect_layout(release(tmp_path / "r")) == "release"
     write(root / "test.csv", "id_code,experiment,well\nA_1_B02,A,B02")

@@ -48,7 +48,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
 )
 def test_families_forward_any_size(name: str) -> None:
     torch.manual_seed(0)
-    net = M.CellClassifier(name, N_CLASSES, N_CELLS, embedding_size=EMB)
+    net = M.CellClassifier(name, N_CLASSES, N_CELLS, embedding_size=EMB, in_channels=6)
     for size in (48, 64):
         out = net(torch.randn(2, 6, size, size), _onehot())
         assert out["embedding"].shape == (2, EMB)
@@ -64,12 +64,12 @@ def test_build_backbone_feature_map_and_stem() -> None:
     feats, n = B.build_backbone("resnet18", in_channels=4)
     assert n == 512 and feats.conv1.in_channels == 4
     assert feats(torch.randn(1, 4, 40, 56)).shape == (1, 512, 2, 2)
-    _, n = B.build_backbone("pm-dpn68")  # classifier is a 1x1 conv there
+    _, n = B.build_backbone("pm-dpn68", in_channels=6)  # classifier is a 1x1 conv there
     assert n == 832
 
 
 def test_densenet161_default_builds() -> None:
-    net = M.CellClassifier("densenet161", N_CLASSES, N_CELLS, embedding_size=EMB).eval()
+    net = M.CellClassifier("densenet161", N_CLASSES, N_CELLS, embedding_size=EMB, in_channels=6).eval()
     assert net.backbone.conv0.in_channels == 6
     assert net.neck[0].num_features == 2208 + N_CELLS
     with torch.no_grad():
@@ -78,11 +78,11 @@ def test_densenet161_default_builds() -> None:
 
 def test_unknown_backbone_lists_supported() -> None:
     with pytest.raises(ValueError, match="densenet161.*mem-.*pm-"):
-        B.build_backbone("nope")
+        B.build_backbone("nope", in_channels=6)
     with pytest.raises(ValueError):
-        B.build_backbone("mem-resnet18")
+        B.build_backbone("mem-resnet18", in_channels=6)
     with pytest.raises(ValueError):
-        B.build_backbone("pm-vgg16")
+        B.build_backbone("pm-vgg16", in_channels=6)
     assert "mem-densenet161" in B.supported_backbones() and "pm-se_resnext50_32x4d" in B.supported_backbones()
     for name in B.supported_backbones():
         assert B.is_supported_backbone(name), name
@@ -91,7 +91,7 @@ def test_unknown_backbone_lists_supported() -> None:
 
 def test_concat_cell_type_and_head_hidden() -> None:
     net = M.CellClassifier("resnet18", N_CLASSES, N_CELLS, embedding_size=EMB, concat_cell_type=False,
-                           head_hidden=[16, 8], bn_mom=0.1)
+                           head_hidden=[16, 8], bn_mom=0.1, in_channels=6)
     assert net.neck[0].num_features == 512
     out = net(torch.randn(2, 6, 48, 48), None)
     assert out["logits"].shape == (2, N_CLASSES)
@@ -99,7 +99,7 @@ def test_concat_cell_type_and_head_hidden() -> None:
     assert [(m.in_features, m.out_features) for m in linears] == [(EMB, 16), (16, 8), (8, N_CLASSES)]
     assert {m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)} == {0.1}
 
-    net = M.CellClassifier("resnet18", N_CLASSES, N_CELLS, embedding_size=EMB)
+    net = M.CellClassifier("resnet18", N_CLASSES, N_CELLS, embedding_size=EMB, in_channels=6)
     assert net.neck[0].num_features == 512 + N_CELLS
     assert {m.momentum for m in net.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)} == {0.05}
     with pytest.raises(ValueError, match="cell_onehot"):
@@ -123,7 +123,7 @@ def _save_resnet18(path: str, wrap: str | None = None) -> dict[str, torch.Tensor
 def test_stem_from_rgb_weights_of_local_file(tmp_path, name: str) -> None:
     path = str(tmp_path / "r18.pth")
     sd = _save_resnet18(path)
-    feats, _ = B.build_backbone(name, pretrained=path, stem_init="rgb-copy")
+    feats, _ = B.build_backbone(name, pretrained=path, stem_init="rgb-copy", in_channels=6)
     own = feats.state_dict()
     prefix = "model." if name.startswith("pm-") else ""
     expected = sd["conv1.weight"][:, [0, 1, 2, 0, 1, 2]] * 0.5
@@ -144,30 +144,30 @@ def test_local_file_wrapped_and_old_densenet_keys(tmp_path) -> None:
     dn = torchvision.models.densenet121().state_dict()  # torchvision's own files use 'norm.1' names
     old = {k.replace("norm1", "norm.1").replace("conv2", "conv.2"): v + 1 for k, v in dn.items()}
     torch.save({"model": old}, tmp_path / "dn.pth")
-    feats, _ = B.build_backbone("densenet121", pretrained=str(tmp_path / "dn.pth"))
+    feats, _ = B.build_backbone("densenet121", pretrained=str(tmp_path / "dn.pth"), in_channels=6)
     assert torch.equal(feats.denseblock1.denselayer1.conv2.weight, dn["features.denseblock1.denselayer1.conv2.weight"] + 1)
 
 
 def test_local_file_errors_name_the_file(tmp_path) -> None:
     missing = str(tmp_path / "missing.pth")
     with pytest.raises(B.PretrainedUnavailable, match="not found.*missing.pth"):
-        B.build_backbone("resnet18", pretrained=missing)
+        B.build_backbone("resnet18", pretrained=missing, in_channels=6)
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint\n")
     with pytest.raises(B.PretrainedUnavailable, match="junk.pth") as err:
-        B.build_backbone("resnet18", pretrained=str(junk))
+        B.build_backbone("resnet18", pretrained=str(junk), in_channels=6)
     assert "\n" not in str(err.value)
     other = tmp_path / "r34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), other)
     with pytest.raises(B.PretrainedUnavailable, match="r34.pth does not fit backbone 'resnet18'"):
-        B.build_backbone("resnet18", pretrained=str(other))
+        B.build_backbone("resnet18", pretrained=str(other), in_channels=6)
     assert issubclass(B.PretrainedUnavailable, RuntimeError)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "pm-resnet18"])
 def test_imagenet_offline_is_a_clear_error(name: str) -> None:
     with pytest.raises(B.PretrainedUnavailable) as err:
-        B.build_backbone(name, pretrained="imagenet")
+        B.build_backbone(name, pretrained="imagenet", in_channels=6)
     msg = str(err.value)
     assert "\n" not in msg and name in msg and "https://" in msg and "pretrained=PATH" in msg
     assert os.environ["TORCH_HOME"] in msg  # names the cache location it looked in
@@ -179,7 +179,7 @@ def test_imagenet_from_hub_cache() -> None:
     os.makedirs(ckpt_dir)
     sd = torchvision.models.resnet18().state_dict()
     torch.save(sd, os.path.join(ckpt_dir, os.path.basename(url)))
-    feats, _ = B.build_backbone("resnet18", pretrained="imagenet", stem_init="rgb-copy")
+    feats, _ = B.build_backbone("resnet18", pretrained="imagenet", stem_init="rgb-copy", in_channels=6)
     assert torch.equal(feats.conv1.weight, sd["conv1.weight"][:, [0, 1, 2, 0, 1, 2]] * 0.5)
 
 
@@ -190,7 +190,7 @@ def test_stem_is_fresh_by_default_when_weights_load(tmp_path, name: str) -> None
     path = str(tmp_path / "r18.pth")
     sd = _save_resnet18(path)
     torch.manual_seed(0)
-    own = B.build_backbone(name, pretrained=path)[0].state_dict()
+    own = B.build_backbone(name, pretrained=path, in_channels=6)[0].state_dict()
     prefix = "model." if name.startswith("pm-") else ""
     stem = own[prefix + "conv1.weight"]
     assert stem.shape == (64, 6, 7, 7)
@@ -200,9 +200,9 @@ def test_stem_is_fresh_by_default_when_weights_load(tmp_path, name: str) -> None
     assert abs(float(stem.std()) - bound / math.sqrt(3)) < 0.05 * bound
     assert all(torch.equal(own[prefix + k], sd[k]) for k in sd if not k.startswith(("conv1.", "fc.")))
     torch.manual_seed(0)
-    assert torch.equal(B.build_backbone(name, pretrained=path)[0].state_dict()[prefix + "conv1.weight"], stem)
+    assert torch.equal(B.build_backbone(name, pretrained=path, in_channels=6)[0].state_dict()[prefix + "conv1.weight"], stem)
     with pytest.raises(ValueError, match="stem initialisation 'copy'"):
-        B.build_backbone(name, pretrained=path, stem_init="copy")
+        B.build_backbone(name, pretrained=path, stem_init="copy", in_channels=6)
 
 
 def test_dense_cross_entropy_matches_cross_entropy() -> None:
@@ -255,7 +255,7 @@ def test_smooth_labels_and_combined_loss() -> None:
 @pytest.mark.parametrize("name", ["resnet18", "pm-squeezenet1_1"])
 def test_gradients_reach_every_parameter(name: str) -> None:
     torch.manual_seed(0)
-    net = M.CellClassifier(name, N_CLASSES, N_CELLS, embedding_size=EMB, head_hidden=[16])
+    net = M.CellClassifier(name, N_CLASSES, N_CELLS, embedding_size=EMB, head_hidden=[16], in_channels=6)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     out = net(torch.randn(4, 6, 48, 48), _onehot(4))
@@ -268,7 +268,7 @@ def test_gradients_reach_every_parameter(name: str) -> None:
 
 def test_channels_last_matches() -> None:
     torch.manual_seed(0)
-    net = M.CellClassifier("efficientnet_b0", N_CLASSES, N_CELLS, embedding_size=EMB).eval()
+    net = M.CellClassifier("efficientnet_b0", N_CLASSES, N_CELLS, embedding_size=EMB, in_channels=6).eval()
     x, s = torch.randn(2, 6, 48, 48), _onehot()
     with torch.no_grad():
         ref = net(x, s)
@@ -280,8 +280,8 @@ def test_channels_last_matches() -> None:
 
 def test_small_cnn_for_cpu_demos():
     from cellpaint.networks.backbones import SMALL_CNN, PretrainedUnavailable, build_backbone, supported_backbones
-    features, width = build_backbone(SMALL_CNN)
+    features, width = build_backbone(SMALL_CNN, in_channels=6)
     assert SMALL_CNN in supported_backbones()
     assert features(torch.zeros(2, 6, 48, 48)).shape == (2, width, 12, 12)
     with pytest.raises(PretrainedUnavailable, match="--pretrained none"):
-        build_backbone(SMALL_CNN, pretrained="imagenet")
+        build_backbone(SMALL_CNN, pretrained="imagenet", in_channels=6)

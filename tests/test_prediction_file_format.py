@@ -174,8 +174,9 @@ def test_the_kind_of_file_comes_from_its_name_or_is_given(tmp_path):
     pf.save_predictions(tmp_path / "net.embeddings", parts)
     assert set(pf.load_predictions(tmp_path / "net.embeddings", kind=None)) == {"train", "val", "test"}
     pf.save_embeddings(tmp_path / "plain.name", parts)
-    with refused(f"{tmp_path / 'net.output'}: unexpected part(s) 'train' (expected 'test', 'val'); a 'train' part "
-                 "belongs to an embeddings file (main.py --save-embeddings), which make_submission.py reads with --knn"):
+    with refused(f"{tmp_path / 'net.output'}: unexpected part(s) 'train' (expected 'test', 'val', 'id_test'); "
+                 "a 'train' part belongs to an embeddings file (main.py --save-embeddings), which make_submission.py "
+                 "reads with --knn"):
         pf.save_predictions(tmp_path / "net.output", parts)
     assert not (tmp_path / "net.output").exists()
     with refused("unknown kind 'probs' (expected one of logits, embeddings)", ValueError):

@@ -38,7 +38,7 @@ FORTY_FIRST = AugmentSettings(flips=True, transposes=False, prob=0.5, rescale=0.
 
 def test_plain_head_layers_and_embedding_is_the_first_linear_output():
     torch.manual_seed(0)
-    net = M.CellClassifier("smallcnn", 11, 4, embedding_size=16, concat_cell_type=False, head="plain")
+    net = M.CellClassifier("smallcnn", 11, 4, embedding_size=16, concat_cell_type=False, head="plain", in_channels=6)
     assert isinstance(net.neck, nn.Linear) and (net.neck.in_features, net.neck.out_features) == (96, 16)
     assert [type(m) for m in net.head] == [nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert net.head[0].num_features == 16 and (net.head[2].in_features, net.head[2].out_features) == (16, 11)
@@ -54,7 +54,7 @@ def test_plain_head_layers_and_embedding_is_the_first_linear_output():
 
 def test_plain_head_refuses_cell_type_and_hidden_layers_and_main_names_the_flags(capsys):
     with pytest.raises(ValueError, match="plain head"):
-        M.CellClassifier("smallcnn", 5, 4, concat_cell_type=True, head="plain")
+        M.CellClassifier("smallcnn", 5, 4, concat_cell_type=True, head="plain", in_channels=6)
     with pytest.raises(SystemExit):
         main.parse_settings(["--save", "x", "--head", "plain", "--concat-cell-type", "true", "--head-hidden", "8"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -92,7 +92,7 @@ def test_bce_loss_is_torch_bce_with_logits_on_one_hot_and_restricts_classes():
 def test_lr_groups_set_each_group_at_its_multiplier():
     s = main.parse_settings(["--save", "x", "--lr", "const,1e-3", "--wd", "0", "--pretrained", "none",
                              "--lr-groups", "conv0,norm0=1/3,denseblock,transition,norm5=1/2"])
-    net = M.CellClassifier("densenet121", 11, 4, embedding_size=16, concat_cell_type=False, head="plain")
+    net = M.CellClassifier("densenet121", 11, 4, embedding_size=16, concat_cell_type=False, head="plain", in_channels=6)
     opt = make_optimizer(s.optim, net)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs == {"conv0,norm0": pytest.approx(1e-3 / 3), "denseblock,transition,norm5": 5e-4,
@@ -105,7 +105,7 @@ def test_lr_groups_set_each_group_at_its_multiplier():
 
 def test_lr_groups_prefix_matching_nothing_is_an_error_and_default_groups_unchanged():
     s = main.parse_settings(["--save", "x", "--lr-groups", "conv0=0.5,dense_block=0.5"])
-    net = M.CellClassifier("densenet121", 11, 4, embedding_size=16, concat_cell_type=False, head="plain")
+    net = M.CellClassifier("densenet121", 11, 4, embedding_size=16, concat_cell_type=False, head="plain", in_channels=6)
     with pytest.raises(UsageError, match="--lr-groups: no backbone parameter name starts with 'dense_block'"):
         make_optimizer(s.optim, net)
     s = main.parse_settings(["--save", "x", "--backbone-lr-mult", "0.1", "--lr", "const,1e-3"])
@@ -275,3 +275,29 @@ def test_41st_place_args_files(monkeypatch, tmp_path):
     assert (pred.run.mode, pred.inference.tta_random, pred.inference.tta, pred.inference.save_embeddings) == (
         "predict", 10, 1, True)
     assert pred.augment == FORTY_FIRST and pred.data.val_last_experiment
+
+
+def test_wilds_args_files(monkeypatch, tiny_competition):
+    """The standard file is a valid standard-track entry (nothing of val or test in training, no
+    test-time views, no plate stages in what it reports); the transductive one is the 1st place whole."""
+    from cellpaint.modes.wilds_eval import training_track
+
+    table = metadata.load_table(tiny_competition[0])  # one with a layout coincidence: the leak flag matters
+    standard = _recipe(monkeypatch, "@recipes/wilds-standard.args", "--save", "results/wilds_std")
+    assert (standard.data.split, standard.data.all_controls_train, standard.data.use_layout_leak) == ("official", False, False)
+    assert standard.pseudo.first_epoch is None and standard.inference.tta == 1 and standard.inference.tta_random == 0
+    assert (standard.optim.epochs, standard.optim.lr) == (90, LRSchedule.parse("cosine,1.5e-4"))
+    assert training_track({"settings": settings_dict(standard)}, table, "official") == ("standard", [])
+    whole = _recipe(monkeypatch, "@recipes/wilds-transductive.args", "--save", "results/wilds_tr")
+    first = _recipe(monkeypatch, "@recipes/1st-place.args", "--save", "results/dn161_0")
+    assert (whole.data.split, whole.data.all_controls_train, whole.data.use_layout_leak) == ("official", True, True)
+    assert (whole.optim.epochs, whole.pseudo.first_epoch, whole.optim.lr, whole.pseudo.size_func.text) == (
+        first.optim.epochs, first.pseudo.first_epoch, first.optim.lr, first.pseudo.size_func.text)
+    track, reasons = training_track({"settings": settings_dict(whole)}, table, "official")
+    assert track == "non-standard" and len(reasons) == 3
+
+
+def test_every_recipe_file_is_checked():
+    checked = {"1st-place.args", "41st-place-common.args", "41st-place-train.args", "41st-place-finetune.args",
+               "41st-place-predict.args", "wilds-standard.args", "wilds-transductive.args"}
+    assert {p.name for p in (ROOT / "recipes").glob("*")} == checked

@@ -35,7 +35,7 @@ EVERY_FLAG = [
     "--tta-size", "0.875", "--pred-suffix", ".x", "--save-embeddings", "--channels-last", "true",
     "--compile", "--sync-bn", "--device", "cpu", "--threads", "2", "--bottleneck-bn", "once", "--overwrite",
     "--model-ema", "0.999", "--image-size-schedule", "12:0,16:5", "--batch-sampling", "plate", "--adabn", "plate",
-    "--inference-weights", "raw",
+    "--inference-weights", "raw", "--split", "folds", "--normalise", "tvn", "--evaluate", "map",
 ]
 # settings EVERY_FLAG leaves at their default on purpose: excluded by others (or by the run's mode;
 # --flips hv keeps the flips on and only drops the transposes; --head plain would refuse the hidden

@@ -49,7 +49,7 @@ def _onehot(b: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_builds_trains_a_step_and_predicts(name: str) -> None:
     torch.manual_seed(0)
-    net = M.CellClassifier(B.TIMM_PREFIX + name, N_CLASSES, N_CELLS, embedding_size=EMB)
+    net = M.CellClassifier(B.TIMM_PREFIX + name, N_CLASSES, N_CELLS, embedding_size=EMB, in_channels=6)
     # the neck takes the model's pooled width (plus the cell-type one-hot)
     assert net.neck[0].num_features == FAMILIES[name] + N_CELLS
     stems = [m for m in net.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 6]
@@ -78,7 +78,7 @@ def test_names_are_checked_without_listing_them() -> None:
     assert B.is_supported_backbone("timm-convnext_atto") and B.is_supported_backbone("timm-convnext_atto.d2_in1k")
     assert not B.is_supported_backbone("timm-nope") and not B.is_supported_backbone("timm-")
     with pytest.raises(ValueError, match="timm-"):
-        B.build_backbone("timm-nope")
+        B.build_backbone("timm-nope", in_channels=6)
     assert not any(n.startswith("timm-") for n in B.supported_backbones())  # 1,000+ names: checked, not listed
 
 
@@ -86,12 +86,12 @@ def test_imagenet_offline_is_one_line_naming_cache_and_file_option() -> None:
     from huggingface_hub import constants
 
     with pytest.raises(B.PretrainedUnavailable) as err:
-        B.build_backbone("timm-convnext_atto", pretrained="imagenet")
+        B.build_backbone("timm-convnext_atto", pretrained="imagenet", in_channels=6)
     msg = str(err.value)
     assert "\n" not in msg and "timm-convnext_atto" in msg and "--pretrained PATH" in msg
     assert os.path.join(constants.HF_HUB_CACHE, "models--timm--convnext_atto.d2_in1k") in msg
     with pytest.raises(B.PretrainedUnavailable, match="no pretrained weights.*--pretrained none"):
-        B.build_backbone("timm-nf_regnet_b0", pretrained="imagenet")
+        B.build_backbone("timm-nf_regnet_b0", pretrained="imagenet", in_channels=6)
 
 
 def test_local_weights_file_adapts_the_stem(tmp_path) -> None:
@@ -100,27 +100,27 @@ def test_local_weights_file_adapts_the_stem(tmp_path) -> None:
     rgb = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in rgb.items()}
     path = tmp_path / "regnet.pth"
     torch.save({"state_dict": {"module." + k: v for k, v in rgb.items()}}, path)  # a DDP training file
-    feats, n = B.build_backbone("timm-regnetx_002", pretrained=str(path), stem_init="rgb-copy")
+    feats, n = B.build_backbone("timm-regnetx_002", pretrained=str(path), stem_init="rgb-copy", in_channels=6)
     own = feats.model.state_dict()
     # timm's stem adaptation: the RGB kernels repeated over the 6 channels, scaled by 3/6
     tiled = rgb["stem.conv.weight"][:, [0, 1, 2, 0, 1, 2]]
     assert torch.allclose(own["stem.conv.weight"], tiled * 0.5)
     assert torch.equal(own["s4.b1.conv3.conv.weight"], rgb["s4.b1.conv3.conv.weight"])
     assert not any(k.startswith("head.fc") for k in own) and n == 368
-    unscaled = B.build_backbone("timm-regnetx_002", pretrained=str(path), stem_init="rgb-tile")[0]
+    unscaled = B.build_backbone("timm-regnetx_002", pretrained=str(path), stem_init="rgb-tile", in_channels=6)[0]
     assert torch.allclose(unscaled.model.state_dict()["stem.conv.weight"], tiled)
     # the default, as the 1st place for its DenseNet: a freshly drawn stem, everything else loaded
-    fresh = B.build_backbone("timm-regnetx_002", pretrained=str(path))[0].model.state_dict()
+    fresh = B.build_backbone("timm-regnetx_002", pretrained=str(path), in_channels=6)[0].model.state_dict()
     assert not torch.allclose(fresh["stem.conv.weight"], tiled * 0.5)
     assert fresh["stem.conv.weight"].abs().max() <= 1 / (6 * 3 * 3) ** 0.5
     assert torch.equal(fresh["s4.b1.conv3.conv.weight"], rgb["s4.b1.conv3.conv.weight"])
 
     torch.save(timm.create_model("regnetx_004").state_dict(), tmp_path / "other.pth")
     with pytest.raises(B.PretrainedUnavailable, match="other.pth does not fit timm backbone 'regnetx_002'") as err:
-        B.build_backbone("timm-regnetx_002", pretrained=str(tmp_path / "other.pth"))
+        B.build_backbone("timm-regnetx_002", pretrained=str(tmp_path / "other.pth"), in_channels=6)
     assert "\n" not in str(err.value)
     with pytest.raises(B.PretrainedUnavailable, match="not found"):
-        B.build_backbone("timm-regnetx_002", pretrained=str(tmp_path / "missing.pth"))
+        B.build_backbone("timm-regnetx_002", pretrained=str(tmp_path / "missing.pth"), in_channels=6)
 
 
 def test_trainer_trains_and_predicts_with_a_timm_backbone(tiny_competition, tmp_path) -> None:

@@ -294,7 +294,7 @@ def test_layer_wise_learning_rates(tmp_path):
     # built straight from the arguments: a real name, as main's modes resolve --backbone auto first
     s = main.parse_settings(["--save", str(tmp_path / "x"), "--backbone-lr-mult", "0.1", "--lr", "const,1e-3",
                              "--backbone", "mem-densenet161"])
-    model = build_model(s.model, 11, 4, "none")
+    model = build_model(s.model, 11, 4, "none", in_channels=6)
     optimizer = make_optimizer(s.optim, model)
     backbone, head = optimizer.param_groups
     assert backbone["lr"] == pytest.approx(1e-4) and head["lr"] == pytest.approx(1e-3)

@@ -31,7 +31,7 @@ from dataset import tta_views
 # flag (argparse dest) -> the settings it sets, as "group.field"
 FIELDS: dict[str, tuple[str, ...]] = {
     "mode": ("run.mode",), "save": ("run.save",), "load": ("run.load",), "resume": ("run.resume",),
-    "overwrite": ("run.overwrite",),
+    "overwrite": ("run.overwrite",), "normalise": ("run.normalise",), "evaluate": ("run.evaluate",),
     "seed": ("seed",),
     # the model
     "backbone": ("model.backbone",), "pretrained": ("model.pretrained",), "head_hidden": ("model.head_hidden",),
@@ -61,7 +61,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "data_split_seed": ("data.data_split_seed",), "data_normalization": ("data.normalization",),
     "all_controls_train": ("data.all_controls_train",), "train_controls": ("data.train_controls",),
     "use_layout_leak": ("data.use_layout_leak",), "finetune_cell_type": ("data.finetune_cell_type",),
-    "batch_size": ("data.batch_size",), "batch_sampling": ("data.batch_sampling",),
+    "batch_size": ("data.batch_size",), "batch_sampling": ("data.batch_sampling",), "split": ("data.split",),
     # inference
     "tta": ("inference.tta",), "tta_size": ("inference.tta_size",), "tta_random": ("inference.tta_random",),
     "val_unit": ("inference.val_unit",), "pred_suffix": ("inference.pred_suffix",),

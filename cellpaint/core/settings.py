@@ -50,6 +50,9 @@ class DataSettings:
     # what one training batch is drawn from: the whole shuffled set (the original), or one plate or
     # one experiment (the 5th place's same-plate batches; engine/distributed.py GroupBatchSampler)
     batch_sampling: str = "random"
+    # how train/val/test are made: "folds" (validation experiments dealt in folds: the competition
+    # and release layouts) or an RxRx1-WILDS scheme ("official", "mixed-to-test"); auto: the layout's own
+    split: str = AUTO
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -235,6 +238,8 @@ class RunSettings:
     load: str | None = None
     resume: str | None = None
     overwrite: bool = False  # a new run removes the earlier run's files at --save first
+    normalise: str = "controls"     # --mode profiles: none, controls or tvn (cellpaint/data/profiles.py)
+    evaluate: str = "none"          # --mode profiles: none, or map (copairs' replicate retrieval)
 
 
 @dataclass(frozen=True)

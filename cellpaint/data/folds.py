@@ -7,6 +7,7 @@ import pandas as pd
 
 from cellpaint.core.errors import UsageError
 from cellpaint.data.metadata import TREATMENT
+from cellpaint.data.wilds import part_masks
 
 
 def assign_folds(table: pd.DataFrame, n_folds: int = 6, seed: int = 0) -> dict[str, int]:
@@ -81,4 +82,24 @@ def split_subsets(table: pd.DataFrame, folds: dict[str, int], cv_number: int,
         "val": table[train_split & in_val & treatment],
         "test": table[~train_split & treatment],
     }
+    return {k: v.reset_index(drop=True) for k, v in subsets.items()}
+
+
+def wilds_subsets(table: pd.DataFrame, scheme: str, all_controls_train: bool = False) -> dict[str, pd.DataFrame]:
+    """The trainer's rows for an RxRx1-WILDS split `scheme` (data/wilds.py): `train`, `val`, `test`
+    and, for `official`, `id_test`, each exactly the package's part (every well type), the train
+    rows with their labels (mixed-to-test trains on site 1 of the test experiments).
+
+    What the 1st-place recipe adds stays outside the standard track, and is added only as asked:
+    test wells labelled through a layout coincidence (all their sites), and with
+    `all_controls_train` the control wells of the val and test experiments.
+    """
+    masks = part_masks(table, scheme)
+    train = table[masks["train"]].assign(sirna=table.loc[masks["train"], "sirna_true"])
+    extra = table["leaked"].to_numpy() & ~masks["train"]
+    if all_controls_train:
+        extra |= (table["split"].isin(("val", "test")) & (table["well_type"] != TREATMENT)
+                  & (table["sirna"] >= 0)).to_numpy() & ~masks["train"]
+    subsets = {"train": pd.concat([train, table[extra]])}
+    subsets.update({name: table[mask] for name, mask in masks.items() if name != "train"})
     return {k: v.reset_index(drop=True) for k, v in subsets.items()}

@@ -2,7 +2,7 @@
 (`build_cache`, the work of `python prepare.py`) and read back site by site (`ImageCache`, what
 `main.py --image-cache` reads).
 
-Decoding the 6 PNGs of a site is nearly all the CPU work of the input pipeline; reading a decoded
+Decoding the PNGs of a site (six per site in the competition layout) is nearly all the CPU work of the input pipeline; reading a decoded
 site back from the page cache or a fast disk is about ten times cheaper. The cache holds, per
 plate, ``{experiment}/Plate{plate}.npy`` [sites, C, H, W] uint8 (1.5 MB a site at 512 px: about
 190 GB for all of RxRx1's 125,510 sites) and, written last, ``manifest.json`` (data directory,
@@ -79,8 +79,9 @@ class ImageCache:
 
     @classmethod
     def open(cls, root: Path | str, data_dir: Path | str | None = None,
-             table: pd.DataFrame | None = None) -> "ImageCache":
-        """The cache in `root`, checked against the data directory and its site table when given.
+             table: pd.DataFrame | None = None, files: images.SiteFiles | None = None) -> "ImageCache":
+        """The cache in `root`, checked against the data directory and its site table when given
+        (and how the data stores its sites, `files`; None: as the sites' files say).
 
         Every mismatch is a `CacheError` with one line saying what is wrong.
         """
@@ -112,14 +113,21 @@ class ImageCache:
             if len(table) != manifest["sites"]:
                 raise CacheError(f"image cache {root} holds {manifest['sites']} sites but the data at "
                                  f"{manifest['data']} has {len(table)}: the data changed; rebuild it with prepare.py")
-            if len(table):
-                first = f"{table['image_prefix'].iat[0]}_w1.png"
+            try:  # where only the cache was copied, the PNGs are not here to compare with
+                files = files or (images.discover(table["image_prefix"].to_numpy()) if len(table) else None)
+            except images.ImageError:
+                files = None
+            if files is not None and files.present:
+                if files.channels != cache.channels:
+                    raise CacheError(f"image cache {root} holds {cache.channels}-channel sites but the data at "
+                                     f"{manifest['data']} has {files.channels} channels: rebuild it with prepare.py")
+                first = files.first(table["image_prefix"].iat[0])
                 size = images.png_size(first)
                 if size is not None and size != cache.size:
                     raise CacheError(f"image cache {root} holds {cache.size[0]}x{cache.size[1]} images but "
                                      f"{first} is {size[0]}x{size[1]}: rebuild it with prepare.py")
             recorded = {plate_key(p["experiment"], p["plate"]): p.get("sources") for p in manifest["plates"]}
-            stale = changed(recorded, plate_sources(table, cache.channels))
+            stale = changed(recorded, plate_sources(table, files)) if files is not None and files.present else []
             if stale:
                 raise CacheError(f"image cache {root} is stale: the images of {len(stale)} plate(s) changed since "
                                  f"it was built (e.g. {stale[0]}); {rebuild}")
@@ -216,10 +224,10 @@ def _manifest_problem(manifest: dict) -> str | None:
 # ------------------------------------------------------------------------------------ building
 
 
-def _decode(job: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
-    prefix, channels = job
+def _decode(job: tuple[str, images.SiteFiles]) -> tuple[np.ndarray | None, str | None]:
+    prefix, files = job
     try:
-        return images.read_site(prefix, channels), None
+        return images.read_site(prefix, files), None
     except images.ImageError as e:
         return None, str(e)
 
@@ -242,10 +250,10 @@ def _plate_done(cache_dir: Path, entry: dict, data: str, channels: int) -> dict 
     return record if ok else None
 
 
-def _plates(table: pd.DataFrame, channels: int) -> list[tuple[dict, list[str]]]:
+def _plates(table: pd.DataFrame, files: images.SiteFiles) -> list[tuple[dict, list[str]]]:
     """(manifest entry, image prefixes) per plate, in table order, sites sorted by well and site."""
     out = []
-    sources = plate_sources(table, channels)
+    sources = plate_sources(table, files)
     for (experiment, plate), rows in table.groupby(["experiment", "plate"], sort=False):
         rows = rows.sort_values(["well", "site"], kind="stable")
         entry = {"split": str(rows["split"].iat[0]), "experiment": str(experiment), "plate": int(plate),
@@ -295,10 +303,12 @@ def _write_plate(cache_dir: Path, entry: dict, results, size: tuple[int, int] | 
 
 
 def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = None, workers: int = 1,
-                skip_bad_images: bool = False, progress: bool = True, channels: int = images.CHANNELS) -> dict:
+                skip_bad_images: bool = False, progress: bool = True) -> dict:
     """Build (or complete) the image cache of `data_dir` in `cache_dir`; returns a summary."""
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     table = metadata.load_table(data_dir) if table is None else table
+    files = images.discover(table["image_prefix"].to_numpy())  # how the sites are stored, their channel count
+    channels = files.channels
     data = str(data_dir.resolve())
     manifest_path = cache_dir / CACHE_MANIFEST
     if manifest_path.is_file():
@@ -313,7 +323,7 @@ def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = No
     for stale in cache_dir.glob("*/.*.tmp"):  # left by an interrupted run
         stale.unlink()
 
-    plates = _plates(table, channels)
+    plates = _plates(table, files)
     records = [_plate_done(cache_dir, entry, data, channels) for entry, _ in plates]
     sizes = {(r["height"], r["width"]) for r in records if r}
     size = next(iter(sizes)) if len(sizes) == 1 else None
@@ -326,7 +336,7 @@ def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = No
                "stale": sum(_record_path(cache_dir, plates[i][0]["file"]).exists() for i in todo)}
     if not todo and manifest_path.is_file():
         try:
-            ImageCache.open(cache_dir, data_dir, table)
+            ImageCache.open(cache_dir, data_dir, table, files)
             return summary
         except CacheError:
             pass  # complete plates but a stale manifest: write it again below
@@ -340,7 +350,7 @@ def build_cache(data_dir: Path, cache_dir: Path, table: pd.DataFrame | None = No
     try:
         for i in todo:
             entry, prefixes = plates[i]
-            jobs = [(p, channels) for p in prefixes]
+            jobs = [(p, files) for p in prefixes]
             results = pool.imap(_decode, jobs, chunksize=2) if pool else map(_decode, jobs)
             bar.set_postfix_str(f"{entry['experiment']} plate {entry['plate']}")
             size, bad = _write_plate(cache_dir, entry, results, size, channels, skip_bad_images, bar)

@@ -1,5 +1,10 @@
-"""Reading site images: one 8-bit grayscale PNG per channel, `{prefix}_w{c}.png` for c = 1..6 (the
-decoded-image cache, which holds the same pixels, is cellpaint/data/image_cache.py).
+"""Reading site images (the decoded-image cache, which holds the same pixels, is
+cellpaint/data/image_cache.py). A data set stores a site in one of two ways, and `SiteFiles` says
+which and how many channels, as found in the data (`discover`), never assumed:
+
+- one 8-bit grayscale PNG per channel, `{prefix}_w{c}.png` for c = 1..C (the competition and the
+  RxRx1 release: C = 6);
+- one 8-bit composite PNG of C colour planes, `{prefix}.png` (RxRx1-WILDS: RGB, C = 3).
 
 The one place that decodes PNGs (the trainer, the data check, the decoded-image cache and the
 picture tools all read through here), so every reader accepts and refuses the same files with the
@@ -8,25 +13,29 @@ same messages. torch is imported only when the first image is decoded, so torch-
 from __future__ import annotations
 
 import functools
+import glob
 import multiprocessing
 import os
+import re
 import stat
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cellpaint.core.errors import DataError
 
-CHANNELS = 6
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_COLOUR_PLANES = {0: 1, 2: 3}  # PNG colour type -> planes: grey, RGB (alpha or palettes are no cell images)
+_PLANE_RE = re.compile(r"_w(\d+)\.png$")
 
 
-def decoding_pool(workers: int):
+def decoding_pool(workers: int, initializer: Callable[[], None] | None = None):
     """A process pool for decoding PNGs (the image cache's build, the data check). Its processes
     start fresh ("spawn"), not as forks: a fork of a process whose torch has run its OpenMP threads
     can hang at its first torch call (the libpng decoder is one), and a hung pool hangs its command."""
-    return multiprocessing.get_context("spawn").Pool(workers)
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=initializer)
 
 
 class ImageError(DataError):
@@ -46,8 +55,9 @@ def libpng_decoder() -> Callable | None:
         return None
 
 
-def read_png_fast(path: str) -> np.ndarray | None:
-    """An 8-bit grayscale, non-interlaced PNG decoded by libpng (torchvision); None for anything else.
+def read_png_fast(path: str, planes: int = 1) -> np.ndarray | None:
+    """An 8-bit, non-interlaced PNG of `planes` colour planes (1: grey, 3: RGB) decoded by libpng
+    (torchvision), as [H, W] (grey) or [planes, H, W]; None for anything else.
 
     5-10% faster than Pillow here, and decoding is nearly all of the loader's work. Whatever this path
     does not handle plainly (other modes, interlacing, transparency, damaged files) is left to
@@ -61,16 +71,16 @@ def read_png_fast(path: str) -> np.ndarray | None:
     except OSError:
         return None
     header = data[:29].tobytes()
-    if len(header) < 29 or header[:8] != _PNG_SIGNATURE or header[12:16] != b"IHDR" \
-            or header[24] != 8 or header[25] != 0 or header[28] != 0:  # bit depth 8, grey, not interlaced
+    if len(header) < 29 or header[:8] != _PNG_SIGNATURE or header[12:16] != b"IHDR" or header[24] != 8 \
+            or _COLOUR_PLANES.get(header[25]) != planes or header[28] != 0:  # 8 bits, grey/RGB, not interlaced
         return None
     try:
         img = decode(data)
     except RuntimeError:
         return None
-    if str(img.dtype) != "torch.uint8" or img.dim() != 3 or img.shape[0] != 1:
+    if str(img.dtype) != "torch.uint8" or img.dim() != 3 or img.shape[0] != planes:
         return None
-    return img[0].numpy()
+    return img[0].numpy() if planes == 1 else img.numpy()
 
 
 def read_png_pillow(path: str) -> np.ndarray:
@@ -113,9 +123,104 @@ def read_png(path: str) -> np.ndarray:
     return read_png_pillow(path) if img is None else img
 
 
-def read_site(prefix: str, channels: int = CHANNELS) -> np.ndarray:
-    """The `channels` PNGs `{prefix}_w{c}.png` stacked into a [C, H, W] uint8 array."""
-    planes = [read_png(f"{prefix}_w{c}.png") for c in range(1, channels + 1)]
+def read_composite(path: str, channels: int) -> np.ndarray:
+    """One 8-bit PNG of `channels` colour planes (3: RGB) as a [C, H, W] uint8 array; errors name the file."""
+    img = read_png_fast(path, channels)
+    if img is not None:
+        return img
+    modes = {1: "L", 3: "RGB"}
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != modes.get(channels):
+                raise ImageError(f"{path}: mode {im.mode}, but the data set's composites are 8-bit with "
+                                 f"{channels} channel(s) (mode {modes.get(channels, '?')})")
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise ImageError(f"missing image: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"corrupt image: {path} ({e})") from None
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    """How a data set stores a site: `channels` grey PNGs `{prefix}_w{c}.png` (c = 1..channels), or
+    with `composite` one PNG `{prefix}.png` holding the `channels` planes. Found in the data by
+    `discover`; everything that reads images (training, the check, the cache, the pixel
+    statistics) takes the channel count from here. `present` False: the files are not on this
+    machine (only the decoded-image cache was copied) and the cache's manifest gave the count."""
+    channels: int
+    composite: bool = False
+    present: bool = True
+
+    def paths(self, prefix: str) -> list[str]:
+        if self.composite:
+            return [f"{prefix}.png"]
+        return [f"{prefix}_w{c}.png" for c in range(1, self.channels + 1)]
+
+    def first(self, prefix: str) -> str:
+        """The file whose header gives the site's image size."""
+        return self.paths(prefix)[0]
+
+    def describe(self) -> str:
+        return (f"{self.channels}-channel composite PNGs ({{prefix}}.png)" if self.composite
+                else f"{self.channels} grey PNGs per site ({{prefix}}_w1..{self.channels}.png)")
+
+
+def png_planes(path: str) -> int | None:
+    """The colour planes of a PNG from its header (1 grey, 3 RGB); None if unreadable or another kind."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(26)
+    except OSError:
+        return None
+    if len(header) < 26 or header[:8] != _PNG_SIGNATURE or header[12:16] != b"IHDR":
+        return None
+    return _COLOUR_PLANES.get(header[25])
+
+
+def _plane_count(folder: str, pattern: str) -> int:
+    """The largest channel number c of the `*_w{c}.png` files matching `pattern` in `folder` (0: none)."""
+    names = glob.glob(os.path.join(glob.escape(folder), pattern))
+    return max((int(m.group(1)) for m in map(_PLANE_RE.search, names) if m), default=0)
+
+
+def discover(prefixes: Sequence[str], composite: bool | None = None, look: int = 64) -> SiteFiles:
+    """How the sites of `prefixes` are stored, read off the files (the first `look` sites with any).
+
+    Composite sites give their channel count by the PNG header; per-channel sites by the highest
+    `_w{c}` number in their plate folder (a folder of many sites: one missing file does not lower
+    the count). `composite` None decides by what is there. An ImageError when no site has files."""
+    for prefix in list(prefixes)[:look]:
+        if composite is not False and os.path.exists(f"{prefix}.png"):
+            planes = png_planes(f"{prefix}.png")
+            if planes is None:
+                raise ImageError(f"{prefix}.png: not an 8-bit grey or RGB PNG")
+            return SiteFiles(planes, composite=True)
+        if composite is not True:
+            channels = _plane_count(os.path.dirname(prefix) or ".", "*_w*.png") if glob.glob(
+                f"{glob.escape(prefix)}_w*.png") else 0
+            if channels:
+                return SiteFiles(channels)
+    first = prefixes[0] if len(prefixes) else "?"
+    expected = {True: f"{first}.png", False: f"{first}_w1.png"}.get(composite, f"{first}.png or {first}_w1.png")
+    raise ImageError(f"missing image: {expected} (no image found for the first {min(look, len(prefixes))} "
+                     "site(s) of the metadata)")
+
+
+def read_site(prefix: str, files: SiteFiles | int | None = None) -> np.ndarray:
+    """A site as a [C, H, W] uint8 array, read as `files` says (an int: that many grey PNGs
+    `{prefix}_w{c}.png`; None: as `discover` finds this site stored)."""
+    if files is None:
+        files = discover([prefix])
+    elif isinstance(files, int):
+        files = SiteFiles(files)
+    if files.composite:
+        return read_composite(files.first(prefix), files.channels)
+    planes = [read_png(path) for path in files.paths(prefix)]
     shapes = {p.shape for p in planes}
     if len(shapes) > 1:
         raise ImageError(f"{prefix}_w*.png: channels differ in size {sorted(shapes)}")

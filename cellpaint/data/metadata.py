@@ -1,4 +1,9 @@
-"""The metadata table: both RxRx1 layouts read into one table (one row per site or per well).
+"""The metadata table: the three RxRx1 layouts read into one table (one row per site or per well).
+
+- competition (`train.csv`, ...): six grey PNGs per site under `{train,test}/`;
+- release (`metadata.csv`, `dataset` train/test): the same under `images/`;
+- wilds (`metadata.csv` whose `dataset` also says `val`: RxRx1-WILDS): one RGB composite per site,
+  `images/{experiment}/Plate{plate}/{well}_s{site}.png`, every row labelled (`sirna_id`).
 
 Data flows one way through the project: metadata table -> samples -> batches -> logits ->
 prediction file -> submission. This module is the first step; what follows from the table has a
@@ -27,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from cellpaint.core.errors import DataError
+from cellpaint.data.images import ImageError, SiteFiles, discover
 
 TREATMENT = "treatment"
 CONTROL_TYPES = ("positive_control", "negative_control")
@@ -42,6 +48,7 @@ COMPETITION_FILES = {
 }
 RELEASE_COLUMNS = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site",
                    "well_type", "sirna_id"]
+WILDS_SPLITS = ("train", "val", "test")
 _SITE_RE = re.compile(r"^([A-Z]+\d+)_s(\d+)_w\d+\.png$")
 
 
@@ -82,7 +89,8 @@ def _as_int(series: pd.Series, path: Path, column: str, fill: int | None = None)
 
 
 def detect_layout(data_dir: Path) -> str:
-    """'competition' (train.csv) or 'release' (metadata.csv); a clear error for anything else."""
+    """'competition' (train.csv), 'release' (metadata.csv) or 'wilds' (metadata.csv with `val` in its
+    `dataset` column: RxRx1-WILDS); a clear error for anything else."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} does not exist. Point --data at the competition data "
@@ -92,9 +100,20 @@ def detect_layout(data_dir: Path) -> str:
     if (data_dir / "train.csv").exists():
         return "competition"
     if (data_dir / "metadata.csv").exists():
-        return "release"
+        return "wilds" if "val" in set(_dataset_column(data_dir / "metadata.csv")) else "release"
     raise DataError(f"{data_dir} holds neither train.csv (competition layout) nor metadata.csv "
-                    "(RxRx1 release layout)")
+                    "(RxRx1 release or RxRx1-WILDS layout)")
+
+
+def _dataset_column(path: Path) -> pd.Series:
+    """The `dataset` column of a metadata.csv (what tells the release from RxRx1-WILDS)."""
+    try:
+        return pd.read_csv(path, usecols=["dataset"])["dataset"].astype(str)
+    except ValueError:  # no such column: the full read names what is missing
+        read_csv(path, RELEASE_COLUMNS)
+        raise
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot parse CSV ({e})") from None
 
 
 def input_files(data_dir: Path) -> list[Path]:
@@ -128,9 +147,11 @@ def _read_competition_wells(data_dir: Path) -> pd.DataFrame:
     return wells
 
 
-def _read_release_sites(data_dir: Path) -> pd.DataFrame:
+def _read_release_sites(data_dir: Path, wilds: bool = False) -> pd.DataFrame:
     path = data_dir / "metadata.csv"
     df = read_csv(path, RELEASE_COLUMNS)
+    if wilds:
+        _check_wilds_labels(df["sirna_id"], path)
     sites = pd.DataFrame({
         "id_code": df["well_id"].astype(str),
         "experiment": df["experiment"].astype(str),
@@ -143,7 +164,8 @@ def _read_release_sites(data_dir: Path) -> pd.DataFrame:
         "sirna_true": _as_int(df["sirna_id"], path, "sirna_id", fill=-1),
         "_source": [(str(path), i + 2) for i in range(len(df))],  # file and line, for messages
     })
-    for column, allowed in (("split", ("train", "test")), ("well_type", (TREATMENT,) + CONTROL_TYPES)):
+    splits = WILDS_SPLITS if wilds else ("train", "test")
+    for column, allowed in (("split", splits), ("well_type", (TREATMENT,) + CONTROL_TYPES)):
         bad = ~sites[column].isin(allowed)
         if bad.any():
             raise DataError(f"{path}: unexpected value {sites[column][bad].iloc[0]!r} "
@@ -179,6 +201,19 @@ def _check_sites_agree(sites: pd.DataFrame, path: Path) -> None:
                     f"({first[column].iloc[row]} vs {sites[column].iloc[row]})")
 
 
+def _check_wilds_labels(labels: pd.Series, path: Path) -> None:
+    """RxRx1-WILDS labels every site, and its classes are 0..N-1 with every one present (N distinct
+    labels): the `wilds` package counts N = max + 1 and asserts that. A row outside is named."""
+    values = _as_int(labels, path, "sirna_id")
+    n = values.nunique()
+    bad = (values < 0) | (values >= n)
+    if bad.any():
+        i = int(bad.to_numpy().argmax())
+        raise DataError(f"{path} line {int(values.index[i]) + 2}, column sirna_id: label {values.iloc[i]} is outside "
+                        f"0..{n - 1} (its rows use {n} distinct labels, and RxRx1-WILDS numbers its N classes "
+                        "0..N-1, every one present)")
+
+
 def _finish(table: pd.DataFrame, keys: list[str], columns: list[str],
             test_labels_for_training: bool) -> pd.DataFrame:
     hidden = (table["split"] == "test") & (table["well_type"] == TREATMENT) & (not test_labels_for_training)
@@ -210,10 +245,11 @@ def _finish(table: pd.DataFrame, keys: list[str], columns: list[str],
 def load_wells(data_dir: Path, test_labels_for_training: bool = False) -> pd.DataFrame:
     """One row per well, from either layout; needs no images (make_submission uses this)."""
     data_dir = Path(data_dir)
-    if detect_layout(data_dir) == "competition":
+    layout = detect_layout(data_dir)
+    if layout == "competition":
         wells = _read_competition_wells(data_dir)
     else:
-        wells = _read_release_sites(data_dir).drop(columns="site").drop_duplicates("id_code")
+        wells = _read_release_sites(data_dir, layout == "wilds").drop(columns="site").drop_duplicates("id_code")
     return _finish(wells, ["split", "experiment", "plate", "well"], WELL_COLUMNS,
                    test_labels_for_training)
 
@@ -234,19 +270,36 @@ def discover_sites(data_dir: Path, wells: pd.DataFrame) -> list[int]:
 def load_table(data_dir: Path, test_labels_for_training: bool = False) -> pd.DataFrame:
     """One row per site, from either layout, with the path prefix of its channel images."""
     data_dir = Path(data_dir)
-    if detect_layout(data_dir) == "competition":
+    layout = detect_layout(data_dir)
+    if layout == "competition":
         wells = load_wells(data_dir, test_labels_for_training)
         sites = discover_sites(data_dir, wells)
         table = wells.loc[wells.index.repeat(len(sites))].reset_index(drop=True)
         table["site"] = np.tile(np.asarray(sites, dtype=np.int64), len(wells))
         root = data_dir.as_posix() + "/" + table["split"]
     else:
-        table = _finish(_read_release_sites(data_dir), ["split", "experiment", "plate", "well", "site"],
+        table = _finish(_read_release_sites(data_dir, layout == "wilds"), ["split", "experiment", "plate", "well", "site"],
                         WELL_COLUMNS + ["site"], test_labels_for_training)
         root = data_dir.as_posix() + "/images"
     table["image_prefix"] = (root + "/" + table["experiment"] + "/Plate" + table["plate"].astype(str)
                              + "/" + table["well"] + "_s" + table["site"].astype(str))
     return table[SITE_COLUMNS]
+
+
+def site_files(data_dir: Path, table: pd.DataFrame) -> SiteFiles:
+    """How the data set's sites are stored (composites in the wilds layout, grey PNGs per channel in
+    the other two) and how many channels they have, read off its files."""
+    try:
+        return discover(table["image_prefix"].to_numpy(), composite=detect_layout(data_dir) == "wilds")
+    except ImageError as e:
+        raise DataError(f"{data_dir}: {e}") from None
+
+
+def control_file(data_dir: Path, split: str) -> Path:
+    """The file that lists the control wells of `split` (what names a missing control in a message)."""
+    if detect_layout(data_dir) == "competition":
+        return Path(data_dir) / f"{'test' if split == 'test' else 'train'}_controls.csv"
+    return Path(data_dir) / "metadata.csv"
 
 
 def wells_of(table: pd.DataFrame) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cellpaint.core.atomic import atomic_write, write_text
 from cellpaint.core.errors import DataError
-from cellpaint.data.images import CHANNELS, read_site
+from cellpaint.data.images import SiteFiles, discover, read_site
 from cellpaint.data.metadata import read_csv
 from cellpaint.data.source_files import changed, plate_sources
 
@@ -34,11 +34,14 @@ CACHE_FORMAT = "cellpaint-rcic-pixel-stats/1"
 PIXEL_RANGE = 255.0  # 8-bit images: a mean or std outside [0, 255] cannot be right
 
 
-def compute_pixel_stats(table: pd.DataFrame, channels: int = CHANNELS) -> pd.DataFrame:
-    """Per-image channel mean and std, in the format of the competition's pixel_stats.csv."""
+def compute_pixel_stats(table: pd.DataFrame, files: SiteFiles | None = None) -> pd.DataFrame:
+    """Per-image channel mean and std, in the format of the competition's pixel_stats.csv, for the
+    channels of `files` (None: as the sites' files say)."""
+    files = files or discover(table["image_prefix"].to_numpy())
+    channels = files.channels
     rows = []
     for r in tqdm(table.itertuples(), total=len(table), desc="pixel stats", unit="site"):
-        img = read_site(r.image_prefix, channels).reshape(channels, -1).astype(np.float64)
+        img = read_site(r.image_prefix, files).reshape(channels, -1).astype(np.float64)
         for c in range(channels):
             rows.append((r.id_code, r.experiment, r.plate, r.well, r.site, c + 1,
                          img[c].mean(), img[c].std()))
@@ -51,7 +54,7 @@ def _line(stats: pd.DataFrame, mask: np.ndarray) -> int:
     return int(stats.index[int(np.argmax(mask))]) + 2
 
 
-def check_pixel_stats(stats: pd.DataFrame, path: Path, channels: int = CHANNELS) -> pd.DataFrame:
+def check_pixel_stats(stats: pd.DataFrame, path: Path, channels: int) -> pd.DataFrame:
     """`stats` (read from `path`) with numeric columns, or a DataError naming the file, the line and
     what is wrong: a channel outside 1..C, a mean or std that is not a number of the 8-bit range
     (NaN, inf, negative, 'abc'), a site listed twice for a channel or with another channel count."""
@@ -119,21 +122,24 @@ def _stale(record_path: Path, table: pd.DataFrame, sources: dict) -> str | None:
     return None
 
 
-def load_pixel_stats(data_dir: Path, table: pd.DataFrame, cache_dir: Path | None) -> pd.DataFrame:
+def load_pixel_stats(data_dir: Path, table: pd.DataFrame, cache_dir: Path | None,
+                     files: SiteFiles | None = None) -> pd.DataFrame:
     """pixel_stats.csv of the data set if present, else computed once and cached in `cache_dir`
-    (computed again when the cache belongs to other sites or images)."""
+    (computed again when the cache belongs to other sites or images); `files`: how the sites are
+    stored (None: as the sites' files say)."""
+    files = files or discover(table["image_prefix"].to_numpy())
     given = Path(data_dir) / "pixel_stats.csv"
     if given.exists():
-        return check_pixel_stats(read_csv(given, REQUIRED), given)
+        return check_pixel_stats(read_csv(given, REQUIRED), given, files.channels)
     cached = Path(cache_dir) / "pixel_stats.csv" if cache_dir else None
     record = cached.with_suffix(".json") if cached else None
-    sources = plate_sources(table, CHANNELS) if cached else {}
+    sources = plate_sources(table, files) if cached else {}
     if cached and cached.exists():
         why = _stale(record, table, sources)
         if why is None:
-            return check_pixel_stats(read_csv(cached, REQUIRED), cached)
+            return check_pixel_stats(read_csv(cached, REQUIRED), cached, files.channels)
         log.warning("pixel-statistics cache %s is stale (%s): computing it again", cached, why)
-    stats = compute_pixel_stats(table)
+    stats = compute_pixel_stats(table, files)
     if cached:
         with contextlib.suppress(FileNotFoundError):
             record.unlink()  # no moment shows the new record beside old statistics

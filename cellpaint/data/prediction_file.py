@@ -1,7 +1,9 @@
 """The prediction file: what `main.py --mode predict` writes and `make_submission.py` reads.
 
 Format (SPEC): a pickle of `{'test': {id_code: [site1_logits, site2_logits, ...]}, 'val': {...}}`,
-one float32 numpy vector of all classes per site. The 'val' part may be missing or empty.
+one float32 numpy vector of all classes per site. The 'val' part may be missing or empty. On the
+official RxRx1-WILDS split a third part, 'id_test', holds the in-distribution test sites (site 2
+of the train experiments, one per well); the submission reads 'val' and 'test' only.
 
 An *embeddings file* (`main.py --mode predict --save-embeddings`, named `<ckpt>.embeddings<suffix>`)
 has the same structure with per-site embedding vectors instead of logits, and may carry a third
@@ -30,6 +32,7 @@ from cellpaint.data.wells import sum_site_lists
 from cellpaint.core.errors import InputError
 
 PARTS = ("test", "val")                          # a prediction file of logits
+OPTIONAL_PARTS = ("id_test",)                    # ... and, on the official RxRx1-WILDS split, its ID test
 EMBEDDING_PARTS = ("train", "val", "test")       # an embeddings file: the reference wells too
 KINDS = ("logits", "embeddings")
 
@@ -182,7 +185,7 @@ def _parts_of(kind: str | None, path: str | os.PathLike) -> tuple[str, ...]:
         kind = "embeddings" if ".embeddings" in Path(path).name else "logits"
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
-    return EMBEDDING_PARTS if kind == "embeddings" else PARTS
+    return EMBEDDING_PARTS if kind == "embeddings" else PARTS + OPTIONAL_PARTS
 
 
 def save_predictions(path: str | os.PathLike, output: Mapping[str, Mapping[str, Sequence[np.ndarray]]],
@@ -209,13 +212,13 @@ def load_predictions(path: str | os.PathLike, kind: str = "logits") -> dict[str,
     """Read a prediction file (or with kind='embeddings' an embeddings file) through the
     restricted unpickler and check its structure.
 
-    Parts missing from the file come back as empty dicts.
+    Parts missing from the file come back as empty dicts ('id_test' only when the file has it).
     """
     path = Path(path)
     parts = _parts_of(kind, path)
     obj = _unpickle(path)
     check_predictions(obj, str(path), parts)
-    return {part: dict(obj.get(part, {})) for part in parts}
+    return {part: dict(obj.get(part, {})) for part in parts if part not in OPTIONAL_PARTS or part in obj}
 
 
 @dataclass
@@ -270,7 +273,7 @@ def load_well_sums(path: str | os.PathLike, rows: Sequence[str] = ROW_ORDER) -> 
     """
     path = Path(path)
     name = str(path)
-    obj = _check_top(_unpickle(path), name, rows)
+    obj = _check_top(_unpickle(path), name, tuple(rows) + OPTIONAL_PARTS)  # an ID test part is not read
     parts = {part: obj.get(part, {}) for part in rows}
     del obj
     keys = {part: _sorted_ids(name, part, wells) for part, wells in parts.items()}

@@ -1,9 +1,9 @@
 """What a cache was built from: a fingerprint of each plate's image files, so that a cache can tell
 when the images under it changed (regenerated in place, a PNG restored or replaced).
 
-A plate's fingerprint hashes, for every channel PNG of each of its sites, the file's name, size
-and modification time (nanoseconds) — what `make` and `rsync` judge a file by: one `stat` per
-file, no reading (measured in benchmarks/RESULTS.md "cache fingerprints"). A file whose content
+A plate's fingerprint hashes, for every image file of each of its sites (a PNG per channel, or one
+composite PNG), the file's name, size and modification time (nanoseconds) — what `make` and
+`rsync` judge a file by: one `stat` per file, no reading (measured in benchmarks/RESULTS.md "cache fingerprints"). A file whose content
 changed with its size and time kept (a copy with `cp -p` or `rsync -t` of other pixels) passes
 unseen; a content hash would see it, at the cost of reading every image.
 """
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from cellpaint.data.images import SiteFiles
+
 
 def plate_key(experiment: str, plate: int) -> str:
     return f"{experiment}/Plate{plate}"
@@ -27,15 +29,15 @@ class PlateSources:
     present: int   # how many of its PNGs are there now (0: the images are not on this machine)
 
 
-def plate_sources(table: pd.DataFrame, channels: int) -> dict[str, PlateSources]:
-    """The fingerprint of each plate of the site table `table` (its `image_prefix` column)."""
+def plate_sources(table: pd.DataFrame, files: SiteFiles) -> dict[str, PlateSources]:
+    """The fingerprint of each plate of the site table `table` (its `image_prefix` column), over the
+    image files of each site as `files` names them (a PNG per channel, or one composite)."""
     out: dict[str, PlateSources] = {}
     for (experiment, plate), rows in table.groupby(["experiment", "plate"], sort=False):
         h = hashlib.sha256()
         present = 0
         for prefix in sorted(rows["image_prefix"]):
-            for c in range(1, channels + 1):
-                path = f"{prefix}_w{c}.png"
+            for path in files.paths(prefix):
                 try:
                     st = os.stat(path)
                     entry = f"{st.st_size}:{st.st_mtime_ns}:{stat.S_IFMT(st.st_mode)}"

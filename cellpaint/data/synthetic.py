@@ -6,8 +6,9 @@ coincidence) and draws images whose content depends on the class (channel profil
 experiment (batch effect) and the well/site (jitter, cell positions, pixel noise), so a model has something
 real to learn and must generalise across experiments.
 
-Both output layouts of SPEC.md "The data" are supported; the same config and seed give the same labels and
-byte-identical images in either (drawn by cellpaint/data/synthetic_images.py; this module writes the design,
+The three layouts of SPEC.md "The data" are supported; the same config and seed give the same labels and
+byte-identical images in the competition and release layouts; the wilds layout writes each site as one
+RGB composite of those six channels (`composite_rgb`) and adds val experiments (drawn by cellpaint/data/synthetic_images.py; this module writes the design,
 the tables and the files). No torch import here on purpose: generating data should start instantly. The command line is
 synthetic.py at the top of the repository:
 
@@ -28,8 +29,8 @@ from tqdm import tqdm
 from cellpaint.core.errors import UsageError
 from cellpaint.data.synthetic_config import (COLUMNS, ROWS, SyntheticConfig, cell_type_of, experiment_names,
                                              leak_candidates)
-from cellpaint.data.synthetic_images import (CHANNELS, class_params, experiment_params, keyed_rng, render_site,
-                                             well_phenotype)
+from cellpaint.data.synthetic_images import (CHANNELS, class_params, composite_rgb, experiment_params, keyed_rng,
+                                             render_site, well_phenotype)
 
 GENERATOR = "cellpaint-rcic synthetic"
 INFO_FILE = "synthetic_info.json"
@@ -63,7 +64,7 @@ def make_design(config: SyntheticConfig) -> tuple[pd.DataFrame, dict]:
     wells = well_names(config.wells_per_plate)
 
     layouts: dict[str, list[tuple[int, list[int]]]] = {}  # exp -> per plate (group index, class per well)
-    for exp in names["train"] + names["test"]:
+    for exp in names["train"] + names.get("val", []) + names["test"]:
         rng = keyed_rng(config.seed, "layout", exp)
         order = rng.permutation(n_plates)
         plates = []
@@ -81,8 +82,8 @@ def make_design(config: SyntheticConfig) -> tuple[pd.DataFrame, dict]:
         leak = {"test_experiment": t_exp, "train_experiment": r_exp, "shift": 1}
 
     rows = []
-    for dataset in ("train", "test"):
-        for exp in names[dataset]:
+    for dataset in ("train", "val", "test"):
+        for exp in names.get(dataset, []):
             for p, (_, content) in enumerate(layouts[exp], start=1):
                 for well, c in zip(wells, content):
                     wtype = "treatment" if c < T else ("positive_control" if c < T + P else "negative_control")
@@ -154,14 +155,18 @@ def generate(out_dir: Path, config: SyntheticConfig, progress: bool = True) -> d
                                          unit="plate", disable=not progress):
         exp = experiment_params(config, exp_name)
         split = wells["dataset"].iat[0]
-        folder = out_dir / ("images" if config.layout == "release" else split) / exp_name / f"Plate{plate}"
+        folder = out_dir / ("images" if config.layout != "competition" else split) / exp_name / f"Plate{plate}"
         folder.mkdir(parents=True, exist_ok=True)
         for row in wells.itertuples(index=False):
             pheno = well_phenotype(cls, row.sirna, config.noise, keyed_rng(config.seed, "well", exp_name, plate, row.well))
             for site in range(1, config.sites + 1):
                 img = render_site(config, pheno, exp, keyed_rng(config.seed, "site", exp_name, plate, row.well, site))
-                for ch in range(CHANNELS):
-                    Image.fromarray(img[ch]).save(folder / f"{row.well}_s{site}_w{ch + 1}.png")
+                if config.layout == "wilds":  # one RGB composite per site, as RxRx1-WILDS stores them
+                    img = composite_rgb(img)
+                    Image.fromarray(img.transpose(1, 2, 0)).save(folder / f"{row.well}_s{site}.png")
+                for ch in range(len(img)):
+                    if config.layout != "wilds":
+                        Image.fromarray(img[ch]).save(folder / f"{row.well}_s{site}_w{ch + 1}.png")
                     if config.pixel_stats:
                         x = img[ch]
                         stats_rows.append((row.id_code, exp_name, plate, row.well, site, ch + 1, float(x.mean()),
@@ -180,7 +185,7 @@ def generate(out_dir: Path, config: SyntheticConfig, progress: bool = True) -> d
         **structure,
         "n_wells": int(len(kept)),
         "n_sites": int(len(kept) * config.sites),
-        "n_images": int(len(kept) * config.sites * CHANNELS),
+        "n_images": int(len(kept) * config.sites * (1 if config.layout == "wilds" else CHANNELS)),
         "test_labels": {i: int(s) for i, s in zip(test_treat["id_code"], test_treat["sirna"])},
     }
     _write_json(out_dir / INFO_FILE, info)

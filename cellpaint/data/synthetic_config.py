@@ -10,6 +10,7 @@ import numpy as np
 ROWS = "BCDEFGHIJKLMNO"            # rows B..O of a 384-well plate (A and P are unused in RxRx1)
 COLUMNS = range(2, 24)             # columns 02..23
 MAX_WELLS = len(ROWS) * len(COLUMNS)  # 308, exactly the used wells of a real plate
+LAYOUTS = ("competition", "release", "wilds")
 
 
 @dataclass
@@ -18,7 +19,8 @@ class SyntheticConfig:
     layout: str = "competition"
     cell_types: tuple[str, ...] = ("HEPG2", "HUVEC", "RPE", "U2OS")
     train_experiments: tuple[int, ...] = (3, 3, 3, 3)  # per cell type
-    test_experiments: tuple[int, ...] = (1, 1, 1, 1)   # per cell type, numbered after the train ones
+    test_experiments: tuple[int, ...] = (1, 1, 1, 1)   # per cell type, numbered after the train (and val) ones
+    val_experiments: tuple[int, ...] = ()              # per cell type, numbered after the train ones: wilds only
     classes: int = 40                                  # treatment classes, a multiple of `plates`
     plates: int = 4
     positive_controls: int = 3
@@ -38,6 +40,7 @@ class SyntheticConfig:
         self.cell_types = tuple(self.cell_types)
         self.train_experiments = tuple(int(n) for n in self.train_experiments)
         self.test_experiments = tuple(int(n) for n in self.test_experiments)
+        self.val_experiments = tuple(int(n) for n in self.val_experiments)
 
     @property
     def wells_per_plate(self) -> int:
@@ -48,7 +51,7 @@ class SyntheticConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(msg)
-        need(self.layout in ("competition", "release"), f"--layout must be 'competition' or 'release', not {self.layout!r}")
+        need(self.layout in LAYOUTS, f"--layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
         need(len(self.cell_types) > 0, "--cell-types must name at least one cell type")
         need(len(set(self.cell_types)) == len(self.cell_types), "--cell-types must not repeat a name")
         for ct in self.cell_types:
@@ -57,6 +60,12 @@ class SyntheticConfig:
             need(len(counts) == len(self.cell_types),
                  f"{flag} needs one count per cell type ({len(self.cell_types)}), got {len(counts)}")
             need(all(0 <= n for n in counts), f"{flag} counts must be >= 0")
+        if self.layout == "wilds":
+            need(len(self.val_experiments) in (0, len(self.cell_types)),
+                 f"--val-experiments needs one count per cell type ({len(self.cell_types)}), got {len(self.val_experiments)}")
+            need(all(0 <= n for n in self.val_experiments), "--val-experiments counts must be >= 0")
+        else:
+            need(not any(self.val_experiments), "--val-experiments: only the wilds layout has val experiments")
         need(sum(self.train_experiments) >= 1, "--train-experiments: at least one train experiment is needed")
         need(self.plates >= 1, "--plates must be >= 1")
         need(self.classes >= 1, "--classes must be >= 1")
@@ -80,11 +89,18 @@ class SyntheticConfig:
 
 
 def experiment_names(config: SyntheticConfig) -> dict[str, list[str]]:
-    """{'train': [...], 'test': [...]}: per cell type, train experiments first, test ones continue the numbering."""
+    """{'train': [...], 'test': [...]} (and 'val' when there are val experiments): per cell type,
+    train experiments first, then val (as RxRx1-WILDS numbers them), then test."""
+    vals = config.val_experiments or (0,) * len(config.cell_types)
     out: dict[str, list[str]] = {"train": [], "test": []}
-    for ct, n_train, n_test in zip(config.cell_types, config.train_experiments, config.test_experiments):
+    if any(vals):
+        out["val"] = []
+    for ct, n_train, n_val, n_test in zip(config.cell_types, config.train_experiments, vals, config.test_experiments):
         out["train"] += [f"{ct}-{i:02d}" for i in range(1, n_train + 1)]
-        out["test"] += [f"{ct}-{i:02d}" for i in range(n_train + 1, n_train + n_test + 1)]
+        if n_val:
+            out["val"] += [f"{ct}-{i:02d}" for i in range(n_train + 1, n_train + n_val + 1)]
+        first = n_train + n_val + 1
+        out["test"] += [f"{ct}-{i:02d}" for i in range(first, first + n_test)]
     return out
 
 

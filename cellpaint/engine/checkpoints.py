@@ -109,6 +109,15 @@ def check_classes(data: Data, state: dict | None) -> None:
                         f"{data.structure.n_classes} (see --classes)")
 
 
+def check_channels(data: Data, state: dict | None, path: str | None) -> None:
+    """A checkpoint's stem takes the channel count of the data it was trained on (recorded since
+    checkpoints record it; an older one fails on its stem's shape in `restore_weights`)."""
+    made_for = (state or {}).get("channels")
+    if made_for is not None and made_for != data.channels:
+        raise DataError(f"{path} was trained on {made_for}-channel images but the sites of this data set have "
+                        f"{data.channels} channels ({data.files.describe()})")
+
+
 def check_data_set(s: Settings, data: Data, state: dict | None) -> str:
     """The data set's fingerprint; a checkpoint made on another data set is refused on --resume (its
     pseudo-labels and history name wells of that one) and named on --load (fine-tuning or

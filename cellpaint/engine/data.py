@@ -17,10 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import dataset
-from cellpaint.core.errors import UsageError
-from cellpaint.core.settings import AugmentSettings, DataSettings, ExecSettings, Settings
-from cellpaint.data import images, metadata, pixel_stats
-from cellpaint.data.folds import assign_folds, last_experiments, named_folds, only_experiments, split_subsets
+from cellpaint.core.errors import DataError, UsageError
+from cellpaint.core.settings import AUTO, AugmentSettings, DataSettings, ExecSettings, Settings
+from cellpaint.data import metadata, pixel_stats, wilds
+from cellpaint.data.folds import (assign_folds, last_experiments, named_folds, only_experiments, split_subsets,
+                                 wilds_subsets)
+from cellpaint.data.images import SiteFiles, png_size
 from cellpaint.data.image_cache import ImageCache
 from cellpaint.data.layout_matches import apply_layout_matches, find_layout_matches
 from cellpaint.data.structure import Structure, derive_structure
@@ -33,9 +35,39 @@ log = logging.getLogger("cellpaint")
 class Data:
     table: pd.DataFrame
     structure: Structure
-    subsets: dict[str, pd.DataFrame]
+    subsets: dict[str, pd.DataFrame]   # train, val, test (and id_test: the official WILDS split)
     pixel_stats: pd.DataFrame | None
     image_cache: ImageCache | None = None  # --image-cache, opened and checked once per run
+    files: SiteFiles | None = None      # how the sites are stored, and their channel count (from the data)
+    split: str = "folds"                # "folds", or the RxRx1-WILDS scheme of the subsets
+
+    @property
+    def wilds(self) -> bool:
+        """The subsets are an RxRx1-WILDS split: every well type in each part, scored as WILDS scores."""
+        return self.split in wilds.SCHEMES
+
+    @property
+    def channels(self) -> int:
+        return self.files.channels
+
+
+def split_scheme(d: DataSettings, layout: str) -> str:
+    """The split `--split` stands for on this layout; flags that choose folds do not fit a WILDS
+    split, nor a WILDS split the other layouts (a UsageError names them)."""
+    split = d.split if d.split != AUTO else ("official" if layout == "wilds" else "folds")
+    if split in wilds.SCHEMES:
+        if layout != "wilds":
+            raise UsageError(f"--split {split} is an RxRx1-WILDS split, but {d.root} is in the {layout} layout "
+                             "(its validation experiments are dealt in folds: --split folds)")
+        chosen = [flag for flag, on in (("--val-experiments", d.val_experiments),
+                                        ("--val-last-experiment", d.val_last_experiment),
+                                        (f"--cv-number {d.cv_number}", d.cv_number != 0)) if on]
+        if chosen:
+            raise UsageError(f"{', '.join(chosen)} choose(s) validation folds; the RxRx1-WILDS split {split} has its "
+                             "own validation experiments (dataset = val): drop it")
+    elif layout == "wilds":
+        raise UsageError(f"--split {split}: {d.root} is RxRx1-WILDS; its splits are {' and '.join(wilds.SCHEMES)}")
+    return split
 
 
 def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool = True) -> Data:
@@ -43,6 +75,16 @@ def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool 
     (`training`: warn when fine-tuning one cell type leaves nothing to validate); the pixel
     statistics and the image cache where `x` asks for them."""
     table = metadata.load_table(d.root)
+    split = split_scheme(d, metadata.detect_layout(d.root))
+    try:
+        files = metadata.site_files(d.root, table)
+    except DataError:
+        if not x.image_cache:
+            raise
+        files = None  # only the decoded-image cache was copied here: its manifest gives the channels
+    cache = ImageCache.open(x.image_cache, d.root, table, files) if x.image_cache else None
+    if files is None:
+        files = SiteFiles(cache.channels, composite=metadata.detect_layout(d.root) == "wilds", present=False)
     matches = find_layout_matches(table)
     for m in matches:
         log.info("layout coincidence: test %s repeats train %s with plates shifted by %d (%d control wells) "
@@ -50,18 +92,29 @@ def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool 
     if d.use_layout_leak and matches:
         table = apply_layout_matches(table, matches)
     structure = derive_structure(table, d.classes)
-    if d.val_last_experiment:  # the 41st place's split: each cell type's last train experiment
-        folds, cv_number = named_folds(table, last_experiments(table)), 0
-        alone = only_experiments(table)
-        if training and alone:
-            log.warning("--val-last-experiment validates on %s, the only train experiment of %s: no treatment well "
-                        "of %s is trained on (use --val-experiments to choose others)", ", ".join(alone.values()),
-                        ", ".join(alone), "that cell type" if len(alone) == 1 else "those cell types")
-    elif d.val_experiments:
-        folds, cv_number = named_folds(table, d.val_experiments), 0
+    if split in wilds.SCHEMES:
+        subsets = wilds_subsets(table, split, d.all_controls_train)
+        extras = [what for what, on in (("the control wells of val and test experiments (--all-controls-train)",
+                                         d.all_controls_train),
+                                        ("test wells labelled by a layout coincidence (--use-layout-leak)",
+                                         d.use_layout_leak and bool(matches))) if on]
+        if extras:
+            log.warning("RxRx1-WILDS %s split: training also on %s: not a standard-track entry (the standard track "
+                        "uses no val or test data in training; recipes/wilds-standard.args)", split, " and ".join(extras))
     else:
-        folds, cv_number = assign_folds(table, d.folds, d.data_split_seed), d.cv_number
-    subsets = split_subsets(table, folds, cv_number, d.all_controls_train)
+        if d.val_last_experiment:  # the 41st place's split: each cell type's last train experiment
+            folds, cv_number = named_folds(table, last_experiments(table)), 0
+            alone = only_experiments(table)
+            if training and alone:
+                log.warning("--val-last-experiment validates on %s, the only train experiment of %s: no treatment "
+                            "well of %s is trained on (use --val-experiments to choose others)",
+                            ", ".join(alone.values()), ", ".join(alone),
+                            "that cell type" if len(alone) == 1 else "those cell types")
+        elif d.val_experiments:
+            folds, cv_number = named_folds(table, d.val_experiments), 0
+        else:
+            folds, cv_number = assign_folds(table, d.folds, d.data_split_seed), d.cv_number
+        subsets = split_subsets(table, folds, cv_number, d.all_controls_train)
     if not d.train_controls:  # treatment wells only (the 41st place trained on train.csv alone)
         train = subsets["train"]
         subsets["train"] = train[train["well_type"] == metadata.TREATMENT].reset_index(drop=True)
@@ -80,14 +133,16 @@ def load_data(d: DataSettings, x: ExecSettings = ExecSettings(), training: bool 
              "sites: train %d, val %d, test %d", d.root, len(table), structure.n_classes,
              len(structure.treatment_classes), structure.n_groups, ",".join(structure.cell_types),
              *(len(subsets[k]) for k in ("train", "val", "test")))
+    if split != "folds":
+        log.info("RxRx1-WILDS %s split: %s; images: %s", split,
+                 ", ".join(f"{k} {len(v)} sites" for k, v in subsets.items()), files.describe())
     stats = None
     if d.normalization != "sample":
         if x.stats_cache is None:
             raise UsageError(f"--data-normalization {d.normalization} needs a folder for the pixel "
                              "statistics: give --cache-dir")
-        stats = pixel_stats.load_pixel_stats(d.root, table, x.stats_cache)
-    cache = ImageCache.open(x.image_cache, d.root, table) if x.image_cache else None
-    return Data(table, structure, subsets, stats, cache)
+        stats = pixel_stats.load_pixel_stats(d.root, table, x.stats_cache, files)
+    return Data(table, structure, subsets, stats, cache, files, split)
 
 
 def site_image_size(data: Data) -> tuple[int, int] | None:
@@ -95,7 +150,7 @@ def site_image_size(data: Data) -> tuple[int, int] | None:
     if data.image_cache is not None:
         return data.image_cache.size
     rows = next((r for r in (data.subsets["train"], data.table) if len(r)), None)
-    return None if rows is None else images.png_size(f"{rows['image_prefix'].iloc[0]}_w1.png")
+    return None if rows is None else png_size(data.files.first(rows["image_prefix"].iloc[0]))
 
 
 def make_dataset(s: Settings, data: Data, rows: pd.DataFrame, augment: AugmentSettings | None = None,
@@ -104,8 +159,8 @@ def make_dataset(s: Settings, data: Data, rows: pd.DataFrame, augment: AugmentSe
     stats = pixel_stats.normalization_stats(rows, s.data.normalization, data.pixel_stats, data.table)
     # uint8 samples: the loader workers only decode; prepare_batch does the float work per batch on the device.
     return dataset.SiteDataset(rows, data.structure.cell_types, s.data.normalization, stats,
-                               augment, labels, seed=s.seed, output="uint8", cache=data.image_cache,
-                               skip_bad_images=s.exec.skip_bad_images)
+                               augment, labels, seed=s.seed, files=data.files, output="uint8",
+                               cache=data.image_cache, skip_bad_images=s.exec.skip_bad_images)
 
 
 def make_loader(s: Settings, world: distributed.World, ds: dataset.SiteDataset,

@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 from cellpaint.core.errors import InputError, UsageError
 from cellpaint.core.settings import AUTO, ModelSettings, OptimSettings, Settings
 from cellpaint.engine import autoselect, distributed
-from cellpaint.engine.checkpoints import check_classes, check_data_set, load_checkpoint, made_with, restore_weights
+from cellpaint.engine.checkpoints import (check_channels, check_classes, check_data_set, load_checkpoint, made_with,
+                                          restore_weights)
 from cellpaint.engine.context import RunContext
 from cellpaint.engine.data import Data, load_data, site_image_size
 from model import CellClassifier
@@ -88,15 +89,18 @@ def resolve(s: Settings, ctx: RunContext, data: Data, made_with: str | None = No
     if seed is None:  # drawn once, by rank 0: every process must shuffle and augment alike
         seed = distributed.from_main(int.from_bytes(os.urandom(4), "little") % 10 ** 9, ctx.world)
         log.info("seed %d (drawn: give --seed to choose it)", seed)
+    split = s.data.split if data is None else data.split  # the layout's own split, for `auto`
     return s.replace(exec={"device": str(ctx.device), "precision": precision, "channels_last": channels_last},
-                     model={"backbone": backbone}, seed=seed)
+                     model={"backbone": backbone}, data={"split": split}, seed=seed)
 
 
 # -------------------------------------------------------------------------------- model, optimizer
 
 
-def build_model(m: ModelSettings, n_classes: int, n_cell_types: int, pretrained: str) -> CellClassifier:
-    return CellClassifier(m.backbone, n_classes, n_cell_types, embedding_size=m.embedding_size,
+def build_model(m: ModelSettings, n_classes: int, n_cell_types: int, pretrained: str, *,
+                in_channels: int) -> CellClassifier:
+    """The network of `m` for `in_channels`-channel images (the data's: `Data.channels`)."""
+    return CellClassifier(m.backbone, n_classes, n_cell_types, in_channels=in_channels, embedding_size=m.embedding_size,
                           head_hidden=None if m.head_hidden is None else list(m.head_hidden),
                           concat_cell_type=m.concat_cell_type, bn_mom=m.bn_mom, pretrained=pretrained,
                           stem_init=m.stem_init, head=m.head, bottleneck_bn=m.bottleneck_bn)
@@ -213,9 +217,11 @@ def model_for_inference(s: Settings, ctx: RunContext, state: dict | None = None
     state = state or load_checkpoint(s.run.load)
     data = load_data(s.data, s.exec, training=False)
     check_classes(data, state)
+    check_channels(data, state, s.run.load)
     check_data_set(s, data, state)
     s = resolve(s, ctx, data, made_with=made_with(state), training=False)
-    model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), "none")
+    model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), "none",
+                        in_channels=data.channels)
     restore_weights(model, inference_weights(state, s.inference.weights, s.run.load), s.run.load)
     check_input_sizes(s, model.to(ctx.device), data, ctx.device)
     return s, data, prepare_model(s, ctx, model.to(ctx.device), training=False), state

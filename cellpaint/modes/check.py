@@ -8,7 +8,9 @@ Problems are collected rather than raised one by one, so a user sees all of them
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import signal
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -17,25 +19,35 @@ from tqdm import tqdm
 
 from cellpaint.data import metadata
 from cellpaint.data.structure import derive_structure
-from cellpaint.data.images import CHANNELS, ImageError, decoding_pool, read_png
+from cellpaint.data.images import ImageError, SiteFiles, decoding_pool, png_planes, read_composite, read_png
 from cellpaint.core.errors import DataError
 
 
-def _check_png(path: str) -> tuple[str | None, tuple[int, int] | None]:
-    """(problem or None, size or None) of one channel image, decoded as training would decode it."""
+def _check_png(path: str, planes: int = 1) -> tuple[str | None, tuple[int, int] | None]:
+    """(problem or None, size or None) of one image of `planes` channels (1: a grey channel image, more:
+    a composite), decoded as training would decode it."""
     try:
-        return None, read_png(path).shape
+        return None, (read_png(path) if planes == 1 else read_composite(path, planes)[0]).shape
     except ImageError as e:
         return str(e), None
 
 
-def _check_site(prefix: str) -> list[tuple[str, str | None, tuple[int, int] | None]]:
-    """(path, problem or None, size or None) of each channel image of a site."""
-    return [(path, *_check_png(path)) for path in (f"{prefix}_w{c}.png" for c in range(1, CHANNELS + 1))]
+def _check_site(prefix: str, files: SiteFiles) -> list[tuple[str, str | None, tuple[int, int] | None]]:
+    """(path, problem or None, size or None) of each image of a site (its channels, or its composite)."""
+    planes = files.channels if files.composite else 1
+    return [(path, *_check_png(path, planes)) for path in files.paths(prefix)]
 
 
 def _check_file(path: str) -> list[tuple[str, str | None, tuple[int, int] | None]]:
-    return [(path, *_check_png(path))]
+    return [(path, *_check_png(path, png_planes(path) or 1))]
+
+
+def _quiet_worker() -> None:
+    """A decoding worker ends silently when the pool is closed (terminate sends it SIGTERM; the
+    handler it inherits from the command would print a traceback) or when Ctrl-C reaches the group
+    (the main process reports that)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _all_pngs(data_dir: Path) -> list[str]:
@@ -52,6 +64,7 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
     A metadata problem does not stop the check: the images are still decoded (every PNG found,
     when the metadata cannot say which ones it needs), so one pass lists everything."""
     problems: dict[str, list[str]] = defaultdict(list)
+    files = None
     try:
         table = metadata.load_table(data_dir)
     except DataError as e:
@@ -61,9 +74,13 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
         problems["metadata"].append(f"{data_dir}: the metadata lists no wells (a file with only its header?)")
     elif table is not None:
         _check_table(table, n_classes, problems)
-    if images and (table is not None or Path(data_dir).is_dir()):
+        try:  # how the sites are stored and their channel count, from the files
+            files = metadata.site_files(data_dir, table)
+        except DataError as e:
+            problems["images"].append(str(e))
+    if images and (files is not None or table is None and Path(data_dir).is_dir()):
         if table is not None:
-            jobs, check_one = table["image_prefix"].tolist(), _check_site
+            jobs, check_one = table["image_prefix"].tolist(), functools.partial(_check_site, files=files)
         else:
             jobs, check_one = _all_pngs(data_dir), _check_file
         sizes: dict[tuple[int, int], int] = defaultdict(int)
@@ -71,7 +88,7 @@ def check_data(data_dir: Path, n_classes: int | None = None, images: bool = True
         with contextlib.ExitStack() as stack:
             sites = map(check_one, jobs)
             if workers > 1:
-                pool = stack.enter_context(decoding_pool(workers))
+                pool = stack.enter_context(decoding_pool(workers, initializer=_quiet_worker))
                 sites = pool.imap(check_one, jobs, chunksize=32)  # in order: a stable report
             for path, problem, size in itertools.chain.from_iterable(
                     tqdm(sites, total=len(jobs), desc="checking images", unit="site", disable=None)):

@@ -35,6 +35,8 @@ def predict(s: Settings, ctx: RunContext, state: dict | None = None) -> None:
     embeddings: dict[str, dict] = {}
     train = data.subsets["train"]
     parts = {"test": data.subsets["test"], "val": data.subsets["val"]}
+    if "id_test" in data.subsets:  # the official RxRx1-WILDS split's in-distribution test
+        parts["id_test"] = data.subsets["id_test"]
     if with_embeddings:
         parts["train"] = train[(train["well_type"] == metadata.TREATMENT) & (train["split"] == "train")]
     for part, rows in parts.items():
@@ -62,7 +64,8 @@ def predict(s: Settings, ctx: RunContext, state: dict | None = None) -> None:
         return
     path = f"{load}.output{suffix}"
     save_predictions(path, output)
-    log.info("wrote %s: %d test and %d val wells", path, len(output["test"]), len(output["val"]))
+    log.info("wrote %s: %d test and %d val wells%s", path, len(output["test"]), len(output["val"]),
+             f" and {len(output['id_test'])} ID test wells" if "id_test" in output else "")
     if with_embeddings:
         save_embeddings(f"{load}.embeddings{suffix}", embeddings)
         log.info("wrote %s.embeddings%s (train %d, val %d, test %d wells)", load, suffix,

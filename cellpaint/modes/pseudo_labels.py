@@ -19,6 +19,7 @@ import pandas as pd
 
 from cellpaint.core.settings import PseudoLabelSettings
 from cellpaint.data import plates
+from cellpaint.data.metadata import TREATMENT
 from cellpaint.data.structure import Structure
 from cellpaint.data.wells import sum_sites
 
@@ -40,9 +41,11 @@ def pl_fraction(size_func: Callable[[float], float], epoch: int, pl_epoch: int, 
 
 
 def candidate_sites(subsets: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Sites of the wells pseudo-labelling may label: all validation wells, unlabelled test wells."""
-    test = subsets["test"]
-    return pd.concat([subsets["val"], test[test["sirna"] < 0]], ignore_index=True)
+    """Sites of the wells pseudo-labelling may label: the validation treatment wells, the unlabelled
+    test wells (an RxRx1-WILDS split keeps control wells in those parts: they are never candidates)."""
+    val, test = subsets["val"], subsets["test"]
+    return pd.concat([val[val["well_type"] == TREATMENT], test[(test["sirna"] < 0) & (test["well_type"] == TREATMENT)]],
+                     ignore_index=True)
 
 
 def training_rows(subsets: dict[str, pd.DataFrame], pseudo_labels: dict[str, int]) -> tuple[pd.DataFrame, np.ndarray]:
@@ -122,7 +125,7 @@ def pseudo_label_epoch(p: PseudoLabelSettings, epochs: int, epoch: int, data, ps
     new = select(wells, logits, data.structure, labelled,
                  labelled["id_code"].map(pseudo_labels).to_numpy(dtype=np.int64), count, p.duplicates)
     truth = wells.set_index("id_code")
-    val_new = [c for c in new if truth.at[c, "split"] == "train"]
+    val_new = [c for c in new if truth.at[c, "split"] != "test"]  # val wells: of train (or WILDS val) experiments
     wrong = sum(new[c] != truth.at[c, "sirna_true"] for c in val_new)
     log.info("pseudo-labels at epoch %d: %d added of %d asked (%d val, %d of them wrong), %d of %d wells "
              "labelled", epoch, len(new), count, len(val_new), wrong, len(pseudo_labels) + len(new), total)

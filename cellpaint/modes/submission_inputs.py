@@ -78,7 +78,8 @@ def _treatment_rows(first: WellSums, wells_table: pd.DataFrame, part: str,
                               f"(e.g. {first_example(unknown)}): do the {holding} belong to this --data?")
     meta = wells_table.iloc[pos]
     split = "test" if part == "test" else "train"
-    wrong = meta["split"].to_numpy() != split
+    # a val part holds wells of train experiments (of val experiments in RxRx1-WILDS), a test part of test ones
+    wrong = (meta["split"].to_numpy() == "test") != (part == "test")
     if wrong.any():
         raise SubmissionError(f"{name}: its {part} part holds {int(wrong.sum())} well(s) of "
                               f"{'train' if split == 'test' else 'test'} experiments "

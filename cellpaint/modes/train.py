@@ -20,7 +20,7 @@ from cellpaint.core.errors import InputError, Interrupted, OutputError, UsageErr
 from cellpaint.core.settings import Settings, save_settings, settings_dict
 from cellpaint.data import metadata
 from cellpaint.engine import distributed
-from cellpaint.engine.checkpoints import (CHECKPOINT_FORMAT, check_classes, check_data_set, made_with,
+from cellpaint.engine.checkpoints import (CHECKPOINT_FORMAT, check_channels, check_classes, check_data_set, made_with,
                                           restore_weights, save_checkpoint)
 from cellpaint.engine.context import RunContext
 from cellpaint.engine.data import load_data, make_dataset, make_loader, site_image_size
@@ -56,7 +56,9 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
     s = resolve(s, ctx, data, made_with=made_with(checkpoint_in), training=True)
     torch.manual_seed(s.seed)
     pretrained = "none" if checkpoint_in else s.model.pretrained
-    model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), pretrained).to(ctx.device)
+    check_channels(data, checkpoint_in, s.run.resume or s.run.load)
+    model = build_model(s.model, data.structure.n_classes, len(data.structure.cell_types), pretrained,
+                        in_channels=data.channels).to(ctx.device)
     check_input_sizes(s, model, data, ctx.device)
     optimizer = make_optimizer(s.optim, model)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=s.exec.autocast_dtype == torch.float16)
@@ -112,6 +114,7 @@ def _train(s: Settings, ctx: RunContext, resume: dict | None, init: dict | None,
                       "optimizer": optimizer.state_dict(),
                       "scaler": scaler.state_dict(), "settings": settings_dict(s),
                       "n_classes": data.structure.n_classes, "cell_types": list(data.structure.cell_types),
+                      "channels": data.channels,
                       "data_fingerprint": fingerprint}
         if ema is not None:
             checkpoint["model_ema"] = ema.state_dict()

@@ -235,7 +235,7 @@ class _PretrainedModelsFeatures(nn.Module):
         return self.model.features(x)
 
 
-def build_backbone(name: str, pretrained: str = "none", in_channels: int = 6,
+def build_backbone(name: str, pretrained: str = "none", *, in_channels: int,
                    stem_init: str = "random") -> tuple[nn.Module, int]:
     """Feature extractor [B,in_channels,H,W] -> [B,F,h,w] for any H, W, and its F.
 
@@ -248,7 +248,7 @@ def build_backbone(name: str, pretrained: str = "none", in_channels: int = 6,
     if stem_init not in STEM_INITS:
         raise ValueError(f"unknown stem initialisation {stem_init!r} (choose from {', '.join(STEM_INITS)})")
     if name.startswith(TIMM_PREFIX):
-        return build_timm_backbone(name[len(TIMM_PREFIX):], pretrained, in_channels, stem_init)
+        return build_timm_backbone(name[len(TIMM_PREFIX):], pretrained, in_channels=in_channels, stem_init=stem_init)
     if name == SMALL_CNN:
         if pretrained != "none":
             raise PretrainedUnavailable(f"{SMALL_CNN} has no pretrained weights: use --pretrained none")
@@ -328,7 +328,7 @@ def _timm_weights_hint(name: str) -> str:
     return f"downloading {url}" if url else "timm's weight sources"
 
 
-def build_timm_backbone(name: str, pretrained: str = "none", in_channels: int = 6,
+def build_timm_backbone(name: str, pretrained: str = "none", *, in_channels: int,
                         stem_init: str = "random") -> tuple[nn.Module, int]:
     """Any timm model with an `in_channels` stem, as [B,in_channels,H,W] -> [B,F,1,1], and its F.
 
