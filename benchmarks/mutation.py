@@ -61,6 +61,7 @@ MODULES: dict[str, list[str]] = {
                                    TRAINER + "test_size_function_is_evaluated_safely",
                                    TRAINER + "test_pl_fraction_follows_the_original_schedule",
                                    "tests/test_schedules.py", "tests/test_setting_round_trips.py",
+                                   "tests/test_size_schedule.py",
                                    BEYOND + "test_size_schedule_reads_back_and_gives_each_epoch_its_size",
                                    BEYOND + "test_bad_size_schedules_are_one_line_usage_errors"],
     "cellpaint/modes/pseudo_labels.py": [TRAINER + "test_pl_fraction_follows_the_original_schedule",
