@@ -67,7 +67,7 @@ MODULES: dict[str, list[str]] = {
     "cellpaint/modes/pseudo_labels.py": [TRAINER + "test_pl_fraction_follows_the_original_schedule",
                                          TRAINER + "test_pseudo_label_selection_respects_plates",
                                          "tests/test_pseudo_labelling.py", "tests/test_recipe_boundaries.py"],
-    "cellpaint/data/folds.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py",
+    "cellpaint/data/folds.py": ["tests/test_data.py", "tests/test_recipe_boundaries.py", "tests/test_fold_edges.py",
                                 WILDS + "test_trainer_subsets_are_the_wilds_parts"],
     "cellpaint/modes/knn.py": ["tests/test_knn.py", "tests/test_knn_contract.py", "tests/test_chunked_sizes.py",
                                BEYOND + "test_centring_gives_each_plate_mean_zero"],
