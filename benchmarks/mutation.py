@@ -78,7 +78,7 @@ MODULES: dict[str, list[str]] = {
     "cellpaint/data/prediction_file.py": ["tests/test_prediction_file_format.py", "tests/test_prediction_file_sites.py",
                                           "tests/test_submission.py",
                                           "tests/test_knn.py"],
-    "cellpaint/data/metadata.py": ["tests/test_metadata_readers.py", "tests/test_data.py",
+    "cellpaint/data/metadata.py": ["tests/test_metadata_readers.py", "tests/test_metadata_layouts.py", "tests/test_data.py",
                                    "tests/test_recipe_boundaries.py", WILDS + "test_wilds_layout_read_back_exactly",
                                    WILDS + "test_split_parts_have_the_rows_wilds_defines"],
     "cellpaint/data/structure.py": ["tests/test_metadata_readers.py", "tests/test_data.py",
