@@ -53,6 +53,7 @@ WILDS = "tests/test_wilds.py::"
 MODULES: dict[str, list[str]] = {
     "cellpaint/data/plates.py": ["tests/test_plates.py", "tests/test_plates_contract.py",
                                  "tests/test_chunked_sizes.py", "tests/test_recipe_boundaries.py",
+                                 "tests/test_plate_balance.py",
                                  BEYOND + "test_sinkhorn_leaves_rows_and_columns_at_their_targets",
                                  BEYOND + "test_column_balancing_gives_every_class_its_share",
                                  BEYOND + "test_balancing_log_probabilities_leaves_a_complete_plates_assignment_alone"],
