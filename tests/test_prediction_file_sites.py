@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -50,8 +51,9 @@ def test_a_repeated_site_is_named_by_its_part_and_the_count_of_such_wells(tmp_pa
 
 
 def test_a_well_given_as_one_array_counts_as_one_site(tmp_path):
-    """A bare vector is not a list of sites: it is refused by the well check, not as extra sites."""
-    path = dump(tmp_path / "e.output", {"test": {"A": [vec(1, 0)], "B": vec(1, 2)}})
+    """A bare vector is not a list of sites: it is refused by the well check, not as extra sites
+    (its length is no site count)."""
+    path = dump(tmp_path / "e.output", {"test": {"A": [vec(1, 0, 0)], "B": vec(1, 2, 3), "C": [vec(0, 0, 1)]}})
     with refused(f"{path}: test['B'] must be a non-empty list of per-site logit vectors, found ndarray"):
         pf.load_well_sums(path)
 
@@ -66,6 +68,20 @@ def test_finite_values_whose_sum_overflows_name_the_well(tmp_path):
     # one such vector alone sums fine: the values are refused only where they overflow
     alone = dump(tmp_path / "g.output", {"test": {"A": [big, vec(-3e38, 0)]}})
     np.testing.assert_allclose(pf.load_well_sums(alone).sums["test"], [[0, 3e38]], rtol=1e-6)
+
+
+def test_the_finiteness_pass_warns_of_nothing(tmp_path):
+    """Values whose sum over the classes overflows are a well's scores all the same (read without a
+    warning); +inf beside -inf is refused by name, not with numpy's warning first."""
+    big = np.full(2, 3e38, dtype=np.float32)
+    wide = dump(tmp_path / "h.output", {"test": {"A": [big], "B": [vec(1, 1)]}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(pf.load_well_sums(wide).sums["test"], [big, [1, 1]])
+        both = dump(tmp_path / "i.output", {"val": {"V": [vec(1, 1)]},
+                                            "test": {"A": [vec(1, 1)], "B": [vec(np.inf, -np.inf)]}})
+        with refused(f"{both}: test['B'] has NaN or infinite values (1 well(s) in all)"):
+            pf.load_well_sums(both)
 
 
 def test_an_id_test_part_is_kept_when_there_and_never_summed(tmp_path):
