@@ -3,6 +3,7 @@
 
     make mutation                       # builds .venv-mutation, runs every module, writes MUTATION.md
     .venv-mutation/bin/python benchmarks/mutation.py [--module plates ...] [--jobs 2] [--report-only]
+                                        [--survivors-only]
 
 For each module of MODULES, one at a time: a fresh copy of the project's files (tracked and
 untracked, not ignored: the code as it is now) in `mutants/<slug>/`, a `setup.cfg` that has
@@ -15,7 +16,9 @@ that is *not* listed (a test is missing, or the list is), also written as list e
 complete in `mutants/unlisted.toml`. The exit status is 1 when a module scores under 97% with
 its equivalents set aside, a survivor is unlisted or a listed entry matches no survivor.
 `--report-only` rewrites the report from the saved outcomes; `--module` runs only the named
-modules (by slug, file stem or path), keeping the others' saved outcomes.
+modules (by slug, file stem or path), keeping the others' saved outcomes. `--survivors-only`
+tests again only the survivors of a module's saved run, with the tests as they are now, where the
+module's source is the one that run measured (after tests were added; the report says so).
 
 When modules move, edit MODULES only: the source path and its tests. The
 equivalent list is keyed by module path, function and the mutated line, never by mutmut's
@@ -40,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mutation_report import Mutant, load_equivalents, render_report, unlisted_entries  # noqa: E402
+from mutation_report import DETECTED, Mutant, load_equivalents, render_report, unlisted_entries  # noqa: E402
 
 # ------------------------------------------------------------------------- the table to edit
 # module -> the tests that check it: test files, or single tests as pytest node ids ("file::test").
@@ -179,7 +182,8 @@ def prepare(module: str, tests: list[str], work: Path) -> None:
     (work / "setup.cfg").write_text("[mutmut]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
 
 
-def run_mutmut(work: Path, jobs: int, log: Path) -> None:
+def run_mutmut(work: Path, jobs: int, log: Path, names: list[str] | None = None) -> None:
+    """`mutmut run` in `work`: every mutant, or only those `names`."""
     mutmut = Path(sys.executable).parent / "mutmut"
     if not mutmut.exists():
         raise SystemExit(f"mutation: no mutmut beside {sys.executable}: run `make mutation`")
@@ -187,7 +191,7 @@ def run_mutmut(work: Path, jobs: int, log: Path) -> None:
     # load would eat into mutmut's CPU-time limit (a false timeout counts as detected)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "w") as out:
-        rc = subprocess.run([str(mutmut), "run", "--max-children", str(jobs)], cwd=work, stdout=out,
+        rc = subprocess.run([str(mutmut), "run", "--max-children", str(jobs), *(names or [])], cwd=work, stdout=out,
                             stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
@@ -202,8 +206,9 @@ def diff_lines(diff: str) -> tuple[str, str]:
     return "\n".join(removed), "\n".join(added)
 
 
-def collect(module: str, work: Path) -> list[Mutant]:
-    """Every mutant of `module` with its status; the diff of each one that was not killed."""
+def collect(module: str, work: Path, earlier: dict[str, str] | None = None) -> list[Mutant]:
+    """Every mutant of `module` with its status; the diff of each one that was not killed. A mutant
+    this run did not test (a survivors-only run) keeps its status from `earlier` (name -> status)."""
     from mutmut.mutation.diff_apply import get_diff_for_mutant
     from mutmut.stats import status_by_exit_code
     from mutmut.utils.format_utils import orig_function_and_class_names_from_key
@@ -215,6 +220,8 @@ def collect(module: str, work: Path) -> list[Mutant]:
     try:
         for name, code in sorted(meta["exit_code_by_key"].items()):
             status = status_by_exit_code[code]
+            if code is None and earlier and name in earlier:
+                status = earlier[name]
             function, cls = orig_function_and_class_names_from_key(name)
             before = after = ""
             if status != "killed":
@@ -245,17 +252,40 @@ def code_version() -> str:
                                                                                   "--untracked-files=no") else "")
 
 
-def run_module(module: str, jobs: int) -> dict:
+def earlier_outcome(module: str) -> dict | None:
+    """The saved outcome of `module`, if the module's source is still the one it was measured on
+    (the copy its run made is compared byte for byte)."""
+    saved, copy = WORK / f"{slug(module)}.json", WORK / slug(module) / module
+    if saved.exists() and copy.exists() and copy.read_bytes() == (ROOT / module).read_bytes():
+        return json.loads(saved.read_text())
+    return None
+
+
+def run_module(module: str, jobs: int, survivors_only: bool = False) -> dict:
+    """Mutate `module` and test every mutant; with `survivors_only` (the module's source unchanged
+    since its saved run) test only that run's survivors, with the tests as they are now, and keep
+    its other outcomes: tests are only ever added, so a detected mutant stays detected."""
     work = WORK / slug(module)
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
+    earlier = earlier_outcome(module) if survivors_only else None
+    if survivors_only and earlier is None:
+        print(f"mutation: {module}: no saved outcome of this source, every mutant is tested", flush=True)
+    names = [m["name"] for m in earlier["mutants"] if m["status"] not in DETECTED] if earlier else None
     prepare(module, MODULES[module], work)
-    run_mutmut(work, jobs, WORK / f"{slug(module)}.log")
-    mutants = collect(module, work)
+    if names == []:
+        mutants = [Mutant(**m) for m in earlier["mutants"]]
+    else:
+        run_mutmut(work, jobs, WORK / f"{slug(module)}.log", names)
+        mutants = collect(module, work, {m["name"]: m["status"] for m in earlier["mutants"]} if earlier else None)
     result = {"module": module, "tests": MODULES[module], "wall_s": time.perf_counter() - start,
               "code": code_version(), "date": datetime.date.today().isoformat(), "machine": machine(),
               "load": [load_before, os.getloadavg()[0]], "jobs": jobs,
               "mutants": [m.__dict__ for m in mutants]}
+    if earlier:
+        # what this run added to the earlier one: its survivors tested again
+        result["rerun"] = {"of_code": earlier["code"], "of_date": earlier["date"], "mutants": len(names),
+                           "first_wall_s": earlier.get("rerun", {}).get("first_wall_s", earlier["wall_s"])}
     (WORK / f"{slug(module)}.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -275,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only this module (slug or path; repeatable); default: all of MODULES")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from saved outcomes")
+    parser.add_argument("--survivors-only", action="store_true",
+                        help="test again only the survivors of each module's saved run, with the tests as they "
+                             "are now (its source unchanged; otherwise every mutant)")
     parser.add_argument("--report", type=Path, default=REPORT)
     args = parser.parse_args(argv)
     by_name = {**{slug(m): m for m in MODULES}, **{m: m for m in MODULES},
@@ -287,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         for module in chosen:
             print(f"mutation: {module} ...", flush=True)
-            result = run_module(module, args.jobs)
+            result = run_module(module, args.jobs, args.survivors_only)
             print(f"mutation: {module}: {len(result['mutants'])} mutants in {result['wall_s']:.0f} s", flush=True)
     results = saved_results()
     equivalents = load_equivalents(EQUIVALENT)

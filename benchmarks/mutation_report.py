@@ -137,7 +137,15 @@ def render_report(results: list[dict], equivalents: list[Equivalent], modules: l
                   f"  {first['machine']}; {first['jobs']} mutants at a time.",
                   f"- Wall time: {total_wall / 60:.0f} min in all (per module below; load average "
                   f"{min(min(r['load']) for r in results):.1f}-{max(max(r['load']) for r in results):.1f}"
-                  " at the starts and ends of the runs).", ""]
+                  " at the starts and ends of the runs)."]
+        for r in results:
+            if "rerun" in r:  # a survivors-only run (benchmarks/mutation.py --survivors-only)
+                rerun = r["rerun"]
+                measured = f"{rerun['of_code']} ({rerun['first_wall_s'] / 60:.1f} min)"
+                lines.append(f"- `{r['module']}`: measured at {measured}, then its {rerun['mutants']} survivors tested "
+                             f"again at {r['code']} with the tests then (the source unchanged; the wall time below "
+                             "is that second run's).")
+        lines.append("")
     lines += ["| module | mutants | killed | timeout | survived | equivalent | unlisted | strict | set aside | wall |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for module, s in summaries.items():

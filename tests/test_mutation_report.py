@@ -86,3 +86,13 @@ def test_a_listed_mutant_that_ran_out_of_time_is_set_aside_and_an_unlisted_one_d
     report, _ = render_report([outcome(slow, other, killed=98)],
                               listing(tmp_path, toml_entry(MODULE, SAME, kind="dtype")), [MODULE])
     assert "- `cellpaint/x.py` `t`: `while a:` → `while not a:`" in report
+
+
+def test_a_survivors_only_run_says_what_it_measured_again(tmp_path):
+    result = outcome(SAME, REAL)
+    result.update(code="def5678", wall_s=30.0, rerun={"of_code": "abc1234", "of_date": "2026-12-01", "mutants": 2,
+                                                      "first_wall_s": 600.0})
+    report, _ = render_report([result], [], [MODULE])
+    assert (f"- `{MODULE}`: measured at abc1234 (10.0 min), then its 2 survivors tested again at def5678 with the "
+            "tests then (the source unchanged; the wall time below is that second run's).") in report
+    assert "measured at" not in render_report([outcome(SAME)], [], [MODULE])[0]
