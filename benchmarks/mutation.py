@@ -53,6 +53,8 @@ from mutation_report import DETECTED, Mutant, load_equivalents, render_report, u
 TRAINER = "tests/test_trainer.py::"
 BEYOND = "tests/test_beyond.py::"
 WILDS = "tests/test_wilds.py::"
+DATA = "tests/test_data.py::"
+RECIPE = "tests/test_recipe.py::"
 MODULES: dict[str, list[str]] = {
     "cellpaint/data/plates.py": ["tests/test_plates.py", "tests/test_plates_contract.py",
                                  "tests/test_chunked_sizes.py", "tests/test_recipe_boundaries.py",
@@ -76,8 +78,18 @@ MODULES: dict[str, list[str]] = {
                                 WILDS + "test_trainer_subsets_are_the_wilds_parts"],
     "cellpaint/modes/knn.py": ["tests/test_knn.py", "tests/test_knn_contract.py", "tests/test_chunked_sizes.py",
                                BEYOND + "test_centring_gives_each_plate_mean_zero"],
-    "cellpaint/data/augment.py": ["tests/test_augment_draws.py", "tests/test_augment_flags.py", "tests/test_recipe.py",
-                                  "tests/test_data.py", "tests/test_augment_resize.py"],
+    # (test_recipe.py's and test_data.py's tests that build the synthetic data set are left out: made again
+    # in every mutant's process, they took most of an hour; test_augment_flags.py covers that path on files)
+    "cellpaint/data/augment.py": ["tests/test_augment_draws.py", "tests/test_augment_flags.py",
+                                  "tests/test_augment_resize.py",
+                                  DATA + "test_geometric_augmentations_keep_shape_and_dtype", DATA + "test_rotation",
+                                  DATA + "test_gamma_brightness_contrast",
+                                  RECIPE + "test_aug_prob_zero_is_identity_and_one_always_applies",
+                                  RECIPE + "test_gamma_range_draws_the_inverse_of_a_uniform_gamma",
+                                  RECIPE + "test_reflect_borders_fold_coordinates_like_cv2",
+                                  RECIPE + "test_rotation_with_reflected_border_fills_the_corners_and_keeps_exact_turns",
+                                  RECIPE + "test_raw_brightness_contrast_formula",
+                                  RECIPE + "test_rescale_is_a_resolution_jitter_back_to_full_size"],
     "cellpaint/modes/submission_inputs.py": ["tests/test_submission_wells.py", "tests/test_matched_files.py",
                                              "tests/test_submission.py",
                                              "tests/test_knn.py"],
