@@ -179,3 +179,14 @@ def test_site_files_from_composites_or_channels_and_a_missing_image_named(tmp_pa
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(f"{prefix}.png")  # not read: not a wilds set
     assert metadata.site_files(release, table) == metadata.SiteFiles(5)
     assert pd.read_csv(release / "metadata.csv")["dataset"].tolist() == ["train", "test"]
+
+
+def test_a_place_named_twice_in_metadata_csv_names_the_file_and_lines(tmp_path):
+    moved = row("B03", 1).replace("RPE-01_1_B03", "RPE-01_1_B02x").replace(",B03,", ",B02,")
+    root = metadata_csv(tmp_path, row("B02", 1), row("B03", 2), moved)
+    with refused(f"{root / 'metadata.csv'} line 4 repeats line 2: the same site or well "
+                 "(split train, experiment RPE-01, plate 1, well B02)"):
+        metadata.load_wells(root)
+    with refused(f"{root / 'metadata.csv'} line 4 repeats line 2: the same site or well "
+                 "(split train, experiment RPE-01, plate 1, well B02, site 1)"):
+        metadata.load_table(root)
