@@ -240,7 +240,7 @@ def test_recomputed_statistics_are_those_of_the_batches_and_nothing_else():
     from model import CellClassifier
 
     torch.manual_seed(0)
-    model = CellClassifier("smallcnn", 10, 2, embedding_size=16, pretrained="none").train()
+    model = CellClassifier("smallcnn", 10, 2, embedding_size=16, pretrained="none", in_channels=6).train()
     model(torch.randn(16, 6, 12, 12), torch.eye(2)[torch.arange(16) % 2])  # statistics away from the defaults
     before = copy.deepcopy(model.state_dict())
     net = copy.deepcopy(model)
