@@ -190,3 +190,16 @@ def test_a_place_named_twice_in_metadata_csv_names_the_file_and_lines(tmp_path):
     with refused(f"{root / 'metadata.csv'} line 4 repeats line 2: the same site or well "
                  "(split train, experiment RPE-01, plate 1, well B02, site 1)"):
         metadata.load_table(root)
+
+
+def test_a_place_named_in_two_files_names_both(tmp_path):
+    files = {"train.csv": "id_code,experiment,plate,well,sirna\nH-01_1_B02,H-01,1,B02,0\nH-01_1_B03,H-01,1,B03,1\n",
+             "test.csv": "id_code,experiment,plate,well\nH-02_1_B02,H-02,1,B02\n",
+             "train_controls.csv": "id_code,experiment,plate,well,sirna,well_type\n"
+                                   "H-01_1_B04,H-01,1,B04,2,negative_control\nH-01_1_B03c,H-01,1,B03,2,negative_control\n",
+             "test_controls.csv": "id_code,experiment,plate,well,sirna,well_type\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with refused(f"{tmp_path / 'train_controls.csv'} line 3 repeats {tmp_path / 'train.csv'} line 3: the same site or "
+                 "well (split train, experiment H-01, plate 1, well B03)"):
+        metadata.load_wells(tmp_path)
