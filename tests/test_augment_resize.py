@@ -15,7 +15,8 @@ def reference(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.
 
 
 @pytest.mark.parametrize("h, w, edge, size", [(48, 40, 24, (24, 20)), (40, 48, 24, (20, 24)), (30, 20, 9, (9, 6)),
-                                              (33, 10, 16, (16, 5)), (50, 1, 10, (10, 1)), (100, 3, 10, (10, 1))])
+                                              (33, 10, 16, (16, 5)), (50, 1, 10, (10, 1)), (100, 3, 10, (10, 1)),
+                                              (1, 50, 10, (1, 10)), (3, 100, 10, (1, 10))])
 def test_shrinking_keeps_the_aspect_and_antialiases(h, w, edge, size):
     x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
     out = resize_batch(x, edge)
