@@ -132,7 +132,7 @@ class SizeFunction:
             return _FUNCTIONS[node.func.id](*(self._eval(a, x) for a in node.args))
         left, right = self._eval(node.left, x), self._eval(node.right, x)
         if isinstance(node.op, ast.Pow) and abs(right) > 64:
-            raise ValueError(f"--pl-size-func {self.text!r}: exponent {right} too large")
+            raise ValueError(f"exponent {right} too large")  # __call__ names the flag and x
         return _BINARY[type(node.op)](left, right)
 
     def __call__(self, x: float) -> float:

@@ -261,7 +261,9 @@ def _check_site_counts(name: str, parts: dict, keys: dict) -> None:
     every = [c for part_counts in counts.values() for c in part_counts]
     if not every:
         return
-    usual = max(set(every), key=lambda c: (every.count(c), c))  # a tie: the larger count (a site lost)
+    # the most common count; of counts as common, the largest (a file of two wells, of 2 and 1 sites,
+    # lost a site: it repeats none)
+    usual = max(set(every), key=lambda c: (every.count(c), c))
     for part, part_counts in counts.items():
         above = [i for i, c in enumerate(part_counts) if c > usual]
         if above:
