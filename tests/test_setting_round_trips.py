@@ -66,7 +66,9 @@ def test_every_setting_is_set_away_from_its_default():
     assert flags.problems(every_setting("--save", "x")) is None  # a run could start with them
 
 
-def test_a_checkpoint_restores_every_setting_as_the_same_typed_value(tmp_path):
+def test_a_checkpoint_restores_every_setting_as_the_same_typed_value(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --data some/data is stored absolute (issue 21): under tmp_path, and there
+    (tmp_path / "some" / "data").mkdir(parents=True)
     original = every_setting("--save", str(tmp_path / "net"), "--load", str(tmp_path / "parent.9"))
     ckpt = tmp_path / "net.3"
     save_checkpoint(str(ckpt), {"format": CHECKPOINT_FORMAT, "epoch": 3, "optimizer": {},
@@ -82,7 +84,8 @@ def test_a_checkpoint_restores_every_setting_as_the_same_typed_value(tmp_path):
     assert restored.run.save == str(tmp_path / "net")  # from the --resume path, as documented
 
 
-def test_the_settings_file_reads_back_as_the_typed_settings(tmp_path):
+def test_the_settings_file_reads_back_as_the_typed_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     settings = every_setting("--save", str(tmp_path / "net"))
     S.save_settings(str(tmp_path / "net.args.json"), settings)
     written = json.loads((tmp_path / "net.args.json").read_text())
@@ -92,7 +95,7 @@ def test_the_settings_file_reads_back_as_the_typed_settings(tmp_path):
     assert LRGroups.parse(written["optim"]["lr_groups"]) == settings.optim.lr_groups
     assert SizeFunction(written["pseudo"]["size_func"]).text == settings.pseudo.size_func.text
     assert written["augment"]["gamma_range"] == [0.8, 1.2] and written["model"]["head_hidden"] == [64, 32]
-    assert written["data"]["root"] == "some/data" and written["data"]["val_experiments"] == ["HUVEC-01", "RPE-02"]
+    assert written["data"]["root"] == str(tmp_path / "some" / "data") and written["data"]["val_experiments"] == ["HUVEC-01", "RPE-02"]
 
 
 @pytest.mark.parametrize("text, shown", [
