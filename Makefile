@@ -28,8 +28,8 @@ demo: install
 wilds-demo: install
 	$(PY) wilds_demo.py --out $(if $(filter demo,$(OUT)),wilds-demo,$(OUT)) $(if $(DATA),--data $(DATA))
 
-# make mutation [MODULES="plates knn"] [JOBS=2]: mutation testing of the scientific core (about an
-# hour on 2 cores; not part of `make test` or CI), writes benchmarks/MUTATION.md. mutmut lives in its
+# make mutation [MODULES="plates knn"] [JOBS=2]: mutation testing of the scientific core (1-1.5
+# hours on 2 cores; not part of `make test` or CI), writes benchmarks/MUTATION.md. mutmut lives in its
 # own venv, which sees the project's packages through a .pth file: .venv itself is never changed
 # (built by `make install` if missing, otherwise left exactly as it is).
 MUTVENV := .venv-mutation

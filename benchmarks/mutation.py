@@ -284,6 +284,7 @@ def run_module(module: str, jobs: int, survivors_only: bool = False) -> dict:
     if survivors_only and earlier is None:
         print(f"mutation: {module}: no saved outcome of this source, every mutant is tested", flush=True)
     names = [m["name"] for m in earlier["mutants"] if m["status"] not in DETECTED] if earlier else None
+    code = code_version()  # what is copied now is what the mutants run with
     prepare(module, MODULES[module], work)
     if names == []:
         mutants = [Mutant(**m) for m in earlier["mutants"]]
@@ -291,7 +292,7 @@ def run_module(module: str, jobs: int, survivors_only: bool = False) -> dict:
         run_mutmut(work, jobs, WORK / f"{slug(module)}.log", names)
         mutants = collect(module, work, {m["name"]: m["status"] for m in earlier["mutants"]} if earlier else None)
     result = {"module": module, "tests": MODULES[module], "wall_s": time.perf_counter() - start,
-              "code": code_version(), "date": datetime.date.today().isoformat(), "machine": machine(),
+              "code": code, "date": datetime.date.today().isoformat(), "machine": machine(),
               "load": [load_before, os.getloadavg()[0]], "jobs": jobs,
               "mutants": [m.__dict__ for m in mutants]}
     if earlier:

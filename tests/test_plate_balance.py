@@ -86,3 +86,18 @@ def test_classes_that_are_no_candidate_stay_out_and_do_not_count():
 def test_an_unknown_method_is_refused():
     with pytest.raises(ValueError, match="^" + re.escape("unknown balance 'rows' (choose from sinkhorn, columns)") + "$"):
         plates.balance_plates(np.zeros((2, 2)), np.zeros(2), "rows")
+
+
+def test_one_candidate_and_fewer_wells_than_classes():
+    # one candidate class: every well's whole probability, n of n
+    one = np.array([[0.0, -np.inf, -np.inf]] * 3)
+    balanced, error = plates.balance_plates(one, np.zeros(3), "columns")
+    np.testing.assert_array_equal(np.exp(balanced[:, 0]), [1, 1, 1])
+    assert error == 0.0
+    # 3 wells, 6 classes: each class half a well; the error counts columns below 1 too
+    rng = np.random.default_rng(4)
+    log_p = log_probs(rng, 3, 6)
+    balanced, error = plates.balance_plates(log_p, np.zeros(3), "sinkhorn", iterations=1, tolerance=0.0)
+    miss = np.abs(np.exp(balanced).sum(axis=0) - 0.5).max()
+    assert 0 < error == pytest.approx(miss, rel=1e-9)
+
