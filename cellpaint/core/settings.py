@@ -31,6 +31,12 @@ ADABN_DOMAINS = ("off", "plate", "experiment")        # --adabn
 INFERENCE_WEIGHTS = ("auto", "ema", "raw")            # --inference-weights
 
 
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """A setting named by a flag of fixed choices holds one of them, from any source (code, a checkpoint)."""
+    if value not in choices:
+        raise ValueError(f"{flag}: {value!r} is not one of {', '.join(choices)}")
+
 @dataclass(frozen=True)
 class DataSettings:
     """What data a run reads and how it is split, normalised and batched."""
@@ -56,8 +62,7 @@ class DataSettings:
 
     def __post_init__(self) -> None:
         check_bounds(self)
-        if self.batch_sampling not in BATCH_SAMPLINGS:
-            raise ValueError(f"--batch-sampling: {self.batch_sampling!r} is not one of {', '.join(BATCH_SAMPLINGS)}")
+        _check_choice("--batch-sampling", self.batch_sampling, BATCH_SAMPLINGS)
 
 
 # the fields of ModelSettings that decide the network's shape: --load takes them from the checkpoint
@@ -142,12 +147,9 @@ class AugmentSettings:
 
     def __post_init__(self) -> None:
         check_bounds(self)
-        if self.zoom_mode not in ZOOM_MODES:
-            raise ValueError(f"--zoom-interpolation: {self.zoom_mode!r} is not one of {', '.join(ZOOM_MODES)}")
-        if self.rotate_border not in ROTATE_BORDERS:
-            raise ValueError(f"--rotate-border: {self.rotate_border!r} is not one of {', '.join(ROTATE_BORDERS)}")
-        if self.bc_space not in BC_SPACES:
-            raise ValueError(f"--brightness-contrast-space: {self.bc_space!r} is not one of {', '.join(BC_SPACES)}")
+        _check_choice("--zoom-interpolation", self.zoom_mode, ZOOM_MODES)
+        _check_choice("--rotate-border", self.rotate_border, ROTATE_BORDERS)
+        _check_choice("--brightness-contrast-space", self.bc_space, BC_SPACES)
         if self.gamma_range is not None:
             lo, hi = self.gamma_range
             if not 0 < lo <= hi:
@@ -195,10 +197,8 @@ class InferenceSettings:
 
     def __post_init__(self) -> None:
         check_bounds(self)
-        if self.adabn not in ADABN_DOMAINS:
-            raise ValueError(f"--adabn: {self.adabn!r} is not one of {', '.join(ADABN_DOMAINS)}")
-        if self.weights not in INFERENCE_WEIGHTS:
-            raise ValueError(f"--inference-weights: {self.weights!r} is not one of {', '.join(INFERENCE_WEIGHTS)}")
+        _check_choice("--adabn", self.adabn, ADABN_DOMAINS)
+        _check_choice("--inference-weights", self.weights, INFERENCE_WEIGHTS)
 
 
 @dataclass(frozen=True)
