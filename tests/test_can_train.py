@@ -405,3 +405,17 @@ def test_a_timm_weights_file_of_another_model_is_refused(tiny_competition, tmp_p
                               "'regnetx_002': 219 of its 264 weights are not in the file (e.g. stem.bn.weight); "
                               "86 others are")
     assert sorted(p.name for p in save.parent.iterdir()) == ["net.log"]
+
+
+def test_png_headers_are_read_from_regular_files_only(tmp_path):
+    """png_size and png_planes share one header reader: a FIFO is never opened (it would wait for a
+    writer), and a PNG is read for its size and its planes alike."""
+    from PIL import Image
+    from cellpaint.data.images import png_planes, png_size
+
+    fifo = tmp_path / "site_w1.png"
+    os.mkfifo(fifo)
+    assert png_size(str(fifo)) is None and png_planes(str(fifo)) is None
+    rgb = tmp_path / "site.png"
+    Image.new("RGB", (7, 5)).save(rgb)
+    assert png_size(str(rgb)) == (5, 7) and png_planes(str(rgb)) == 3

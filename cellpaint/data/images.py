@@ -170,16 +170,25 @@ class SiteFiles:
                 else f"{self.channels} grey PNGs per site ({{prefix}}_w1..{self.channels}.png)")
 
 
-def png_planes(path: str) -> int | None:
-    """The colour planes of a PNG from its header (1 grey, 3 RGB); None if unreadable or another kind."""
+def _png_header(path: str, length: int) -> bytes | None:
+    """The first `length` bytes of a PNG (signature, then its IHDR chunk); None where `path` is not a
+    regular file, cannot be read, is shorter or is no PNG."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # never open a FIFO: it would wait for a writer
+            return None
         with open(path, "rb") as f:
-            header = f.read(26)
+            header = f.read(length)
     except OSError:
         return None
-    if len(header) < 26 or header[:8] != _PNG_SIGNATURE or header[12:16] != b"IHDR":
+    if len(header) < length or header[:8] != _PNG_SIGNATURE or header[12:16] != b"IHDR":
         return None
-    return _COLOUR_PLANES.get(header[25])
+    return header
+
+
+def png_planes(path: str) -> int | None:
+    """The colour planes of a PNG from its header (1 grey, 3 RGB); None if unreadable or another kind."""
+    header = _png_header(path, 26)  # IHDR: width, height, bit depth, colour type (byte 25)
+    return None if header is None else _COLOUR_PLANES.get(header[25])
 
 
 def _plane_count(folder: str, pattern: str) -> int:
@@ -229,13 +238,5 @@ def read_site(prefix: str, files: SiteFiles | int | None = None) -> np.ndarray:
 
 def png_size(path: str) -> tuple[int, int] | None:
     """(height, width) from a PNG's header without decoding it; None if unreadable."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # never open a FIFO: it would wait for a writer
-            return None
-        with open(path, "rb") as f:
-            header = f.read(24)
-    except OSError:
-        return None
-    if len(header) < 24 or header[:8] != _PNG_SIGNATURE or header[12:16] != b"IHDR":
-        return None
-    return int.from_bytes(header[20:24], "big"), int.from_bytes(header[16:20], "big")
+    header = _png_header(path, 24)  # IHDR: width (bytes 16-19), height (20-23)
+    return None if header is None else (int.from_bytes(header[20:24], "big"), int.from_bytes(header[16:20], "big"))
